@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Parsing and table rendering for benches/compare.sh.
+
+Kept in Python rather than bash because it has to do float arithmetic, JSON
+and unit conversion, which bash cannot do without awk/jq gymnastics.
+
+Subcommands:
+  iperf FILE            print receiver-side throughput of an `iperf3 -J` run in Gbit/s
+  wrk FILE              print "req_per_s p50_us p99_us errors" (tab separated) from wrk output
+  table TSV TARGET...   print the Markdown comparison table; TSV rows are
+                        "target<TAB>metric<TAB>value" with value a number or "n/a"
+"""
+
+import json
+import re
+import sys
+
+# wrk prints durations with these suffixes (see wrk's units.c); convert to µs.
+_WRK_TIME_UNITS_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+_WRK_TIME = r"([0-9.]+)(us|ms|s|m|h)"
+
+
+def iperf(path):
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("error"):
+        sys.exit(f"iperf3 error: {data['error']}")
+    # sum_received is what the server side actually got: the figure that
+    # includes the proxy, unlike sum_sent which only counts the client socket.
+    bps = data["end"]["sum_received"]["bits_per_second"]
+    print(f"{bps / 1e9:.2f}")
+
+
+def wrk(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+
+    def pct(p):
+        m = re.search(rf"^\s*{p}%\s+{_WRK_TIME}\s*$", text, re.M)
+        return float(m.group(1)) * _WRK_TIME_UNITS_US[m.group(2)] if m else None
+
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    if not rps:
+        sys.exit("wrk output has no Requests/sec line")
+    errors = []
+    sock = re.search(r"Socket errors: (.*)", text)
+    if sock:
+        errors.append("socket errors: " + sock.group(1).strip())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non2xx:
+        errors.append(f"{non2xx.group(1)} non-2xx responses")
+    p50, p99 = pct(50), pct(99)
+    fields = [
+        rps.group(1),
+        "n/a" if p50 is None else f"{p50:.1f}",
+        "n/a" if p99 is None else f"{p99:.1f}",
+        "; ".join(errors) or "-",
+    ]
+    print("\t".join(fields))
+
+
+# (metric key, column title, lower_is_better, number format)
+COLUMNS = [
+    ("tcp1", "TCP 1 stream Gbit/s", False, "{:.2f}"),
+    ("tcp4", "TCP 4 streams Gbit/s", False, "{:.2f}"),
+    ("close_rps", "close conn/s", False, "{:.0f}"),
+    ("ka_p50", "keep-alive p50 µs", True, "{:.0f}"),
+    ("ka_p99", "keep-alive p99 µs", True, "{:.0f}"),
+]
+
+
+def table(tsv, targets):
+    values = {}
+    with open(tsv, encoding="utf-8") as f:
+        for line in f:
+            target, metric, value = line.rstrip("\n").split("\t")
+            try:
+                values[(target, metric)] = float(value)
+            except ValueError:
+                values[(target, metric)] = None
+
+    header = ["target"]
+    for _, title, lower, _ in COLUMNS:
+        header += [title, "÷direct (lower is better)" if lower else "÷direct (higher is better)"]
+    rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
+    for target in targets:
+        row = [target]
+        for key, _, _, fmt in COLUMNS:
+            value = values.get((target, key))
+            base = values.get(("direct", key))
+            row.append("n/a" if value is None else fmt.format(value))
+            row.append("n/a" if value is None or not base else f"{value / base:.2f}")
+        rows.append(row)
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "iperf":
+        iperf(argv[1])
+    elif len(argv) >= 2 and argv[0] == "wrk":
+        wrk(argv[1])
+    elif len(argv) >= 3 and argv[0] == "table":
+        table(argv[1], argv[2:])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

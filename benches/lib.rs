@@ -1,0 +1,1 @@
+//! Siphon benchmarks live in `benches/`; this crate has no library code.

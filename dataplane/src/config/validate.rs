@@ -1,0 +1,434 @@
+//! Validation of a [`Config`]: every problem is reported with the object
+//! (listener, pool, member, health monitor) and the field it is in, and a
+//! config with any problem is rejected whole.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+use super::model::{
+    Config, HealthMonitor, Listener, ListenerProtocol, Member, MonitorType, Pool, PoolProtocol,
+};
+
+/// Octavia's upper bound for listener timeouts: 24 h in milliseconds.
+pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+/// Octavia's member weight range is 0..=256.
+pub const MAX_WEIGHT: i64 = 256;
+/// Member indexes in Maglev tables are `u16`.
+pub const MAX_MEMBERS_PER_POOL: usize = u16::MAX as usize;
+/// Largest accepted Maglev table (Envoy's limit; 20 MB of `u32`s is plenty).
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 5_000_011;
+pub const MAX_CONNECT_RETRIES: u32 = 100;
+
+/// The object a problem was found in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Config,
+    Listener(String),
+    Pool(String),
+    Member { pool: String, member: String },
+    HealthMonitor { pool: String },
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Object::Config => write!(f, "config"),
+            Object::Listener(id) => write!(f, "listener {id:?}"),
+            Object::Pool(id) => write!(f, "pool {id:?}"),
+            Object::Member { pool, member } => write!(f, "pool {pool:?} member {member:?}"),
+            Object::HealthMonitor { pool } => write!(f, "pool {pool:?} healthmonitor"),
+        }
+    }
+}
+
+/// What is wrong with a field.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Problem {
+    #[error("must not be empty")]
+    Empty,
+    #[error("duplicate id {0:?}")]
+    DuplicateId(String),
+    #[error("{0} is used twice")]
+    Duplicate(String),
+    #[error("unknown pool {0:?}")]
+    UnknownPool(String),
+    #[error("{value} is out of range {min}..={max}")]
+    OutOfRange { value: i64, min: i64, max: i64 },
+    #[error("{0:?} is not an IPv4 or IPv6 address")]
+    InvalidAddress(String),
+    #[error("{0:?} is not a CIDR (such as 192.0.2.0/24 or 2001:db8::/32)")]
+    InvalidCidr(String),
+    #[error("a {listener:?} listener cannot use a {pool:?} pool")]
+    ProtocolMismatch {
+        listener: ListenerProtocol,
+        pool: PoolProtocol,
+    },
+    #[error("a {pool:?} pool cannot use a {monitor:?} health monitor")]
+    MonitorMismatch {
+        pool: PoolProtocol,
+        monitor: MonitorType,
+    },
+    #[error("{0} is not a prime number")]
+    NotPrime(u32),
+    #[error("{size} is too small for {members} members")]
+    TableTooSmall { size: u32, members: usize },
+    #[error("only valid for HTTP and HTTPS health monitors")]
+    HttpOnly,
+    #[error("{0:?} must start with '/'")]
+    BadPath(String),
+    #[error("{0:?} is not a list of HTTP codes such as 200, 200,202 or 200-204")]
+    BadCodes(String),
+}
+
+/// One problem in one field of one object.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{object}: {field}: {problem}")]
+pub struct ConfigError {
+    pub object: Object,
+    pub field: &'static str,
+    pub problem: Problem,
+}
+
+/// Every problem found in a config (never empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "invalid config ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects problems while walking the config.
+struct Checker {
+    errors: Vec<ConfigError>,
+}
+
+impl Checker {
+    fn push(&mut self, object: &Object, field: &'static str, problem: Problem) {
+        self.errors.push(ConfigError {
+            object: object.clone(),
+            field,
+            problem,
+        });
+    }
+
+    fn range(&mut self, object: &Object, field: &'static str, value: i64, min: i64, max: i64) {
+        if value < min || value > max {
+            self.push(object, field, Problem::OutOfRange { value, min, max });
+        }
+    }
+
+    fn id(&mut self, object: &Object, id: &str, seen: &mut HashSet<String>) {
+        if id.is_empty() {
+            self.push(object, "id", Problem::Empty);
+        } else if !seen.insert(id.to_owned()) {
+            self.push(object, "id", Problem::DuplicateId(id.to_owned()));
+        }
+    }
+}
+
+/// Parses an address field, naming the object and field on failure.
+pub fn parse_ip(object: &Object, field: &'static str, text: &str) -> Result<IpAddr, ConfigError> {
+    text.trim().parse().map_err(|_| ConfigError {
+        object: object.clone(),
+        field,
+        problem: Problem::InvalidAddress(text.to_owned()),
+    })
+}
+
+/// Parses a CIDR field; a bare address means that one host.
+pub fn parse_cidr(object: &Object, text: &str) -> Result<IpNet, ConfigError> {
+    let text_t = text.trim();
+    text_t
+        .parse::<IpNet>()
+        .map(|n| n.trunc())
+        .or_else(|_| text_t.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| ConfigError {
+            object: object.clone(),
+            field: "allowed_cidrs",
+            problem: Problem::InvalidCidr(text.to_owned()),
+        })
+}
+
+/// Parses Octavia's `expected_codes` (`200`, `200,202`, `200-204`) into
+/// inclusive ranges.
+pub fn parse_expected_codes(text: &str) -> Option<Vec<(u16, u16)>> {
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?),
+            None => {
+                let c = part.parse::<u16>().ok()?;
+                (c, c)
+            }
+        };
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return None;
+        }
+        out.push((lo, hi));
+    }
+    Some(out)
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+impl Config {
+    /// Checks the whole document; on error nothing should be applied.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut c = Checker { errors: Vec::new() };
+        let pools: HashMap<&str, &Pool> = self.pools.iter().map(|p| (p.id.as_str(), p)).collect();
+
+        let mut ids = HashSet::new();
+        let mut sockets: HashMap<(ListenerProtocol, SocketAddr), &str> = HashMap::new();
+        for l in &self.listeners {
+            check_listener(&mut c, l, &pools, &mut ids, &mut sockets);
+        }
+        let mut ids = HashSet::new();
+        for p in &self.pools {
+            check_pool(&mut c, p, &mut ids);
+        }
+        if c.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(c.errors))
+        }
+    }
+}
+
+fn check_listener<'a>(
+    c: &mut Checker,
+    l: &'a Listener,
+    pools: &HashMap<&str, &Pool>,
+    ids: &mut HashSet<String>,
+    sockets: &mut HashMap<(ListenerProtocol, SocketAddr), &'a str>,
+) {
+    let o = Object::Listener(l.id.clone());
+    c.id(&o, &l.id, ids);
+    c.range(&o, "protocol_port", l.protocol_port, 1, 65535);
+    c.range(
+        &o,
+        "connection_limit",
+        l.connection_limit,
+        -1,
+        i64::from(u32::MAX),
+    );
+    for (field, v) in [
+        ("timeout_client_data", l.timeout_client_data),
+        ("timeout_member_connect", l.timeout_member_connect),
+        ("timeout_member_data", l.timeout_member_data),
+    ] {
+        if v > MAX_TIMEOUT_MS {
+            c.push(
+                &o,
+                field,
+                Problem::OutOfRange {
+                    value: i64::try_from(v).unwrap_or(i64::MAX),
+                    min: 0,
+                    max: MAX_TIMEOUT_MS as i64,
+                },
+            );
+        }
+    }
+    if l.connect_retries > MAX_CONNECT_RETRIES {
+        c.push(
+            &o,
+            "connect_retries",
+            Problem::OutOfRange {
+                value: i64::from(l.connect_retries),
+                min: 0,
+                max: i64::from(MAX_CONNECT_RETRIES),
+            },
+        );
+    }
+    if l.bind_addresses.is_empty() {
+        c.push(&o, "bind_addresses", Problem::Empty);
+    }
+    for a in &l.bind_addresses {
+        match parse_ip(&o, "bind_addresses", a) {
+            Ok(ip) => {
+                let port = u16::try_from(l.protocol_port).unwrap_or(0);
+                if port != 0 {
+                    let sa = SocketAddr::new(ip, port);
+                    if let Some(other) = sockets.insert((l.protocol, sa), &l.id) {
+                        let what = format!("{sa} (also bound by listener {other:?})");
+                        c.push(&o, "bind_addresses", Problem::Duplicate(what));
+                    }
+                }
+            }
+            Err(e) => c.errors.push(e),
+        }
+    }
+    for cidr in &l.allowed_cidrs {
+        if let Err(e) = parse_cidr(&o, cidr) {
+            c.errors.push(e);
+        }
+    }
+    if let Some(pid) = &l.default_pool_id {
+        match pools.get(pid.as_str()) {
+            None => c.push(&o, "default_pool_id", Problem::UnknownPool(pid.clone())),
+            Some(p) => {
+                let ok = match l.protocol {
+                    ListenerProtocol::Tcp => p.protocol != PoolProtocol::Udp,
+                    ListenerProtocol::Udp => p.protocol == PoolProtocol::Udp,
+                };
+                if !ok {
+                    let problem = Problem::ProtocolMismatch {
+                        listener: l.protocol,
+                        pool: p.protocol,
+                    };
+                    c.push(&o, "default_pool_id", problem);
+                }
+            }
+        }
+    }
+}
+
+fn check_pool(c: &mut Checker, p: &Pool, ids: &mut HashSet<String>) {
+    let o = Object::Pool(p.id.clone());
+    c.id(&o, &p.id, ids);
+    let size = p.maglev_table_size;
+    if !(3..=MAX_MAGLEV_TABLE_SIZE).contains(&size) {
+        let problem = Problem::OutOfRange {
+            value: i64::from(size),
+            min: 3,
+            max: i64::from(MAX_MAGLEV_TABLE_SIZE),
+        };
+        c.push(&o, "maglev_table_size", problem);
+    } else if !is_prime(size) {
+        c.push(&o, "maglev_table_size", Problem::NotPrime(size));
+    } else if p.members.len() >= size as usize {
+        let problem = Problem::TableTooSmall {
+            size,
+            members: p.members.len(),
+        };
+        c.push(&o, "maglev_table_size", problem);
+    }
+    if p.members.len() > MAX_MEMBERS_PER_POOL {
+        let problem = Problem::OutOfRange {
+            value: p.members.len() as i64,
+            min: 0,
+            max: MAX_MEMBERS_PER_POOL as i64,
+        };
+        c.push(&o, "members", problem);
+    }
+    let mut member_ids = HashSet::new();
+    let mut endpoints = HashSet::new();
+    for m in &p.members {
+        check_member(c, p, m, &mut member_ids, &mut endpoints);
+    }
+    if let Some(hm) = &p.healthmonitor {
+        check_monitor(c, p, hm);
+    }
+}
+
+fn check_member(
+    c: &mut Checker,
+    p: &Pool,
+    m: &Member,
+    ids: &mut HashSet<String>,
+    endpoints: &mut HashSet<SocketAddr>,
+) {
+    let o = Object::Member {
+        pool: p.id.clone(),
+        member: m.id.clone(),
+    };
+    c.id(&o, &m.id, ids);
+    c.range(&o, "protocol_port", m.protocol_port, 1, 65535);
+    c.range(&o, "weight", m.weight, 0, MAX_WEIGHT);
+    match parse_ip(&o, "address", &m.address) {
+        Ok(ip) => {
+            if let Ok(port) = u16::try_from(m.protocol_port) {
+                let sa = SocketAddr::new(ip, port);
+                if port != 0 && !endpoints.insert(sa) {
+                    c.push(&o, "address", Problem::Duplicate(sa.to_string()));
+                }
+            }
+        }
+        Err(e) => c.errors.push(e),
+    }
+    if let Some(a) = &m.monitor_address {
+        if let Err(e) = parse_ip(&o, "monitor_address", a) {
+            c.errors.push(e);
+        }
+    }
+    if let Some(port) = m.monitor_port {
+        c.range(&o, "monitor_port", port, 1, 65535);
+    }
+}
+
+fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) {
+    let o = Object::HealthMonitor { pool: p.id.clone() };
+    let max = i64::from(i32::MAX);
+    c.range(&o, "delay", hm.delay, 1, max);
+    c.range(&o, "timeout", hm.timeout, 1, max);
+    c.range(&o, "max_retries", hm.max_retries, 1, 10);
+    c.range(&o, "max_retries_down", hm.max_retries_down, 1, 10);
+    // Octavia: UDP pools take UDP-CONNECT, TCP and HTTP monitors; TCP pools
+    // take everything but UDP-CONNECT.
+    let fits = match p.protocol {
+        PoolProtocol::Udp => matches!(
+            hm.kind,
+            MonitorType::UdpConnect | MonitorType::Tcp | MonitorType::Http
+        ),
+        _ => hm.kind != MonitorType::UdpConnect,
+    };
+    if !fits {
+        let problem = Problem::MonitorMismatch {
+            pool: p.protocol,
+            monitor: hm.kind,
+        };
+        c.push(&o, "type", problem);
+    }
+    let http = matches!(hm.kind, MonitorType::Http | MonitorType::Https);
+    if !http {
+        if hm.http_method.is_some() {
+            c.push(&o, "http_method", Problem::HttpOnly);
+        }
+        if hm.url_path.is_some() {
+            c.push(&o, "url_path", Problem::HttpOnly);
+        }
+        if hm.expected_codes.is_some() {
+            c.push(&o, "expected_codes", Problem::HttpOnly);
+        }
+    }
+    if let Some(path) = &hm.url_path {
+        if !path.starts_with('/') {
+            c.push(&o, "url_path", Problem::BadPath(path.clone()));
+        }
+    }
+    if let Some(codes) = &hm.expected_codes {
+        if parse_expected_codes(codes).is_none() {
+            c.push(&o, "expected_codes", Problem::BadCodes(codes.clone()));
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! `siphon-dataplane`: Siphon's L4 proxy.
+//!
+//! One worker thread per core, each with its own `mio::Poll` and its own
+//! `SO_REUSEPORT` socket per listener address; TCP forwarded with
+//! `splice(2)`; members chosen by Maglev consistent hashing (identical on
+//! every node), smooth weighted round robin or weighted least connections;
+//! configs applied live and atomically.
+//!
+//! It is *not* a control plane: it never talks to the network's control
+//! side; an agent (or an operator with a file and SIGHUP) drives it.
+//!
+//! Pure parts (no sockets, no clocks): [`config`], [`maglev`], [`balance`],
+//! [`timer`], [`proxy_protocol`], [`snapshot`]. The I/O shell: [`worker`],
+//! [`relay`], [`pipe`], [`listen`], [`server`].
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod listen;
+pub mod maglev;
+pub mod pipe;
+pub mod proxy_protocol;
+pub mod relay;
+pub mod server;
+pub mod snapshot;
+pub mod stats;
+pub mod timer;
+pub mod worker;
+
+pub use config::Config;
+pub use server::{Applied, ApplyError, Options, Server};
+pub use stats::StatsReport;

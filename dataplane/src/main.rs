@@ -1,0 +1,270 @@
+//! `siphon-dataplane`: parse arguments, load the config, start the server,
+//! then turn signals into actions (SIGHUP reload, SIGTERM/SIGINT drain and
+//! exit, SIGUSR1 log counters). Everything else is library code.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::SignalFd;
+use siphon_dataplane::{demo, Applied, Config, Options, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "siphon-dataplane",
+    version,
+    about = "Siphon's L4 load balancer dataplane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy on a config file (TOML, or JSON if the name ends in .json).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+    /// Validate a config file without running it; exits 1 with the problems.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a demo: two local backends behind the proxy on an embedded config.
+    Demo {
+        /// Port the demo listener binds on 127.0.0.1 (backends use the next two).
+        #[arg(long, default_value_t = 19080)]
+        port: u16,
+        /// Show the balancing, then exit instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+}
+
+#[derive(Args)]
+struct Tuning {
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Copy through user-space buffers instead of splice(2).
+    #[arg(long)]
+    no_splice: bool,
+    /// Pipe size per direction for splice, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pipe_size: usize,
+    /// Seconds established connections get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    /// Log filter (tracing's EnvFilter syntax); RUST_LOG wins if set.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+impl Tuning {
+    fn options(&self) -> Options {
+        let mut o = Options::default();
+        if let Some(w) = self.workers {
+            o.workers = w.max(1);
+        }
+        o.splice = !self.no_splice;
+        o.pipe_size = self.pipe_size;
+        o
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, tuning } => run(&config, &tuning),
+        Command::Demo { port, once, tuning } => run_demo(port, once, &tuning),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("siphon-dataplane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    println!(
+        "{}: valid (generation {}, {} listeners, {} pools)",
+        path.display(),
+        config.generation,
+        config.listeners.len(),
+        config.pools.len()
+    );
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one: every proxied
+/// connection costs two sockets and, with splice, four pipe ends.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(soft, hard, "cannot raise the open-files limit");
+        }
+    }
+}
+
+/// Blocks the signals we handle in every thread (workers inherit the mask)
+/// and returns a descriptor to read them from on the main thread.
+fn signals() -> Result<SignalFd> {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR1,
+    ] {
+        set.add(s);
+    }
+    set.thread_block().context("blocking signals")?;
+    SignalFd::new(&set).context("signalfd")
+}
+
+fn run(path: &Path, tuning: &Tuning) -> Result<()> {
+    init_logging(&tuning.log);
+    raise_fd_limit();
+    let sigs = signals()?;
+    let config = Config::load(path)?;
+    let opts = tuning.options();
+    let server = Server::start(config, opts.clone()).context("starting")?;
+    tracing::info!(
+        generation = server.generation(),
+        workers = opts.workers,
+        splice = opts.splice,
+        config = %path.display(),
+        "siphon-dataplane running"
+    );
+    serve(server, sigs, Some(path), tuning)
+}
+
+/// The signal loop shared by `run` and `demo`.
+fn serve(mut server: Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tuning) -> Result<()> {
+    loop {
+        let Some(info) = sigs.read_signal().context("reading signals")? else {
+            continue;
+        };
+        match Signal::try_from(info.ssi_signo as i32) {
+            Ok(Signal::SIGHUP) => match path {
+                Some(p) => reload(&mut server, p),
+                None => tracing::info!("SIGHUP ignored: no config file"),
+            },
+            Ok(Signal::SIGUSR1) => match serde_json::to_string(&server.stats()) {
+                Ok(json) => tracing::info!(stats = %json, "counters"),
+                Err(e) => tracing::warn!(error = %e, "cannot render counters"),
+            },
+            Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                tracing::info!(
+                    drain_timeout_s = tuning.drain_timeout,
+                    "stopping: no new connections, draining established ones"
+                );
+                server.shutdown(Duration::from_secs(tuning.drain_timeout));
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SIGHUP: re-read the file and apply it; on any error the running config stays.
+fn reload(server: &mut Server, path: &Path) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                "reload rejected, running generation {} stays: {e}",
+                server.generation()
+            );
+            return;
+        }
+    };
+    match server.apply(config) {
+        Ok(Applied::Unchanged { generation }) => {
+            tracing::info!(generation, "reload: config unchanged")
+        }
+        Ok(Applied::Changed {
+            generation,
+            added,
+            removed,
+        }) => tracing::info!(
+            generation,
+            listening_added = ?added,
+            listening_removed = ?removed,
+            "reload applied"
+        ),
+        Err(e) => tracing::error!(
+            "reload rejected, running generation {} stays: {e}",
+            server.generation()
+        ),
+    }
+}
+
+fn run_demo(port: u16, once: bool, tuning: &Tuning) -> Result<()> {
+    init_logging(&tuning.log);
+    let sigs = signals()?;
+    let ports = [port.wrapping_add(1), port.wrapping_add(2)];
+    let backends = demo::bind_backends(ports).with_context(|| {
+        format!(
+            "binding demo backends on 127.0.0.1:{} and :{}",
+            ports[0], ports[1]
+        )
+    })?;
+    for (name, l) in ["backend-1", "backend-2"].into_iter().zip(backends) {
+        demo::spawn_backend(name, l);
+    }
+    let config = demo::config(port, ports).map_err(anyhow::Error::msg)?;
+    let server = Server::start(config, tuning.options()).context("starting the demo proxy")?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    println!(
+        "siphon demo: proxy on {addr}, backends on 127.0.0.1:{} and 127.0.0.1:{}",
+        ports[0], ports[1]
+    );
+    println!("six connections through the proxy (ROUND_ROBIN):");
+    for (i, greeting) in demo::probe(addr, 6)?.iter().enumerate() {
+        println!("  connection {} -> {greeting}", i + 1);
+    }
+    let stats = server.stats();
+    for m in &stats.members {
+        println!(
+            "  member {} served {} connections",
+            m.id, m.total_connections
+        );
+    }
+    if once {
+        server.shutdown(Duration::from_secs(1));
+        return Ok(());
+    }
+    println!(
+        "try it: nc {} {}   (type a line, it echoes; Ctrl-C stops the demo)",
+        addr.ip(),
+        addr.port()
+    );
+    serve(server, sigs, None, tuning)
+}

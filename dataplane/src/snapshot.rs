@@ -1,0 +1,203 @@
+//! The immutable runtime form of a config: what workers read on the hot
+//! path. Built off the workers (validation, address parsing, Maglev tables)
+//! and published whole; connections keep the `Arc`s of the generation they
+//! started in, so a reload never changes an established connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::balance::{Balancer, Candidate};
+use crate::config::validate::{parse_cidr, parse_ip};
+use crate::config::{
+    Config, ConfigError, ConfigErrors, LbAlgorithm, ListenerProtocol, Object, PoolProtocol,
+};
+use crate::stats::{ListenerStats, MemberStats, Registry};
+
+#[derive(Debug)]
+pub struct MemberRt {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<MemberStats>,
+}
+
+#[derive(Debug)]
+pub struct PoolRt {
+    pub id: String,
+    /// Position in [`Snapshot::pools`]: the index of per-worker pool state.
+    pub index: usize,
+    pub protocol: PoolProtocol,
+    pub members: Vec<MemberRt>,
+    pub balancer: Balancer,
+}
+
+impl PoolRt {
+    pub fn algorithm(&self) -> LbAlgorithm {
+        self.balancer.algorithm()
+    }
+}
+
+#[derive(Debug)]
+pub struct ListenerRt {
+    pub id: String,
+    pub protocol: ListenerProtocol,
+    pub addrs: Vec<SocketAddr>,
+    /// `None` = unlimited.
+    pub connection_limit: Option<u64>,
+    /// `None` = no timeout (a configured 0).
+    pub timeout_client_data: Option<Duration>,
+    pub timeout_member_connect: Option<Duration>,
+    pub timeout_member_data: Option<Duration>,
+    pub connect_retries: u32,
+    /// Empty = everyone.
+    pub allowed: Vec<IpNet>,
+    pub pool: Option<Arc<PoolRt>>,
+    pub stats: Arc<ListenerStats>,
+}
+
+impl ListenerRt {
+    /// Whether a client address may connect.
+    pub fn admits(&self, client: std::net::IpAddr) -> bool {
+        if self.allowed.is_empty() {
+            return true;
+        }
+        // An IPv4 client reaching an IPv6 socket arrives IPv4-mapped.
+        let client = match client {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(client),
+            v4 => v4,
+        };
+        self.allowed.iter().any(|n| n.contains(&client))
+    }
+}
+
+/// One generation of the running configuration.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    /// Enabled listeners only.
+    pub listeners: Vec<Arc<ListenerRt>>,
+    pub pools: Vec<Arc<PoolRt>>,
+    /// Which listener owns each bound TCP socket address.
+    pub tcp_by_addr: HashMap<SocketAddr, Arc<ListenerRt>>,
+}
+
+fn ms(v: u64) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(v))
+}
+
+fn wrap(e: ConfigError) -> ConfigErrors {
+    ConfigErrors(vec![e])
+}
+
+impl Snapshot {
+    /// The generation before any config: nothing listens.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            config: Arc::new(Config {
+                generation: 0,
+                listeners: Vec::new(),
+                pools: Vec::new(),
+            }),
+            listeners: Vec::new(),
+            pools: Vec::new(),
+            tcp_by_addr: HashMap::new(),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.config.generation
+    }
+
+    /// Validates `config` and builds its runtime form, taking counters
+    /// from `registry` so they carry over for objects that stay.
+    pub fn build(config: Config, registry: &mut Registry) -> Result<Snapshot, ConfigErrors> {
+        config.validate()?;
+        let mut pools = Vec::with_capacity(config.pools.len());
+        let mut pool_by_id = HashMap::new();
+        for (index, p) in config.pools.iter().enumerate() {
+            let mut members = Vec::with_capacity(p.members.len());
+            let mut cands = Vec::with_capacity(p.members.len());
+            for m in &p.members {
+                let o = Object::Member {
+                    pool: p.id.clone(),
+                    member: m.id.clone(),
+                };
+                let ip = parse_ip(&o, "address", &m.address).map_err(wrap)?;
+                // validate() checked the ranges.
+                let port = u16::try_from(m.protocol_port).unwrap_or(0);
+                members.push(MemberRt {
+                    id: m.id.clone(),
+                    addr: SocketAddr::new(ip, port),
+                    stats: registry.member(&p.id, &m.id),
+                });
+                cands.push(Candidate {
+                    id: m.id.clone(),
+                    weight: u32::try_from(m.weight).unwrap_or(0),
+                    backup: m.backup,
+                    usable: m.admin_state_up,
+                });
+            }
+            let pool = Arc::new(PoolRt {
+                id: p.id.clone(),
+                index,
+                protocol: p.protocol,
+                members,
+                balancer: Balancer::new(&cands, p.lb_algorithm, p.maglev_table_size),
+            });
+            pool_by_id.insert(p.id.clone(), pool.clone());
+            pools.push(pool);
+        }
+
+        let mut listeners = Vec::new();
+        let mut tcp_by_addr = HashMap::new();
+        for l in config.listeners.iter().filter(|l| l.admin_state_up) {
+            let o = Object::Listener(l.id.clone());
+            let port = u16::try_from(l.protocol_port).unwrap_or(0);
+            let mut addrs = Vec::new();
+            for a in &l.bind_addresses {
+                addrs.push(SocketAddr::new(
+                    parse_ip(&o, "bind_addresses", a).map_err(wrap)?,
+                    port,
+                ));
+            }
+            let mut allowed = Vec::new();
+            for c in &l.allowed_cidrs {
+                allowed.push(parse_cidr(&o, c).map_err(wrap)?);
+            }
+            let rt = Arc::new(ListenerRt {
+                id: l.id.clone(),
+                protocol: l.protocol,
+                addrs: addrs.clone(),
+                connection_limit: u64::try_from(l.connection_limit).ok(),
+                timeout_client_data: ms(l.timeout_client_data),
+                timeout_member_connect: ms(l.timeout_member_connect),
+                timeout_member_data: ms(l.timeout_member_data),
+                connect_retries: l.connect_retries,
+                allowed,
+                pool: l
+                    .default_pool_id
+                    .as_ref()
+                    .and_then(|p| pool_by_id.get(p).cloned()),
+                stats: registry.listener(&l.id),
+            });
+            if l.protocol == ListenerProtocol::Tcp {
+                for a in addrs {
+                    tcp_by_addr.insert(a, rt.clone());
+                }
+            }
+            listeners.push(rt);
+        }
+        Ok(Snapshot {
+            config: Arc::new(config),
+            listeners,
+            pools,
+            tcp_by_addr,
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! A hashed timer wheel: O(1) to schedule, expiry visits only the slots of
+//! the ticks that passed. Pure: the caller passes `now`.
+//!
+//! Entries are never cancelled; the owner keeps the tick of its one live
+//! entry and ignores any other that fires (lazy cancellation), so activity
+//! on a connection costs no timer operation at all.
+
+use std::time::{Duration, Instant};
+
+/// Granularity of timeouts.
+pub const TICK: Duration = Duration::from_millis(10);
+const SLOTS: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub key: usize,
+    pub tick: u64,
+}
+
+#[derive(Debug)]
+pub struct TimerWheel {
+    start: Instant,
+    /// Last tick whose slot was processed.
+    done: u64,
+    slots: Vec<Vec<Expired>>,
+    len: usize,
+}
+
+impl TimerWheel {
+    pub fn new(now: Instant) -> TimerWheel {
+        TimerWheel {
+            start: now,
+            done: 0,
+            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+            len: 0,
+        }
+    }
+
+    fn tick_of(&self, at: Instant) -> u64 {
+        let d = at.saturating_duration_since(self.start);
+        // round up: never fire early
+        d.as_nanos().div_ceil(TICK.as_nanos()) as u64
+    }
+
+    /// Schedules `key` to fire at or after `at`; returns the entry's tick,
+    /// which identifies it.
+    pub fn schedule(&mut self, at: Instant, key: usize) -> u64 {
+        let tick = self.tick_of(at).max(self.done + 1);
+        self.slots[(tick % SLOTS as u64) as usize].push(Expired { key, tick });
+        self.len += 1;
+        tick
+    }
+
+    /// Moves every entry due by `now` into `out`.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<Expired>) {
+        let now_tick = self.tick_of(now);
+        if now_tick <= self.done {
+            return;
+        }
+        // After a long pause, one lap over the slots covers every tick.
+        let from = self.done + 1;
+        let to = now_tick.min(self.done + SLOTS as u64);
+        for t in from..=to {
+            let slot = &mut self.slots[(t % SLOTS as u64) as usize];
+            let mut i = 0;
+            while i < slot.len() {
+                if slot[i].tick <= now_tick {
+                    out.push(slot.swap_remove(i));
+                    self.len -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.done = now_tick;
+    }
+
+    /// How long the event loop may sleep before the next tick is due.
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.len == 0 {
+            return None;
+        }
+        let next = self.start + TICK * u32::try_from(self.done + 1).unwrap_or(u32::MAX);
+        Some(next.saturating_duration_since(now))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_after_deadline_never_before() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        let tick = w.schedule(t0 + Duration::from_millis(35), 7);
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_millis(30), &mut out);
+        assert!(out.is_empty());
+        w.expire(t0 + Duration::from_millis(40), &mut out);
+        assert_eq!(out, vec![Expired { key: 7, tick }]);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn long_timers_survive_laps() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        w.schedule(t0 + Duration::from_secs(25), 1); // 2,500 ticks: > 2 laps
+        let mut out = Vec::new();
+        for ms in (0..25_000).step_by(100) {
+            w.expire(t0 + Duration::from_millis(ms), &mut out);
+            assert!(out.is_empty(), "fired early at {ms} ms");
+        }
+        w.expire(t0 + Duration::from_millis(25_010), &mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn a_long_pause_fires_everything_due() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        for k in 0..100 {
+            w.schedule(t0 + Duration::from_millis(10 * k as u64), k);
+        }
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_secs(60), &mut out);
+        assert_eq!(out.len(), 100);
+        assert_eq!(w.next_timeout(t0), None);
+    }
+}

@@ -1,0 +1,743 @@
+//! A worker: one thread, one `mio::Poll`, its own `SO_REUSEPORT` socket per
+//! listener address, its connections, timer wheel, pipe pool and counters.
+//! Shared nothing on the forwarding path; the control thread talks to it
+//! through a channel plus a `Waker`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+use crate::balance::{Flow, PickState};
+use crate::config::{LbAlgorithm, PoolProtocol};
+use crate::pipe::PipePool;
+use crate::proxy_protocol;
+use crate::relay::Half;
+use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
+use crate::stats::MemberStats;
+use crate::timer::{Expired, TimerWheel};
+
+pub const WAKER: Token = Token(usize::MAX);
+/// Listener tokens have this bit set; connection tokens are `key * 2 + side`.
+const LISTENER_BIT: usize = 1 << (usize::BITS - 2);
+const CLIENT: usize = 0;
+const MEMBER: usize = 1;
+/// Connections accepted per listener wake-up before serving others.
+const ACCEPT_BATCH: usize = 64;
+/// Pause after the process ran out of file descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// How a worker forwards.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub splice: bool,
+    pub pipe_size: usize,
+}
+
+/// A new generation for a worker.
+#[derive(Debug)]
+pub struct Update {
+    pub snapshot: Arc<Snapshot>,
+    /// This worker's new listening sockets.
+    pub add: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// Addresses to stop listening on.
+    pub remove: Vec<SocketAddr>,
+    pub ack: Sender<usize>,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Apply(Update),
+    /// Stop accepting, finish connections until the deadline, then exit.
+    Drain {
+        deadline: Instant,
+    },
+}
+
+#[derive(Debug)]
+struct ListenSock {
+    addr: SocketAddr,
+    sock: TcpListener,
+    paused_until: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Established,
+}
+
+#[derive(Debug)]
+struct Upstream {
+    stream: TcpStream,
+    stats: Arc<MemberStats>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    listener: Arc<ListenerRt>,
+    pool: Arc<PoolRt>,
+    client: TcpStream,
+    peer: SocketAddr,
+    member: Option<Upstream>,
+    phase: Phase,
+    tried: Vec<u16>,
+    c2m: Half,
+    m2c: Half,
+    client_r: bool,
+    client_w: bool,
+    member_r: bool,
+    member_w: bool,
+    last_client: Instant,
+    last_member: Instant,
+    connect_deadline: Option<Instant>,
+    /// Tick of this connection's one live timer entry.
+    timer: u64,
+}
+
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    rx: Receiver<Command>,
+    snapshot: Arc<Snapshot>,
+    listeners: Slab<ListenSock>,
+    by_addr: HashMap<SocketAddr, usize>,
+    conns: Slab<Conn>,
+    timers: TimerWheel,
+    pipes: PipePool,
+    bufs: Vec<Box<[u8]>>,
+    picks: Vec<PickState>,
+    opts: WorkerOptions,
+    again: Vec<usize>,
+    accept_again: Vec<usize>,
+    drain: Option<Instant>,
+    now: Instant,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        rx: Receiver<Command>,
+        opts: WorkerOptions,
+    ) -> io::Result<(Worker, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let now = Instant::now();
+        Ok((
+            Worker {
+                id,
+                poll,
+                rx,
+                snapshot: Arc::new(Snapshot::empty()),
+                listeners: Slab::new(),
+                by_addr: HashMap::new(),
+                conns: Slab::with_capacity(1024),
+                timers: TimerWheel::new(now),
+                pipes: PipePool::new(opts.pipe_size, 256),
+                bufs: Vec::new(),
+                picks: Vec::new(),
+                opts,
+                again: Vec::new(),
+                accept_again: Vec::new(),
+                drain: None,
+                now,
+            },
+            waker,
+        ))
+    }
+
+    /// The event loop; returns when drained or when the control side is gone.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut expired = Vec::new();
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(worker = self.id, error = %e, "poll failed; worker stops");
+                    return;
+                }
+            }
+            self.now = Instant::now();
+            for ev in events.iter() {
+                let t = ev.token().0;
+                if ev.token() == WAKER {
+                    if !self.commands() {
+                        return;
+                    }
+                } else if t & LISTENER_BIT != 0 {
+                    self.accept(t & !LISTENER_BIT);
+                } else {
+                    let key = t >> 1;
+                    let hup = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
+                    if let Some(c) = self.conns.get_mut(key) {
+                        let (r, w) = if t & 1 == CLIENT {
+                            (&mut c.client_r, &mut c.client_w)
+                        } else {
+                            (&mut c.member_r, &mut c.member_w)
+                        };
+                        *r |= ev.is_readable() || hup;
+                        *w |= ev.is_writable() || hup;
+                    }
+                    self.service(key, t & 1);
+                }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.service(key, CLIENT);
+            }
+            for l in std::mem::take(&mut self.accept_again) {
+                self.accept(l);
+            }
+            self.resume_paused_accepts();
+            self.timers.expire(self.now, &mut expired);
+            for e in expired.drain(..) {
+                self.on_timer(e);
+            }
+            if let Some(deadline) = self.drain {
+                if self.conns.is_empty() {
+                    return;
+                }
+                if self.now >= deadline {
+                    tracing::info!(
+                        worker = self.id,
+                        open = self.conns.len(),
+                        "drain timeout: closing remaining connections"
+                    );
+                    let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for k in keys {
+                        self.close(k);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() || !self.accept_again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut t = self.timers.next_timeout(self.now);
+        if self.listeners.iter().any(|(_, l)| l.paused_until.is_some()) {
+            t = Some(t.map_or(ACCEPT_BACKOFF, |t| t.min(ACCEPT_BACKOFF)));
+        }
+        if self.drain.is_some() {
+            t = Some(t.map_or(Duration::from_millis(50), |t| {
+                t.min(Duration::from_millis(50))
+            }));
+        }
+        t
+    }
+
+    /// Handles control commands; false when the control side is gone.
+    fn commands(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Command::Apply(u)) => self.apply(u),
+                Ok(Command::Drain { deadline }) => {
+                    let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
+                    for k in keys {
+                        self.unlisten(k);
+                    }
+                    self.drain = Some(deadline);
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => return true,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    // Control is gone without a drain: finish what we have.
+                    if self.drain.is_none() {
+                        self.drain = Some(self.now + Duration::from_secs(30));
+                    }
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, u: Update) {
+        for addr in &u.remove {
+            if let Some(k) = self.by_addr.get(addr).copied() {
+                self.unlisten(k);
+            }
+        }
+        for (addr, std_sock) in u.add {
+            let mut sock = TcpListener::from_std(std_sock);
+            let entry = self.listeners.vacant_entry();
+            let key = entry.key();
+            match self.poll.registry().register(
+                &mut sock,
+                Token(key | LISTENER_BIT),
+                Interest::READABLE,
+            ) {
+                Ok(()) => {
+                    entry.insert(ListenSock {
+                        addr,
+                        sock,
+                        paused_until: None,
+                    });
+                    self.by_addr.insert(addr, key);
+                    // Connections may have queued before registration.
+                    self.accept_again.push(key);
+                }
+                Err(e) => {
+                    tracing::error!(worker = self.id, %addr, error = %e, "cannot register listener")
+                }
+            }
+        }
+        self.picks = vec![PickState::default(); u.snapshot.pools.len()];
+        self.snapshot = u.snapshot;
+        let _ = u.ack.send(self.id);
+    }
+
+    fn unlisten(&mut self, key: usize) {
+        if self.listeners.contains(key) {
+            let mut l = self.listeners.remove(key);
+            let _ = self.poll.registry().deregister(&mut l.sock);
+            self.by_addr.remove(&l.addr);
+        }
+    }
+
+    fn resume_paused_accepts(&mut self) {
+        let now = self.now;
+        let due: Vec<usize> = self
+            .listeners
+            .iter_mut()
+            .filter(|(_, l)| l.paused_until.is_some_and(|t| now >= t))
+            .map(|(k, l)| {
+                l.paused_until = None;
+                k
+            })
+            .collect();
+        for k in due {
+            self.accept(k);
+        }
+    }
+
+    fn accept(&mut self, lkey: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(l) = self.listeners.get_mut(lkey) else {
+                return;
+            };
+            if l.paused_until.is_some() {
+                return;
+            }
+            let addr = l.addr;
+            match l.sock.accept() {
+                Ok((stream, peer)) => self.on_accept(addr, stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if resource_exhausted(&e) => {
+                    // Spinning on EMFILE would burn the core; the pending
+                    // connections wait in the backlog meanwhile.
+                    tracing::warn!(worker = self.id, %addr, error = %e, "accept paused");
+                    l.paused_until = Some(self.now + ACCEPT_BACKOFF);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(worker = self.id, %addr, error = %e, "accept error");
+                }
+            }
+        }
+        self.accept_again.push(lkey);
+    }
+
+    fn on_accept(&mut self, local: SocketAddr, client: TcpStream, peer: SocketAddr) {
+        let Some(listener) = self.snapshot.tcp_by_addr.get(&local).cloned() else {
+            return;
+        };
+        let counters = listener.stats.worker(self.id);
+        if !listener.admits(peer.ip()) {
+            counters.refused_acl.add(1);
+            refuse(&client);
+            return;
+        }
+        let active = &listener.stats.active;
+        let before = active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if listener.connection_limit.is_some_and(|lim| before >= lim) {
+            active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            counters.refused_limit.add(1);
+            refuse(&client);
+            return;
+        }
+        counters.total_connections.add(1);
+        let Some(pool) = listener.pool.clone() else {
+            active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            counters.no_member.add(1);
+            refuse(&client);
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        let (c2m, m2c) = match self.halves() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(worker = self.id, error = %e, "no pipe or buffer for a connection");
+                active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                refuse(&client);
+                return;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let mut conn = Conn {
+            listener,
+            pool,
+            client,
+            peer,
+            member: None,
+            phase: Phase::Connecting,
+            tried: Vec::new(),
+            c2m,
+            m2c,
+            // Data may already wait; EAGAIN will clear these.
+            client_r: true,
+            client_w: true,
+            member_r: false,
+            member_w: false,
+            last_client: self.now,
+            last_member: self.now,
+            connect_deadline: None,
+            timer: 0,
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut conn.client,
+            Token(key << 1 | CLIENT),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(worker = self.id, error = %e, "cannot register client");
+            conn.listener
+                .stats
+                .active
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        entry.insert(conn);
+        self.connect_next(key);
+    }
+
+    /// A pipe per direction, or copy buffers when splicing is off or pipes
+    /// ran out.
+    fn halves(&mut self) -> io::Result<(Half, Half)> {
+        if self.opts.splice {
+            match (self.pipes.get(), self.pipes.get()) {
+                (Ok(a), Ok(b)) => return Ok((Half::splice(a), Half::splice(b))),
+                (Ok(p), Err(e)) | (Err(e), Ok(p)) => {
+                    self.pipes.put(p);
+                    tracing::debug!(error = %e, "pipe unavailable; copying instead");
+                }
+                (Err(e), Err(_)) => tracing::debug!(error = %e, "pipe unavailable; copying"),
+            }
+        }
+        let a = self
+            .bufs
+            .pop()
+            .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice());
+        let b = self
+            .bufs
+            .pop()
+            .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice());
+        Ok((Half::copy(a), Half::copy(b)))
+    }
+
+    /// Starts a connect to the next member, or closes the client when no
+    /// member (or no retry) is left.
+    fn connect_next(&mut self, key: usize) {
+        loop {
+            let Some(c) = self.conns.get_mut(key) else {
+                return;
+            };
+            if c.tried.len() > c.listener.connect_retries as usize {
+                c.listener.stats.worker(self.id).no_member.add(1);
+                self.close(key);
+                return;
+            }
+            let pool = c.pool.clone();
+            let dst = if needs_local(&pool) {
+                c.client.local_addr().unwrap_or(c.peer)
+            } else {
+                c.peer
+            };
+            let flow = Flow { src: c.peer, dst };
+            let pick = self.picks.get_mut(pool.index).filter(|_| {
+                // Picks state belongs to the current generation's pools.
+                self.snapshot
+                    .pools
+                    .get(pool.index)
+                    .is_some_and(|p| Arc::ptr_eq(p, &pool))
+            });
+            let mut scratch = PickState::default();
+            let state = match pick {
+                Some(s) => s,
+                None => &mut scratch,
+            };
+            let members = &pool.members;
+            let choice = pool.balancer.choose(
+                &flow,
+                state,
+                &|i| members[usize::from(i)].stats.active(),
+                &c.tried,
+            );
+            let Some(index) = choice else {
+                c.listener.stats.worker(self.id).no_member.add(1);
+                self.close(key);
+                return;
+            };
+            c.tried.push(index);
+            let member = &pool.members[usize::from(index)];
+            match connect(member.addr) {
+                Ok(mut stream) => {
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(key << 1 | MEMBER),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        tracing::warn!(error = %e, "cannot register member socket");
+                        self.close(key);
+                        return;
+                    }
+                    c.member = Some(Upstream {
+                        stream,
+                        stats: member.stats.clone(),
+                    });
+                    c.phase = Phase::Connecting;
+                    c.member_r = false;
+                    c.member_w = false;
+                    c.connect_deadline = c.listener.timeout_member_connect.map(|t| self.now + t);
+                    if let Some(d) = c.connect_deadline {
+                        c.timer = self.timers.schedule(d, key);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(member = %member.addr, error = %e, "connect failed");
+                    member.stats.worker(self.id).connect_errors.add(1);
+                }
+            }
+        }
+    }
+
+    fn service(&mut self, key: usize, side: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        match c.phase {
+            Phase::Connecting if side == MEMBER => self.check_connect(key),
+            Phase::Connecting => {}
+            Phase::Established => self.pump(key),
+        }
+    }
+
+    fn check_connect(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(up) = c.member.as_ref() else {
+            return;
+        };
+        if !(c.member_w || c.member_r) {
+            return;
+        }
+        let failed = match up.stream.take_error() {
+            Ok(Some(_)) | Err(_) => true,
+            Ok(None) => match up.stream.peer_addr() {
+                Ok(_) => false,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(_) => true,
+            },
+        };
+        if failed {
+            self.connect_failed(key);
+            return;
+        }
+        c.phase = Phase::Established;
+        c.connect_deadline = None;
+        let w = up.stats.worker(self.id);
+        w.active_connections.add(1);
+        w.total_connections.add(1);
+        let header = match c.pool.protocol {
+            PoolProtocol::Proxy | PoolProtocol::ProxyV2 => {
+                let local = c.client.local_addr().unwrap_or(c.peer);
+                Some(if c.pool.protocol == PoolProtocol::Proxy {
+                    proxy_protocol::v1(c.peer, local)
+                } else {
+                    proxy_protocol::v2(c.peer, local)
+                })
+            }
+            _ => None,
+        };
+        if let Some(h) = header {
+            c.c2m.set_prefix(h);
+        }
+        c.last_client = self.now;
+        c.last_member = self.now;
+        self.schedule_idle(key);
+        self.pump(key);
+    }
+
+    fn connect_failed(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(mut up) = c.member.take() {
+            up.stats.worker(self.id).connect_errors.add(1);
+            let _ = self.poll.registry().deregister(&mut up.stream);
+        }
+        self.connect_next(key);
+    }
+
+    fn pump(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(up) = c.member.as_ref() else {
+            return;
+        };
+        let lc = c.listener.stats.worker(self.id);
+        let mc = up.stats.worker(self.id);
+        let res = c
+            .c2m
+            .pump(&c.client, &up.stream, &mut c.client_r, &mut c.member_w)
+            .and_then(|a| {
+                c.m2c
+                    .pump(&up.stream, &c.client, &mut c.member_r, &mut c.client_w)
+                    .map(|b| (a, b))
+            });
+        match res {
+            Ok((up_dir, down_dir)) => {
+                lc.bytes_in.add(up_dir.read);
+                mc.bytes_out.add(up_dir.written);
+                mc.bytes_in.add(down_dir.read);
+                lc.bytes_out.add(down_dir.written);
+                if up_dir.read > 0 || down_dir.written > 0 {
+                    c.last_client = self.now;
+                }
+                if up_dir.written > 0 || down_dir.read > 0 {
+                    c.last_member = self.now;
+                }
+                if c.c2m.shut && c.m2c.shut {
+                    self.close(key);
+                } else if up_dir.more || down_dir.more {
+                    self.again.push(key);
+                }
+            }
+            Err(e) => {
+                tracing::trace!(error = %e, "connection ended by error");
+                self.close(key);
+            }
+        }
+    }
+
+    /// Schedules the connection's next idle check.
+    fn schedule_idle(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(at) = idle_deadline(c) {
+            c.timer = self.timers.schedule(at, key);
+        }
+    }
+
+    fn on_timer(&mut self, e: Expired) {
+        let Some(c) = self.conns.get_mut(e.key) else {
+            return;
+        };
+        if c.timer != e.tick {
+            return; // superseded entry
+        }
+        match c.phase {
+            Phase::Connecting => match c.connect_deadline {
+                Some(d) if self.now >= d => {
+                    tracing::debug!(peer = %c.peer, "member connect timed out");
+                    self.connect_failed(e.key);
+                }
+                Some(d) => c.timer = self.timers.schedule(d, e.key),
+                None => {}
+            },
+            Phase::Established => match idle_deadline(c) {
+                Some(at) if self.now >= at => {
+                    c.listener.stats.worker(self.id).timeouts.add(1);
+                    self.close(e.key);
+                }
+                Some(at) => c.timer = self.timers.schedule(at, e.key),
+                None => {}
+            },
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let c = self.conns.remove(key);
+        c.listener
+            .stats
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(up) = &c.member {
+            if c.phase == Phase::Established {
+                up.stats.worker(self.id).active_connections.sub(1);
+            }
+        }
+        // Dropping the streams closes them (and removes them from epoll).
+        c.c2m.recycle(&mut self.pipes, &mut self.bufs);
+        c.m2c.recycle(&mut self.pipes, &mut self.bufs);
+    }
+}
+
+/// When an established connection next times out for inactivity: a side is
+/// active while bytes are read from or written to it.
+fn idle_deadline(c: &Conn) -> Option<Instant> {
+    let a = c.listener.timeout_client_data.map(|t| c.last_client + t);
+    let b = c.listener.timeout_member_data.map(|t| c.last_member + t);
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether the flow's local address feeds the choice or the PROXY header.
+fn needs_local(pool: &PoolRt) -> bool {
+    pool.algorithm() == LbAlgorithm::Maglev
+}
+
+/// Closes a refused client with a reset, so it sees a clear refusal rather
+/// than an accepted connection that ends.
+fn refuse(client: &TcpStream) {
+    let _ = SockRef::from(client).set_linger(Some(Duration::ZERO));
+}
+
+fn resource_exhausted(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// A non-blocking connect with `TCP_NODELAY`; `EINPROGRESS` is success.
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    s.set_cloexec(true)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(s.into()))
+}
