@@ -20,6 +20,7 @@
 #   WORKERS     worker threads/processes of every proxy (default: nproc)
 #   SIPHON_BIN  siphon-dataplane binary (default target/release/siphon-dataplane,
 #               relative to the repository root)
+#   SIPHON_ARGS extra arguments for `siphon-dataplane run`, e.g. "--no-splice"
 #   TARGETS     proxies to compare, default "siphon haproxy nginx"; direct
 #               (the baseline) is always measured, TARGETS=direct only that
 #   ORIGIN_WORKERS  nginx worker processes of the HTTP origin (default 1)
@@ -35,6 +36,7 @@ RESULTS_DIR=$REPO_ROOT/benches/results
 DURATION=${DURATION:-5}
 WORKERS=${WORKERS:-$(nproc)}
 SIPHON_BIN=${SIPHON_BIN:-target/release/siphon-dataplane}
+read -r -a SIPHON_ARGS <<<"${SIPHON_ARGS:-}"
 # One origin worker by default: the origin is not under test, and on a small
 # machine every extra busy process steals CPU from the client or the proxy,
 # which shows up as millisecond p99 spikes that have nothing to do with it.
@@ -110,7 +112,7 @@ stop_process() {
             sleep 0.1
         done
         if alive "$pid"; then
-            log "$name (pid $pid) ignored SIGTERM, killing it"
+            log "$name (pid $pid) still running 5s after SIGTERM, killing it"
             kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
@@ -316,7 +318,7 @@ start_siphon() {
     fi
     ports_free siphon "${IPERF_PORTS[siphon]}" "${HTTP_PORTS[siphon]}" || return 1
     render siphon.toml.in "$WORK/siphon.toml"
-    "$SIPHON_BIN" run --config "$WORK/siphon.toml" --workers "$WORKERS" \
+    "$SIPHON_BIN" run --config "$WORK/siphon.toml" --workers "$WORKERS" "${SIPHON_ARGS[@]}" \
         >"$WORK/siphon.log" 2>&1 </dev/null &
     PIDS[siphon]=$!
     wait_listening siphon "${IPERF_PORTS[siphon]}" "${HTTP_PORTS[siphon]}" ||
@@ -504,6 +506,9 @@ report_header() {
     local siphon_version=absent
     if [[ -x $SIPHON_BIN ]]; then
         siphon_version="$(first_line "$SIPHON_BIN" --version) (binary built $(date -r "$SIPHON_BIN" '+%F %T'))"
+        if ((${#SIPHON_ARGS[@]})); then
+            siphon_version+=", run with: ${SIPHON_ARGS[*]}"
+        fi
     fi
     cat <<EOF
 # siphon vs haproxy vs nginx stream, loopback

@@ -236,10 +236,10 @@ mod tests {
         (0..10).map(|i| format!("m{i}")).collect()
     }
 
-    const GOLDEN_13: &[u16] = &[0];
-    const GOLDEN_65537_DIGEST: u64 = 0;
-    const GOLDEN_SOURCE_HASH: u64 = 0;
-    const GOLDEN_FLOW_HASH: u64 = 0;
+    const GOLDEN_13: &[u16] = &[1, 0, 0, 0, 2, 0, 2, 1, 1, 2, 2, 0, 1];
+    const GOLDEN_65537_DIGEST: u64 = 0x3714_b1fc_6ead_0737;
+    const GOLDEN_SOURCE_HASH: u64 = 0x4abe_10c4_8bed_2eea;
+    const GOLDEN_FLOW_HASH: u64 = 0x2dab_7014_e664_6692;
 
     #[test]
     fn every_slot_is_filled_and_shares_are_even() {

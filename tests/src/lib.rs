@@ -1,1 +1,230 @@
-//! placeholder
+//! Real peers for Siphon's tests: backends on loopback that say who they
+//! are, traffic helpers, and the root-test policy. No mocks: everything
+//! here opens real sockets.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A backend that greets each connection with `NAME\n`, then echoes every
+/// byte until the client shuts down its side, then closes its own side.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+    _rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// Shared runtime for a test's backends.
+pub fn runtime() -> Arc<tokio::runtime::Runtime> {
+    Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("tokio runtime: {e}")),
+    )
+}
+
+impl Backend {
+    /// Starts a greeting echo backend on `ip` (port chosen by the kernel).
+    pub fn start(rt: &Arc<tokio::runtime::Runtime>, name: &str, ip: &str) -> Backend {
+        let std_l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let addr = std_l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        std_l
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(AtomicUsize::new(0));
+        let (acc, act, greet) = (accepted.clone(), active.clone(), format!("{name}\n"));
+        rt.spawn(async move {
+            let l = match tokio::net::TcpListener::from_std(std_l) {
+                Ok(l) => l,
+                Err(e) => panic!("listener: {e}"),
+            };
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                act.fetch_add(1, Ordering::SeqCst);
+                let (act, greet) = (act.clone(), greet.clone());
+                tokio::spawn(async move {
+                    let _ = echo(s, greet.as_bytes()).await;
+                    act.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Backend {
+            name: name.to_owned(),
+            addr,
+            accepted,
+            active,
+            _rt: rt.clone(),
+        }
+    }
+
+    /// Connections this backend accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+}
+
+async fn echo(mut s: tokio::net::TcpStream, greeting: &[u8]) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(greeting).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).await?;
+    }
+    s.shutdown().await
+}
+
+/// A free TCP port on loopback (bound once and released: tests use it at
+/// once, so reuse by someone else in between is unlikely).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    l.local_addr()
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Connects and reads the backend's greeting line; returns the stream and
+/// the backend's name.
+pub fn connect_greeting(addr: SocketAddr) -> io::Result<(TcpStream, String)> {
+    connect_greeting_from(None, addr)
+}
+
+/// Like [`connect_greeting`], from a chosen local address (e.g. another
+/// 127.0.0.0/8 address to vary the client IP).
+pub fn connect_greeting_from(
+    local: Option<SocketAddr>,
+    addr: SocketAddr,
+) -> io::Result<(TcpStream, String)> {
+    let s = match local {
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(5))?,
+        Some(l) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.bind(&l.into())?;
+            sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            sock.into()
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&s).read(&mut byte)? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before greeting",
+                ))
+            }
+            _ if byte[0] == b'\n' => break,
+            _ => name.push(byte[0]),
+        }
+    }
+    Ok((s, String::from_utf8_lossy(&name).into_owned()))
+}
+
+/// Sends `msg`, reads the echo, and checks it.
+pub fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// Reads one line (without the newline).
+pub fn read_line(s: &TcpStream) -> io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a receiver can
+/// check a stream byte for byte without keeping a copy. The stream is the
+/// same however it is cut into `fill` calls.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern {
+            state: seed | 1,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.word = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.word[self.used];
+            self.used += 1;
+        }
+    }
+}
+
+/// Whether tests needing root may run. Without root they skip with a
+/// printed reason, unless `SIPHON_REQUIRE_ROOT_TESTS=1` (set by CI), which
+/// turns the skip into a failure so CI never passes by skipping.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("SIPHON_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
+        panic!("{test} needs root and SIPHON_REQUIRE_ROOT_TESTS=1 forbids skipping it");
+    }
+    eprintln!("skipping {test}: needs root (run as root, or in CI)");
+    false
+}
+
+/// Raises this process's open-files limit to its hard limit (tests open
+/// thousands of sockets).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
