@@ -1,0 +1,402 @@
+//! The binary and the apply path: `check`, SIGHUP reloads under traffic,
+//! broken configs, SIGTERM drain, the demo, and rejected applies that
+//! change nothing.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use siphon_dataplane::config::{Object, Problem};
+use siphon_dataplane::ApplyError;
+use siphon_testkit::{connect_greeting, free_port, roundtrip, Backend};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"))
+}
+
+#[test]
+fn check_accepts_a_good_file_and_names_every_problem_in_a_bad_one() {
+    let dir = TempDir::new("check");
+    let good = dir.path("good.toml");
+    std::fs::write(&good, siphon_dataplane::demo::DEMO_CONFIG).expect("write");
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+generation = 2
+[[listeners]]
+id = "web"
+protocol = "TCP"
+bind_addresses = []
+protocol_port = 70000
+default_pool_id = "nope"
+allowed_cidrs = ["10.0.0.0/33"]
+
+[[listeners]]
+id = "web"
+protocol = "UDP"
+bind_addresses = ["127.0.0.300"]
+protocol_port = 53
+default_pool_id = "tcp-pool"
+
+[[pools]]
+id = "tcp-pool"
+protocol = "TCP"
+lb_algorithm = "ROUND_ROBIN"
+members = [{ id = "m1", address = "127.0.0.1", protocol_port = 80, weight = 300 }]
+"#,
+    )
+    .expect("write");
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "listener \"web\": bind_addresses: must not be empty",
+        "listener \"web\": protocol_port: 70000 is out of range 1..=65535",
+        "listener \"web\": default_pool_id: unknown pool \"nope\"",
+        "listener \"web\": allowed_cidrs: \"10.0.0.0/33\" is not a CIDR",
+        "listener \"web\": id: duplicate id \"web\"",
+        "listener \"web\": bind_addresses: \"127.0.0.300\" is not an IPv4 or IPv6 address",
+        "listener \"web\": default_pool_id: a Udp listener cannot use a Tcp pool",
+        "pool \"tcp-pool\" member \"m1\": weight: 300 is out of range 0..=256",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    let out = bin()
+        .args(["check", "--config", "/nonexistent/siphon.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/siphon.toml"));
+}
+
+/// A config with the traffic listener unchanged and other parts varying by
+/// generation: weights, a second listener that comes and goes, a member
+/// added and removed.
+fn reload_config(generation: u64, port: u16, extra_port: u16, b: &[Backend]) -> String {
+    let mut members = vec![member("b0", b[0].addr, 1 + (generation % 3) as u32, "")];
+    if generation % 2 == 0 {
+        members.push(member("b1", b[1].addr, 1, ""));
+    }
+    let mut parts = vec![
+        listener("traffic", "127.0.0.1", port, "p", ""),
+        pool("p", "TCP", "ROUND_ROBIN", &members),
+    ];
+    if generation % 4 == 1 {
+        parts.push(listener("extra", "127.0.0.1", extra_port, "p", ""));
+    }
+    toml(generation, &parts)
+}
+
+#[test]
+fn twenty_sighup_reloads_under_steady_traffic_lose_no_connection() {
+    let rt = siphon_testkit::runtime();
+    let b: Vec<Backend> = (0..2)
+        .map(|i| Backend::start(&rt, &format!("b{i}"), "127.0.0.1"))
+        .collect();
+    let (port, extra) = (free_port(), free_port());
+    let dir = TempDir::new("reload");
+    let file = dir.path("siphon.toml");
+    std::fs::write(&file, reload_config(1, port, extra, &b)).expect("write");
+    let proc = Proc::spawn(
+        &[
+            "run",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--workers",
+            "2",
+        ],
+        &dir.path("log"),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || connect_greeting(addr(port))
+            .is_ok()),
+        "{}",
+        proc.log_text()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+                    match connect_greeting(addr(port))
+                        .and_then(|(mut s, _)| roundtrip(&mut s, b"ping"))
+                    {
+                        Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            eprintln!("failed connection: {e}");
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for generation in 2..=21 {
+        std::fs::write(&file, reload_config(generation, port, extra, &b)).expect("write");
+        proc.signal(Signal::SIGHUP);
+        let applied = format!("generation={generation} ");
+        assert!(
+            proc.wait_log(&applied, 1, Duration::from_secs(10)),
+            "reload {generation} not applied:\n{}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("client");
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(failed, 0, "{failed} failed connections ({ok} ok)");
+    assert!(ok > 100, "too little traffic to mean anything: {ok}");
+    eprintln!("20 reloads under traffic: {ok} connections, 0 failed");
+}
+
+#[test]
+fn a_broken_file_on_sighup_is_reported_and_the_running_config_stays() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let dir = TempDir::new("broken");
+    let file = dir.path("siphon.toml");
+    let good = toml(
+        1,
+        &[
+            listener("l", "127.0.0.1", port, "p", ""),
+            pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
+        ],
+    );
+    std::fs::write(&file, &good).expect("write");
+    let proc = Proc::spawn(
+        &[
+            "run",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--workers",
+            "1",
+        ],
+        &dir.path("log"),
+    );
+    assert!(eventually(Duration::from_secs(10), || connect_greeting(
+        addr(port)
+    )
+    .is_ok()));
+    let (mut held, _) = connect_greeting(addr(port)).expect("connect");
+    // Syntax error, then a semantic error, then a stale generation.
+    let bad_files = [
+        "generation = 2\n[[listeners]\n".to_owned(),
+        good.replace("generation = 1", "generation = 2")
+            .replace("weight = 1", "weight = 999"),
+        good.replace("ROUND_ROBIN", "LEAST_CONNECTIONS"),
+    ];
+    for (i, text) in bad_files.iter().enumerate() {
+        std::fs::write(&file, text).expect("write");
+        proc.signal(Signal::SIGHUP);
+        assert!(
+            proc.wait_log(
+                "reload rejected, running generation 1 stays",
+                i + 1,
+                Duration::from_secs(10)
+            ),
+            "{}",
+            proc.log_text()
+        );
+        let (mut s, name) = connect_greeting(addr(port)).expect("still serving");
+        assert_eq!(name, "b0");
+        roundtrip(&mut s, b"ok").expect("echo");
+    }
+    let log = proc.log_text();
+    assert!(log.contains("weight: 999 is out of range 0..=256"), "{log}");
+    assert!(
+        log.contains("generation 1 is not newer than the running generation 1"),
+        "{log}"
+    );
+    roundtrip(&mut held, b"the held connection never noticed").expect("echo");
+}
+
+#[test]
+fn sigterm_stops_accepting_drains_then_exits_zero() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let dir = TempDir::new("term");
+    let file = dir.path("siphon.toml");
+    std::fs::write(
+        &file,
+        toml(
+            1,
+            &[
+                listener("l", "127.0.0.1", port, "p", ""),
+                pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
+            ],
+        ),
+    )
+    .expect("write");
+    let mut proc = Proc::spawn(
+        &[
+            "run",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--workers",
+            "2",
+            "--drain-timeout",
+            "20",
+        ],
+        &dir.path("log"),
+    );
+    assert!(eventually(Duration::from_secs(10), || connect_greeting(
+        addr(port)
+    )
+    .is_ok()));
+    let (mut held, _) = connect_greeting(addr(port)).expect("connect");
+    proc.signal(Signal::SIGTERM);
+    assert!(proc.wait_log("draining", 1, Duration::from_secs(5)));
+    assert!(
+        eventually(Duration::from_secs(5), || connect_greeting(addr(port))
+            .is_err()),
+        "still accepting after SIGTERM"
+    );
+    // The established connection keeps working while draining ...
+    roundtrip(&mut held, b"draining but alive").expect("echo while draining");
+    assert_eq!(
+        proc.child.try_wait().expect("wait"),
+        None,
+        "exited before its connection ended"
+    );
+    // ... and once it ends, the process exits 0 without waiting the full grace period.
+    drop(held);
+    let t0 = Instant::now();
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        proc.log_text()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn the_readme_demo_shows_balancing() {
+    // Below the ephemeral range (so no test's client socket holds it) and
+    // away from the default 19080 (so a demo someone runs doesn't clash).
+    let out = bin()
+        .args(["demo", "--once", "--port", "19180"])
+        .output()
+        .expect("run demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("hello from backend-1").count(), 3, "{text}");
+    assert_eq!(text.matches("hello from backend-2").count(), 3, "{text}");
+}
+
+#[test]
+fn rejected_applies_change_nothing() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let good = |generation| {
+        config(
+            generation,
+            &[
+                listener("l", "127.0.0.1", port, "p", ""),
+                pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
+            ],
+        )
+    };
+    let mut server = start(good(5), 2);
+    let (mut held, _) = connect_greeting(addr(port)).expect("connect");
+
+    // Invalid: the error names object and field.
+    let mut bad = good(6);
+    bad.pools[0].members[0].protocol_port = 0;
+    match server.apply(bad) {
+        Err(ApplyError::Invalid(e)) => {
+            let first = &e.0[0];
+            assert_eq!(
+                first.object,
+                Object::Member {
+                    pool: "p".into(),
+                    member: "b0".into()
+                }
+            );
+            assert_eq!(first.field, "protocol_port");
+            assert_eq!(
+                first.problem,
+                Problem::OutOfRange {
+                    value: 0,
+                    min: 1,
+                    max: 65535
+                }
+            );
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    // Stale generation.
+    assert!(matches!(
+        server.apply(good(4)),
+        Err(ApplyError::Stale {
+            running: 5,
+            offered: 4
+        })
+    ));
+    // A new listener on a port someone else holds: nothing is applied,
+    // not even the other (valid) new listener.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let other_port = free_port();
+    let mut c = good(7);
+    c.listeners.push(c.listeners[0].clone());
+    c.listeners[1].id = "new".into();
+    c.listeners[1].protocol_port = i64::from(other_port);
+    c.listeners.push(c.listeners[0].clone());
+    c.listeners[2].id = "clash".into();
+    c.listeners[2].protocol_port = i64::from(taken_port);
+    match server.apply(c) {
+        Err(ApplyError::Bind { listener, .. }) => assert_eq!(listener, "clash"),
+        other => panic!("expected Bind, got {other:?}"),
+    }
+    assert_eq!(server.generation(), 5);
+    assert!(
+        connect_greeting(addr(other_port)).is_err(),
+        "half of a rejected config went live"
+    );
+    roundtrip(&mut held, b"unaffected").expect("echo");
+    let (_s, name) = connect_greeting(addr(port)).expect("still serving");
+    assert_eq!(name, "b0");
+    // The same generation again is a no-op.
+    assert_eq!(
+        server.apply(good(5)).expect("same"),
+        siphon_dataplane::Applied::Unchanged { generation: 5 }
+    );
+    server.shutdown(Duration::from_secs(1));
+}
