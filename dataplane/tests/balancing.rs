@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 //! Member choice through the running proxy: distribution per algorithm
 //! (with stated tolerances), weights, backups, draining, and agreement
 //! with the Maglev table any other node would build.

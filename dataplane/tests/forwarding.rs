@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 //! TCP forwarding on real loopback sockets: byte-exact transfer, half
 //! close, many connections, IPv6, PROXY headers, ACLs, limits, connect
 //! failures.

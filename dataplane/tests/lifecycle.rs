@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 //! The binary and the apply path: `check`, SIGHUP reloads under traffic,
 //! broken configs, SIGTERM drain, the demo, and rejected applies that
 //! change nothing.

@@ -432,3 +432,116 @@ fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::Format;
+
+    const BASE: &str = r#"
+generation = 1
+[[listeners]]
+id = "l"
+protocol = "TCP"
+bind_addresses = ["0.0.0.0", "::"]
+protocol_port = 80
+default_pool_id = "p"
+[[pools]]
+id = "p"
+protocol = "TCP"
+lb_algorithm = "MAGLEV"
+members = [
+  { id = "a", address = "192.0.2.1", protocol_port = 80 },
+  { id = "b", address = "2001:db8::1", protocol_port = 80, weight = 256, backup = true },
+]
+[pools.healthmonitor]
+type = "HTTP"
+delay = 5
+timeout = 3
+max_retries = 3
+http_method = "GET"
+url_path = "/health"
+expected_codes = "200-204,302"
+"#;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        let c = Config::parse(text, Format::Toml).expect("parses");
+        c.validate().err().map(|e| e.0).unwrap_or_default()
+    }
+
+    fn one(text: &str) -> (Object, &'static str, Problem) {
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = e.into_iter().next().expect("one");
+        (e.object, e.field, e.problem)
+    }
+
+    #[test]
+    fn the_base_config_is_valid_in_toml_and_json() {
+        assert!(errors(BASE).is_empty());
+        let c = Config::parse(BASE, Format::Toml).expect("toml");
+        let json = serde_json::to_string(&c).expect("json");
+        assert_eq!(Config::parse(&json, Format::Json).expect("json parses"), c);
+    }
+
+    #[test]
+    fn each_problem_names_its_object_and_field() {
+        let l = || Object::Listener("l".into());
+        let p = || Object::Pool("p".into());
+        let m = |id: &str| Object::Member {
+            pool: "p".into(),
+            member: id.into(),
+        };
+        let hm = || Object::HealthMonitor { pool: "p".into() };
+        let cases: Vec<(String, (Object, &str, Problem))> = vec![
+            (BASE.replace("protocol = \"TCP\"\nlb_algorithm", "protocol = \"UDP\"\nlb_algorithm").replace("type = \"HTTP\"", "type = \"TCP\"").replace("http_method = \"GET\"\nurl_path = \"/health\"\nexpected_codes = \"200-204,302\"\n", ""),
+             (l(), "default_pool_id", Problem::ProtocolMismatch { listener: ListenerProtocol::Tcp, pool: PoolProtocol::Udp })),
+            (BASE.replace("{ id = \"b\", address = \"2001:db8::1\"", "{ id = \"b\", address = \"192.0.2.1\""),
+             (m("b"), "address", Problem::Duplicate("192.0.2.1:80".into()))),
+            (BASE.replace("{ id = \"b\"", "{ id = \"a\""), (m("a"), "id", Problem::DuplicateId("a".into()))),
+            (BASE.replace("lb_algorithm = \"MAGLEV\"", "lb_algorithm = \"MAGLEV\"\nmaglev_table_size = 65536"),
+             (p(), "maglev_table_size", Problem::NotPrime(65536))),
+            (BASE.replace("\"::\"]", "\"0.0.0.0\"]"),
+             (l(), "bind_addresses", Problem::Duplicate("0.0.0.0:80 (also bound by listener \"l\")".into()))),
+            (BASE.replace("timeout = 3", "timeout = 0"), (hm(), "timeout", Problem::OutOfRange { value: 0, min: 1, max: i64::from(i32::MAX) })),
+            (BASE.replace("max_retries = 3", "max_retries = 11"), (hm(), "max_retries", Problem::OutOfRange { value: 11, min: 1, max: 10 })),
+            (BASE.replace("\"/health\"", "\"health\""), (hm(), "url_path", Problem::BadPath("health".into()))),
+            (BASE.replace("200-204,302", "204-200"), (hm(), "expected_codes", Problem::BadCodes("204-200".into()))),
+            (BASE.replace("type = \"HTTP\"", "type = \"UDP-CONNECT\"").replace("http_method = \"GET\"\nurl_path = \"/health\"\nexpected_codes = \"200-204,302\"\n", ""),
+             (hm(), "type", Problem::MonitorMismatch { pool: PoolProtocol::Tcp, monitor: MonitorType::UdpConnect })),
+            (BASE.replace("type = \"HTTP\"", "type = \"PING\"").replace("url_path = \"/health\"\nexpected_codes = \"200-204,302\"\n", ""),
+             (hm(), "http_method", Problem::HttpOnly)),
+            (BASE.replace("protocol_port = 80\ndefault_pool_id", "protocol_port = 80\nconnection_limit = -2\ndefault_pool_id"),
+             (l(), "connection_limit", Problem::OutOfRange { value: -2, min: -1, max: i64::from(u32::MAX) })),
+            (BASE.replace("protocol_port = 80\ndefault_pool_id", "protocol_port = 80\ntimeout_client_data = 86400001\ndefault_pool_id"),
+             (l(), "timeout_client_data", Problem::OutOfRange { value: 86_400_001, min: 0, max: 86_400_000 })),
+        ];
+        for (text, want) in cases {
+            assert_eq!(one(&text), want, "for config:\n{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_enum_values_are_parse_errors() {
+        let typo = BASE.replace("default_pool_id", "default_pool");
+        assert!(Config::parse(&typo, Format::Toml)
+            .expect_err("typo")
+            .contains("default_pool"));
+        let bad_enum = BASE.replace("\"MAGLEV\"", "\"RANDOM\"");
+        assert!(Config::parse(&bad_enum, Format::Toml)
+            .expect_err("enum")
+            .contains("RANDOM"));
+    }
+
+    #[test]
+    fn expected_codes_forms() {
+        assert_eq!(parse_expected_codes("200"), Some(vec![(200, 200)]));
+        assert_eq!(
+            parse_expected_codes("200,202"),
+            Some(vec![(200, 200), (202, 202)])
+        );
+        assert_eq!(parse_expected_codes("200-204"), Some(vec![(200, 204)]));
+        assert_eq!(parse_expected_codes("99"), None);
+        assert_eq!(parse_expected_codes("abc"), None);
+    }
+}
