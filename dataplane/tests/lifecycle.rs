@@ -401,3 +401,44 @@ fn rejected_applies_change_nothing() {
     );
     server.shutdown(Duration::from_secs(1));
 }
+
+#[test]
+fn a_removed_listener_stops_accepting_while_its_connections_finish() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let (keep, gone, off) = (free_port(), free_port(), free_port());
+    let p = || pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]);
+    let mut server = start(
+        config(
+            1,
+            &[
+                listener("keep", "127.0.0.1", keep, "p", ""),
+                listener("gone", "127.0.0.1", gone, "p", ""),
+                listener("off", "127.0.0.1", off, "p", "admin_state_up = false"),
+                p(),
+            ],
+        ),
+        2,
+    );
+    assert!(
+        connect_greeting(addr(off)).is_err(),
+        "an admin-down listener must not listen"
+    );
+    let (mut on_gone, _) = connect_greeting(addr(gone)).expect("connect");
+    server
+        .apply(config(
+            2,
+            &[listener("keep", "127.0.0.1", keep, "p", ""), p()],
+        ))
+        .expect("apply");
+    assert!(
+        connect_greeting(addr(gone)).is_err(),
+        "removed listener still accepts"
+    );
+    roundtrip(&mut on_gone, b"finishing on a removed listener").expect("echo");
+    let (_s, name) = connect_greeting(addr(keep)).expect("kept listener serves");
+    assert_eq!(name, "b0");
+    drop(on_gone);
+    assert!(eventually(Duration::from_secs(5), || b.active() <= 1));
+    server.shutdown(Duration::from_secs(1));
+}
