@@ -104,13 +104,17 @@ impl Half {
     }
 
     /// Moves what it can from `src` to `dst`. Errors other than `EAGAIN`
-    /// (reset, broken pipe) end the connection.
+    /// (reset, broken pipe) end the connection. `other_shut` says the
+    /// opposite direction is finished: then this one's EOF means the
+    /// connection closes at once, and `close` sends the FIN, so the
+    /// `shutdown` call is skipped (one syscall less per connection).
     pub fn pump(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
         src_ready: &mut bool,
         dst_ready: &mut bool,
+        other_shut: bool,
     ) -> io::Result<Moved> {
         let mut moved = Moved::default();
         if !self.flush_prefix(dst, dst_ready)? {
@@ -153,9 +157,9 @@ impl Half {
             }
             if self.eof && self.pending == 0 && !self.shut {
                 self.shut = true;
-                match dst.shutdown(Shutdown::Write) {
+                if !other_shut {
                     // The peer may already be gone; the other half finds out.
-                    Ok(()) | Err(_) => {}
+                    let _ = dst.shutdown(Shutdown::Write);
                 }
             }
             if !progress {

@@ -605,12 +605,26 @@ impl Worker {
         };
         let lc = c.listener.stats.worker(self.id);
         let mc = up.stats.worker(self.id);
+        let m2c_shut = c.m2c.shut;
         let res = c
             .c2m
-            .pump(&c.client, &up.stream, &mut c.client_r, &mut c.member_w)
+            .pump(
+                &c.client,
+                &up.stream,
+                &mut c.client_r,
+                &mut c.member_w,
+                m2c_shut,
+            )
             .and_then(|a| {
+                let c2m_shut = c.c2m.shut;
                 c.m2c
-                    .pump(&up.stream, &c.client, &mut c.member_r, &mut c.client_w)
+                    .pump(
+                        &up.stream,
+                        &c.client,
+                        &mut c.member_r,
+                        &mut c.client_w,
+                        c2m_shut,
+                    )
                     .map(|b| (a, b))
             });
         match res {
