@@ -450,38 +450,28 @@ fn refused_connect_moves_on_and_gives_up_after_the_retries() {
     let live = Backend::start(&rt, "z-live", "127.0.0.1");
     let dead: Vec<SocketAddr> = (0..3).map(|_| addr(free_port())).collect();
     let port = free_port();
-    let mut members: Vec<String> = dead
-        .iter()
-        .enumerate()
-        .map(|(i, a)| member(&format!("dead-{i}"), *a, 1, ""))
-        .collect();
-    members.push(member("z-live", live.addr, 1, ""));
-    let c = config(
-        1,
-        &[
-            listener("l", "127.0.0.1", port, "p", "connect_retries = 3"),
-            pool("p", "TCP", "ROUND_ROBIN", &members),
-        ],
-    );
-    let server = start(c, 1);
+    // Three refusing members sort before the live one.
+    let cfg = |generation, retries: u32| {
+        let mut members: Vec<String> = dead
+            .iter()
+            .enumerate()
+            .map(|(i, a)| member(&format!("dead-{i}"), *a, 1, ""))
+            .collect();
+        members.push(member("z-live", live.addr, 1, ""));
+        let retries = format!("connect_retries = {retries}");
+        config(
+            generation,
+            &[
+                listener("l", "127.0.0.1", port, "p", &retries),
+                pool("p", "TCP", "ROUND_ROBIN", &members),
+            ],
+        )
+    };
+    let mut server = start(cfg(1, 3), 1);
     let (_s, name) = connect_greeting(addr(port)).expect("3 retries reach the live member");
     assert_eq!(name, "z-live");
     // With one retry allowed, two dead members in a row end the connection.
-    let mut members: Vec<String> = dead
-        .iter()
-        .enumerate()
-        .map(|(i, a)| member(&format!("dead-{i}"), *a, 1, ""))
-        .collect();
-    members.push(member("z-live", live.addr, 1, ""));
-    let c = config(
-        2,
-        &[
-            listener("l", "127.0.0.1", port, "p", "connect_retries = 1"),
-            pool("p", "TCP", "ROUND_ROBIN", &members),
-        ],
-    );
-    let mut server = server;
-    server.apply(c).expect("apply");
+    server.apply(cfg(2, 1)).expect("apply");
     assert!(refused(addr(port), None), "gave up after 2 attempts");
     assert!(
         server
