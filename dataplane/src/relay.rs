@@ -1,6 +1,8 @@
 //! One direction of a proxied TCP connection: bytes from a source socket to
-//! a destination socket, through a kernel pipe with `splice(2)` (zero copy)
-//! or, where no pipe could be had, through a reused user-space buffer.
+//! a destination socket. A direction starts by copying through the worker's
+//! scratch buffer (`recv`/`send`: cheapest for small messages, and no
+//! per-connection memory), and moves to a kernel pipe with `splice(2)` (zero
+//! copy) once a read shows bulk data.
 //!
 //! Edge-triggered readiness: the caller keeps a "ready" flag per socket
 //! side, set by events and cleared here only on `EAGAIN`. One subtlety: a
@@ -20,10 +22,29 @@ use crate::pipe::{Pipe, PipePool};
 /// Splice/copy rounds per wake-up before yielding to other connections.
 const ROUNDS: usize = 16;
 
+/// A read of at least this many bytes means bulk data: the direction moves
+/// from copying to `splice` (haproxy's `splice-auto` idea: small messages
+/// are cheaper through `recv`/`send`, bulk is cheaper without copies).
+pub const SPLICE_THRESHOLD: usize = 16 * 1024;
+
 #[derive(Debug)]
 enum Channel {
+    /// Copy through the worker's scratch buffer; only bytes a destination
+    /// would not take stay with the connection (`spill`).
+    Copy {
+        spill: Vec<u8>,
+        start: usize,
+    },
     Splice(Pipe),
-    Copy { buf: Box<[u8]>, start: usize },
+}
+
+/// What a worker lends a pump: its scratch buffer and pipe pool.
+#[derive(Debug)]
+pub struct Shared<'a> {
+    pub scratch: &'a mut [u8],
+    pub pipes: &'a mut PipePool,
+    /// Whether bulk directions may move to `splice`.
+    pub splice: bool,
 }
 
 /// Outcome of one pump.
@@ -60,19 +81,13 @@ fn fd(s: &TcpStream) -> BorrowedFd<'_> {
 }
 
 impl Half {
-    /// A half that splices through `pipe`.
-    pub fn splice(pipe: Pipe) -> Half {
-        Half::with(Channel::Splice(pipe))
-    }
-
-    /// A half that copies through `buf`.
-    pub fn copy(buf: Box<[u8]>) -> Half {
-        Half::with(Channel::Copy { buf, start: 0 })
-    }
-
-    fn with(chan: Channel) -> Half {
+    /// A half that starts by copying and moves to `splice` on bulk data.
+    pub fn new() -> Half {
         Half {
-            chan,
+            chan: Channel::Copy {
+                spill: Vec::new(),
+                start: 0,
+            },
             pending: 0,
             prefix: Vec::new(),
             prefix_sent: 0,
@@ -86,19 +101,16 @@ impl Half {
         self.prefix_sent = 0;
     }
 
+    /// Whether this direction has moved to `splice`.
     pub fn is_splice(&self) -> bool {
         matches!(self.chan, Channel::Splice(_))
     }
 
-    /// Gives back the pipe (if empty) or buffer for reuse.
-    pub fn recycle(self, pipes: &mut PipePool, bufs: &mut Vec<Box<[u8]>>) {
-        match self.chan {
-            Channel::Splice(p) if self.pending == 0 => pipes.put(p),
-            Channel::Splice(_) => {}
-            Channel::Copy { buf, .. } => {
-                if bufs.len() < 64 {
-                    bufs.push(buf)
-                }
+    /// Gives back the pipe, if empty, for reuse.
+    pub fn recycle(self, pipes: &mut PipePool) {
+        if let Channel::Splice(p) = self.chan {
+            if self.pending == 0 {
+                pipes.put(p);
             }
         }
     }
@@ -115,46 +127,21 @@ impl Half {
         src_ready: &mut bool,
         dst_ready: &mut bool,
         other_shut: bool,
+        shared: &mut Shared<'_>,
     ) -> io::Result<Moved> {
         let mut moved = Moved::default();
         if !self.flush_prefix(dst, dst_ready)? {
             return Ok(moved);
         }
         for _ in 0..ROUNDS {
-            let mut progress = false;
-            let room = self.capacity() - self.pending;
-            if *src_ready && !self.eof && room > 0 {
-                match self.fill(src, room) {
-                    Ok(0) => {
-                        self.eof = true;
-                        progress = true;
-                    }
-                    Ok(n) => {
-                        self.pending += n;
-                        moved.read += n as u64;
-                        progress = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if self.pending == 0 {
-                            *src_ready = false;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
-                    Err(e) => return Err(e),
+            let progress = match self.chan {
+                Channel::Copy { .. } => {
+                    self.copy_round(src, dst, src_ready, dst_ready, shared, &mut moved)?
                 }
-            }
-            if self.pending > 0 && *dst_ready {
-                match self.drain(dst) {
-                    Ok(n) => {
-                        self.pending -= n;
-                        moved.written += n as u64;
-                        progress = n > 0;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => *dst_ready = false,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
-                    Err(e) => return Err(e),
+                Channel::Splice(_) => {
+                    self.splice_round(src, dst, src_ready, dst_ready, &mut moved)?
                 }
-            }
+            };
             if self.eof && self.pending == 0 && !self.shut {
                 self.shut = true;
                 if !other_shut {
@@ -192,45 +179,143 @@ impl Half {
         Ok(true)
     }
 
-    fn capacity(&self) -> usize {
-        match &self.chan {
-            Channel::Splice(p) => p.capacity,
-            Channel::Copy { buf, .. } => buf.len(),
+    /// One splice round: socket → pipe, then pipe → socket.
+    fn splice_round(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        src_ready: &mut bool,
+        dst_ready: &mut bool,
+        moved: &mut Moved,
+    ) -> io::Result<bool> {
+        let Channel::Splice(p) = &self.chan else {
+            return Ok(false);
+        };
+        let mut progress = false;
+        let room = p.capacity - self.pending;
+        if *src_ready && !self.eof && room > 0 {
+            match splice(fd(src), None, &p.write, None, room, flags()).map_err(errno) {
+                Ok(0) => {
+                    self.eof = true;
+                    progress = true;
+                }
+                Ok(n) => {
+                    self.pending += n;
+                    moved.read += n as u64;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // EAGAIN with bytes in the pipe may mean a full pipe.
+                    if self.pending == 0 {
+                        *src_ready = false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                Err(e) => return Err(e),
+            }
         }
+        if self.pending > 0 && *dst_ready {
+            match splice(&p.read, None, fd(dst), None, self.pending, flags()).map_err(errno) {
+                Ok(n) => {
+                    self.pending -= n;
+                    moved.written += n as u64;
+                    progress |= n > 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *dst_ready = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(progress)
     }
 
-    fn fill(&mut self, src: &TcpStream, room: usize) -> io::Result<usize> {
-        match &mut self.chan {
-            Channel::Splice(p) => {
-                splice(fd(src), None, &p.write, None, room, flags()).map_err(errno)
+    /// One copy round: flush what a destination refused earlier, else read
+    /// into the scratch buffer and write it on at once.
+    fn copy_round(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        src_ready: &mut bool,
+        dst_ready: &mut bool,
+        shared: &mut Shared<'_>,
+        moved: &mut Moved,
+    ) -> io::Result<bool> {
+        let Channel::Copy { spill, start } = &mut self.chan else {
+            return Ok(false);
+        };
+        if self.pending > 0 {
+            if !*dst_ready {
+                return Ok(false);
             }
-            Channel::Copy { buf, start } => {
-                if self.pending == 0 {
-                    *start = 0;
+            return match (&*dst).write(&spill[*start..]) {
+                Ok(n) => {
+                    *start += n;
+                    self.pending -= n;
+                    moved.written += n as u64;
+                    if self.pending == 0 {
+                        // Don't keep a large spill for a connection that idles.
+                        *spill = Vec::new();
+                        *start = 0;
+                    }
+                    Ok(n > 0)
                 }
-                let end = *start + self.pending;
-                if end == buf.len() {
-                    // Full at the tail: compact (rare; only after partial writes).
-                    buf.copy_within(*start..end, 0);
-                    *start = 0;
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *dst_ready = false;
+                    Ok(false)
                 }
-                let end = *start + self.pending;
-                (&*src).read(&mut buf[end..])
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+                Err(e) => Err(e),
+            };
+        }
+        // Read only what the destination can take now (back-pressure).
+        if !*src_ready || self.eof || !*dst_ready {
+            return Ok(false);
+        }
+        let n = match (&*src).read(shared.scratch) {
+            Ok(0) => {
+                self.eof = true;
+                return Ok(true);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *src_ready = false;
+                return Ok(false);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        moved.read += n as u64;
+        let mut off = 0;
+        while off < n {
+            match (&*dst).write(&shared.scratch[off..n]) {
+                Ok(w) => off += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *dst_ready = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
+        moved.written += off as u64;
+        if off < n {
+            spill.extend_from_slice(&shared.scratch[off..n]);
+            *start = 0;
+            self.pending = n - off;
+        } else if n >= SPLICE_THRESHOLD && shared.splice {
+            // Bulk: move to splice (nothing is buffered, so order holds).
+            // Without a pipe (limits reached) the direction keeps copying.
+            if let Ok(p) = shared.pipes.get() {
+                self.chan = Channel::Splice(p);
+            }
+        }
+        Ok(true)
     }
+}
 
-    fn drain(&mut self, dst: &TcpStream) -> io::Result<usize> {
-        match &mut self.chan {
-            Channel::Splice(p) => {
-                splice(&p.read, None, fd(dst), None, self.pending, flags()).map_err(errno)
-            }
-            Channel::Copy { buf, start } => {
-                let n = (&*dst).write(&buf[*start..*start + self.pending])?;
-                *start += n;
-                Ok(n)
-            }
-        }
+impl Default for Half {
+    fn default() -> Half {
+        Half::new()
     }
 }
 

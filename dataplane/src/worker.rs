@@ -19,7 +19,7 @@ use crate::balance::{Flow, PickState};
 use crate::config::{LbAlgorithm, PoolProtocol};
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
-use crate::relay::Half;
+use crate::relay::{Half, Shared};
 use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
 use crate::stats::MemberStats;
 use crate::timer::{Expired, TimerWheel};
@@ -33,7 +33,8 @@ const MEMBER: usize = 1;
 const ACCEPT_BATCH: usize = 64;
 /// Pause after the process ran out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-const COPY_BUFFER: usize = 64 * 1024;
+/// The worker's one copy buffer, lent to whichever connection is pumped.
+const SCRATCH: usize = 64 * 1024;
 
 /// How a worker forwards.
 #[derive(Debug, Clone)]
@@ -113,7 +114,7 @@ pub struct Worker {
     conns: Slab<Conn>,
     timers: TimerWheel,
     pipes: PipePool,
-    bufs: Vec<Box<[u8]>>,
+    scratch: Box<[u8]>,
     picks: Vec<PickState>,
     opts: WorkerOptions,
     again: Vec<usize>,
@@ -151,7 +152,7 @@ impl Worker {
                 conns: Slab::with_capacity(1024),
                 timers: TimerWheel::new(now),
                 pipes: PipePool::new(opts.pipe_size, 256),
-                bufs: Vec::new(),
+                scratch: vec![0u8; SCRATCH].into_boxed_slice(),
                 picks: Vec::new(),
                 opts,
                 again: Vec::new(),
@@ -383,15 +384,6 @@ impl Worker {
             return;
         };
         let _ = client.set_nodelay(true);
-        let (c2m, m2c) = match self.halves() {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(worker = self.id, error = %e, "no pipe or buffer for a connection");
-                active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                refuse(&client);
-                return;
-            }
-        };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let mut conn = Conn {
@@ -402,8 +394,8 @@ impl Worker {
             member: None,
             phase: Phase::Connecting,
             tried: Vec::new(),
-            c2m,
-            m2c,
+            c2m: Half::new(),
+            m2c: Half::new(),
             // Data may already wait; EAGAIN will clear these.
             client_r: true,
             client_w: true,
@@ -428,30 +420,6 @@ impl Worker {
         }
         entry.insert(conn);
         self.connect_next(key);
-    }
-
-    /// A pipe per direction, or copy buffers when splicing is off or pipes
-    /// ran out.
-    fn halves(&mut self) -> io::Result<(Half, Half)> {
-        if self.opts.splice {
-            match (self.pipes.get(), self.pipes.get()) {
-                (Ok(a), Ok(b)) => return Ok((Half::splice(a), Half::splice(b))),
-                (Ok(p), Err(e)) | (Err(e), Ok(p)) => {
-                    self.pipes.put(p);
-                    tracing::debug!(error = %e, "pipe unavailable; copying instead");
-                }
-                (Err(e), Err(_)) => tracing::debug!(error = %e, "pipe unavailable; copying"),
-            }
-        }
-        let a = self
-            .bufs
-            .pop()
-            .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice());
-        let b = self
-            .bufs
-            .pop()
-            .unwrap_or_else(|| vec![0u8; COPY_BUFFER].into_boxed_slice());
-        Ok((Half::copy(a), Half::copy(b)))
     }
 
     /// Starts a connect to the next member, or closes the client when no
@@ -605,6 +573,11 @@ impl Worker {
         };
         let lc = c.listener.stats.worker(self.id);
         let mc = up.stats.worker(self.id);
+        let mut shared = Shared {
+            scratch: &mut self.scratch,
+            pipes: &mut self.pipes,
+            splice: self.opts.splice,
+        };
         let m2c_shut = c.m2c.shut;
         let res = c
             .c2m
@@ -614,6 +587,7 @@ impl Worker {
                 &mut c.client_r,
                 &mut c.member_w,
                 m2c_shut,
+                &mut shared,
             )
             .and_then(|a| {
                 let c2m_shut = c.c2m.shut;
@@ -624,6 +598,7 @@ impl Worker {
                         &mut c.member_r,
                         &mut c.client_w,
                         c2m_shut,
+                        &mut shared,
                     )
                     .map(|b| (a, b))
             });
@@ -704,8 +679,8 @@ impl Worker {
             }
         }
         // Dropping the streams closes them (and removes them from epoll).
-        c.c2m.recycle(&mut self.pipes, &mut self.bufs);
-        c.m2c.recycle(&mut self.pipes, &mut self.bufs);
+        c.c2m.recycle(&mut self.pipes);
+        c.m2c.recycle(&mut self.pipes);
     }
 }
 
