@@ -316,8 +316,13 @@ fn the_readme_demo_shows_balancing() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text.matches("hello from backend-1").count(), 3, "{text}");
-    assert_eq!(text.matches("hello from backend-2").count(), 3, "{text}");
+    // Each worker runs its own round robin starting at backend-1, so any
+    // split of six connections over the workers gives each backend 2 to 4.
+    let (b1, b2) = (
+        text.matches("hello from backend-1").count(),
+        text.matches("hello from backend-2").count(),
+    );
+    assert!(b1 + b2 == 6 && b1 >= 2 && b2 >= 2, "{text}");
 }
 
 #[test]
