@@ -157,16 +157,21 @@ impl Server {
                 offered: config.generation,
             });
         }
-        config.validate()?;
-        for l in config.listeners.iter().filter(|l| l.admin_state_up) {
-            if l.protocol == ListenerProtocol::Udp {
-                return Err(ApplyError::Unsupported {
-                    listener: l.id.clone(),
-                    what: "a UDP listener",
-                });
-            }
-        }
+        // Building validates; an invalid config is reported before an
+        // unsupported one.
         let snapshot = Arc::new(Snapshot::build(config, &mut self.registry)?);
+        if let Some(l) = snapshot
+            .listeners
+            .iter()
+            .find(|l| l.protocol == ListenerProtocol::Udp)
+        {
+            let err = ApplyError::Unsupported {
+                listener: l.id.clone(),
+                what: "a UDP listener",
+            };
+            self.prune_registry();
+            return Err(err);
+        }
 
         let wanted: HashMap<SocketAddr, &str> = snapshot
             .tcp_by_addr
