@@ -196,15 +196,15 @@ fn serve(mut server: Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tunin
 
 /// SIGHUP: re-read the file and apply it; on any error the running config stays.
 fn reload(server: &mut Server, path: &Path) {
+    let rejected = |server: &Server, e: &dyn std::fmt::Display| {
+        tracing::error!(
+            "reload rejected, running generation {} stays: {e}",
+            server.generation()
+        )
+    };
     let config = match Config::load(path) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!(
-                "reload rejected, running generation {} stays: {e}",
-                server.generation()
-            );
-            return;
-        }
+        Err(e) => return rejected(server, &e),
     };
     match server.apply(config) {
         Ok(Applied::Unchanged { generation }) => {
@@ -220,10 +220,7 @@ fn reload(server: &mut Server, path: &Path) {
             listening_removed = ?removed,
             "reload applied"
         ),
-        Err(e) => tracing::error!(
-            "reload rejected, running generation {} stays: {e}",
-            server.generation()
-        ),
+        Err(e) => rejected(server, &e),
     }
 }
 

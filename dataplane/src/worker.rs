@@ -67,7 +67,8 @@ pub enum Command {
 struct ListenSock {
     addr: SocketAddr,
     sock: TcpListener,
-    paused_until: Option<Instant>,
+    /// Accepting paused after running out of descriptors or memory.
+    paused: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +120,12 @@ pub struct Worker {
     opts: WorkerOptions,
     again: Vec<usize>,
     accept_again: Vec<usize>,
+    /// Spare list swapped with `again`/`accept_again` so neither loses its
+    /// capacity each loop iteration.
+    spare: Vec<usize>,
+    /// Listeners with accepting paused, and until when: the rare case is
+    /// kept apart so the loop never scans every listener.
+    paused: Vec<(Instant, usize)>,
     drain: Option<Instant>,
     now: Instant,
 }
@@ -157,6 +164,8 @@ impl Worker {
                 opts,
                 again: Vec::new(),
                 accept_again: Vec::new(),
+                spare: Vec::new(),
+                paused: Vec::new(),
                 drain: None,
                 now,
             },
@@ -200,12 +209,15 @@ impl Worker {
                     self.service(key, t & 1);
                 }
             }
-            for key in std::mem::take(&mut self.again) {
+            let mut batch = std::mem::replace(&mut self.again, std::mem::take(&mut self.spare));
+            for key in batch.drain(..) {
                 self.service(key, CLIENT);
             }
-            for l in std::mem::take(&mut self.accept_again) {
+            let mut lbatch = std::mem::replace(&mut self.accept_again, batch);
+            for l in lbatch.drain(..) {
                 self.accept(l);
             }
+            self.spare = lbatch;
             self.resume_paused_accepts();
             self.timers.expire(self.now, &mut expired);
             for e in expired.drain(..) {
@@ -236,8 +248,9 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         let mut t = self.timers.next_timeout(self.now);
-        if self.listeners.iter().any(|(_, l)| l.paused_until.is_some()) {
-            t = Some(t.map_or(ACCEPT_BACKOFF, |t| t.min(ACCEPT_BACKOFF)));
+        if let Some(until) = self.paused.iter().map(|(t, _)| *t).min() {
+            let wait = until.saturating_duration_since(self.now);
+            t = Some(t.map_or(wait, |t| t.min(wait)));
         }
         if self.drain.is_some() {
             t = Some(t.map_or(Duration::from_millis(50), |t| {
@@ -290,7 +303,7 @@ impl Worker {
                     entry.insert(ListenSock {
                         addr,
                         sock,
-                        paused_until: None,
+                        paused: false,
                     });
                     self.by_addr.insert(addr, key);
                     // Connections may have queued before registration.
@@ -315,18 +328,23 @@ impl Worker {
     }
 
     fn resume_paused_accepts(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
         let now = self.now;
-        let due: Vec<usize> = self
-            .listeners
-            .iter_mut()
-            .filter(|(_, l)| l.paused_until.is_some_and(|t| now >= t))
-            .map(|(k, l)| {
-                l.paused_until = None;
-                k
-            })
-            .collect();
+        let mut due = Vec::new();
+        self.paused.retain(|&(until, k)| {
+            let resume = now >= until;
+            if resume {
+                due.push(k);
+            }
+            !resume
+        });
         for k in due {
-            self.accept(k);
+            if let Some(l) = self.listeners.get_mut(k) {
+                l.paused = false;
+                self.accept(k);
+            }
         }
     }
 
@@ -335,7 +353,7 @@ impl Worker {
             let Some(l) = self.listeners.get_mut(lkey) else {
                 return;
             };
-            if l.paused_until.is_some() {
+            if l.paused {
                 return;
             }
             let addr = l.addr;
@@ -347,7 +365,8 @@ impl Worker {
                     // Spinning on EMFILE would burn the core; the pending
                     // connections wait in the backlog meanwhile.
                     tracing::warn!(worker = self.id, %addr, error = %e, "accept paused");
-                    l.paused_until = Some(self.now + ACCEPT_BACKOFF);
+                    l.paused = true;
+                    self.paused.push((self.now + ACCEPT_BACKOFF, lkey));
                     return;
                 }
                 Err(e) => {
