@@ -4,10 +4,18 @@
 //! per-connection memory), and moves to a kernel pipe with `splice(2)` (zero
 //! copy) once a read shows bulk data.
 //!
-//! Edge-triggered readiness: the caller keeps a "ready" flag per socket
-//! side, set by events and cleared here only on `EAGAIN`. One subtlety: a
-//! socket-to-pipe splice also says `EAGAIN` when the *pipe* is full, so
-//! that `EAGAIN` clears the source flag only when the pipe was empty.
+//! Edge-triggered readiness: the caller keeps a [`Ready`] per socket, set by
+//! events and cleared here when the socket has nothing more to give or take.
+//! Two subtleties:
+//! - A socket-to-pipe splice also says `EAGAIN` when the *pipe* is full, so
+//!   that `EAGAIN` clears the source flag only when the pipe was empty.
+//! - A `recv` that returns less than asked emptied the receive queue (TCP
+//!   copies all it has queued), and bytes arriving later raise a new edge:
+//!   the source is then known drained without the extra `recv` that would
+//!   say `EAGAIN` (one syscall less per message, as nginx and haproxy do).
+//!   The exception is a FIN or error that is already queued: it raises no
+//!   new edge, so once an event reported one ([`Ready::closing`]) reads go
+//!   on until EOF or the error.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -36,6 +44,18 @@ enum Channel {
         start: usize,
     },
     Splice(Pipe),
+}
+
+/// What the worker knows of one socket from edge-triggered events.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ready {
+    /// Reading may give bytes, EOF or an error.
+    pub read: bool,
+    /// Writing may take bytes.
+    pub write: bool,
+    /// An event reported the peer's FIN, a hang-up or an error: read until
+    /// EOF or the error instead of trusting a short read.
+    pub closing: bool,
 }
 
 /// What a worker lends a pump: its scratch buffer and pipe pool.
@@ -124,13 +144,13 @@ impl Half {
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
-        src_ready: &mut bool,
-        dst_ready: &mut bool,
+        src_ready: &mut Ready,
+        dst_ready: &mut Ready,
         other_shut: bool,
         shared: &mut Shared<'_>,
     ) -> io::Result<Moved> {
         let mut moved = Moved::default();
-        if !self.flush_prefix(dst, dst_ready)? {
+        if !self.flush_prefix(dst, &mut dst_ready.write)? {
             return Ok(moved);
         }
         for _ in 0..ROUNDS {
@@ -138,9 +158,13 @@ impl Half {
                 Channel::Copy { .. } => {
                     self.copy_round(src, dst, src_ready, dst_ready, shared, &mut moved)?
                 }
-                Channel::Splice(_) => {
-                    self.splice_round(src, dst, src_ready, dst_ready, &mut moved)?
-                }
+                Channel::Splice(_) => self.splice_round(
+                    src,
+                    dst,
+                    &mut src_ready.read,
+                    &mut dst_ready.write,
+                    &mut moved,
+                )?,
             };
             if self.eof && self.pending == 0 && !self.shut {
                 self.shut = true;
@@ -235,14 +259,20 @@ impl Half {
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
-        src_ready: &mut bool,
-        dst_ready: &mut bool,
+        src_ready: &mut Ready,
+        dst_ready: &mut Ready,
         shared: &mut Shared<'_>,
         moved: &mut Moved,
     ) -> io::Result<bool> {
         let Channel::Copy { spill, start } = &mut self.chan else {
             return Ok(false);
         };
+        let Ready {
+            read: src_ready,
+            closing: src_closing,
+            ..
+        } = src_ready;
+        let dst_ready = &mut dst_ready.write;
         if self.pending > 0 {
             if !*dst_ready {
                 return Ok(false);
@@ -285,6 +315,10 @@ impl Half {
             Err(e) => return Err(e),
         };
         moved.read += n as u64;
+        if n < shared.scratch.len() && !*src_closing {
+            // Drained: see the module comment.
+            *src_ready = false;
+        }
         let mut off = 0;
         while off < n {
             match (&*dst).write(&shared.scratch[off..n]) {

@@ -19,7 +19,7 @@ use crate::balance::{Flow, PickState};
 use crate::config::{LbAlgorithm, PoolProtocol};
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
-use crate::relay::{Half, Shared};
+use crate::relay::{Half, Ready, Shared};
 use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
 use crate::stats::MemberStats;
 use crate::timer::{Expired, TimerWheel};
@@ -94,10 +94,8 @@ struct Conn {
     tried: Vec<u16>,
     c2m: Half,
     m2c: Half,
-    client_r: bool,
-    client_w: bool,
-    member_r: bool,
-    member_w: bool,
+    client_io: Ready,
+    member_io: Ready,
     last_client: Instant,
     last_member: Instant,
     connect_deadline: Option<Instant>,
@@ -198,13 +196,14 @@ impl Worker {
                     let key = t >> 1;
                     let hup = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
                     if let Some(c) = self.conns.get_mut(key) {
-                        let (r, w) = if t & 1 == CLIENT {
-                            (&mut c.client_r, &mut c.client_w)
+                        let io = if t & 1 == CLIENT {
+                            &mut c.client_io
                         } else {
-                            (&mut c.member_r, &mut c.member_w)
+                            &mut c.member_io
                         };
-                        *r |= ev.is_readable() || hup;
-                        *w |= ev.is_writable() || hup;
+                        io.read |= ev.is_readable() || hup;
+                        io.write |= ev.is_writable() || hup;
+                        io.closing |= hup;
                     }
                     self.service(key, t & 1);
                 }
@@ -415,11 +414,13 @@ impl Worker {
             tried: Vec::new(),
             c2m: Half::new(),
             m2c: Half::new(),
-            // Data may already wait; EAGAIN will clear these.
-            client_r: true,
-            client_w: true,
-            member_r: false,
-            member_w: false,
+            // Data may already wait; reading will tell.
+            client_io: Ready {
+                read: true,
+                write: true,
+                closing: false,
+            },
+            member_io: Ready::default(),
             last_client: self.now,
             last_member: self.now,
             connect_deadline: None,
@@ -502,8 +503,7 @@ impl Worker {
                         stats: member.stats.clone(),
                     });
                     c.phase = Phase::Connecting;
-                    c.member_r = false;
-                    c.member_w = false;
+                    c.member_io = Ready::default();
                     c.connect_deadline = c.listener.timeout_member_connect.map(|t| self.now + t);
                     if let Some(d) = c.connect_deadline {
                         c.timer = self.timers.schedule(d, key);
@@ -539,7 +539,7 @@ impl Worker {
         // On Linux a connecting socket turns writable only once the connect
         // finished, so SO_ERROR alone tells success from failure; a
         // readable-only wake-up (no writable yet) waits for the next event.
-        if !c.member_w {
+        if !c.member_io.write {
             return;
         }
         let failed = !matches!(up.stream.take_error(), Ok(None));
@@ -603,8 +603,8 @@ impl Worker {
             .pump(
                 &c.client,
                 &up.stream,
-                &mut c.client_r,
-                &mut c.member_w,
+                &mut c.client_io,
+                &mut c.member_io,
                 m2c_shut,
                 &mut shared,
             )
@@ -614,8 +614,8 @@ impl Worker {
                     .pump(
                         &up.stream,
                         &c.client,
-                        &mut c.member_r,
-                        &mut c.client_w,
+                        &mut c.member_io,
+                        &mut c.client_io,
                         c2m_shut,
                         &mut shared,
                     )

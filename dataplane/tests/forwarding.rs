@@ -171,6 +171,43 @@ fn member_half_close_leaves_the_client_side_open() {
     server.shutdown(Duration::from_secs(1));
 }
 
+/// Request and FIN, then answer and FIN, each in one flight: the proxy's
+/// read sees the bytes and the EOF queued together, the case where trusting
+/// a short read could lose the EOF and leave both ends waiting.
+#[test]
+fn one_shot_exchanges_end_with_eof_both_ways() {
+    const ROUNDS: usize = 300;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let maddr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().take(ROUNDS) {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut req = Vec::new();
+            if s.read_to_end(&mut req).is_err() {
+                return; // the client side sees no answer and fails
+            }
+            let _ = s.write_all(format!("got {} bytes", req.len()).as_bytes());
+            // Dropping the socket sends the FIN right behind the answer.
+        }
+    });
+    let port = free_port();
+    let server = start(one_member_proxy(port, maddr, "TCP", ""), 2);
+    for i in 0..ROUNDS {
+        let mut s = TcpStream::connect(addr(port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let len = 1 + i * 37 % 1000;
+        s.write_all(&vec![b'q'; len]).expect("request");
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let mut got = String::new();
+        s.read_to_string(&mut got)
+            .unwrap_or_else(|e| panic!("exchange {i}: no answer and EOF: {e}"));
+        assert_eq!(got, format!("got {len} bytes"), "exchange {i}");
+    }
+    server.shutdown(Duration::from_secs(1));
+}
+
 #[test]
 fn a_thousand_concurrent_connections() {
     const N: usize = 1000;
