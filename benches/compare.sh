@@ -12,11 +12,18 @@
 #   wrk with "Connection: close": new TCP connection per request (conn/s)
 #   wrk --latency on keep-alive connections: p50 and p99 request latency
 #
-# Prints a Markdown table (ratios to direct) and writes it with a header to
+# Every target is measured ROUNDS times, the order rotating each round, and
+# the table shows the median of its rounds: on a shared 2-core machine one
+# measurement swings by a third, and rotating keeps any one target from
+# always running first, or right after another.
+#
+# Prints a Markdown table (medians, ratios to direct), the figures of every
+# round, and siphon against haproxy, and writes them with a header to
 # benches/results/compare-<timestamp>.md. See benches/README.md.
 #
 # Environment:
 #   DURATION    seconds per measurement (default 5)
+#   ROUNDS      measurements of every workload per target (default 3)
 #   WORKERS     worker threads/processes of every proxy (default: nproc)
 #   SIPHON_BIN  siphon-dataplane binary (default target/release/siphon-dataplane,
 #               relative to the repository root)
@@ -34,6 +41,7 @@ HARNESS=$REPO_ROOT/benches/harness
 RESULTS_DIR=$REPO_ROOT/benches/results
 
 DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
 WORKERS=${WORKERS:-$(nproc)}
 SIPHON_BIN=${SIPHON_BIN:-target/release/siphon-dataplane}
 read -r -a SIPHON_ARGS <<<"${SIPHON_ARGS:-}"
@@ -61,7 +69,9 @@ declare -A HTTP_PORTS=([direct]=18081 [siphon]=28081 [haproxy]=38081 [nginx]=480
 
 # Background processes we started, by name; cleanup stops exactly these.
 declare -A PIDS=()
-MEASURED=()
+# Targets measured in at least one round, and the round being run.
+declare -A MEASURED=()
+ROUND=1
 WORK=
 NOFILE=
 HAVE_IPERF=0
@@ -78,6 +88,8 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 # Notes end up under the table: skipped peers, errors seen by the clients.
 note() {
+    # The same note from every round once is enough.
+    grep -qxF -- "- $*" "$WORK/notes.md" && return 0
     log "note: $*"
     printf -- '- %s\n' "$*" >>"$WORK/notes.md"
 }
@@ -88,7 +100,7 @@ failed() {
     KEEP_TMP=1
 }
 
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$WORK/results.tsv"; }
+record() { printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$2" "$3" >>"$WORK/results.tsv"; }
 
 # ---------------------------------------------------------------- processes
 
@@ -213,6 +225,7 @@ render() {
 check_settings() {
     [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be a positive integer (seconds), got '$DURATION'"
     [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "WORKERS must be a positive integer, got '$WORKERS'"
+    [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
     local target
     local -a proxies=()
     for target in "${TARGETS[@]}"; do
@@ -418,7 +431,7 @@ run_client() {
 # one iperf3 server because every proxy forwards the port to one backend.
 run_iperf() {
     local target=$1 streams=$2 out gbps attempt
-    out=$WORK/iperf-$target-P$streams.json
+    out=$WORK/iperf-$target-P$streams-r$ROUND.json
     for attempt in 1 2; do
         if run_client "$out" "$out.stderr" iperf3 -c 127.0.0.1 -p "${IPERF_PORTS[$target]}" \
             -t "$DURATION" -P "$streams" -J &&
@@ -449,7 +462,7 @@ run_wrk() {
 # teardown cost. The origin answers "Connection: close", so req/s = conn/s.
 run_wrk_close() {
     local target=$1 out rps errors
-    out=$WORK/wrk-close-$target.txt
+    out=$WORK/wrk-close-$target-r$ROUND.txt
     if ! run_wrk "$out" -c "$CLOSE_CONNS" -H 'Connection: close' \
         "http://127.0.0.1:${HTTP_PORTS[$target]}/"; then
         failed "$target: wrk (Connection: close) failed (see $out)"
@@ -465,7 +478,7 @@ run_wrk_close() {
 # request once connections exist.
 run_wrk_latency() {
     local target=$1 out rps p50 p99 errors
-    out=$WORK/wrk-latency-$target.txt
+    out=$WORK/wrk-latency-$target-r$ROUND.txt
     if ! run_wrk "$out" -c "$LATENCY_CONNS" --latency \
         "http://127.0.0.1:${HTTP_PORTS[$target]}/"; then
         failed "$target: wrk --latency failed (see $out)"
@@ -516,7 +529,7 @@ report_header() {
 - date: $(date '+%F %T %Z')
 - kernel: $(uname -r)
 - CPUs (nproc): $(nproc), load average at start: $LOADAVG
-- WORKERS: $WORKERS, DURATION: ${DURATION}s, ORIGIN_WORKERS: $ORIGIN_WORKERS, open files limit: $NOFILE
+- WORKERS: $WORKERS, DURATION: ${DURATION}s, ROUNDS: $ROUNDS, ORIGIN_WORKERS: $ORIGIN_WORKERS, open files limit: $NOFILE
 - commit: $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo none)
 - siphon-dataplane: $siphon_version
 - haproxy: $(have haproxy && first_line haproxy -v || echo absent)
@@ -531,6 +544,8 @@ legend() {
 - TCP 1 stream / 4 streams: \`iperf3 -P 1|4 -t $DURATION\`, receiver-side Gbit/s.
 - close conn/s: \`wrk -t $WRK_THREADS -c $CLOSE_CONNS -H 'Connection: close'\`; one TCP connection per request.
 - keep-alive p50/p99: \`wrk -t $WRK_THREADS -c $LATENCY_CONNS --latency\` over persistent connections, microseconds.
+- Figures are the median of $ROUNDS rounds (every round measures every target, in rotating order);
+  the figures of each round follow the table.
 - ÷direct: the target's figure divided by direct's. Throughput and conn/s: higher is better,
   1.00 = as fast as without a proxy. Latency: lower is better, 1.00 = no added latency.
 - Client, proxy and backends share the same $(nproc) CPUs: figures compare the proxies with each other
@@ -539,8 +554,13 @@ EOF
 }
 
 print_table() {
-    local table stamp result_file
-    table=$(python3 "$HARNESS/results.py" table "$WORK/results.tsv" "${MEASURED[@]}")
+    local table stamp result_file target
+    local -a measured=()
+    # Report in the usual order, not the order of the last round.
+    for target in direct siphon haproxy nginx; do
+        [[ -n ${MEASURED[$target]:-} ]] && measured+=("$target")
+    done
+    table=$(python3 "$HARNESS/results.py" table "$WORK/results.tsv" "${measured[@]}")
     stamp=$(date '+%Y%m%d-%H%M%S')
     mkdir -p "$RESULTS_DIR"
     result_file=$RESULTS_DIR/compare-$stamp.md
@@ -576,14 +596,18 @@ main() {
     LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
     settle_time_wait
     start_backends
-    local target
-    for target in direct "${TARGETS[@]}"; do
-        # One proxy at a time, so proxies never compete with each other for CPU.
-        start_target "$target" || continue
-        log "measuring $target"
-        run_workloads "$target"
-        stop_process "$target"
-        MEASURED+=("$target")
+    local target i
+    local -a order=(direct "${TARGETS[@]}")
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        for ((i = 0; i < ${#order[@]}; i++)); do
+            target=${order[(i + ROUND - 1) % ${#order[@]}]}
+            # One proxy at a time, so proxies never compete with each other for CPU.
+            start_target "$target" || continue
+            log "round $ROUND/$ROUNDS: measuring $target"
+            run_workloads "$target"
+            stop_process "$target"
+            MEASURED[$target]=1
+        done
     done
     print_table
 }

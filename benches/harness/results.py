@@ -7,12 +7,15 @@ and unit conversion, which bash cannot do without awk/jq gymnastics.
 Subcommands:
   iperf FILE            print receiver-side throughput of an `iperf3 -J` run in Gbit/s
   wrk FILE              print "req_per_s p50_us p99_us errors" (tab separated) from wrk output
-  table TSV TARGET...   print the Markdown comparison table; TSV rows are
-                        "target<TAB>metric<TAB>value" with value a number or "n/a"
+  table TSV TARGET...   print the Markdown comparison table of medians, the
+                        figures of every round, and siphon against haproxy;
+                        TSV rows are "round<TAB>target<TAB>metric<TAB>value"
+                        with value a number or "n/a"
 """
 
 import json
 import re
+import statistics
 import sys
 
 # wrk prints durations with these suffixes (see wrk's units.c); convert to µs.
@@ -69,16 +72,31 @@ COLUMNS = [
 ]
 
 
-def table(tsv, targets):
+def load(tsv):
+    """{(target, metric): [value of each round, in round order]}, None for
+    a failed measurement ("n/a")."""
     values = {}
     with open(tsv, encoding="utf-8") as f:
         for line in f:
-            target, metric, value = line.rstrip("\n").split("\t")
+            _, target, metric, value = line.rstrip("\n").split("\t")
             try:
-                values[(target, metric)] = float(value)
+                number = float(value)
             except ValueError:
-                values[(target, metric)] = None
+                number = None
+            values.setdefault((target, metric), []).append(number)
+    return values
 
+
+def median(values, target, metric):
+    rounds = [v for v in values.get((target, metric), []) if v is not None]
+    return statistics.median(rounds) if rounds else None
+
+
+def markdown(rows):
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def medians_table(values, targets):
     header = ["target"]
     for _, title, lower, _ in COLUMNS:
         header += [title, "÷direct (lower is better)" if lower else "÷direct (higher is better)"]
@@ -86,13 +104,53 @@ def table(tsv, targets):
     for target in targets:
         row = [target]
         for key, _, _, fmt in COLUMNS:
-            value = values.get((target, key))
-            base = values.get(("direct", key))
+            value = median(values, target, key)
+            base = median(values, "direct", key)
             row.append("n/a" if value is None else fmt.format(value))
             row.append("n/a" if value is None or not base else f"{value / base:.2f}")
         rows.append(row)
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    return markdown(rows)
+
+
+def rounds_table(values, targets):
+    """Every round's figure: how far apart the rounds were."""
+    rows = [["target"] + [title for _, title, _, _ in COLUMNS], ["---"] + ["---:"] * len(COLUMNS)]
+    for target in targets:
+        row = [target]
+        for key, _, _, fmt in COLUMNS:
+            rounds = values.get((target, key))
+            row.append(" / ".join("n/a" if v is None else fmt.format(v) for v in rounds) if rounds else "n/a")
+        rows.append(row)
+    return markdown(rows)
+
+
+def verdict(values, us="siphon", them="haproxy"):
+    """The project's target: at least the peer's throughput and connection
+    rate, p99 no worse."""
+    lines = []
+    for key, title, lower, _ in COLUMNS:
+        if key == "ka_p50":
+            continue  # the target names p99; p50 is in the table
+        a, b = median(values, us, key), median(values, them, key)
+        if a is None or b is None or not b:
+            lines.append(f"- {title}: n/a")
+            continue
+        ratio = a / b
+        met = ratio <= 1.0 if lower else ratio >= 1.0
+        better = "lower is better" if lower else "higher is better"
+        lines.append(f"- {title}: {us} ÷ {them} = {ratio:.2f} ({better}): {'met' if met else 'NOT met'}")
+    return lines
+
+
+def table(tsv, targets):
+    values = load(tsv)
+    out = medians_table(values, targets)
+    out += ["", "Figures of each round (round 1 / round 2 / …):", ""]
+    out += rounds_table(values, targets)
+    if "siphon" in targets and "haproxy" in targets:
+        out += ["", "siphon against haproxy (medians; target: throughput and conn/s at least equal, p99 no worse):", ""]
+        out += verdict(values)
+    print("\n".join(out))
 
 
 def main(argv):
