@@ -2,7 +2,7 @@
 //!
 //! One worker thread per core, each with its own `mio::Poll` and its own
 //! `SO_REUSEPORT` socket per listener address; TCP forwarded with
-//! `splice(2)`; members chosen by Maglev consistent hashing (identical on
+//! `splice(2)`, UDP by flow with batched `recvmmsg`/`sendmmsg`; members chosen by Maglev consistent hashing (identical on
 //! every node), smooth weighted round robin or weighted least connections;
 //! configs applied live and atomically.
 //!
@@ -11,13 +11,14 @@
 //!
 //! Pure parts (no sockets, no clocks): [`config`], [`maglev`], [`balance`],
 //! [`timer`], [`proxy_protocol`], [`snapshot`]. The I/O shell: [`worker`],
-//! [`relay`], [`pipe`], [`listen`], [`server`].
+//! [`relay`], [`pipe`], [`udp`], [`mmsg`], [`listen`], [`server`].
 
 pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod listen;
 pub mod maglev;
+pub mod mmsg;
 pub mod pipe;
 pub mod proxy_protocol;
 pub mod relay;
@@ -25,6 +26,7 @@ pub mod server;
 pub mod snapshot;
 pub mod stats;
 pub mod timer;
+pub mod udp;
 pub mod worker;
 
 pub use config::Config;

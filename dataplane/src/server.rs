@@ -8,7 +8,6 @@
 //! a connection on them.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,11 +16,11 @@ use crossbeam_channel::{bounded, unbounded, Sender};
 use mio::Waker;
 use thiserror::Error;
 
-use crate::config::{Config, ConfigErrors, ListenerProtocol};
+use crate::config::{Config, ConfigErrors};
 use crate::listen;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Endpoint, Snapshot};
 use crate::stats::{Registry, StatsReport};
-use crate::worker::{Command, Update, Worker, WorkerOptions};
+use crate::worker::{Bound, Command, Update, Worker, WorkerOptions};
 
 /// How long `apply` waits for every worker to take a new generation.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,16 +53,11 @@ pub enum ApplyError {
     Invalid(#[from] ConfigErrors),
     #[error("generation {offered} is not newer than the running generation {running}")]
     Stale { running: u64, offered: u64 },
-    #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
+    #[error("listener {listener:?}: cannot listen on {endpoint}: {source}")]
     Bind {
         listener: String,
-        addr: SocketAddr,
+        endpoint: Endpoint,
         source: std::io::Error,
-    },
-    #[error("listener {listener:?}: {what} is not supported yet")]
-    Unsupported {
-        listener: String,
-        what: &'static str,
     },
     #[error("cannot start worker: {0}")]
     Worker(std::io::Error),
@@ -78,8 +72,8 @@ pub enum Applied {
     Unchanged { generation: u64 },
     Changed {
         generation: u64,
-        added: Vec<SocketAddr>,
-        removed: Vec<SocketAddr>,
+        added: Vec<Endpoint>,
+        removed: Vec<Endpoint>,
     },
 }
 
@@ -95,8 +89,8 @@ struct WorkerHandle {
 pub struct Server {
     workers: Vec<WorkerHandle>,
     current: Arc<Snapshot>,
-    /// Addresses with bound sockets (held by the workers).
-    bound: HashSet<SocketAddr>,
+    /// Endpoints with bound sockets (held by the workers).
+    bound: HashSet<Endpoint>,
     registry: Registry,
     started: bool,
 }
@@ -112,7 +106,8 @@ impl Server {
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = unbounded();
-            let (worker, waker) = Worker::new(id, rx, wopts.clone()).map_err(ApplyError::Worker)?;
+            let (worker, waker) =
+                Worker::new(id, n, rx, wopts.clone()).map_err(ApplyError::Worker)?;
             let thread = std::thread::Builder::new()
                 .name(format!("siphon-worker-{id}"))
                 .spawn(move || worker.run())
@@ -157,57 +152,47 @@ impl Server {
                 offered: config.generation,
             });
         }
-        // Building validates; an invalid config is reported before an
-        // unsupported one.
         let snapshot = Arc::new(Snapshot::build(config, &mut self.registry)?);
-        if let Some(l) = snapshot
-            .listeners
-            .iter()
-            .find(|l| l.protocol == ListenerProtocol::Udp)
-        {
-            let err = ApplyError::Unsupported {
-                listener: l.id.clone(),
-                what: "a UDP listener",
-            };
-            self.prune_registry();
-            return Err(err);
-        }
-
-        let wanted: HashMap<SocketAddr, &str> = snapshot
-            .tcp_by_addr
-            .iter()
-            .map(|(a, l)| (*a, l.id.as_str()))
+        let wanted: HashMap<Endpoint, &str> = snapshot
+            .endpoints()
+            .map(|(e, l)| (e, l.id.as_str()))
             .collect();
         let mut added = Vec::new();
-        let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
+        let mut per_worker: Vec<Vec<(Endpoint, Bound)>> =
             (0..self.workers.len()).map(|_| Vec::new()).collect();
-        let mut fresh: Vec<SocketAddr> = wanted
+        let mut fresh: Vec<Endpoint> = wanted
             .keys()
-            .filter(|a| !self.bound.contains(a))
+            .filter(|e| !self.bound.contains(e))
             .copied()
             .collect();
         fresh.sort();
-        for addr in fresh {
-            match listen::bind_tcp(addr, self.workers.len()) {
+        for endpoint in fresh {
+            let n = self.workers.len();
+            let socks: std::io::Result<Vec<Bound>> = if endpoint.udp {
+                listen::bind_udp(endpoint.addr, n).map(|v| v.into_iter().map(Bound::Udp).collect())
+            } else {
+                listen::bind_tcp(endpoint.addr, n).map(|v| v.into_iter().map(Bound::Tcp).collect())
+            };
+            match socks {
                 Ok(socks) => {
                     for (w, s) in socks.into_iter().enumerate() {
-                        per_worker[w].push((addr, s));
+                        per_worker[w].push((endpoint, s));
                     }
-                    added.push(addr);
+                    added.push(endpoint);
                 }
                 Err(source) => {
                     // Sockets bound so far are dropped (closed) here, and
                     // counters the rejected config created are forgotten.
                     self.prune_registry();
                     return Err(ApplyError::Bind {
-                        listener: wanted.get(&addr).copied().unwrap_or("").to_owned(),
-                        addr,
+                        listener: wanted.get(&endpoint).copied().unwrap_or("").to_owned(),
+                        endpoint,
                         source,
                     });
                 }
             }
         }
-        let mut removed: Vec<SocketAddr> = self
+        let mut removed: Vec<Endpoint> = self
             .bound
             .iter()
             .filter(|a| !wanted.contains_key(a))

@@ -52,6 +52,8 @@ pub struct ListenerRt {
     pub timeout_member_connect: Option<Duration>,
     pub timeout_member_data: Option<Duration>,
     pub connect_retries: u32,
+    /// UDP: flows kept at once across workers.
+    pub max_flows: usize,
     /// Empty = everyone.
     pub allowed: Vec<IpNet>,
     pub pool: Option<Arc<PoolRt>>,
@@ -76,6 +78,30 @@ impl ListenerRt {
     }
 }
 
+/// A socket the dataplane listens on: a TCP and a UDP listener may share
+/// an address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub udp: bool,
+    pub addr: SocketAddr,
+}
+
+impl Endpoint {
+    pub fn tcp(addr: SocketAddr) -> Endpoint {
+        Endpoint { udp: false, addr }
+    }
+    pub fn udp(addr: SocketAddr) -> Endpoint {
+        Endpoint { udp: true, addr }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = if self.udp { "udp" } else { "tcp" };
+        write!(f, "{proto}/{}", self.addr)
+    }
+}
+
 /// One generation of the running configuration.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -85,6 +111,8 @@ pub struct Snapshot {
     pub pools: Vec<Arc<PoolRt>>,
     /// Which listener owns each bound TCP socket address.
     pub tcp_by_addr: HashMap<SocketAddr, Arc<ListenerRt>>,
+    /// Which listener owns each bound UDP socket address.
+    pub udp_by_addr: HashMap<SocketAddr, Arc<ListenerRt>>,
 }
 
 fn ms(v: u64) -> Option<Duration> {
@@ -107,11 +135,19 @@ impl Snapshot {
             listeners: Vec::new(),
             pools: Vec::new(),
             tcp_by_addr: HashMap::new(),
+            udp_by_addr: HashMap::new(),
         }
     }
 
     pub fn generation(&self) -> u64 {
         self.config.generation
+    }
+
+    /// The socket addresses this generation listens on.
+    pub fn endpoints(&self) -> impl Iterator<Item = (Endpoint, &Arc<ListenerRt>)> {
+        let tcp = self.tcp_by_addr.iter().map(|(a, l)| (Endpoint::tcp(*a), l));
+        let udp = self.udp_by_addr.iter().map(|(a, l)| (Endpoint::udp(*a), l));
+        tcp.chain(udp)
     }
 
     /// Validates `config` and builds its runtime form, taking counters
@@ -156,6 +192,7 @@ impl Snapshot {
 
         let mut listeners = Vec::new();
         let mut tcp_by_addr = HashMap::new();
+        let mut udp_by_addr = HashMap::new();
         for l in config.listeners.iter().filter(|l| l.admin_state_up) {
             let o = Object::Listener(l.id.clone());
             let port = u16::try_from(l.protocol_port).unwrap_or(0);
@@ -179,6 +216,7 @@ impl Snapshot {
                 timeout_member_connect: ms(l.timeout_member_connect),
                 timeout_member_data: ms(l.timeout_member_data),
                 connect_retries: l.connect_retries,
+                max_flows: usize::try_from(l.max_flows).unwrap_or(usize::MAX),
                 allowed,
                 pool: l
                     .default_pool_id
@@ -186,10 +224,12 @@ impl Snapshot {
                     .and_then(|p| pool_by_id.get(p).cloned()),
                 stats: registry.listener(&l.id),
             });
-            if l.protocol == ListenerProtocol::Tcp {
-                for a in addrs {
-                    tcp_by_addr.insert(a, rt.clone());
-                }
+            let by_addr = match l.protocol {
+                ListenerProtocol::Tcp => &mut tcp_by_addr,
+                ListenerProtocol::Udp => &mut udp_by_addr,
+            };
+            for a in addrs {
+                by_addr.insert(a, rt.clone());
             }
             listeners.push(rt);
         }
@@ -198,6 +238,7 @@ impl Snapshot {
             listeners,
             pools,
             tcp_by_addr,
+            udp_by_addr,
         })
     }
 }

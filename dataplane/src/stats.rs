@@ -1,8 +1,8 @@
 //! Counters, kept per worker so the forwarding path never contends: each
 //! worker writes only its own cache-padded slot (a plain load + store, no
 //! locked instruction), and readers sum the slots. The one shared counter
-//! is a listener's active-connection count, which `connection_limit` must
-//! see across all workers.
+//! is a listener's active-connection (for UDP: active-flow) count, which
+//! `connection_limit` must see across all workers.
 //!
 //! Counter objects live in a [`Registry`] keyed by listener id and by
 //! (pool id, member id), so they survive reloads for objects that stay.
@@ -47,7 +47,22 @@ pub struct ListenerCounters {
     pub refused_limit: Counter,
     /// Connections closed because no member could take them.
     pub no_member: Counter,
+    /// Connections or UDP flows ended by an idle timeout.
     pub timeouts: Counter,
+    /// UDP: datagrams from clients, and replies sent to them.
+    pub packets_in: Counter,
+    pub packets_out: Counter,
+    /// UDP datagrams dropped, by reason: client not in `allowed_cidrs`;
+    /// `connection_limit` flows reached; no usable member; the member
+    /// socket would not take it (buffer full or error); the reply could
+    /// not be sent to the client.
+    pub dropped_acl: Counter,
+    pub dropped_limit: Counter,
+    pub dropped_no_member: Counter,
+    pub dropped_to_member: Counter,
+    pub dropped_to_client: Counter,
+    /// UDP flows ended to make room under `max_flows`.
+    pub flows_evicted: Counter,
 }
 
 #[derive(Debug)]
@@ -85,6 +100,11 @@ pub struct MemberCounters {
     pub active_connections: Counter,
     pub total_connections: Counter,
     pub connect_errors: Counter,
+    /// UDP: datagrams received from and sent to the member.
+    pub packets_in: Counter,
+    pub packets_out: Counter,
+    /// UDP: ICMP errors the member's flows got (port unreachable and such).
+    pub unreachable: Counter,
 }
 
 #[derive(Debug)]
@@ -169,6 +189,14 @@ impl Registry {
                 refused_limit: l.sum(|c| &c.refused_limit),
                 no_member: l.sum(|c| &c.no_member),
                 timeouts: l.sum(|c| &c.timeouts),
+                packets_in: l.sum(|c| &c.packets_in),
+                packets_out: l.sum(|c| &c.packets_out),
+                dropped_acl: l.sum(|c| &c.dropped_acl),
+                dropped_limit: l.sum(|c| &c.dropped_limit),
+                dropped_no_member: l.sum(|c| &c.dropped_no_member),
+                dropped_to_member: l.sum(|c| &c.dropped_to_member),
+                dropped_to_client: l.sum(|c| &c.dropped_to_client),
+                flows_evicted: l.sum(|c| &c.flows_evicted),
             })
             .collect();
         listeners.sort_by(|a, b| a.id.cmp(&b.id));
@@ -183,6 +211,9 @@ impl Registry {
                 bytes_in: m.sum(|c| &c.bytes_in),
                 bytes_out: m.sum(|c| &c.bytes_out),
                 connect_errors: m.sum(|c| &c.connect_errors),
+                packets_in: m.sum(|c| &c.packets_in),
+                packets_out: m.sum(|c| &c.packets_out),
+                unreachable: m.sum(|c| &c.unreachable),
             })
             .collect();
         members.sort_by(|a, b| (&a.pool_id, &a.id).cmp(&(&b.pool_id, &b.id)));
@@ -213,6 +244,14 @@ pub struct ListenerReport {
     pub refused_limit: u64,
     pub no_member: u64,
     pub timeouts: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub dropped_acl: u64,
+    pub dropped_limit: u64,
+    pub dropped_no_member: u64,
+    pub dropped_to_member: u64,
+    pub dropped_to_client: u64,
+    pub flows_evicted: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -224,6 +263,9 @@ pub struct MemberReport {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connect_errors: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub unreachable: u64,
 }
 
 impl StatsReport {

@@ -20,13 +20,17 @@ use crate::config::{LbAlgorithm, PoolProtocol};
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
 use crate::relay::{Half, Ready, Shared};
-use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
+use crate::snapshot::{Endpoint, ListenerRt, PoolRt, Snapshot};
 use crate::stats::MemberStats;
 use crate::timer::{Expired, TimerWheel};
+use crate::udp::{self, UdpPlane};
 
 pub const WAKER: Token = Token(usize::MAX);
 /// Listener tokens have this bit set; connection tokens are `key * 2 + side`.
 const LISTENER_BIT: usize = 1 << (usize::BITS - 2);
+/// UDP tokens (listener sockets also carry `LISTENER_BIT`) and UDP timer
+/// keys have this bit set; the UDP side owns them.
+const UDP_BIT: usize = 1 << (usize::BITS - 3);
 const CLIENT: usize = 0;
 const MEMBER: usize = 1;
 /// Connections accepted per listener wake-up before serving others.
@@ -43,14 +47,21 @@ pub struct WorkerOptions {
     pub pipe_size: usize,
 }
 
+/// A newly bound socket for a worker.
+#[derive(Debug)]
+pub enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
 /// A new generation for a worker.
 #[derive(Debug)]
 pub struct Update {
     pub snapshot: Arc<Snapshot>,
     /// This worker's new listening sockets.
-    pub add: Vec<(SocketAddr, std::net::TcpListener)>,
-    /// Addresses to stop listening on.
-    pub remove: Vec<SocketAddr>,
+    pub add: Vec<(Endpoint, Bound)>,
+    /// Sockets to stop listening on.
+    pub remove: Vec<Endpoint>,
     pub ack: Sender<usize>,
 }
 
@@ -124,8 +135,22 @@ pub struct Worker {
     /// Listeners with accepting paused, and until when: the rare case is
     /// kept apart so the loop never scans every listener.
     paused: Vec<(Instant, usize)>,
+    udp: UdpPlane,
     drain: Option<Instant>,
     now: Instant,
+}
+
+/// The worker's parts the UDP side borrows for one call.
+macro_rules! udp_ctx {
+    ($w:expr) => {
+        udp::Ctx {
+            registry: $w.poll.registry(),
+            timers: &mut $w.timers,
+            snapshot: &$w.snapshot,
+            picks: &mut $w.picks,
+            now: $w.now,
+        }
+    };
 }
 
 impl std::fmt::Debug for Worker {
@@ -140,6 +165,7 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     pub fn new(
         id: usize,
+        workers: usize,
         rx: Receiver<Command>,
         opts: WorkerOptions,
     ) -> io::Result<(Worker, Arc<Waker>)> {
@@ -164,6 +190,14 @@ impl Worker {
                 accept_again: Vec::new(),
                 spare: Vec::new(),
                 paused: Vec::new(),
+                udp: UdpPlane::new(
+                    id,
+                    workers,
+                    udp::Tokens {
+                        udp: UDP_BIT,
+                        listener: LISTENER_BIT,
+                    },
+                ),
                 drain: None,
                 now,
             },
@@ -190,6 +224,8 @@ impl Worker {
                     if !self.commands() {
                         return;
                     }
+                } else if t & UDP_BIT != 0 {
+                    self.udp.event(t, &mut udp_ctx!(self));
                 } else if t & LISTENER_BIT != 0 {
                     self.accept(t & !LISTENER_BIT);
                 } else {
@@ -217,6 +253,9 @@ impl Worker {
                 self.accept(l);
             }
             self.spare = lbatch;
+            if self.udp.has_work() {
+                self.udp.run_again(&mut udp_ctx!(self));
+            }
             self.resume_paused_accepts();
             self.timers.expire(self.now, &mut expired);
             for e in expired.drain(..) {
@@ -243,7 +282,7 @@ impl Worker {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() || !self.accept_again.is_empty() {
+        if !self.again.is_empty() || !self.accept_again.is_empty() || self.udp.has_work() {
             return Some(Duration::ZERO);
         }
         let mut t = self.timers.next_timeout(self.now);
@@ -269,6 +308,7 @@ impl Worker {
                     for k in keys {
                         self.unlisten(k);
                     }
+                    self.udp.close_all(self.poll.registry());
                     self.drain = Some(deadline);
                 }
                 Err(crossbeam_channel::TryRecvError::Empty) => return true,
@@ -284,12 +324,23 @@ impl Worker {
     }
 
     fn apply(&mut self, u: Update) {
-        for addr in &u.remove {
-            if let Some(k) = self.by_addr.get(addr).copied() {
+        let mut udp_remove = Vec::new();
+        for e in &u.remove {
+            if e.udp {
+                udp_remove.push(e.addr);
+            } else if let Some(k) = self.by_addr.get(&e.addr).copied() {
                 self.unlisten(k);
             }
         }
-        for (addr, std_sock) in u.add {
+        let mut udp_add = Vec::new();
+        let mut tcp_add = Vec::new();
+        for (e, b) in u.add {
+            match b {
+                Bound::Tcp(s) => tcp_add.push((e.addr, s)),
+                Bound::Udp(s) => udp_add.push((e.addr, s)),
+            }
+        }
+        for (addr, std_sock) in tcp_add {
             let mut sock = TcpListener::from_std(std_sock);
             let entry = self.listeners.vacant_entry();
             let key = entry.key();
@@ -315,6 +366,7 @@ impl Worker {
         }
         self.picks = vec![PickState::default(); u.snapshot.pools.len()];
         self.snapshot = u.snapshot;
+        self.udp.apply(udp_add, &udp_remove, &mut udp_ctx!(self));
         let _ = u.ack.send(self.id);
     }
 
@@ -657,6 +709,10 @@ impl Worker {
     }
 
     fn on_timer(&mut self, e: Expired) {
+        if e.key & UDP_BIT != 0 {
+            self.udp.on_timer(e.key, e.tick, &mut udp_ctx!(self));
+            return;
+        }
         let Some(c) = self.conns.get_mut(e.key) else {
             return;
         };

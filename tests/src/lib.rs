@@ -228,3 +228,103 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// A UDP backend: answers a datagram `who` with its name and echoes every
+/// other datagram unchanged; counts datagrams and the distinct peers
+/// (flows, as the proxy opens one socket per flow) it heard from.
+#[derive(Debug)]
+pub struct UdpBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    datagrams: Arc<AtomicUsize>,
+    peers: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>,
+    _rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl UdpBackend {
+    pub fn start(rt: &Arc<tokio::runtime::Runtime>, name: &str, ip: &str) -> UdpBackend {
+        let std_s = std::net::UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        // Bursts of a thousand datagrams must queue, not drop, as on a
+        // tuned UDP server; the default buffer holds a few hundred.
+        let _ = socket2::SockRef::from(&std_s).set_recv_buffer_size(4 << 20);
+        let addr = std_s.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        std_s
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let datagrams = Arc::new(AtomicUsize::new(0));
+        let peers = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (count, seen, me) = (datagrams.clone(), peers.clone(), name.as_bytes().to_vec());
+        rt.spawn(async move {
+            let s = match tokio::net::UdpSocket::from_std(std_s) {
+                Ok(s) => s,
+                Err(e) => panic!("udp socket: {e}"),
+            };
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, peer)) = s.recv_from(&mut buf).await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut p) = seen.lock() {
+                    p.insert(peer);
+                }
+                let reply = if &buf[..n] == b"who" {
+                    &me[..]
+                } else {
+                    &buf[..n]
+                };
+                let _ = s.send_to(reply, peer).await;
+            }
+        });
+        UdpBackend {
+            name: name.to_owned(),
+            addr,
+            datagrams,
+            peers,
+            _rt: rt.clone(),
+        }
+    }
+
+    /// Datagrams received so far.
+    pub fn datagrams(&self) -> usize {
+        self.datagrams.load(Ordering::SeqCst)
+    }
+
+    /// Distinct source addresses heard from so far.
+    pub fn peers(&self) -> usize {
+        self.peers.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+/// A UDP client socket on `local` (e.g. `127.0.0.1:0`), with a read timeout.
+pub fn udp_client(local: &str) -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind(local).unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+/// Sends `msg` to `to` and waits for one datagram back.
+pub fn udp_ask(s: &std::net::UdpSocket, to: SocketAddr, msg: &[u8]) -> io::Result<Vec<u8>> {
+    s.send_to(msg, to)?;
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = s.recv_from(&mut buf)?;
+    if from != to {
+        return Err(io::Error::other(format!("answer from {from}, not {to}")));
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Asks `who` and returns the answering backend's name.
+pub fn udp_who(s: &std::net::UdpSocket, to: SocketAddr) -> io::Result<String> {
+    udp_ask(s, to, b"who").map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A UDP port free on loopback right now.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    s.local_addr()
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}

@@ -14,6 +14,8 @@ pub const DEFAULT_DATA_TIMEOUT_MS: u64 = 50_000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// How many other members a connection tries after its first one fails.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 3;
+/// UDP flows a listener keeps before evicting the least recently used one.
+pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 /// The Maglev lookup table size (a prime; Maglev's and Katran's default).
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
 
@@ -59,6 +61,10 @@ pub struct Listener {
     /// Siphon extension: other members tried after a failed connect.
     #[serde(default = "default_connect_retries")]
     pub connect_retries: u32,
+    /// Siphon extension, UDP listeners: flows kept at once (each holds one
+    /// socket); a new flow beyond it evicts the least recently used one.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
     /// Client networks allowed in; empty = everyone (Octavia's semantics).
     #[serde(default)]
     pub allowed_cidrs: Vec<String>,
@@ -200,6 +206,9 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_connect_retries() -> u32 {
     DEFAULT_CONNECT_RETRIES
+}
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
 }
 fn default_maglev_table_size() -> u32 {
     DEFAULT_MAGLEV_TABLE_SIZE

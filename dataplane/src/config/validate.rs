@@ -22,6 +22,9 @@ pub const MAX_MEMBERS_PER_POOL: usize = u16::MAX as usize;
 /// Largest accepted Maglev table (Envoy's limit; 20 MB of `u32`s is plenty).
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 5_000_011;
 pub const MAX_CONNECT_RETRIES: u32 = 100;
+/// Upper bound of `max_flows`: each flow holds a socket, and no process has
+/// more descriptors than this.
+pub const MAX_FLOWS: u32 = 1 << 24;
 
 /// The object a problem was found in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +273,13 @@ fn check_listener<'a>(
             },
         );
     }
+    c.range(
+        &o,
+        "max_flows",
+        i64::from(l.max_flows),
+        1,
+        i64::from(MAX_FLOWS),
+    );
     if l.bind_addresses.is_empty() {
         c.push(&o, "bind_addresses", Problem::Empty);
     }

@@ -17,6 +17,11 @@ pub fn listener(id: &str, bind: &str, port: u16, pool: &str, extra: &str) -> Str
     )
 }
 
+/// A UDP `[[listeners]]` table.
+pub fn udp_listener(id: &str, bind: &str, port: u16, pool: &str, extra: &str) -> String {
+    listener(id, bind, port, pool, extra).replace("protocol = \"TCP\"", "protocol = \"UDP\"")
+}
+
 /// A member line for [`pool`]: `(id, addr, weight, extra fields)`.
 pub fn member(id: &str, addr: SocketAddr, weight: u32, extra: &str) -> String {
     let ip = addr.ip();
