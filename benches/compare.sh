@@ -11,6 +11,9 @@
 #   iperf3 TCP throughput with 1 and 4 streams (receiver side, Gbit/s)
 #   wrk with "Connection: close": new TCP connection per request (conn/s)
 #   wrk --latency on keep-alive connections: p50 and p99 request latency
+#   iperf3 UDP (-u -b 0) with 64-byte and 1,200-byte datagrams: packets/s
+#   and Gbit/s the receiver got, and the share lost on the way (haproxy has
+#   no UDP proxying, so its UDP rows are n/a)
 #
 # Every target is measured ROUNDS times, the order rotating each round, and
 # the table shows the median of its rounds: on a shared 2-core machine one
@@ -30,6 +33,8 @@
 #   SIPHON_ARGS extra arguments for `siphon-dataplane run`, e.g. "--no-splice"
 #   TARGETS     proxies to compare, default "siphon haproxy nginx"; direct
 #               (the baseline) is always measured, TARGETS=direct only that
+#   WORKLOADS   which workloads, default "tcp http udp" (iperf3 TCP, wrk,
+#               iperf3 UDP)
 #   ORIGIN_WORKERS  nginx worker processes of the HTTP origin (default 1)
 #   KEEP_TMP=1  keep the temp dir with configs and logs (always kept when
 #               something failed)
@@ -56,14 +61,18 @@ ORIGIN_WORKERS=${ORIGIN_WORKERS:-1}
 WRK_THREADS=1
 CLOSE_CONNS=50
 LATENCY_CONNS=10
+# UDP datagram payload sizes: a small one that measures packets/s, and one
+# that fits a 1,280-byte IPv6 minimum MTU with room for tunnel headers.
+UDP_SIZES=(64 1200)
 
-# Backends, then one port pair per target: <x>5201 forwards to iperf3,
-# <x>8081 to the HTTP origin.
+# Backends, then one port pair per target: <x>5201 forwards to iperf3 (TCP,
+# and UDP on the same port number), <x>8081 to the HTTP origin.
 IPERF_PORT=15201
 HTTP_PORT=18081
 # TARGETS="siphon haproxy" runs a subset; direct is always measured first as
 # the baseline of every ratio (TARGETS=direct measures only the baseline).
 read -r -a TARGETS <<<"${TARGETS:-siphon haproxy nginx}"
+read -r -a WORKLOADS <<<"${WORKLOADS:-tcp http udp}"
 declare -A IPERF_PORTS=([direct]=15201 [siphon]=25201 [haproxy]=35201 [nginx]=45201)
 declare -A HTTP_PORTS=([direct]=18081 [siphon]=28081 [haproxy]=38081 [nginx]=48081)
 
@@ -85,6 +94,7 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+wanted() { [[ " ${WORKLOADS[*]} " == *" $1 "* ]]; }
 
 # Notes end up under the table: skipped peers, errors seen by the clients.
 note() {
@@ -236,6 +246,10 @@ check_settings() {
         esac
     done
     TARGETS=("${proxies[@]}")
+    local w
+    for w in "${WORKLOADS[@]}"; do
+        [[ $w == tcp || $w == http || $w == udp ]] || die "unknown workload '$w' in WORKLOADS (tcp, http, udp)"
+    done
     [[ $ORIGIN_WORKERS =~ ^[1-9][0-9]*$ ]] || die "ORIGIN_WORKERS must be a positive integer, got '$ORIGIN_WORKERS'"
     have python3 || die "python3 is required (it parses iperf3/wrk output and renders the table)"
     if have iperf3; then HAVE_IPERF=1; else log "iperf3 not installed: throughput rows will be n/a"; fi
@@ -448,6 +462,30 @@ run_iperf() {
     failed "$target: iperf3 -P $streams failed (see $out)"
 }
 
+# iperf3 UDP at full offered load (-b 0) with DATAGRAM-byte payloads. The
+# control connection goes through the proxy's TCP listener and the datagrams
+# through its UDP listener on the same port. Records what the server got:
+# packets/s, Gbit/s and the share lost.
+run_iperf_udp() {
+    local target=$1 size=$2 out fields pps gbps loss attempt
+    out=$WORK/iperf-udp-$target-$size-r$ROUND.json
+    for attempt in 1 2; do
+        if run_client "$out" "$out.stderr" iperf3 -c 127.0.0.1 -p "${IPERF_PORTS[$target]}" \
+            -u -b 0 -l "$size" -t "$DURATION" -J &&
+            fields=$(python3 "$HARNESS/results.py" iperf-udp "$out" 2>>"$out.stderr"); then
+            IFS=$'\t' read -r pps gbps loss <<<"$fields"
+            record "$target" "udp${size}_pps" "$pps"
+            record "$target" "udp${size}_gbps" "$gbps"
+            record "$target" "udp${size}_loss" "$loss"
+            log "$target: iperf3 -u -l $size: $pps packets/s, $gbps Gbit/s, $loss % lost"
+            return 0
+        fi
+        log "$target: iperf3 -u -l $size attempt $attempt failed: $(tail -n 1 "$out.stderr")"
+        sleep 1
+    done
+    failed "$target: iperf3 -u -l $size failed (see $out)"
+}
+
 # Runs wrk with the options all wrk workloads share and leaves its parsed
 # figures in WRK_FIELDS: "req/s p50_us p99_us errors", tab separated.
 # (Not a $(...) capture: the client must run in the main shell, see run_client.)
@@ -493,11 +531,21 @@ run_wrk_latency() {
 
 run_workloads() {
     local target=$1
-    if ((HAVE_IPERF)); then
+    if ((HAVE_IPERF)) && wanted tcp; then
         run_iperf "$target" 1
         run_iperf "$target" 4
     fi
-    if ((HAVE_HTTP)); then
+    if ((HAVE_IPERF)) && wanted udp; then
+        if [[ $target == haproxy ]]; then
+            note "haproxy: UDP rows n/a, haproxy does not proxy UDP"
+        else
+            local size
+            for size in "${UDP_SIZES[@]}"; do
+                run_iperf_udp "$target" "$size"
+            done
+        fi
+    fi
+    if ((HAVE_HTTP)) && wanted http; then
         run_wrk_close "$target"
         run_wrk_latency "$target"
     fi
@@ -544,6 +592,8 @@ legend() {
 - TCP 1 stream / 4 streams: \`iperf3 -P 1|4 -t $DURATION\`, receiver-side Gbit/s.
 - close conn/s: \`wrk -t $WRK_THREADS -c $CLOSE_CONNS -H 'Connection: close'\`; one TCP connection per request.
 - keep-alive p50/p99: \`wrk -t $WRK_THREADS -c $LATENCY_CONNS --latency\` over persistent connections, microseconds.
+- UDP 64 B / 1200 B: \`iperf3 -u -b 0 -l 64|1200 -t $DURATION\` (one flow, unlimited offered load); packets/s and
+  Gbit/s received by the server, and the share of sent datagrams that never arrived.
 - Figures are the median of $ROUNDS rounds (every round measures every target, in rotating order);
   the figures of each round follow the table.
 - ÷direct: the target's figure divided by direct's. Throughput and conn/s: higher is better,

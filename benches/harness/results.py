@@ -6,6 +6,8 @@ and unit conversion, which bash cannot do without awk/jq gymnastics.
 
 Subcommands:
   iperf FILE            print receiver-side throughput of an `iperf3 -J` run in Gbit/s
+  iperf-udp FILE        print "packets_per_s gbit_per_s loss_percent" (tab separated),
+                        receiver side, from an `iperf3 -u -J` run
   wrk FILE              print "req_per_s p50_us p99_us errors" (tab separated) from wrk output
   table TSV TARGET...   print the Markdown comparison table of medians, the
                         figures of every round, and siphon against haproxy;
@@ -32,6 +34,19 @@ def iperf(path):
     # includes the proxy, unlike sum_sent which only counts the client socket.
     bps = data["end"]["sum_received"]["bits_per_second"]
     print(f"{bps / 1e9:.2f}")
+
+
+def iperf_udp(path):
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("error"):
+        sys.exit(f"iperf3 error: {data['error']}")
+    # The server's view: `packets` is the highest sequence number it saw and
+    # `lost_packets` the gaps, so what arrived is their difference.
+    rx = data["end"]["sum_received"]
+    seconds = rx["seconds"] or 1.0
+    pps = (rx["packets"] - rx["lost_packets"]) / seconds
+    print(f"{pps:.0f}\t{rx['bits_per_second'] / 1e9:.3f}\t{rx['lost_percent']:.2f}")
 
 
 def wrk(path):
@@ -62,13 +77,21 @@ def wrk(path):
     print("\t".join(fields))
 
 
-# (metric key, column title, lower_is_better, number format)
-COLUMNS = [
-    ("tcp1", "TCP 1 stream Gbit/s", False, "{:.2f}"),
-    ("tcp4", "TCP 4 streams Gbit/s", False, "{:.2f}"),
-    ("close_rps", "close conn/s", False, "{:.0f}"),
-    ("ka_p50", "keep-alive p50 µs", True, "{:.0f}"),
-    ("ka_p99", "keep-alive p99 µs", True, "{:.0f}"),
+# (metric key, column title, lower_is_better, number format, ratio to direct)
+TCP_COLUMNS = [
+    ("tcp1", "TCP 1 stream Gbit/s", False, "{:.2f}", True),
+    ("tcp4", "TCP 4 streams Gbit/s", False, "{:.2f}", True),
+    ("close_rps", "close conn/s", False, "{:.0f}", True),
+    ("ka_p50", "keep-alive p50 µs", True, "{:.0f}", True),
+    ("ka_p99", "keep-alive p99 µs", True, "{:.0f}", True),
+]
+# A loss share has no meaningful ratio to direct's (often 0).
+UDP_COLUMNS = [
+    ("udp64_pps", "UDP 64 B packets/s", False, "{:.0f}", True),
+    ("udp64_loss", "UDP 64 B loss %", True, "{:.2f}", False),
+    ("udp1200_pps", "UDP 1200 B packets/s", False, "{:.0f}", True),
+    ("udp1200_gbps", "UDP 1200 B Gbit/s", False, "{:.2f}", True),
+    ("udp1200_loss", "UDP 1200 B loss %", True, "{:.2f}", False),
 ]
 
 
@@ -96,66 +119,99 @@ def markdown(rows):
     return ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def medians_table(values, targets):
+def medians_table(values, targets, columns):
     header = ["target"]
-    for _, title, lower, _ in COLUMNS:
-        header += [title, "÷direct (lower is better)" if lower else "÷direct (higher is better)"]
+    for _, title, lower, _, ratio in columns:
+        header.append(title)
+        if ratio:
+            header.append("÷direct (lower is better)" if lower else "÷direct (higher is better)")
     rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
     for target in targets:
         row = [target]
-        for key, _, _, fmt in COLUMNS:
+        for key, _, _, fmt, ratio in columns:
             value = median(values, target, key)
             base = median(values, "direct", key)
             row.append("n/a" if value is None else fmt.format(value))
-            row.append("n/a" if value is None or not base else f"{value / base:.2f}")
+            if ratio:
+                row.append("n/a" if value is None or not base else f"{value / base:.2f}")
         rows.append(row)
     return markdown(rows)
 
 
-def rounds_table(values, targets):
+def rounds_table(values, targets, columns):
     """Every round's figure: how far apart the rounds were."""
-    rows = [["target"] + [title for _, title, _, _ in COLUMNS], ["---"] + ["---:"] * len(COLUMNS)]
+    rows = [["target"] + [c[1] for c in columns], ["---"] + ["---:"] * len(columns)]
     for target in targets:
         row = [target]
-        for key, _, _, fmt in COLUMNS:
+        for key, _, _, fmt, _ in columns:
             rounds = values.get((target, key))
             row.append(" / ".join("n/a" if v is None else fmt.format(v) for v in rounds) if rounds else "n/a")
         rows.append(row)
     return markdown(rows)
 
 
-def verdict(values, us="siphon", them="haproxy"):
-    """The project's target: at least the peer's throughput and connection
-    rate, p99 no worse."""
+def verdict(values, checks, us="siphon"):
+    """The project's targets, as (metric, title, peer, factor, lower_is_better):
+    `us` must reach factor × the peer's figure (or, lower being better, stay
+    at or under the peer's)."""
     lines = []
-    for key, title, lower, _ in COLUMNS:
-        if key == "ka_p50":
-            continue  # the target names p99; p50 is in the table
+    for key, title, them, factor, lower in checks:
         a, b = median(values, us, key), median(values, them, key)
-        if a is None or b is None or not b:
+        if a is None or b is None:
             lines.append(f"- {title}: n/a")
             continue
-        ratio = a / b
-        met = ratio <= 1.0 if lower else ratio >= 1.0
-        better = "lower is better" if lower else "higher is better"
-        lines.append(f"- {title}: {us} ÷ {them} = {ratio:.2f} ({better}): {'met' if met else 'NOT met'}")
+        if lower:
+            met = a <= b
+            lines.append(f"- {title}: {us} {a:g} vs {them} {b:g} (lower is better): {'met' if met else 'NOT met'}")
+            continue
+        ratio = a / b if b else float("inf")
+        met = ratio >= factor
+        want = "at least equal" if factor == 1 else f"target ≥ {factor:g}"
+        lines.append(f"- {title}: {us} ÷ {them} = {ratio:.2f} ({want}): {'met' if met else 'NOT met'}")
     return lines
+
+
+# siphon against haproxy on TCP: throughput and connection rate at least
+# equal, p99 no worse. Against nginx on UDP (haproxy has none): 1.5× the
+# packets/s at no higher loss.
+TCP_TARGETS = [
+    ("tcp1", "TCP 1 stream Gbit/s", "haproxy", 1.0, False),
+    ("tcp4", "TCP 4 streams Gbit/s", "haproxy", 1.0, False),
+    ("close_rps", "close conn/s", "haproxy", 1.0, False),
+    ("ka_p99", "keep-alive p99 µs", "haproxy", 1.0, True),
+]
+UDP_TARGETS = [
+    ("udp64_pps", "UDP 64 B packets/s", "nginx", 1.5, False),
+    ("udp64_loss", "UDP 64 B loss %", "nginx", 1.0, True),
+    ("udp1200_pps", "UDP 1200 B packets/s", "nginx", 1.5, False),
+    ("udp1200_loss", "UDP 1200 B loss %", "nginx", 1.0, True),
+]
 
 
 def table(tsv, targets):
     values = load(tsv)
-    out = medians_table(values, targets)
+    have_udp = any(metric.startswith("udp") for _, metric in values)
+    out = ["TCP:", ""] + medians_table(values, targets, TCP_COLUMNS)
+    if have_udp:
+        out += ["", "UDP:", ""] + medians_table(values, targets, UDP_COLUMNS)
     out += ["", "Figures of each round (round 1 / round 2 / …):", ""]
-    out += rounds_table(values, targets)
+    out += rounds_table(values, targets, TCP_COLUMNS)
+    if have_udp:
+        out += [""] + rounds_table(values, targets, UDP_COLUMNS)
     if "siphon" in targets and "haproxy" in targets:
-        out += ["", "siphon against haproxy (medians; target: throughput and conn/s at least equal, p99 no worse):", ""]
-        out += verdict(values)
+        out += ["", "siphon against haproxy, TCP (medians; target: throughput and conn/s at least equal, p99 no worse):", ""]
+        out += verdict(values, TCP_TARGETS)
+    if have_udp and "siphon" in targets and "nginx" in targets:
+        out += ["", "siphon against nginx, UDP (medians; target: 1.5× the packets/s at no higher loss):", ""]
+        out += verdict(values, UDP_TARGETS)
     print("\n".join(out))
 
 
 def main(argv):
     if len(argv) >= 2 and argv[0] == "iperf":
         iperf(argv[1])
+    elif len(argv) >= 2 and argv[0] == "iperf-udp":
+        iperf_udp(argv[1])
     elif len(argv) >= 2 and argv[0] == "wrk":
         wrk(argv[1])
     elif len(argv) >= 3 and argv[0] == "table":

@@ -50,7 +50,8 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
 /// Binds `count` UDP sockets on `addr`, all in one reuseport group. On a
 /// wildcard address each datagram carries the local address it was sent
 /// to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`), so the reply can leave from it.
-pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+/// With `gro`, trains of datagrams from one client arrive coalesced.
+pub fn bind_udp(addr: SocketAddr, count: usize, gro: bool) -> io::Result<Vec<std::net::UdpSocket>> {
     (0..count)
         .map(|_| {
             let s = bound(addr, Type::DGRAM, Protocol::UDP)?;
@@ -58,9 +59,19 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpS
                 set_pktinfo(&s, addr.is_ipv6())?;
             }
             size_buffers(&s);
+            if gro {
+                enable_gro(&s);
+            }
             Ok(s.into())
         })
         .collect()
+}
+
+/// Asks for coalesced receives (`UDP_GRO`, Linux 5.0+); without it every
+/// datagram arrives alone, which also works.
+pub fn enable_gro(s: &impl std::os::fd::AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::UdpGroSegment, &true);
 }
 
 fn set_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {

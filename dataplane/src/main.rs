@@ -62,6 +62,10 @@ struct Tuning {
     /// Pipe size per direction for splice, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pipe_size: usize,
+    /// No UDP segmentation offload (GRO/GSO): every datagram crosses the
+    /// stack on its own.
+    #[arg(long)]
+    no_udp_offload: bool,
     /// Seconds established connections get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
@@ -78,6 +82,7 @@ impl Tuning {
         }
         o.splice = !self.no_splice;
         o.pipe_size = self.pipe_size;
+        o.udp_offload = !self.no_udp_offload;
         o
     }
 }

@@ -33,6 +33,8 @@ pub struct Options {
     pub splice: bool,
     /// Requested pipe size per direction (bytes).
     pub pipe_size: usize,
+    /// UDP segmentation offloads: GRO on receive, GSO on send.
+    pub udp_offload: bool,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
                 .unwrap_or(1),
             splice: true,
             pipe_size: 1 << 20,
+            udp_offload: true,
         }
     }
 }
@@ -93,6 +96,8 @@ pub struct Server {
     bound: HashSet<Endpoint>,
     registry: Registry,
     started: bool,
+    /// UDP sockets get `UDP_GRO` (Options::udp_offload).
+    udp_offload: bool,
 }
 
 impl Server {
@@ -102,6 +107,7 @@ impl Server {
         let wopts = WorkerOptions {
             splice: opts.splice,
             pipe_size: opts.pipe_size,
+            udp_offload: opts.udp_offload,
         };
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {
@@ -120,6 +126,7 @@ impl Server {
             bound: HashSet::new(),
             registry: Registry::new(n),
             started: false,
+            udp_offload: opts.udp_offload,
         };
         server.apply(config)?;
         server.started = true;
@@ -169,7 +176,8 @@ impl Server {
         for endpoint in fresh {
             let n = self.workers.len();
             let socks: std::io::Result<Vec<Bound>> = if endpoint.udp {
-                listen::bind_udp(endpoint.addr, n).map(|v| v.into_iter().map(Bound::Udp).collect())
+                listen::bind_udp(endpoint.addr, n, self.udp_offload)
+                    .map(|v| v.into_iter().map(Bound::Udp).collect())
             } else {
                 listen::bind_tcp(endpoint.addr, n).map(|v| v.into_iter().map(Bound::Tcp).collect())
             };

@@ -28,7 +28,8 @@ use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::balance::{Flow as FlowKey, PickState};
-use crate::mmsg::{self, Outgoing, RecvBatch, SLOTS};
+use crate::listen;
+use crate::mmsg::{Gso, Outgoing, RecvBatch, Sender, SLOTS};
 use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
 use crate::timer::TimerWheel;
 
@@ -62,6 +63,7 @@ struct ListenSock {
     /// Bound to a wildcard: replies name their source address.
     wildcard: bool,
     group: usize,
+    gso: Gso,
 }
 
 /// The flows of one listener in this worker, least recently used last.
@@ -85,6 +87,7 @@ struct Flow {
     /// Where the client sent to, when the listener socket is a wildcard.
     local: Option<IpAddr>,
     up: UdpSocket,
+    gso: Gso,
     last: Instant,
     timer: u64,
     prev: usize,
@@ -102,13 +105,18 @@ pub struct UdpPlane {
     flows: Slab<Flow>,
     table: hashbrown::HashMap<(SocketAddr, usize), usize>,
     batch: RecvBatch,
+    sender: Sender,
     out: Vec<Outgoing>,
+    /// GRO and GSO on new sockets.
+    offload: bool,
+    /// What new sockets start with.
+    gso: Gso,
     /// Tokens whose budget ran out with datagrams left.
     again: Vec<usize>,
 }
 
 impl UdpPlane {
-    pub fn new(worker: usize, workers: usize, tokens: Tokens) -> UdpPlane {
+    pub fn new(worker: usize, workers: usize, offload: bool, tokens: Tokens) -> UdpPlane {
         UdpPlane {
             worker,
             workers: workers.max(1),
@@ -119,7 +127,10 @@ impl UdpPlane {
             flows: Slab::new(),
             table: hashbrown::HashMap::new(),
             batch: RecvBatch::new(),
+            sender: Sender::new(),
             out: Vec::with_capacity(SLOTS),
+            offload,
+            gso: if offload { Gso::ON } else { Gso::OFF },
             again: Vec::new(),
         }
     }
@@ -185,6 +196,7 @@ impl UdpPlane {
                 sock,
                 wildcard: addr.ip().is_unspecified(),
                 group: NIL,
+                gso: self.gso,
             });
             self.by_addr.insert(addr, key);
             // Datagrams may have queued before registration.
@@ -376,7 +388,7 @@ impl UdpPlane {
             let len = self.batch.data(i).len() as u64;
             let f = &mut self.flows[flow];
             let lc = f.listener.stats.worker(self.worker);
-            lc.packets_in.add(1);
+            lc.packets_in.add(self.batch.datagrams(i));
             lc.bytes_in.add(len);
             f.last = ctx.now;
             if local.is_some() {
@@ -400,8 +412,10 @@ impl UdpPlane {
         if self.out.is_empty() {
             return;
         }
-        if let Some(f) = self.flows.get(flow) {
-            let sent = mmsg::send(f.up.as_raw_fd(), &self.batch, &self.out);
+        if let Some(f) = self.flows.get_mut(flow) {
+            let sent = self
+                .sender
+                .send(f.up.as_raw_fd(), &self.batch, &self.out, &mut f.gso);
             let mc = f.pool.members[f.member].stats.worker(self.worker);
             mc.packets_out.add(sent.datagrams);
             mc.bytes_out.add(sent.bytes);
@@ -437,12 +451,13 @@ impl UdpPlane {
                     return;
                 }
             };
-            let Some(s) = self.socks.get(f.sock) else {
+            let Some(s) = self.socks.get_mut(f.sock) else {
                 return;
             };
             self.out.clear();
-            let mut bytes = 0;
+            let (mut datagrams, mut bytes) = (0, 0);
             for slot in 0..n {
+                datagrams += self.batch.datagrams(slot);
                 bytes += self.batch.data(slot).len() as u64;
                 self.out.push(Outgoing {
                     slot,
@@ -450,9 +465,11 @@ impl UdpPlane {
                     from: f.local,
                 });
             }
-            mc.packets_in.add(n as u64);
+            mc.packets_in.add(datagrams);
             mc.bytes_in.add(bytes);
-            let sent = mmsg::send(s.sock.as_raw_fd(), &self.batch, &self.out);
+            let sent = self
+                .sender
+                .send(s.sock.as_raw_fd(), &self.batch, &self.out, &mut s.gso);
             self.out.clear();
             let lc = f.listener.stats.worker(self.worker);
             lc.packets_out.add(sent.datagrams);
@@ -511,7 +528,7 @@ impl UdpPlane {
             }
         }
         let maddr = pool.members[member].addr;
-        let mut up = match connect(maddr) {
+        let mut up = match connect(maddr, self.offload) {
             Ok(up) => up,
             Err(e) => {
                 tracing::debug!(member = %maddr, error = %e, "cannot open a UDP flow socket");
@@ -548,6 +565,7 @@ impl UdpPlane {
             client,
             local,
             up,
+            gso: self.gso,
             last: ctx.now,
             timer,
             prev: NIL,
@@ -678,8 +696,9 @@ fn is_unreachable(e: &io::Error) -> bool {
 
 /// A non-blocking UDP socket connected to `member`: the kernel picks the
 /// local port, filters out datagrams from anyone else, and reports the
-/// member's ICMP errors on it.
-fn connect(member: SocketAddr) -> io::Result<UdpSocket> {
+/// member's ICMP errors on it. With `gro`, the member's trains of replies
+/// arrive coalesced.
+fn connect(member: SocketAddr, gro: bool) -> io::Result<UdpSocket> {
     let s = Socket::new(
         Domain::for_address(member),
         Type::DGRAM,
@@ -687,6 +706,9 @@ fn connect(member: SocketAddr) -> io::Result<UdpSocket> {
     )?;
     s.set_nonblocking(true)?;
     s.set_cloexec(true)?;
+    if gro {
+        listen::enable_gro(&s);
+    }
     s.connect(&member.into())?;
     Ok(UdpSocket::from_std(s.into()))
 }

@@ -45,6 +45,7 @@ const SCRATCH: usize = 64 * 1024;
 pub struct WorkerOptions {
     pub splice: bool,
     pub pipe_size: usize,
+    pub udp_offload: bool,
 }
 
 /// A newly bound socket for a worker.
@@ -172,6 +173,7 @@ impl Worker {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let now = Instant::now();
+        let udp_offload = opts.udp_offload;
         Ok((
             Worker {
                 id,
@@ -193,6 +195,7 @@ impl Worker {
                 udp: UdpPlane::new(
                     id,
                     workers,
+                    udp_offload,
                     udp::Tokens {
                         udp: UDP_BIT,
                         listener: LISTENER_BIT,

@@ -421,3 +421,218 @@ fn a_removed_member_ends_its_flows_and_a_drained_one_keeps_them() {
     assert_eq!(udp_who(&fresh, addr(port)).unwrap(), "b1");
     server.shutdown(Duration::from_secs(1));
 }
+
+/// A socket whose every send is cut by the kernel into datagrams of `seg`
+/// bytes (UDP GSO), as QUIC stacks send.
+fn gso_socket(local: &str, seg: u16) -> std::net::UdpSocket {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let s = udp_client(local);
+    setsockopt(&s, sockopt::UdpGsoSegment, &i32::from(seg)).expect("UDP_SEGMENT");
+    s
+}
+
+/// `count` datagrams read from `s`.
+fn read_datagrams(s: &std::net::UdpSocket, count: usize) -> Vec<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 65536];
+    (0..count)
+        .map(|i| {
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} of {count}: {e}"));
+            (buf[..n].to_vec(), from)
+        })
+        .collect()
+}
+
+fn with_offload(offload: bool) -> siphon_dataplane::Options {
+    siphon_testkit::raise_fd_limit();
+    siphon_dataplane::Options {
+        workers: 1,
+        udp_offload: offload,
+        ..siphon_dataplane::Options::default()
+    }
+}
+
+/// A client sends one GSO train (ten 1,000-byte datagrams and a 300-byte
+/// one): with offloads the proxy takes it in as one coalesced slot and
+/// sends it on as one GSO message; without, datagram by datagram. Either
+/// way the member gets eleven datagrams with their boundaries, and the
+/// client gets eleven echoes.
+#[test]
+fn a_client_gso_train_reaches_the_member_as_separate_datagrams() {
+    for offload in [true, false] {
+        let (_rt, bs) = backends(1);
+        let port = free_udp_port();
+        let server = Server::start(
+            udp_proxy(1, port, &bs, "ROUND_ROBIN", ""),
+            with_offload(offload),
+        )
+        .expect("start");
+        let c = gso_socket("127.0.0.1:0", 1000);
+        let mut train = vec![0u8; 10 * 1000 + 300];
+        siphon_testkit::Pattern::new(7).fill(&mut train);
+        c.send_to(&train, addr(port)).expect("send train");
+        let echoes = read_datagrams(&c, 11);
+        for (i, (d, from)) in echoes.iter().enumerate() {
+            let want = &train[i * 1000..((i + 1) * 1000).min(train.len())];
+            assert_eq!(d.as_slice(), want, "datagram {i} (offload {offload})");
+            assert_eq!(*from, addr(port));
+        }
+        assert_eq!(bs[0].datagrams(), 11, "offload {offload}");
+        let l = listener_stats(&server);
+        assert_eq!(l.packets_in, 11, "offload {offload}");
+        assert_eq!(l.bytes_in, train.len() as u64);
+        assert_eq!(member_stats(&server, "b0").packets_out, 11);
+        server.shutdown(Duration::from_secs(1));
+    }
+}
+
+/// A member that answers with a GSO train, behind a wildcard listener:
+/// the replies leave from the address the client used (pktinfo and
+/// segmentation in one message), as separate datagrams.
+#[test]
+fn a_member_gso_train_reaches_a_wildcard_client_as_separate_datagrams() {
+    for offload in [true, false] {
+        let origin = gso_socket("127.0.0.1:0", 700);
+        let member_addr = origin.local_addr().unwrap();
+        let mut reply = vec![0u8; 5 * 700 + 100];
+        siphon_testkit::Pattern::new(3).fill(&mut reply);
+        let answer = reply.clone();
+        let responder = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (_, peer) = origin.recv_from(&mut buf).expect("request");
+            origin.send_to(&answer, peer).expect("reply train");
+        });
+        let port = free_udp_port();
+        let server = Server::start(
+            config(
+                1,
+                &[
+                    udp_listener("u", "0.0.0.0", port, "p", ""),
+                    pool(
+                        "p",
+                        "UDP",
+                        "ROUND_ROBIN",
+                        &[member("m", member_addr, 1, "")],
+                    ),
+                ],
+            ),
+            with_offload(offload),
+        )
+        .expect("start");
+        let to: SocketAddr = format!("127.0.0.5:{port}").parse().unwrap();
+        let c = udp_client("127.0.0.1:0");
+        c.send_to(b"go", to).unwrap();
+        let got = read_datagrams(&c, 6);
+        for (i, (d, from)) in got.iter().enumerate() {
+            let want = &reply[i * 700..((i + 1) * 700).min(reply.len())];
+            assert_eq!(d.as_slice(), want, "datagram {i} (offload {offload})");
+            assert_eq!(*from, to, "reply source (offload {offload})");
+        }
+        responder.join().unwrap();
+        let r = server.stats();
+        let m = r.member("p", "m").cloned().unwrap();
+        assert_eq!(m.packets_in, 6, "offload {offload}");
+        assert!(
+            eventually(Duration::from_secs(2), || listener_stats(&server)
+                .packets_out
+                == 6),
+            "offload {offload}: {:?}",
+            listener_stats(&server)
+        );
+        server.shutdown(Duration::from_secs(1));
+    }
+}
+
+/// Bursts of plain datagrams of mixed sizes from one client: however the
+/// proxy groups them into GSO runs, each arrives whole and in order.
+#[test]
+fn bursts_of_mixed_sizes_keep_their_boundaries() {
+    let (_rt, bs) = backends(1);
+    let port = free_udp_port();
+    let server = start(udp_proxy(1, port, &bs, "ROUND_ROBIN", ""), 1);
+    let c = udp_client("127.0.0.1:0");
+    // Runs of equal sizes broken by shorter and longer datagrams.
+    let sizes: Vec<usize> = (0..200)
+        .map(|i| match i % 10 {
+            0..=5 => 1200,
+            6 => 300,
+            7 => 1,
+            8 => 8000,
+            _ => 1200,
+        })
+        .collect();
+    let mut pattern = siphon_testkit::Pattern::new(5);
+    let msgs: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&n| {
+            let mut m = vec![0u8; n];
+            pattern.fill(&mut m);
+            m
+        })
+        .collect();
+    // 20 bursts of 10 sent back to back, each read back before the next.
+    for (b, burst) in msgs.chunks(10).enumerate() {
+        for m in burst {
+            c.send_to(m, addr(port)).unwrap();
+        }
+        let got = read_datagrams(&c, burst.len());
+        for (i, (d, _)) in got.iter().enumerate() {
+            assert_eq!(d.len(), burst[i].len(), "burst {b} datagram {i}");
+            assert!(d == &burst[i], "burst {b} datagram {i} changed");
+        }
+    }
+    assert_eq!(listener_stats(&server).packets_in, 200);
+    server.shutdown(Duration::from_secs(1));
+}
+
+/// Over a path with a 1,500-byte MTU (a veth into a namespace the test
+/// makes), a train of 3,000-byte datagrams cannot leave as one GSO
+/// message, since each segment would exceed the MTU: the kernel refuses
+/// it, and the proxy sends those datagrams one by one (IP fragments them)
+/// and remembers the limit. 1,400-byte datagrams still go as GSO. All
+/// arrive intact, and come back intact.
+#[test]
+fn datagrams_larger_than_the_path_mtu_still_pass() {
+    use siphon_testkit::netns::Netns;
+    if !siphon_testkit::root_or_skip("datagrams_larger_than_the_path_mtu_still_pass") {
+        return;
+    }
+    let ns = Netns::create("mtu").expect("netns");
+    let outside = format!("sphm{}", std::process::id() % 100_000);
+    ns.veth(&outside, "198.18.3.1/24", "eth0", "198.18.3.2/24", 1500)
+        .expect("veth");
+    let rt = siphon_testkit::runtime();
+    let sock = ns
+        .enter(|| std::net::UdpSocket::bind("198.18.3.2:0"))
+        .expect("enter")
+        .expect("bind in the namespace");
+    let far = UdpBackend::serve(&rt, "far", sock);
+    let port = free_udp_port();
+    let server = start(
+        config(
+            1,
+            &[
+                udp_listener("u", "127.0.0.1", port, "p", ""),
+                pool("p", "UDP", "ROUND_ROBIN", &[member("far", far.addr, 1, "")]),
+            ],
+        ),
+        1,
+    );
+    for seg in [3000u16, 1400, 3000] {
+        let c = gso_socket("127.0.0.1:0", seg);
+        let seg = usize::from(seg);
+        let mut train = vec![0u8; 4 * seg + 100];
+        siphon_testkit::Pattern::new(seg as u64).fill(&mut train);
+        c.send_to(&train, addr(port)).expect("send train");
+        let echoes = read_datagrams(&c, 5);
+        for (i, (d, _)) in echoes.iter().enumerate() {
+            let want = &train[i * seg..((i + 1) * seg).min(train.len())];
+            assert!(d.as_slice() == want, "segment {seg}: datagram {i} changed");
+        }
+    }
+    assert_eq!(far.datagrams(), 15);
+    let l = listener_stats(&server);
+    assert_eq!(l.dropped_to_member, 0);
+    server.shutdown(Duration::from_secs(1));
+}

@@ -2,6 +2,8 @@
 //! are, traffic helpers, and the root-test policy. No mocks: everything
 //! here opens real sockets.
 
+pub mod netns;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -244,6 +246,15 @@ pub struct UdpBackend {
 impl UdpBackend {
     pub fn start(rt: &Arc<tokio::runtime::Runtime>, name: &str, ip: &str) -> UdpBackend {
         let std_s = std::net::UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        UdpBackend::serve(rt, name, std_s)
+    }
+
+    /// Serves on a socket bound elsewhere (in a network namespace, say).
+    pub fn serve(
+        rt: &Arc<tokio::runtime::Runtime>,
+        name: &str,
+        std_s: std::net::UdpSocket,
+    ) -> UdpBackend {
         // Bursts of a thousand datagrams must queue, not drop, as on a
         // tuned UDP server; the default buffer holds a few hundred.
         let _ = socket2::SockRef::from(&std_s).set_recv_buffer_size(4 << 20);
