@@ -191,14 +191,19 @@ UDP_TARGETS = [
 def table(tsv, targets):
     values = load(tsv)
     have_udp = any(metric.startswith("udp") for _, metric in values)
-    out = ["TCP:", ""] + medians_table(values, targets, TCP_COLUMNS)
+    have_tcp = any(not metric.startswith("udp") for _, metric in values)
+    out = []
+    if have_tcp:
+        out += ["TCP:", ""] + medians_table(values, targets, TCP_COLUMNS) + [""]
     if have_udp:
-        out += ["", "UDP:", ""] + medians_table(values, targets, UDP_COLUMNS)
-    out += ["", "Figures of each round (round 1 / round 2 / …):", ""]
-    out += rounds_table(values, targets, TCP_COLUMNS)
+        out += ["UDP:", ""] + medians_table(values, targets, UDP_COLUMNS) + [""]
+    out += ["Figures of each round (round 1 / round 2 / …):", ""]
+    if have_tcp:
+        out += rounds_table(values, targets, TCP_COLUMNS) + [""]
     if have_udp:
-        out += [""] + rounds_table(values, targets, UDP_COLUMNS)
-    if "siphon" in targets and "haproxy" in targets:
+        out += rounds_table(values, targets, UDP_COLUMNS) + [""]
+    out.pop()
+    if have_tcp and "siphon" in targets and "haproxy" in targets:
         out += ["", "siphon against haproxy, TCP (medians; target: throughput and conn/s at least equal, p99 no worse):", ""]
         out += verdict(values, TCP_TARGETS)
     if have_udp and "siphon" in targets and "nginx" in targets:

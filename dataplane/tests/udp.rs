@@ -41,6 +41,24 @@ fn udp_proxy(
     )
 }
 
+/// `n` UDP backends behind a UDP listener on a free port (generation 1).
+fn proxied(
+    n: usize,
+    algorithm: &str,
+    extra: &str,
+    workers: usize,
+) -> (
+    std::sync::Arc<tokio::runtime::Runtime>,
+    Vec<UdpBackend>,
+    u16,
+    Server,
+) {
+    let (rt, bs) = backends(n);
+    let port = free_udp_port();
+    let server = start(udp_proxy(1, port, &bs, algorithm, extra), workers);
+    (rt, bs, port, server)
+}
+
 fn listener_stats(s: &Server) -> siphon_dataplane::stats::ListenerReport {
     s.stats().listener("u").cloned().expect("listener stats")
 }
@@ -52,9 +70,7 @@ fn member_stats(s: &Server, id: &str) -> siphon_dataplane::stats::MemberReport {
 
 #[test]
 fn requests_and_replies_across_many_flows() {
-    let (_rt, bs) = backends(2);
-    let port = free_udp_port();
-    let server = start(udp_proxy(1, port, &bs, "ROUND_ROBIN", ""), 2);
+    let (_rt, _bs, port, server) = proxied(2, "ROUND_ROBIN", "", 2);
     let mut count: HashMap<String, usize> = HashMap::new();
     // Clients stay open: a closed one's port could come back as a new
     // client with the same address, which is the same flow.
@@ -103,9 +119,7 @@ fn predicted(names: &[&str], client: SocketAddr) -> String {
 
 #[test]
 fn a_client_port_sticks_to_its_member_and_every_node_agrees() {
-    let (_rt, bs) = backends(3);
-    let port = free_udp_port();
-    let server = start(udp_proxy(1, port, &bs, "SOURCE_IP_PORT", ""), 2);
+    let (_rt, bs, port, server) = proxied(3, "SOURCE_IP_PORT", "", 2);
     let clients: Vec<_> = (0..60).map(|_| udp_client("127.0.0.1:0")).collect();
     for (i, c) in clients.iter().enumerate() {
         let local = c.local_addr().unwrap();
@@ -129,9 +143,7 @@ fn a_client_port_sticks_to_its_member_and_every_node_agrees() {
 
 #[test]
 fn a_thousand_concurrent_flows() {
-    let (_rt, bs) = backends(2);
-    let port = free_udp_port();
-    let server = start(udp_proxy(1, port, &bs, "LEAST_CONNECTIONS", ""), 2);
+    let (_rt, _bs, port, server) = proxied(2, "LEAST_CONNECTIONS", "", 2);
     let clients: Vec<_> = (0..1000).map(|_| udp_client("127.0.0.1:0")).collect();
     for (i, c) in clients.iter().enumerate() {
         c.send_to(format!("hello {i}").as_bytes(), addr(port))
@@ -154,12 +166,7 @@ fn a_thousand_concurrent_flows() {
 
 #[test]
 fn idle_flows_time_out_and_free_their_sockets() {
-    let (_rt, bs) = backends(1);
-    let port = free_udp_port();
-    let server = start(
-        udp_proxy(1, port, &bs, "ROUND_ROBIN", "timeout_client_data = 300"),
-        1,
-    );
+    let (_rt, _bs, port, server) = proxied(1, "ROUND_ROBIN", "timeout_client_data = 300", 1);
     let clients: Vec<_> = (0..10).map(|_| udp_client("127.0.0.1:0")).collect();
     for c in &clients {
         udp_who(c, addr(port)).expect("who");
@@ -183,9 +190,7 @@ fn idle_flows_time_out_and_free_their_sockets() {
 
 #[test]
 fn the_flow_cap_evicts_the_least_recently_used_flow() {
-    let (_rt, bs) = backends(1);
-    let port = free_udp_port();
-    let server = start(udp_proxy(1, port, &bs, "ROUND_ROBIN", "max_flows = 4"), 1);
+    let (_rt, bs, port, server) = proxied(1, "ROUND_ROBIN", "max_flows = 4", 1);
     let clients: Vec<_> = (0..6).map(|_| udp_client("127.0.0.1:0")).collect();
     for c in &clients[..4] {
         udp_who(c, addr(port)).expect("who");
@@ -217,12 +222,7 @@ fn the_flow_cap_evicts_the_least_recently_used_flow() {
 
 #[test]
 fn connection_limit_caps_flows_across_workers() {
-    let (_rt, bs) = backends(1);
-    let port = free_udp_port();
-    let server = start(
-        udp_proxy(1, port, &bs, "ROUND_ROBIN", "connection_limit = 3"),
-        2,
-    );
+    let (_rt, _bs, port, server) = proxied(1, "ROUND_ROBIN", "connection_limit = 3", 2);
     let clients: Vec<_> = (0..6).map(|_| udp_client("127.0.0.1:0")).collect();
     let mut answered = 0;
     for c in &clients {
@@ -266,32 +266,38 @@ fn allowed_cidrs_drop_other_clients() {
     server.shutdown(Duration::from_secs(1));
 }
 
+/// IPv6 on `::1`, bound to the address and to the wildcard: a connected
+/// client (which drops datagrams from any other address) gets its answer.
 #[test]
 fn ipv6_on_loopback() {
     let rt = siphon_testkit::runtime();
     let b = UdpBackend::start(&rt, "v6", "::1");
-    let port = free_udp_port();
-    let server = start(
-        config(
+    for bind in ["::1", "::"] {
+        let port = free_udp_port();
+        let server = start(
+            config(
+                1,
+                &[
+                    udp_listener("u", bind, port, "p", ""),
+                    pool("p", "UDP", "SOURCE_IP", &[member("v6", b.addr, 1, "")]),
+                ],
+            ),
             1,
-            &[
-                udp_listener("u", "::1", port, "p", ""),
-                pool("p", "UDP", "SOURCE_IP", &[member("v6", b.addr, 1, "")]),
-            ],
-        ),
-        1,
-    );
-    let c = udp_client("[::1]:0");
-    let to: SocketAddr = format!("[::1]:{port}").parse().unwrap();
-    assert_eq!(udp_who(&c, to).expect("who"), "v6");
-    server.shutdown(Duration::from_secs(1));
+        );
+        let to: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        let c = udp_client("[::1]:0");
+        c.connect(to).unwrap();
+        c.send(b"who").unwrap();
+        let mut buf = [0u8; 16];
+        let n = c.recv(&mut buf).expect("reply to a connected client");
+        assert_eq!(&buf[..n], b"v6", "bound to {bind}");
+        server.shutdown(Duration::from_secs(1));
+    }
 }
 
 #[test]
 fn the_largest_datagrams_pass_intact() {
-    let (_rt, bs) = backends(1);
-    let port = free_udp_port();
-    let server = start(udp_proxy(1, port, &bs, "ROUND_ROBIN", ""), 1);
+    let (_rt, _bs, port, server) = proxied(1, "ROUND_ROBIN", "", 1);
     let c = udp_client("127.0.0.1:0");
     let mut msg = vec![0u8; 65_507];
     siphon_testkit::Pattern::new(11).fill(&mut msg);
@@ -330,6 +336,45 @@ fn a_wildcard_listener_answers_from_the_address_the_client_used() {
             .expect("reply to a connected client");
         assert_eq!(&buf[..n], b"b0");
     }
+    server.shutdown(Duration::from_secs(1));
+}
+
+/// Reloads that keep a UDP listener keep its socket and its flows: every
+/// client stays on its member's socket, and no request goes unanswered.
+#[test]
+fn reloads_keep_udp_flows_and_their_members() {
+    let (_rt, bs) = backends(3);
+    let port = free_udp_port();
+    let extra_port = free_udp_port();
+    let mut server = start(udp_proxy(1, port, &bs, "SOURCE_IP_PORT", ""), 2);
+    let clients: Vec<_> = (0..30).map(|_| udp_client("127.0.0.1:0")).collect();
+    let first: Vec<String> = clients
+        .iter()
+        .map(|c| udp_who(c, addr(port)).expect("who"))
+        .collect();
+    let peers = |bs: &[UdpBackend]| bs.iter().map(|b| b.peers()).sum::<usize>();
+    assert_eq!(peers(&bs), 30);
+    for generation in 2..=11 {
+        // Every other generation adds a second listener, so the workers
+        // really switch configs.
+        let mut parts = vec![
+            udp_listener("u", "127.0.0.1", port, "p", ""),
+            pool("p", "UDP", "SOURCE_IP_PORT", &members(&bs)),
+        ];
+        if generation % 2 == 0 {
+            parts.push(udp_listener("extra", "127.0.0.1", extra_port, "p", ""));
+        }
+        server.apply(config(generation, &parts)).expect("apply");
+        for (i, c) in clients.iter().enumerate() {
+            assert_eq!(
+                udp_who(c, addr(port)).expect("answered across the reload"),
+                first[i],
+                "client {i}, generation {generation}"
+            );
+        }
+    }
+    assert_eq!(peers(&bs), 30, "flows kept their member sockets");
+    assert_eq!(listener_stats(&server).total_connections, 30);
     server.shutdown(Duration::from_secs(1));
 }
 
@@ -375,9 +420,7 @@ fn icmp_port_unreachable_is_counted_and_the_worker_lives_on() {
 
 #[test]
 fn a_removed_member_ends_its_flows_and_a_drained_one_keeps_them() {
-    let (_rt, bs) = backends(2);
-    let port = free_udp_port();
-    let mut server = start(udp_proxy(1, port, &bs, "ROUND_ROBIN", ""), 1);
+    let (_rt, bs, port, mut server) = proxied(2, "ROUND_ROBIN", "", 1);
     let c0 = udp_client("127.0.0.1:0");
     let c1 = udp_client("127.0.0.1:0");
     let n0 = udp_who(&c0, addr(port)).unwrap();
@@ -548,9 +591,7 @@ fn a_member_gso_train_reaches_a_wildcard_client_as_separate_datagrams() {
 /// proxy groups them into GSO runs, each arrives whole and in order.
 #[test]
 fn bursts_of_mixed_sizes_keep_their_boundaries() {
-    let (_rt, bs) = backends(1);
-    let port = free_udp_port();
-    let server = start(udp_proxy(1, port, &bs, "ROUND_ROBIN", ""), 1);
+    let (_rt, _bs, port, server) = proxied(1, "ROUND_ROBIN", "", 1);
     let c = udp_client("127.0.0.1:0");
     // Runs of equal sizes broken by shorter and longer datagrams.
     let sizes: Vec<usize> = (0..200)
