@@ -86,6 +86,7 @@ NOFILE=
 HAVE_IPERF=0
 HAVE_HTTP=0
 WRK_FIELDS=
+IPERF_FIELDS=
 LOADAVG=
 
 log() { printf '[compare] %s\n' "$*" >&2; }
@@ -441,49 +442,51 @@ run_client() {
     return "$rc"
 }
 
-# iperf3 over the target's port; control and data connections all reach the
-# one iperf3 server because every proxy forwards the port to one backend.
-run_iperf() {
-    local target=$1 streams=$2 out gbps attempt
-    out=$WORK/iperf-$target-P$streams-r$ROUND.json
+# Runs an iperf3 client (iperf3 -c ... "$@" -J) against the target's port and
+# leaves the figures results.py PARSER extracts in IPERF_FIELDS; returns 1
+# (with a note) when both attempts fail. Control and data connections all
+# reach the one iperf3 server because every proxy forwards the port to one
+# backend. (Not a $(...) capture: the client must run in the main shell, see
+# run_client.)
+run_iperf3() {
+    local target=$1 parser=$2 label=$3 out=$4 attempt
+    shift 4
     for attempt in 1 2; do
         if run_client "$out" "$out.stderr" iperf3 -c 127.0.0.1 -p "${IPERF_PORTS[$target]}" \
-            -t "$DURATION" -P "$streams" -J &&
-            gbps=$(python3 "$HARNESS/results.py" iperf "$out" 2>>"$out.stderr"); then
-            record "$target" "tcp$streams" "$gbps"
-            log "$target: iperf3 -P $streams: $gbps Gbit/s"
+            -t "$DURATION" "$@" -J &&
+            IPERF_FIELDS=$(python3 "$HARNESS/results.py" "$parser" "$out" 2>>"$out.stderr"); then
             return 0
         fi
         # The server refuses a test while it still winds down the previous
         # one ("the server is busy"): give it a moment and try once more.
-        log "$target: iperf3 -P $streams attempt $attempt failed: $(tail -n 1 "$out.stderr")"
+        log "$target: $label attempt $attempt failed: $(tail -n 1 "$out.stderr")"
         sleep 1
     done
-    failed "$target: iperf3 -P $streams failed (see $out)"
+    failed "$target: $label failed (see $out)"
+    return 1
 }
 
-# iperf3 UDP at full offered load (-b 0) with DATAGRAM-byte payloads. The
+run_iperf() {
+    local target=$1 streams=$2
+    run_iperf3 "$target" iperf "iperf3 -P $streams" \
+        "$WORK/iperf-$target-P$streams-r$ROUND.json" -P "$streams" || return 0
+    record "$target" "tcp$streams" "$IPERF_FIELDS"
+    log "$target: iperf3 -P $streams: $IPERF_FIELDS Gbit/s"
+}
+
+# iperf3 UDP at full offered load (-b 0) with SIZE-byte payloads. The
 # control connection goes through the proxy's TCP listener and the datagrams
 # through its UDP listener on the same port. Records what the server got:
 # packets/s, Gbit/s and the share lost.
 run_iperf_udp() {
-    local target=$1 size=$2 out fields pps gbps loss attempt
-    out=$WORK/iperf-udp-$target-$size-r$ROUND.json
-    for attempt in 1 2; do
-        if run_client "$out" "$out.stderr" iperf3 -c 127.0.0.1 -p "${IPERF_PORTS[$target]}" \
-            -u -b 0 -l "$size" -t "$DURATION" -J &&
-            fields=$(python3 "$HARNESS/results.py" iperf-udp "$out" 2>>"$out.stderr"); then
-            IFS=$'\t' read -r pps gbps loss <<<"$fields"
-            record "$target" "udp${size}_pps" "$pps"
-            record "$target" "udp${size}_gbps" "$gbps"
-            record "$target" "udp${size}_loss" "$loss"
-            log "$target: iperf3 -u -l $size: $pps packets/s, $gbps Gbit/s, $loss % lost"
-            return 0
-        fi
-        log "$target: iperf3 -u -l $size attempt $attempt failed: $(tail -n 1 "$out.stderr")"
-        sleep 1
-    done
-    failed "$target: iperf3 -u -l $size failed (see $out)"
+    local target=$1 size=$2 pps gbps loss
+    run_iperf3 "$target" iperf-udp "iperf3 -u -l $size" \
+        "$WORK/iperf-udp-$target-$size-r$ROUND.json" -u -b 0 -l "$size" || return 0
+    IFS=$'\t' read -r pps gbps loss <<<"$IPERF_FIELDS"
+    record "$target" "udp${size}_pps" "$pps"
+    record "$target" "udp${size}_gbps" "$gbps"
+    record "$target" "udp${size}_loss" "$loss"
+    log "$target: iperf3 -u -l $size: $pps packets/s, $gbps Gbit/s, $loss % lost"
 }
 
 # Runs wrk with the options all wrk workloads share and leaves its parsed

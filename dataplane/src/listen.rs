@@ -86,7 +86,7 @@ fn set_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {
 
 /// Larger buffers where allowed; the defaults still work, so failures are
 /// not errors.
-pub fn size_buffers(s: &Socket) {
+fn size_buffers(s: &Socket) {
     use nix::sys::socket::{setsockopt, sockopt};
     if setsockopt(s, sockopt::RcvBufForce, &UDP_BUFFER).is_err() {
         let _ = s.set_recv_buffer_size(UDP_BUFFER);

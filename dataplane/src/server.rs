@@ -8,6 +8,7 @@
 //! a connection on them.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -165,7 +166,7 @@ impl Server {
             .map(|(e, l)| (e, l.id.as_str()))
             .collect();
         let mut added = Vec::new();
-        let mut per_worker: Vec<Vec<(Endpoint, Bound)>> =
+        let mut per_worker: Vec<Vec<(SocketAddr, Bound)>> =
             (0..self.workers.len()).map(|_| Vec::new()).collect();
         let mut fresh: Vec<Endpoint> = wanted
             .keys()
@@ -184,7 +185,7 @@ impl Server {
             match socks {
                 Ok(socks) => {
                     for (w, s) in socks.into_iter().enumerate() {
-                        per_worker[w].push((endpoint, s));
+                        per_worker[w].push((endpoint.addr, s));
                     }
                     added.push(endpoint);
                 }

@@ -107,9 +107,7 @@ pub struct UdpPlane {
     batch: RecvBatch,
     sender: Sender,
     out: Vec<Outgoing>,
-    /// GRO and GSO on new sockets.
-    offload: bool,
-    /// What new sockets start with.
+    /// GSO state new sockets start with; `Gso::OFF` also means no GRO.
     gso: Gso,
     /// Tokens whose budget ran out with datagrams left.
     again: Vec<usize>,
@@ -129,14 +127,9 @@ impl UdpPlane {
             batch: RecvBatch::new(),
             sender: Sender::new(),
             out: Vec::with_capacity(SLOTS),
-            offload,
             gso: if offload { Gso::ON } else { Gso::OFF },
             again: Vec::new(),
         }
-    }
-
-    pub fn flows(&self) -> usize {
-        self.flows.len()
     }
 
     /// Whether some socket still has datagrams waiting from an earlier turn.
@@ -146,12 +139,11 @@ impl UdpPlane {
 
     /// Serves sockets whose budget ran out last turn.
     pub fn run_again(&mut self, ctx: &mut Ctx<'_>) {
-        let tokens = std::mem::take(&mut self.again);
-        for t in &tokens {
-            self.event(*t, ctx);
+        let mut tokens = std::mem::take(&mut self.again);
+        for t in tokens.drain(..) {
+            self.event(t, ctx);
         }
-        let mut tokens = tokens;
-        tokens.clear();
+        // Keep the list's capacity unless serving queued new tokens.
         if self.again.is_empty() {
             self.again = tokens;
         }
@@ -310,28 +302,41 @@ impl UdpPlane {
     /// when their member left the pool (a drained member, weight 0, stays
     /// in the pool and keeps its flows until they idle out).
     fn retarget_flows(&mut self, ctx: &mut Ctx<'_>) {
+        // Member positions of each new pool, built once per pool rather
+        // than searched once per flow.
+        let snapshot = ctx.snapshot;
+        let mut positions: HashMap<usize, HashMap<(&str, SocketAddr), usize>> = HashMap::new();
         let keys: Vec<usize> = self.flows.iter().map(|(k, _)| k).collect();
         for k in keys {
             let f = &self.flows[k];
             let addr = self.socks.get(f.sock).map(|s| s.addr);
-            let listener = addr.and_then(|a| ctx.snapshot.udp_by_addr.get(&a));
+            let listener = addr.and_then(|a| snapshot.udp_by_addr.get(&a));
             let old = &f.pool.members[f.member];
             let target = listener.and_then(|l| {
                 let pool = l.pool.as_ref()?;
-                let i = pool
-                    .members
-                    .iter()
-                    .position(|m| m.id == old.id && m.addr == old.addr)?;
+                let i = *positions
+                    .entry(pool.index)
+                    .or_insert_with(|| {
+                        pool.members
+                            .iter()
+                            .enumerate()
+                            .map(|(i, m)| ((m.id.as_str(), m.addr), i))
+                            .collect()
+                    })
+                    .get(&(old.id.as_str(), old.addr))?;
                 Some((l.clone(), pool.clone(), i))
             });
             match target {
                 Some((listener, pool, member)) => {
                     let f = &mut self.flows[k];
+                    // A changed idle timeout needs a new timer; an
+                    // unchanged one keeps the flow's pending entry.
+                    let idle_changed =
+                        f.listener.timeout_client_data != listener.timeout_client_data;
                     f.listener = listener;
                     f.pool = pool;
                     f.member = member;
-                    // The idle timeout may have changed.
-                    if let Some(idle) = f.listener.timeout_client_data {
+                    if let Some(idle) = f.listener.timeout_client_data.filter(|_| idle_changed) {
                         f.timer = ctx.timers.schedule(f.last + idle, k | self.tokens.udp);
                     }
                 }
@@ -528,7 +533,7 @@ impl UdpPlane {
             }
         }
         let maddr = pool.members[member].addr;
-        let mut up = match connect(maddr, self.offload) {
+        let mut up = match connect(maddr, self.gso != Gso::OFF) {
             Ok(up) => up,
             Err(e) => {
                 tracing::debug!(member = %maddr, error = %e, "cannot open a UDP flow socket");

@@ -60,7 +60,7 @@ pub enum Bound {
 pub struct Update {
     pub snapshot: Arc<Snapshot>,
     /// This worker's new listening sockets.
-    pub add: Vec<(Endpoint, Bound)>,
+    pub add: Vec<(SocketAddr, Bound)>,
     /// Sockets to stop listening on.
     pub remove: Vec<Endpoint>,
     pub ack: Sender<usize>,
@@ -336,14 +336,14 @@ impl Worker {
             }
         }
         let mut udp_add = Vec::new();
-        let mut tcp_add = Vec::new();
-        for (e, b) in u.add {
-            match b {
-                Bound::Tcp(s) => tcp_add.push((e.addr, s)),
-                Bound::Udp(s) => udp_add.push((e.addr, s)),
-            }
-        }
-        for (addr, std_sock) in tcp_add {
+        for (addr, bound) in u.add {
+            let std_sock = match bound {
+                Bound::Tcp(s) => s,
+                Bound::Udp(s) => {
+                    udp_add.push((addr, s));
+                    continue;
+                }
+            };
             let mut sock = TcpListener::from_std(std_sock);
             let entry = self.listeners.vacant_entry();
             let key = entry.key();
