@@ -41,6 +41,9 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
     (0..count)
         .map(|_| {
             let s = bound(addr, Type::STREAM, Protocol::TCP)?;
+            // Accepted sockets inherit TCP_NODELAY from the listener, which
+            // saves a setsockopt on every connection.
+            s.set_nodelay(true)?;
             s.listen(BACKLOG)?;
             Ok(s.into())
         })
@@ -93,5 +96,23 @@ fn size_buffers(s: &Socket) {
     }
     if setsockopt(s, sockopt::SndBufForce, &UDP_BUFFER).is_err() {
         let _ = s.set_send_buffer_size(UDP_BUFFER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept path relies on this instead of a setsockopt per
+    /// connection.
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let ls = bind_tcp(addr, 1).unwrap().remove(0);
+            let _client = std::net::TcpStream::connect(ls.local_addr().unwrap()).unwrap();
+            let (accepted, _) = ls.accept().unwrap();
+            assert!(accepted.nodelay().unwrap(), "{addr}");
+        }
     }
 }

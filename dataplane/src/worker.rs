@@ -456,7 +456,8 @@ impl Worker {
             refuse(&client);
             return;
         };
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY comes from the listening socket (accepted sockets
+        // inherit it): one setsockopt less per connection.
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let mut conn = Conn {
@@ -592,12 +593,14 @@ impl Worker {
             return;
         };
         // On Linux a connecting socket turns writable only once the connect
-        // finished, so SO_ERROR alone tells success from failure; a
-        // readable-only wake-up (no writable yet) waits for the next event.
+        // finished; a readable-only wake-up (no writable yet) waits for the
+        // next event. A failed connect also raises EPOLLERR/EPOLLHUP
+        // (`closing`), so a clean writable event means connected and only
+        // a closing one needs SO_ERROR (one syscall less per connection).
         if !c.member_io.write {
             return;
         }
-        let failed = !matches!(up.stream.take_error(), Ok(None));
+        let failed = c.member_io.closing && !matches!(up.stream.take_error(), Ok(None));
         if failed {
             self.connect_failed(key);
             return;
