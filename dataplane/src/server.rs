@@ -9,18 +9,21 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, unbounded, Sender};
 use mio::Waker;
 use thiserror::Error;
 
 use crate::config::{Config, ConfigErrors};
+use crate::health::monitor::{EjectBackoff, Input, Monitor};
+use crate::health::{Book, Change, Ejector};
 use crate::listen;
-use crate::snapshot::{Endpoint, Snapshot};
+use crate::snapshot::{self, Endpoint, Snapshot};
 use crate::stats::{Registry, StatsReport};
+use crate::status::StatusReport;
 use crate::worker::{Bound, Command, Update, Worker, WorkerOptions};
 
 /// How long `apply` waits for every worker to take a new generation.
@@ -36,6 +39,12 @@ pub struct Options {
     pub pipe_size: usize,
     /// UDP segmentation offloads: GRO on receive, GSO on send.
     pub udp_offload: bool,
+    /// Passive ejection: a member out after this many connect failures in
+    /// a row (0 = never).
+    pub eject_after: u32,
+    /// How long an ejected member without a monitor stays out the first
+    /// time; repeated ejections double it, up to 32 times.
+    pub eject_backoff: Duration,
 }
 
 impl Default for Options {
@@ -47,6 +56,8 @@ impl Default for Options {
             splice: true,
             pipe_size: 1 << 20,
             udp_offload: true,
+            eject_after: 5,
+            eject_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -65,6 +76,8 @@ pub enum ApplyError {
     },
     #[error("cannot start worker: {0}")]
     Worker(std::io::Error),
+    #[error("cannot start the health thread: {0}")]
+    Health(std::io::Error),
     #[error("worker {0} did not take the new config in time")]
     WorkerTimeout(usize),
 }
@@ -82,35 +95,68 @@ pub enum Applied {
 }
 
 #[derive(Debug)]
-struct WorkerHandle {
+struct WorkerLink {
     tx: Sender<Command>,
     waker: Arc<Waker>,
-    thread: JoinHandle<()>,
 }
 
-/// A running dataplane.
+impl WorkerLink {
+    fn send(&self, command: Command) {
+        // A worker that died cannot ack; apply's timeout reports it.
+        let _ = self.tx.send(command);
+        let _ = self.waker.wake();
+    }
+}
+
+/// A running dataplane. Shareable: every method takes `&self`, and the
+/// control API, the signal loop and the health publisher use it at once.
 #[derive(Debug)]
 pub struct Server {
-    workers: Vec<WorkerHandle>,
+    core: Arc<Mutex<Core>>,
+    monitor: Option<Monitor>,
+    publisher: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Everything an apply or a health change reads and writes, behind one
+/// lock on the control side (never taken by a worker): applies and health
+/// changes reach the workers in the order they happened.
+#[derive(Debug)]
+struct Core {
+    workers: Vec<WorkerLink>,
     current: Arc<Snapshot>,
     /// Endpoints with bound sockets (held by the workers).
     bound: HashSet<Endpoint>,
     registry: Registry,
+    book: Book,
+    monitor: tokio::sync::mpsc::UnboundedSender<Input>,
     started: bool,
     /// UDP sockets get `UDP_GRO` (Options::udp_offload).
     udp_offload: bool,
 }
 
 impl Server {
-    /// Starts the workers and applies the first config.
+    /// Starts the workers and the health thread, and applies the first
+    /// config.
     pub fn start(config: Config, opts: Options) -> Result<Server, ApplyError> {
         let n = opts.workers.max(1);
+        let (changes_tx, changes_rx) = mpsc::channel::<Change>();
+        let backoff = EjectBackoff {
+            base: opts.eject_backoff,
+            max: opts.eject_backoff * 32,
+        };
+        let monitor = Monitor::spawn(changes_tx, backoff).map_err(ApplyError::Health)?;
         let wopts = WorkerOptions {
             splice: opts.splice,
             pipe_size: opts.pipe_size,
             udp_offload: opts.udp_offload,
+            ejector: Ejector {
+                after: opts.eject_after,
+                tx: Some(monitor.sender()),
+            },
         };
-        let mut workers = Vec::with_capacity(n);
+        let mut links = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = unbounded();
             let (worker, waker) =
@@ -119,35 +165,118 @@ impl Server {
                 .name(format!("siphon-worker-{id}"))
                 .spawn(move || worker.run())
                 .map_err(ApplyError::Worker)?;
-            workers.push(WorkerHandle { tx, waker, thread });
+            links.push(WorkerLink { tx, waker });
+            threads.push(thread);
         }
-        let mut server = Server {
-            workers,
+        let core = Arc::new(Mutex::new(Core {
+            workers: links,
             current: Arc::new(Snapshot::empty()),
             bound: HashSet::new(),
             registry: Registry::new(n),
+            book: Book::default(),
+            monitor: monitor.sender(),
             started: false,
             udp_offload: opts.udp_offload,
+        }));
+        let publisher = {
+            let core = core.clone();
+            std::thread::Builder::new()
+                .name("siphon-health-publish".into())
+                .spawn(move || {
+                    // Ends when the health thread (the only sender) stops.
+                    while let Ok(change) = changes_rx.recv() {
+                        lock(&core).health_changed(change);
+                    }
+                })
+                .map_err(ApplyError::Health)?
         };
-        server.apply(config)?;
-        server.started = true;
+        let server = Server {
+            core,
+            monitor: Some(monitor),
+            publisher: Some(publisher),
+            threads,
+        };
+        {
+            let mut core = server.core();
+            core.apply(config)?;
+            core.started = true;
+        }
         Ok(server)
     }
 
-    pub fn generation(&self) -> u64 {
-        self.current.generation()
+    fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
     }
 
-    pub fn config(&self) -> &Config {
-        &self.current.config
+    pub fn generation(&self) -> u64 {
+        self.core().current.generation()
+    }
+
+    /// The running config.
+    pub fn config(&self) -> Arc<Config> {
+        self.core().current.config.clone()
     }
 
     pub fn workers(&self) -> usize {
-        self.workers.len()
+        self.core().workers.len()
     }
 
-    /// Validates and applies `config` atomically.
-    pub fn apply(&mut self, config: Config) -> Result<Applied, ApplyError> {
+    /// Validates and applies `config` atomically; on error nothing changed.
+    pub fn apply(&self, config: Config) -> Result<Applied, ApplyError> {
+        self.core().apply(config)
+    }
+
+    /// All counters, summed over workers.
+    pub fn stats(&self) -> StatsReport {
+        let core = self.core();
+        core.registry.report(core.current.generation())
+    }
+
+    /// Operating status of every listener, pool and member.
+    pub fn status(&self) -> StatusReport {
+        let core = self.core();
+        StatusReport::build(&core.current, &core.book)
+    }
+
+    /// Stops accepting everywhere, lets connections finish for up to
+    /// `grace`, then closes what is left and joins the workers.
+    pub fn shutdown(mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for w in &self.core().workers {
+            w.send(Command::Drain { deadline });
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+        self.stop_health();
+    }
+
+    fn stop_health(&mut self) {
+        // Dropping the monitor stops the health thread, which ends the
+        // publisher.
+        drop(self.monitor.take());
+        if let Some(p) = self.publisher.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_health();
+    }
+}
+
+/// The control side survives a panic elsewhere while holding the lock:
+/// the state it guards is replaced whole by every apply.
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Core {
+    fn apply(&mut self, config: Config) -> Result<Applied, ApplyError> {
         let running = self.current.generation();
         if self.started && config.generation <= running {
             if config.generation == running && config == *self.current.config {
@@ -160,7 +289,12 @@ impl Server {
                 offered: config.generation,
             });
         }
-        let snapshot = Arc::new(Snapshot::build(config, &mut self.registry)?);
+        // Health records only for a valid config (plan() assumes one).
+        config.validate()?;
+        let book = self.book.plan(&config, SystemTime::now());
+        let snapshot = Arc::new(Snapshot::build(config, &mut self.registry, &|p, m| {
+            book.is_up(p, m)
+        })?);
         let wanted: HashMap<Endpoint, &str> = snapshot
             .endpoints()
             .map(|(e, l)| (e, l.id.as_str()))
@@ -211,18 +345,17 @@ impl Server {
 
         let (ack_tx, ack_rx) = bounded(self.workers.len());
         for (w, socks) in self.workers.iter().zip(per_worker) {
-            let update = Update {
+            w.send(Command::Apply(Update {
                 snapshot: snapshot.clone(),
                 add: socks,
                 remove: removed.clone(),
                 ack: ack_tx.clone(),
-            };
-            // A worker that died cannot ack; the timeout below reports it.
-            let _ = w.tx.send(Command::Apply(update));
-            let _ = w.waker.wake();
+            }));
         }
         self.bound = wanted.keys().copied().collect();
         self.current = snapshot;
+        self.book = book;
+        let _ = self.monitor.send(Input::Plan(self.book.targets()));
         self.prune_registry();
         let deadline = Instant::now() + ACK_TIMEOUT;
         let mut acked = vec![false; self.workers.len()];
@@ -242,6 +375,31 @@ impl Server {
         })
     }
 
+    /// A member went up or down: rebuild its pool's balancer and hand it to
+    /// every worker (no acknowledgement needed: it only steers new
+    /// connections).
+    fn health_changed(&mut self, change: Change) {
+        let pool_id = change.key.pool.clone();
+        if !self.book.apply(change, SystemTime::now()) {
+            return;
+        }
+        let snap = &self.current;
+        let Some(index) = snap.config.pools.iter().position(|p| p.id == pool_id) else {
+            return;
+        };
+        let (Some(cfg), Some(pool)) = (snap.config.pools.get(index), snap.pools.get(index)) else {
+            return;
+        };
+        let book = &self.book;
+        let balancer = Arc::new(snapshot::balancer(cfg, &|p, m| book.is_up(p, m)));
+        for w in &self.workers {
+            w.send(Command::Balancer {
+                pool: pool.clone(),
+                balancer: balancer.clone(),
+            });
+        }
+    }
+
     fn prune_registry(&mut self) {
         let cfg = &self.current.config;
         let listeners: Vec<&str> = cfg.listeners.iter().map(|l| l.id.as_str()).collect();
@@ -251,25 +409,5 @@ impl Server {
             .flat_map(|p| p.members.iter().map(|m| (p.id.as_str(), m.id.as_str())))
             .collect();
         self.registry.retain(&listeners, &members);
-    }
-
-    /// All counters, summed over workers.
-    pub fn stats(&self) -> StatsReport {
-        self.registry.report(self.generation())
-    }
-
-    /// Stops accepting everywhere, lets connections finish for up to
-    /// `grace`, then closes what is left and joins the workers.
-    pub fn shutdown(self, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        for w in &self.workers {
-            let _ = w.tx.send(Command::Drain { deadline });
-            let _ = w.waker.wake();
-        }
-        for w in self.workers {
-            if w.thread.join().is_err() {
-                tracing::error!("a worker thread panicked");
-            }
-        }
     }
 }

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use crate::balance::{Balancer, Candidate};
 use crate::config::validate::{parse_cidr, parse_ip};
 use crate::config::{
-    Config, ConfigError, ConfigErrors, LbAlgorithm, ListenerProtocol, Object, PoolProtocol,
+    Config, ConfigError, ConfigErrors, LbAlgorithm, ListenerProtocol, Object, Pool, PoolProtocol,
 };
 use crate::stats::{ListenerStats, MemberStats, Registry};
 
@@ -31,7 +31,9 @@ pub struct PoolRt {
     pub index: usize,
     pub protocol: PoolProtocol,
     pub members: Vec<MemberRt>,
-    pub balancer: Balancer,
+    /// Built with the health state at build time; the workers keep the
+    /// health thread's later rebuilds ([`crate::live`]).
+    pub balancer: Arc<Balancer>,
 }
 
 impl PoolRt {
@@ -115,6 +117,22 @@ pub struct Snapshot {
     pub udp_by_addr: HashMap<SocketAddr, Arc<ListenerRt>>,
 }
 
+/// The balancer of `pool` for the members `up(pool, member)` says are
+/// healthy (admin-down members are never used).
+pub fn balancer(pool: &Pool, up: &dyn Fn(&str, &str) -> bool) -> Balancer {
+    let cands: Vec<Candidate> = pool
+        .members
+        .iter()
+        .map(|m| Candidate {
+            id: m.id.clone(),
+            weight: u32::try_from(m.weight).unwrap_or(0),
+            backup: m.backup,
+            usable: m.admin_state_up && up(&pool.id, &m.id),
+        })
+        .collect();
+    Balancer::new(&cands, pool.lb_algorithm, pool.maglev_table_size)
+}
+
 fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
 }
@@ -152,13 +170,17 @@ impl Snapshot {
 
     /// Validates `config` and builds its runtime form, taking counters
     /// from `registry` so they carry over for objects that stay.
-    pub fn build(config: Config, registry: &mut Registry) -> Result<Snapshot, ConfigErrors> {
+    /// `up(pool, member)` is the member's health.
+    pub fn build(
+        config: Config,
+        registry: &mut Registry,
+        up: &dyn Fn(&str, &str) -> bool,
+    ) -> Result<Snapshot, ConfigErrors> {
         config.validate()?;
         let mut pools = Vec::with_capacity(config.pools.len());
         let mut pool_by_id = HashMap::new();
         for (index, p) in config.pools.iter().enumerate() {
             let mut members = Vec::with_capacity(p.members.len());
-            let mut cands = Vec::with_capacity(p.members.len());
             for m in &p.members {
                 let o = Object::Member {
                     pool: p.id.clone(),
@@ -172,19 +194,13 @@ impl Snapshot {
                     addr: SocketAddr::new(ip, port),
                     stats: registry.member(&p.id, &m.id),
                 });
-                cands.push(Candidate {
-                    id: m.id.clone(),
-                    weight: u32::try_from(m.weight).unwrap_or(0),
-                    backup: m.backup,
-                    usable: m.admin_state_up,
-                });
             }
             let pool = Arc::new(PoolRt {
                 id: p.id.clone(),
                 index,
                 protocol: p.protocol,
                 members,
-                balancer: Balancer::new(&cands, p.lb_algorithm, p.maglev_table_size),
+                balancer: Arc::new(balancer(p, up)),
             });
             pool_by_id.insert(p.id.clone(), pool.clone());
             pools.push(pool);

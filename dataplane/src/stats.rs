@@ -8,7 +8,7 @@
 //! (pool id, member id), so they survive reloads for objects that stay.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -111,6 +111,10 @@ pub struct MemberCounters {
 pub struct MemberStats {
     pub pool_id: String,
     pub id: String,
+    /// Connect failures since the last successful connect, over all
+    /// workers (passive ejection). Written only on failures and on the
+    /// first success after one, so the forwarding path just reads it.
+    pub failures_in_row: AtomicU32,
     workers: Box<[CachePadded<MemberCounters>]>,
 }
 
@@ -119,6 +123,7 @@ impl MemberStats {
         MemberStats {
             pool_id: pool_id.to_owned(),
             id: id.to_owned(),
+            failures_in_row: AtomicU32::new(0),
             workers: (0..workers).map(|_| CachePadded::default()).collect(),
         }
     }

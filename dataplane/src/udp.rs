@@ -27,8 +27,9 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::balance::{Flow as FlowKey, PickState};
+use crate::balance::Flow as FlowKey;
 use crate::listen;
+use crate::live::LivePools;
 use crate::mmsg::{Gso, Outgoing, RecvBatch, Sender, SLOTS};
 use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
 use crate::timer::TimerWheel;
@@ -52,7 +53,7 @@ pub struct Ctx<'a> {
     pub registry: &'a Registry,
     pub timers: &'a mut TimerWheel,
     pub snapshot: &'a Snapshot,
-    pub picks: &'a mut [PickState],
+    pub live: &'a mut LivePools,
     pub now: Instant,
 }
 
@@ -582,26 +583,7 @@ impl UdpPlane {
     }
 
     fn pick(&self, pool: &Arc<PoolRt>, flow: FlowKey, ctx: &mut Ctx<'_>) -> Option<usize> {
-        // Pick state belongs to the current generation's pools.
-        let current = ctx
-            .snapshot
-            .pools
-            .get(pool.index)
-            .is_some_and(|p| Arc::ptr_eq(p, pool));
-        let mut scratch = PickState::default();
-        let state = match ctx.picks.get_mut(pool.index).filter(|_| current) {
-            Some(s) => s,
-            None => &mut scratch,
-        };
-        let members = &pool.members;
-        pool.balancer
-            .choose(
-                &flow,
-                state,
-                &|i| members[usize::from(i)].stats.active(),
-                &[],
-            )
-            .map(usize::from)
+        ctx.live.choose(pool, &flow, &[]).map(usize::from)
     }
 
     /// Ends the least recently used flow of group `g`; false if it has none.

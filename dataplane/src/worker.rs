@@ -15,8 +15,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::balance::{Flow, PickState};
+use crate::balance::{Balancer, Flow};
 use crate::config::{LbAlgorithm, PoolProtocol};
+use crate::health::Ejector;
+use crate::live::LivePools;
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
 use crate::relay::{Half, Ready, Shared};
@@ -46,6 +48,8 @@ pub struct WorkerOptions {
     pub splice: bool,
     pub pipe_size: usize,
     pub udp_offload: bool,
+    /// Where connect failures in a row are reported (passive ejection).
+    pub ejector: Ejector,
 }
 
 /// A newly bound socket for a worker.
@@ -69,6 +73,11 @@ pub struct Update {
 #[derive(Debug)]
 pub enum Command {
     Apply(Update),
+    /// A health change rebuilt one pool's balancer.
+    Balancer {
+        pool: Arc<PoolRt>,
+        balancer: Arc<Balancer>,
+    },
     /// Stop accepting, finish connections until the deadline, then exit.
     Drain {
         deadline: Instant,
@@ -126,7 +135,7 @@ pub struct Worker {
     timers: TimerWheel,
     pipes: PipePool,
     scratch: Box<[u8]>,
-    picks: Vec<PickState>,
+    live: LivePools,
     opts: WorkerOptions,
     again: Vec<usize>,
     accept_again: Vec<usize>,
@@ -148,7 +157,7 @@ macro_rules! udp_ctx {
             registry: $w.poll.registry(),
             timers: &mut $w.timers,
             snapshot: &$w.snapshot,
-            picks: &mut $w.picks,
+            live: &mut $w.live,
             now: $w.now,
         }
     };
@@ -186,7 +195,7 @@ impl Worker {
                 timers: TimerWheel::new(now),
                 pipes: PipePool::new(opts.pipe_size, 256),
                 scratch: vec![0u8; SCRATCH].into_boxed_slice(),
-                picks: Vec::new(),
+                live: LivePools::default(),
                 opts,
                 again: Vec::new(),
                 accept_again: Vec::new(),
@@ -306,6 +315,7 @@ impl Worker {
         loop {
             match self.rx.try_recv() {
                 Ok(Command::Apply(u)) => self.apply(u),
+                Ok(Command::Balancer { pool, balancer }) => self.live.set_balancer(&pool, balancer),
                 Ok(Command::Drain { deadline }) => {
                     let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
                     for k in keys {
@@ -367,7 +377,7 @@ impl Worker {
                 }
             }
         }
-        self.picks = vec![PickState::default(); u.snapshot.pools.len()];
+        self.live.reset(&u.snapshot);
         self.snapshot = u.snapshot;
         self.udp.apply(udp_add, &udp_remove, &mut udp_ctx!(self));
         let _ = u.ack.send(self.id);
@@ -517,25 +527,7 @@ impl Worker {
                 c.peer
             };
             let flow = Flow { src: c.peer, dst };
-            let pick = self.picks.get_mut(pool.index).filter(|_| {
-                // Picks state belongs to the current generation's pools.
-                self.snapshot
-                    .pools
-                    .get(pool.index)
-                    .is_some_and(|p| Arc::ptr_eq(p, &pool))
-            });
-            let mut scratch = PickState::default();
-            let state = match pick {
-                Some(s) => s,
-                None => &mut scratch,
-            };
-            let members = &pool.members;
-            let choice = pool.balancer.choose(
-                &flow,
-                state,
-                &|i| members[usize::from(i)].stats.active(),
-                &c.tried,
-            );
+            let choice = self.live.choose(&pool, &flow, &c.tried);
             let Some(index) = choice else {
                 c.listener.stats.worker(self.id).no_member.add(1);
                 self.close(key);
@@ -568,7 +560,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::debug!(member = %member.addr, error = %e, "connect failed");
-                    member.stats.worker(self.id).connect_errors.add(1);
+                    self.opts.ejector.failed(&member.stats, self.id);
                 }
             }
         }
@@ -607,6 +599,7 @@ impl Worker {
         }
         c.phase = Phase::Established;
         c.connect_deadline = None;
+        Ejector::connected(&up.stats);
         let w = up.stats.worker(self.id);
         w.active_connections.add(1);
         w.total_connections.add(1);
@@ -635,7 +628,7 @@ impl Worker {
             return;
         };
         if let Some(mut up) = c.member.take() {
-            up.stats.worker(self.id).connect_errors.add(1);
+            self.opts.ejector.failed(&up.stats, self.id);
             let _ = self.poll.registry().deregister(&mut up.stream);
         }
         self.connect_next(key);

@@ -230,7 +230,7 @@ fn backup_members_serve_only_when_no_primary_is_usable() {
             ],
         )
     };
-    let mut server = start(cfg(1, "", 1), 2);
+    let server = start(cfg(1, "", 1), 2);
     let count = tally(port, 20, |_| None);
     assert_eq!(share(&count, "backup"), 0, "{count:?}");
     // One primary admin-down, the other drained: only the backup is left.
@@ -266,7 +266,7 @@ fn a_drained_member_keeps_its_established_connections() {
             ],
         )
     };
-    let mut server = start(cfg(1, 1), 1);
+    let server = start(cfg(1, 1), 1);
     let (mut on_a, name) = connect_greeting(addr(port)).expect("connect");
     assert_eq!(name, "a", "round robin starts with the first member by id");
     server.apply(cfg(2, 0)).expect("drain a");

@@ -504,7 +504,7 @@ fn refused_connect_moves_on_and_gives_up_after_the_retries() {
             ],
         )
     };
-    let mut server = start(cfg(1, 3), 1);
+    let server = start(cfg(1, 3), 1);
     let (_s, name) = connect_greeting(addr(port)).expect("3 retries reach the live member");
     assert_eq!(name, "z-live");
     // With one retry allowed, two dead members in a row end the connection.

@@ -339,7 +339,7 @@ fn rejected_applies_change_nothing() {
             ],
         )
     };
-    let mut server = start(good(5), 2);
+    let server = start(good(5), 2);
     let (mut held, _) = connect_greeting(addr(port)).expect("connect");
 
     // Invalid: the error names object and field.
@@ -413,7 +413,7 @@ fn a_removed_listener_stops_accepting_while_its_connections_finish() {
     let b = Backend::start(&rt, "b0", "127.0.0.1");
     let (keep, gone, off) = (free_port(), free_port(), free_port());
     let p = || pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]);
-    let mut server = start(
+    let server = start(
         config(
             1,
             &[

@@ -346,7 +346,7 @@ fn reloads_keep_udp_flows_and_their_members() {
     let (_rt, bs) = backends(3);
     let port = free_udp_port();
     let extra_port = free_udp_port();
-    let mut server = start(udp_proxy(1, port, &bs, "SOURCE_IP_PORT", ""), 2);
+    let server = start(udp_proxy(1, port, &bs, "SOURCE_IP_PORT", ""), 2);
     let clients: Vec<_> = (0..30).map(|_| udp_client("127.0.0.1:0")).collect();
     let first: Vec<String> = clients
         .iter()
@@ -420,7 +420,7 @@ fn icmp_port_unreachable_is_counted_and_the_worker_lives_on() {
 
 #[test]
 fn a_removed_member_ends_its_flows_and_a_drained_one_keeps_them() {
-    let (_rt, bs, port, mut server) = proxied(2, "ROUND_ROBIN", "", 1);
+    let (_rt, bs, port, server) = proxied(2, "ROUND_ROBIN", "", 1);
     let c0 = udp_client("127.0.0.1:0");
     let c1 = udp_client("127.0.0.1:0");
     let n0 = udp_who(&c0, addr(port)).unwrap();
