@@ -2,6 +2,7 @@
 //! are, traffic helpers, and the root-test policy. No mocks: everything
 //! here opens real sockets.
 
+pub mod http;
 pub mod netns;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -18,6 +19,7 @@ pub struct Backend {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
+    accept_loop: tokio::task::AbortHandle,
     _rt: Arc<tokio::runtime::Runtime>,
 }
 
@@ -35,7 +37,14 @@ pub fn runtime() -> Arc<tokio::runtime::Runtime> {
 impl Backend {
     /// Starts a greeting echo backend on `ip` (port chosen by the kernel).
     pub fn start(rt: &Arc<tokio::runtime::Runtime>, name: &str, ip: &str) -> Backend {
-        let std_l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let ip: std::net::IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        Backend::start_at(rt, name, SocketAddr::new(ip, 0))
+    }
+
+    /// Starts a greeting echo backend on `addr` (e.g. where a stopped one
+    /// was).
+    pub fn start_at(rt: &Arc<tokio::runtime::Runtime>, name: &str, addr: SocketAddr) -> Backend {
+        let std_l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let addr = std_l.local_addr().unwrap_or_else(|e| panic!("{e}"));
         std_l
             .set_nonblocking(true)
@@ -43,7 +52,7 @@ impl Backend {
         let accepted = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         let (acc, act, greet) = (accepted.clone(), active.clone(), format!("{name}\n"));
-        rt.spawn(async move {
+        let accept_loop = rt.spawn(async move {
             let l = match tokio::net::TcpListener::from_std(std_l) {
                 Ok(l) => l,
                 Err(e) => panic!("listener: {e}"),
@@ -66,7 +75,21 @@ impl Backend {
             addr,
             accepted,
             active,
+            accept_loop: accept_loop.abort_handle(),
             _rt: rt.clone(),
+        }
+    }
+
+    /// Closes the listening socket: new connections are refused (open ones
+    /// go on). The accept loop owns the socket, so it is closed once the
+    /// runtime has dropped the aborted task; this waits for that.
+    pub fn stop(&self) {
+        self.accept_loop.abort();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
