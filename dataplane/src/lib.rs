@@ -13,6 +13,7 @@
 //! [`timer`], [`proxy_protocol`], [`snapshot`]. The I/O shell: [`worker`],
 //! [`relay`], [`pipe`], [`udp`], [`mmsg`], [`listen`], [`server`].
 
+pub mod api;
 pub mod balance;
 pub mod config;
 pub mod demo;
@@ -20,6 +21,7 @@ pub mod health;
 pub mod listen;
 pub mod live;
 pub mod maglev;
+pub mod metrics;
 pub mod mmsg;
 pub mod pipe;
 pub mod proxy_protocol;

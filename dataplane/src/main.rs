@@ -1,16 +1,20 @@
-//! `siphon-dataplane`: parse arguments, load the config, start the server,
-//! then turn signals into actions (SIGHUP reload, SIGTERM/SIGINT drain and
-//! exit, SIGUSR1 log counters). Everything else is library code.
+//! `siphon-dataplane`: parse arguments, load the config, start the server
+//! and its control API, then turn signals into actions (SIGHUP reload,
+//! SIGTERM/SIGINT drain and exit, SIGUSR1 log counters); `ctl` talks to a
+//! running one. Everything else is library code.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
+use siphon_dataplane::api::{self, client, Api, ApiOptions};
+use siphon_dataplane::config::load::Format;
 use siphon_dataplane::{demo, Applied, Config, Options, Server};
 
 #[derive(Parser)]
@@ -26,12 +30,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy on a config file (TOML, or JSON if the name ends in .json).
+    /// Run the proxy on a config file (TOML, or JSON if the name ends in
+    /// .json), or with no config until one is pushed over the control API.
     Run {
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        control: Control,
         #[command(flatten)]
         tuning: Tuning,
+    },
+    /// Talk to a running dataplane over its control socket.
+    Ctl {
+        /// The control socket of the dataplane.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
     },
     /// Validate a config file without running it; exits 1 with the problems.
     Check {
@@ -49,6 +64,43 @@ enum Command {
         #[command(flatten)]
         tuning: Tuning,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Generation, listeners, pools and each member's health state.
+    Status,
+    /// Counters of every listener and member (JSON).
+    Stats,
+    /// The running config (JSON).
+    Config,
+    /// The Prometheus page.
+    Metrics,
+    /// Validate and apply a config file (TOML, or JSON if it ends in .json).
+    Apply { file: PathBuf },
+}
+
+#[derive(Args)]
+struct Control {
+    /// Control API socket (HTTP/1.1 over a Unix socket).
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Permission bits of the control socket, in octal.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// No control API (SIGHUP and the config file only).
+    #[arg(long, conflicts_with = "socket")]
+    no_api: bool,
+    /// Also serve GET /metrics on this TCP address (e.g. 127.0.0.1:9100).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 600"))
 }
 
 #[derive(Args)]
@@ -69,6 +121,14 @@ struct Tuning {
     /// Seconds established connections get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Take a member out after this many connect failures in a row
+    /// (0: never).
+    #[arg(long, default_value_t = 5)]
+    eject_after: u32,
+    /// Seconds an ejected member without a health monitor stays out (doubling
+    /// on repeated ejections, up to 32 times).
+    #[arg(long, default_value_t = 10)]
+    eject_backoff: u64,
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG wins if set.
     #[arg(long, default_value = "info")]
     log: String,
@@ -83,6 +143,8 @@ impl Tuning {
         o.splice = !self.no_splice;
         o.pipe_size = self.pipe_size;
         o.udp_offload = !self.no_udp_offload;
+        o.eject_after = self.eject_after;
+        o.eject_backoff = Duration::from_secs(self.eject_backoff.max(1));
         o
     }
 }
@@ -91,7 +153,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, tuning } => run(&config, &tuning),
+        Command::Run {
+            config,
+            control,
+            tuning,
+        } => run(config.as_deref(), &control, &tuning),
+        Command::Ctl { socket, action } => ctl(&socket, action),
         Command::Demo { port, once, tuning } => run_demo(port, once, &tuning),
     };
     match result {
@@ -153,32 +220,56 @@ fn signals() -> Result<SignalFd> {
     SignalFd::new(&set).context("signalfd")
 }
 
-fn run(path: &Path, tuning: &Tuning) -> Result<()> {
+fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
     init_logging(&tuning.log);
     raise_fd_limit();
     let sigs = signals()?;
-    let config = Config::load(path)?;
+    let config = match path {
+        Some(p) => Config::load(p)?,
+        None if control.no_api => {
+            anyhow::bail!("nothing to run: give --config, or leave the control API on to push one")
+        }
+        None => Config {
+            generation: 0,
+            listeners: Vec::new(),
+            pools: Vec::new(),
+        },
+    };
     let opts = tuning.options();
-    let server = Server::start(config, opts.clone()).context("starting")?;
+    let server = Arc::new(Server::start(config, opts.clone()).context("starting")?);
+    let api = if control.no_api {
+        None
+    } else {
+        let opts = ApiOptions {
+            socket: control.socket.clone(),
+            mode: control.socket_mode,
+            metrics: control.metrics_listen,
+        };
+        Some(Api::start(server.clone(), &opts).context("starting the control API")?)
+    };
     tracing::info!(
         generation = server.generation(),
         workers = opts.workers,
         splice = opts.splice,
-        config = %path.display(),
+        config = %path.map_or("(none)".into(), |p| p.display().to_string()),
+        control = %api.as_ref().map_or("off".into(), |a| a.socket().display().to_string()),
+        metrics = ?control.metrics_listen,
         "siphon-dataplane running"
     );
-    serve(server, sigs, Some(path), tuning)
+    serve(&server, sigs, path, tuning)?;
+    drop(api);
+    Ok(())
 }
 
-/// The signal loop shared by `run` and `demo`.
-fn serve(mut server: Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tuning) -> Result<()> {
+/// The signal loop shared by `run` and `demo`; returns after draining.
+fn serve(server: &Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tuning) -> Result<()> {
     loop {
         let Some(info) = sigs.read_signal().context("reading signals")? else {
             continue;
         };
         match Signal::try_from(info.ssi_signo as i32) {
             Ok(Signal::SIGHUP) => match path {
-                Some(p) => reload(&mut server, p),
+                Some(p) => reload(server, p),
                 None => tracing::info!("SIGHUP ignored: no config file"),
             },
             Ok(Signal::SIGUSR1) => match serde_json::to_string(&server.stats()) {
@@ -199,8 +290,50 @@ fn serve(mut server: Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tunin
     }
 }
 
+/// `ctl`: one request to a running dataplane; the reply goes to stdout,
+/// or to stderr with exit status 1 when the dataplane refused it.
+fn ctl(socket: &Path, action: CtlAction) -> Result<()> {
+    use hyper::Method;
+    let reply = match action {
+        CtlAction::Status => client::request(socket, Method::GET, "/v1/status", None)?,
+        CtlAction::Stats => client::request(socket, Method::GET, "/v1/stats", None)?,
+        CtlAction::Config => client::request(socket, Method::GET, "/v1/config", None)?,
+        CtlAction::Metrics => client::request(socket, Method::GET, "/metrics", None)?,
+        CtlAction::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // The dataplane validates; only the syntax is checked here, so
+            // that a TOML file travels as JSON.
+            let config = Config::parse(&text, Format::for_path(&file))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let body = serde_json::to_vec(&config)?;
+            client::request(
+                socket,
+                Method::PUT,
+                "/v1/config",
+                Some(("application/json", body)),
+            )?
+        }
+    };
+    let text = pretty(&reply.body);
+    if reply.is_success() {
+        println!("{text}");
+        Ok(())
+    } else {
+        anyhow::bail!("the dataplane answered {}:\n{text}", reply.status)
+    }
+}
+
+/// JSON bodies indented for people; anything else as it came.
+fn pretty(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| body.trim_end().to_owned())
+}
+
 /// SIGHUP: re-read the file and apply it; on any error the running config stays.
-fn reload(server: &mut Server, path: &Path) {
+fn reload(server: &Server, path: &Path) {
     let rejected = |server: &Server, e: &dyn std::fmt::Display| {
         tracing::error!(
             "reload rejected, running generation {} stays: {e}",
@@ -269,5 +402,5 @@ fn run_demo(port: u16, once: bool, tuning: &Tuning) -> Result<()> {
         addr.ip(),
         addr.port()
     );
-    serve(server, sigs, None, tuning)
+    serve(&server, sigs, None, tuning)
 }

@@ -113,9 +113,15 @@ impl WorkerLink {
 #[derive(Debug)]
 pub struct Server {
     core: Arc<Mutex<Core>>,
+    /// Thread handles, taken by the first shutdown.
+    threads: Mutex<Threads>,
+}
+
+#[derive(Debug, Default)]
+struct Threads {
+    workers: Vec<JoinHandle<()>>,
     monitor: Option<Monitor>,
     publisher: Option<JoinHandle<()>>,
-    threads: Vec<JoinHandle<()>>,
 }
 
 /// Everything an apply or a health change reads and writes, behind one
@@ -192,9 +198,11 @@ impl Server {
         };
         let server = Server {
             core,
-            monitor: Some(monitor),
-            publisher: Some(publisher),
-            threads,
+            threads: Mutex::new(Threads {
+                workers: threads,
+                monitor: Some(monitor),
+                publisher: Some(publisher),
+            }),
         };
         {
             let mut core = server.core();
@@ -239,20 +247,25 @@ impl Server {
     }
 
     /// Stops accepting everywhere, lets connections finish for up to
-    /// `grace`, then closes what is left and joins the workers.
-    pub fn shutdown(mut self, grace: Duration) {
+    /// `grace`, then closes what is left and joins the workers. Later calls
+    /// do nothing.
+    pub fn shutdown(&self, grace: Duration) {
         let deadline = Instant::now() + grace;
         for w in &self.core().workers {
             w.send(Command::Drain { deadline });
         }
-        for t in self.threads.drain(..) {
+        let mut threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads.workers.drain(..) {
             if t.join().is_err() {
                 tracing::error!("a worker thread panicked");
             }
         }
-        self.stop_health();
+        threads.stop_health();
     }
+}
 
+impl Threads {
     fn stop_health(&mut self) {
         // Dropping the monitor stops the health thread, which ends the
         // publisher.
@@ -263,7 +276,7 @@ impl Server {
     }
 }
 
-impl Drop for Server {
+impl Drop for Threads {
     fn drop(&mut self) {
         self.stop_health();
     }

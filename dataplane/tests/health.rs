@@ -94,7 +94,7 @@ fn killed_backend_goes_error_gets_no_connections_and_comes_back() {
     let status = server.status();
     assert_eq!(status.pool("p").unwrap().operating_status, Degraded);
     let reason = status.member("p", "b1").unwrap().reason.clone().unwrap();
-    assert!(reason.contains("checks failed"), "{reason}");
+    assert!(reason.contains("failed check"), "{reason}");
 
     let errors_before = server.stats().member("p", "b1").unwrap().connect_errors;
     for _ in 0..20 {

@@ -236,8 +236,8 @@ impl State {
                     return;
                 };
                 let reason = match result {
-                    Ok(()) => format!("{} checks passed", e.target.rise),
-                    Err(why) => format!("{} checks failed, last: {why}", e.target.fall),
+                    Ok(()) => format!("{} passed check(s) in a row", e.target.rise),
+                    Err(why) => format!("{} failed check(s) in a row, last: {why}", e.target.fall),
                 };
                 (up, reason)
             }

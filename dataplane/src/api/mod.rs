@@ -1,0 +1,313 @@
+//! The control API: HTTP/1.1 over a Unix socket (mode 0600 by default), on
+//! its own thread with its own single-threaded runtime, never on a worker.
+//!
+//! - `PUT /v1/config`: a whole config (JSON, or TOML with a `toml` content
+//!   type), validated and applied atomically through the same path as
+//!   SIGHUP. 200 applied or unchanged; 400 invalid, with every problem
+//!   naming its object and field; 409 for a generation not newer than the
+//!   running one (the same generation with the same content is 200
+//!   unchanged, so a retried push is harmless). Nothing changes on error.
+//! - `GET /v1/config`, `GET /v1/status`, `GET /v1/stats`: JSON.
+//! - `GET /metrics`: Prometheus text; optionally also on a TCP address for
+//!   scrapers.
+//!
+//! [`client`] is the other end, used by `siphon-dataplane ctl`.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use crate::config::load::Format;
+use crate::config::Config;
+use crate::server::{Applied, ApplyError, Server};
+
+/// Where the control socket lives unless `--socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/siphon/dataplane.sock";
+/// Largest config document accepted (a few thousand listeners fit).
+const MAX_BODY: usize = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    pub socket: PathBuf,
+    /// Permission bits of the socket file.
+    pub mode: u32,
+    /// Also serve `GET /metrics` on this TCP address.
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("control API thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The running API; stops (and removes its socket file) on drop.
+#[derive(Debug)]
+pub struct Api {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    socket: PathBuf,
+}
+
+impl Api {
+    /// Binds the socket (and metrics address) now, so errors are reported
+    /// to the caller, then serves on a new thread.
+    pub fn start(server: Arc<Server>, opts: &ApiOptions) -> Result<Api, ApiError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ApiError::Thread)?;
+        let (unix, tcp) = runtime.block_on(async {
+            let unix = bind_socket(&opts.socket, opts.mode)?;
+            let tcp = match opts.metrics {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ApiError::Metrics { addr, source })?,
+                ),
+                None => None,
+            };
+            Ok::<_, ApiError>((unix, tcp))
+        })?;
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let app = router(server.clone());
+        let metrics_app = Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(server);
+        let thread = std::thread::Builder::new()
+            .name("siphon-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let stop = async {
+                        let _ = stop_rx.await;
+                    };
+                    let scrape = async move {
+                        if let Some(tcp) = tcp {
+                            if let Err(e) = axum::serve(tcp, metrics_app).await {
+                                tracing::error!(error = %e, "metrics listener failed");
+                            }
+                        } else {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    let api = axum::serve(unix, app).with_graceful_shutdown(stop);
+                    tokio::select! {
+                        r = api => if let Err(e) = r {
+                            tracing::error!(error = %e, "control API failed");
+                        },
+                        () = scrape => {}
+                    }
+                })
+            })
+            .map_err(ApiError::Thread)?;
+        Ok(Api {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            socket: opts.socket.clone(),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Binds the Unix socket: a leftover file from a process that is gone is
+/// replaced, a live one is an error.
+fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ApiError> {
+    let err = |source| ApiError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    Ok(listener)
+}
+
+fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/v1/config", get(get_config).put(put_config))
+        .route("/v1/status", get(status))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(server)
+}
+
+async fn get_config(State(server): State<Arc<Server>>) -> Response {
+    Json(&*server.config()).into_response()
+}
+
+async fn status(State(server): State<Arc<Server>>) -> Response {
+    Json(server.status()).into_response()
+}
+
+async fn stats(State(server): State<Arc<Server>>) -> Response {
+    Json(server.stats()).into_response()
+}
+
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    let text = crate::metrics::render(&server.stats(), &server.status());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// One problem with a pushed config.
+#[derive(Debug, Serialize)]
+struct Problem {
+    object: String,
+    field: String,
+    problem: String,
+}
+
+fn rejected(code: StatusCode, error: String, problems: Vec<Problem>) -> Response {
+    (code, Json(json!({ "error": error, "problems": problems }))).into_response()
+}
+
+async fn put_config(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let toml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("toml"));
+    let format = if toml { Format::Toml } else { Format::Json };
+    let config = match std::str::from_utf8(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|text| Config::parse(text, format))
+    {
+        Ok(c) => c,
+        Err(message) => {
+            let p = Problem {
+                object: "config".into(),
+                field: String::new(),
+                problem: message.clone(),
+            };
+            return rejected(
+                StatusCode::BAD_REQUEST,
+                format!("cannot parse: {message}"),
+                vec![p],
+            );
+        }
+    };
+    // apply() waits for every worker's acknowledgement: off the runtime.
+    let result = tokio::task::spawn_blocking(move || server.apply(config)).await;
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            return rejected(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]);
+        }
+    };
+    match result {
+        Ok(Applied::Unchanged { generation }) => {
+            Json(json!({ "result": "unchanged", "generation": generation })).into_response()
+        }
+        Ok(Applied::Changed {
+            generation,
+            added,
+            removed,
+        }) => {
+            let show = |v: Vec<crate::snapshot::Endpoint>| {
+                v.iter().map(ToString::to_string).collect::<Vec<_>>()
+            };
+            tracing::info!(generation, "config applied through the control API");
+            Json(json!({
+                "result": "applied",
+                "generation": generation,
+                "listening_added": show(added),
+                "listening_removed": show(removed),
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "config rejected through the control API");
+            let message = e.to_string();
+            match e {
+                ApplyError::Invalid(errors) => {
+                    let problems = errors
+                        .0
+                        .iter()
+                        .map(|p| Problem {
+                            object: p.object.to_string(),
+                            field: p.field.to_owned(),
+                            problem: p.problem.to_string(),
+                        })
+                        .collect();
+                    rejected(StatusCode::BAD_REQUEST, message, problems)
+                }
+                ApplyError::Stale { running, offered } => (
+                    StatusCode::CONFLICT,
+                    Json(json!({
+                        "error": message,
+                        "running_generation": running,
+                        "offered_generation": offered,
+                    })),
+                )
+                    .into_response(),
+                ApplyError::Bind {
+                    listener,
+                    endpoint,
+                    source,
+                } => {
+                    let p = Problem {
+                        object: crate::config::Object::Listener(listener).to_string(),
+                        field: "bind_addresses".into(),
+                        problem: format!("cannot listen on {endpoint}: {source}"),
+                    };
+                    rejected(StatusCode::BAD_REQUEST, message, vec![p])
+                }
+                ApplyError::Worker(_) | ApplyError::WorkerTimeout(_) | ApplyError::Health(_) => {
+                    rejected(StatusCode::INTERNAL_SERVER_ERROR, message, vec![])
+                }
+            }
+        }
+    }
+}
