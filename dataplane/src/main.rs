@@ -236,8 +236,9 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
         },
     };
     let opts = tuning.options();
-    let server = Arc::new(Server::start(config, opts.clone()).context("starting")?);
-    let api = if control.no_api {
+    // The control socket first: a second dataplane started by mistake must
+    // fail before it binds (and with SO_REUSEPORT shares) any listener.
+    let bound = if control.no_api {
         None
     } else {
         let opts = ApiOptions {
@@ -245,7 +246,15 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
             mode: control.socket_mode,
             metrics: control.metrics_listen,
         };
-        Some(Api::start(server.clone(), &opts).context("starting the control API")?)
+        Some(Api::bind(&opts).context("starting the control API")?)
+    };
+    let server = Arc::new(Server::start(config, opts.clone()).context("starting")?);
+    let api = match bound {
+        Some(b) => Some(
+            b.serve(server.clone())
+                .context("starting the control API")?,
+        ),
+        None => None,
     };
     tracing::info!(
         generation = server.generation(),

@@ -75,10 +75,19 @@ pub struct Api {
     socket: PathBuf,
 }
 
+/// The API's sockets, bound but not served yet: a dataplane checks it can
+/// have its control socket before it binds any listener.
+#[derive(Debug)]
+pub struct Bound {
+    runtime: tokio::runtime::Runtime,
+    unix: tokio::net::UnixListener,
+    tcp: Option<tokio::net::TcpListener>,
+    socket: PathBuf,
+}
+
 impl Api {
-    /// Binds the socket (and metrics address) now, so errors are reported
-    /// to the caller, then serves on a new thread.
-    pub fn start(server: Arc<Server>, opts: &ApiOptions) -> Result<Api, ApiError> {
+    /// Binds the control socket (and the metrics address).
+    pub fn bind(opts: &ApiOptions) -> Result<Bound, ApiError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -95,6 +104,24 @@ impl Api {
             };
             Ok::<_, ApiError>((unix, tcp))
         })?;
+        Ok(Bound {
+            runtime,
+            unix,
+            tcp,
+            socket: opts.socket.clone(),
+        })
+    }
+}
+
+impl Bound {
+    /// Serves `server` on a new thread.
+    pub fn serve(self, server: Arc<Server>) -> Result<Api, ApiError> {
+        let Bound {
+            runtime,
+            unix,
+            tcp,
+            socket,
+        } = self;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let app = router(server.clone());
         let metrics_app = Router::new()
@@ -129,10 +156,12 @@ impl Api {
         Ok(Api {
             stop: Some(stop_tx),
             thread: Some(thread),
-            socket: opts.socket.clone(),
+            socket,
         })
     }
+}
 
+impl Api {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
