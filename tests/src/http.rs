@@ -27,22 +27,29 @@ pub struct HttpBackend {
 impl HttpBackend {
     /// Plain HTTP on 127.0.0.1.
     pub fn start(rt: &Arc<tokio::runtime::Runtime>, status: u16) -> HttpBackend {
-        HttpBackend::spawn(rt, status, None)
+        HttpBackend::spawn(rt, "127.0.0.1", status, None)
+    }
+
+    /// Plain HTTP on `ip` (e.g. `0.0.0.0` to answer on every loopback
+    /// address).
+    pub fn start_on(rt: &Arc<tokio::runtime::Runtime>, ip: &str, status: u16) -> HttpBackend {
+        HttpBackend::spawn(rt, ip, status, None)
     }
 
     /// HTTPS on 127.0.0.1 with a self-signed certificate (checks must not
     /// verify it).
     pub fn start_tls(rt: &Arc<tokio::runtime::Runtime>, status: u16) -> HttpBackend {
-        HttpBackend::spawn(rt, status, Some(self_signed()))
+        HttpBackend::spawn(rt, "127.0.0.1", status, Some(self_signed()))
     }
 
     fn spawn(
         rt: &Arc<tokio::runtime::Runtime>,
+        ip: &str,
         status: u16,
         tls: Option<TlsAcceptor>,
     ) -> HttpBackend {
         let std_l =
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+            std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
         let addr = std_l.local_addr().unwrap_or_else(|e| panic!("{e}"));
         std_l
             .set_nonblocking(true)
