@@ -346,7 +346,8 @@ start_siphon() {
     fi
     ports_free siphon "${IPERF_PORTS[siphon]}" "${HTTP_PORTS[siphon]}" || return 1
     render siphon.toml.in "$WORK/siphon.toml"
-    "$SIPHON_BIN" run --config "$WORK/siphon.toml" --workers "$WORKERS" "${SIPHON_ARGS[@]}" \
+    "$SIPHON_BIN" run --config "$WORK/siphon.toml" --socket "$WORK/siphon.sock" \
+        --workers "$WORKERS" "${SIPHON_ARGS[@]}" \
         >"$WORK/siphon.log" 2>&1 </dev/null &
     PIDS[siphon]=$!
     wait_listening siphon "${IPERF_PORTS[siphon]}" "${HTTP_PORTS[siphon]}" ||

@@ -112,10 +112,17 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Runs the binary with `args`. A `run` without `--socket` gets its
+    /// control socket next to `log`, so parallel tests never share one.
     pub fn spawn(args: &[&str], log: &Path) -> Proc {
         let f = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        if args.first().is_some_and(|a| a == "run") && !args.iter().any(|a| a == "--socket") {
+            let socket = log.with_extension("sock");
+            args.extend(["--socket".to_owned(), socket.to_string_lossy().into_owned()]);
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"))
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(f)
