@@ -202,6 +202,14 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
         })
 }
 
+fn listener_connections(s: &prometheus_parse::Scrape, listener: &str) -> Option<f64> {
+    sample(
+        s,
+        "siphon_listener_connections_total",
+        &[("listener", listener)],
+    )
+}
+
 fn scrape(text: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
 }
@@ -223,14 +231,7 @@ fn the_metrics_page_parses_on_the_socket_and_on_tcp() {
     let reply = get(&r.socket, "/metrics");
     assert_eq!(reply.status, 200);
     let s = scrape(&reply.body);
-    assert_eq!(
-        sample(
-            &s,
-            "siphon_listener_connections_total",
-            &[("listener", "l0")]
-        ),
-        Some(7.0)
-    );
+    assert_eq!(listener_connections(&s, "l0"), Some(7.0));
     assert_eq!(
         sample(
             &s,
@@ -269,40 +270,12 @@ fn the_metrics_page_parses_on_the_socket_and_on_tcp() {
     r.server.apply(cfg(2, &[port, port2], &b)).unwrap();
     let s = scrape(&http_get(metrics, "/metrics"));
     assert_eq!(sample(&s, "siphon_config_generation", &[]), Some(2.0));
-    assert_eq!(
-        sample(
-            &s,
-            "siphon_listener_connections_total",
-            &[("listener", "l0")]
-        ),
-        Some(7.0)
-    );
-    assert_eq!(
-        sample(
-            &s,
-            "siphon_listener_connections_total",
-            &[("listener", "l1")]
-        ),
-        Some(0.0)
-    );
+    assert_eq!(listener_connections(&s, "l0"), Some(7.0));
+    assert_eq!(listener_connections(&s, "l1"), Some(0.0));
     r.server.apply(cfg(3, &[port], &b)).unwrap();
     let s = scrape(&http_get(metrics, "/metrics"));
-    assert_eq!(
-        sample(
-            &s,
-            "siphon_listener_connections_total",
-            &[("listener", "l1")]
-        ),
-        None
-    );
-    assert_eq!(
-        sample(
-            &s,
-            "siphon_listener_connections_total",
-            &[("listener", "l0")]
-        ),
-        Some(7.0)
-    );
+    assert_eq!(listener_connections(&s, "l1"), None);
+    assert_eq!(listener_connections(&s, "l0"), Some(7.0));
 }
 
 /// A plain HTTP/1.0 GET over TCP, body returned.
