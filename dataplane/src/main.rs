@@ -265,13 +265,24 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
         metrics = ?control.metrics_listen,
         "siphon-dataplane running"
     );
-    serve(&server, sigs, path, tuning)?;
+    wait_for_stop(&server, sigs, path)?;
+    // The API goes first: no config may arrive while the workers drain.
     drop(api);
+    drain(&server, tuning);
     Ok(())
 }
 
-/// The signal loop shared by `run` and `demo`; returns after draining.
-fn serve(server: &Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tuning) -> Result<()> {
+fn drain(server: &Server, tuning: &Tuning) {
+    tracing::info!(
+        drain_timeout_s = tuning.drain_timeout,
+        "stopping: no new connections, draining established ones"
+    );
+    server.shutdown(Duration::from_secs(tuning.drain_timeout));
+    tracing::info!("stopped");
+}
+
+/// The signal loop shared by `run` and `demo`; returns on SIGTERM/SIGINT.
+fn wait_for_stop(server: &Server, sigs: SignalFd, path: Option<&Path>) -> Result<()> {
     loop {
         let Some(info) = sigs.read_signal().context("reading signals")? else {
             continue;
@@ -285,15 +296,7 @@ fn serve(server: &Server, sigs: SignalFd, path: Option<&Path>, tuning: &Tuning) 
                 Ok(json) => tracing::info!(stats = %json, "counters"),
                 Err(e) => tracing::warn!(error = %e, "cannot render counters"),
             },
-            Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                tracing::info!(
-                    drain_timeout_s = tuning.drain_timeout,
-                    "stopping: no new connections, draining established ones"
-                );
-                server.shutdown(Duration::from_secs(tuning.drain_timeout));
-                tracing::info!("stopped");
-                return Ok(());
-            }
+            Ok(Signal::SIGTERM | Signal::SIGINT) => return Ok(()),
             _ => {}
         }
     }
@@ -411,5 +414,7 @@ fn run_demo(port: u16, once: bool, tuning: &Tuning) -> Result<()> {
         addr.ip(),
         addr.port()
     );
-    serve(&server, sigs, None, tuning)
+    wait_for_stop(&server, sigs, None)?;
+    drain(&server, tuning);
+    Ok(())
 }

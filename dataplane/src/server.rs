@@ -78,8 +78,12 @@ pub enum ApplyError {
     Worker(std::io::Error),
     #[error("cannot start the health thread: {0}")]
     Health(std::io::Error),
-    #[error("worker {0} did not take the new config in time")]
-    WorkerTimeout(usize),
+    /// The config was committed and sent, but a worker did not confirm it:
+    /// that worker is stuck or gone (it is logged as well).
+    #[error("generation {generation} was applied, but worker {worker} did not confirm it within {ACK_TIMEOUT:?}")]
+    WorkerTimeout { generation: u64, worker: usize },
+    #[error("the dataplane is shutting down")]
+    ShuttingDown,
 }
 
 /// What an apply did.
@@ -137,6 +141,8 @@ struct Core {
     book: Book,
     monitor: tokio::sync::mpsc::UnboundedSender<Input>,
     started: bool,
+    /// Set by shutdown: applies are refused from then on.
+    closing: bool,
     /// UDP sockets get `UDP_GRO` (Options::udp_offload).
     udp_offload: bool,
 }
@@ -149,7 +155,7 @@ impl Server {
         let (changes_tx, changes_rx) = mpsc::channel::<Change>();
         let backoff = EjectBackoff {
             base: opts.eject_backoff,
-            max: opts.eject_backoff * 32,
+            max: opts.eject_backoff.saturating_mul(32),
         };
         let monitor = Monitor::spawn(changes_tx, backoff).map_err(ApplyError::Health)?;
         let wopts = WorkerOptions {
@@ -182,6 +188,7 @@ impl Server {
             book: Book::default(),
             monitor: monitor.sender(),
             started: false,
+            closing: false,
             udp_offload: opts.udp_offload,
         }));
         let publisher = {
@@ -251,8 +258,12 @@ impl Server {
     /// do nothing.
     pub fn shutdown(&self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        for w in &self.core().workers {
-            w.send(Command::Drain { deadline });
+        {
+            let mut core = self.core();
+            core.closing = true;
+            for w in &core.workers {
+                w.send(Command::Drain { deadline });
+            }
         }
         let mut threads =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
@@ -290,6 +301,9 @@ fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
 
 impl Core {
     fn apply(&mut self, config: Config) -> Result<Applied, ApplyError> {
+        if self.closing {
+            return Err(ApplyError::ShuttingDown);
+        }
         let running = self.current.generation();
         if self.started && config.generation <= running {
             if config.generation == running && config == *self.current.config {
@@ -376,8 +390,14 @@ impl Core {
             match ack_rx.recv_deadline(deadline) {
                 Ok(id) => acked[id] = true,
                 Err(_) => {
-                    let id = acked.iter().position(|a| !a).unwrap_or(0);
-                    return Err(ApplyError::WorkerTimeout(id));
+                    let worker = acked.iter().position(|a| !a).unwrap_or(0);
+                    let generation = self.current.generation();
+                    tracing::error!(
+                        worker,
+                        generation,
+                        "a worker did not confirm a new generation"
+                    );
+                    return Err(ApplyError::WorkerTimeout { generation, worker });
                 }
             }
         }
@@ -392,7 +412,11 @@ impl Core {
     /// every worker (no acknowledgement needed: it only steers new
     /// connections).
     fn health_changed(&mut self, change: Change) {
-        let pool_id = change.key.pool.clone();
+        let (pool_id, member_id, up) = (
+            change.key.pool.clone(),
+            change.key.member.clone(),
+            change.up,
+        );
         if !self.book.apply(change, SystemTime::now()) {
             return;
         }
@@ -403,6 +427,15 @@ impl Core {
         let (Some(cfg), Some(pool)) = (snap.config.pools.get(index), snap.pools.get(index)) else {
             return;
         };
+        if up {
+            // A re-admitted member starts counting connect failures afresh
+            // (connections in flight at its ejection may have added some).
+            if let Some(m) = pool.members.iter().find(|m| m.id == member_id) {
+                m.stats
+                    .failures_in_row
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let book = &self.book;
         let balancer = Arc::new(snapshot::balancer(cfg, &|p, m| book.is_up(p, m)));
         for w in &self.workers {

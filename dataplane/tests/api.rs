@@ -161,6 +161,18 @@ fn apply_retry_stale_and_invalid_configs_over_the_socket() {
     assert_eq!(r.server.generation(), 2);
     assert_eq!(connect_greeting(addr(p1)).unwrap().1, "b", "still serving");
 
+    // A field of the wrong type: 400 naming where it is.
+    let wrong = r#"{"generation": 3, "listeners": [{"id": "x", "protocol": "TCP",
+        "bind_addresses": ["127.0.0.1"], "protocol_port": "eighty"}]}"#;
+    let reply = put(sock, "application/json", wrong);
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    let p = &json(&reply)["problems"][0];
+    assert_eq!(
+        (p["object"].as_str(), p["field"].as_str()),
+        (Some("listeners[0]"), Some("protocol_port")),
+        "{p}"
+    );
+
     // Not a config at all: 400 with the parser's message.
     for garbage in ["{", "{\"generation\": 3, \"listenres\": []}"] {
         let reply = put(sock, "application/json", garbage);
@@ -187,6 +199,36 @@ fn apply_retry_stale_and_invalid_configs_over_the_socket() {
         "NO_MONITOR"
     );
     assert_eq!(get(sock, "/v1/nothing").status, 404);
+
+    // Once shutting down, nothing more is applied.
+    r.server.shutdown(Duration::from_secs(1));
+    let reply = put(sock, "application/toml", &cfg_toml(4, &[p2], &b));
+    assert_eq!(reply.status, 503, "{}", reply.body);
+}
+
+#[test]
+fn the_control_socket_never_replaces_a_live_socket_or_another_file() {
+    let dir = TempDir::new("sock");
+    let opts = |name: &str| ApiOptions {
+        socket: dir.path(name),
+        mode: 0o600,
+        metrics: None,
+    };
+    std::fs::write(dir.path("file"), "keep me").unwrap();
+    let err = Api::bind(&opts("file")).unwrap_err().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path("file")).unwrap(),
+        "keep me"
+    );
+
+    let live = std::os::unix::net::UnixListener::bind(dir.path("live")).unwrap();
+    let err = Api::bind(&opts("live")).unwrap_err().to_string();
+    assert!(err.contains("in use"), "{err}");
+    drop(live);
+    // A leftover socket file of a process that is gone is replaced.
+    let bound = Api::bind(&opts("live")).unwrap();
+    drop(bound);
 }
 
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

@@ -262,7 +262,7 @@ fn a_thousand_concurrent_connections() {
         }
         ok
     });
-    assert_eq!(ok, N);
+    assert_eq!(ok, N, "{:?}\n{:?}", server.stats(), server.status());
     assert_eq!(backends[0].accepted() + backends[1].accepted(), N);
     server.shutdown(Duration::from_secs(2));
 }

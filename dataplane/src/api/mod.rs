@@ -16,7 +16,7 @@
 pub mod client;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -31,7 +31,7 @@ use serde_json::json;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::config::load::Format;
+use crate::config::load::{Format, ParseError};
 use crate::config::Config;
 use crate::server::{Applied, ApplyError, Server};
 
@@ -58,6 +58,8 @@ pub enum ApiError {
     },
     #[error("control socket {0} is in use by a running process")]
     InUse(PathBuf),
+    #[error("control socket {0} exists and is not a socket; not replacing it")]
+    NotASocket(PathBuf),
     #[error("metrics listener {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -189,13 +191,23 @@ fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ApiEr
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_owned()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse(path.to_owned()));
         }
+        // A leftover of a dataplane that is gone.
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    // Created with no access for group and others, then given `mode`: no
+    // window in which anyone else could connect. The umask is
+    // process-wide; this runs at start, before the workers exist.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     Ok(listener)
 }
@@ -210,21 +222,34 @@ fn router(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
+/// Runs `f` on tokio's blocking pool: reads take the control lock, which an
+/// apply holds while it waits for the workers, and the API's one thread
+/// must keep serving meanwhile.
+async fn off_runtime(server: Arc<Server>, f: fn(&Server) -> Response) -> Response {
+    match tokio::task::spawn_blocking(move || f(&server)).await {
+        Ok(r) => r,
+        Err(e) => rejected(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+    }
+}
+
 async fn get_config(State(server): State<Arc<Server>>) -> Response {
-    Json(&*server.config()).into_response()
+    off_runtime(server, |s| Json(&*s.config()).into_response()).await
 }
 
 async fn status(State(server): State<Arc<Server>>) -> Response {
-    Json(server.status()).into_response()
+    off_runtime(server, |s| Json(s.status()).into_response()).await
 }
 
 async fn stats(State(server): State<Arc<Server>>) -> Response {
-    Json(server.stats()).into_response()
+    off_runtime(server, |s| Json(s.stats()).into_response()).await
 }
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
-    let text = crate::metrics::render(&server.stats(), &server.status());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    off_runtime(server, |s| {
+        let text = crate::metrics::render(&s.stats(), &s.status());
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    })
+    .await
 }
 
 /// One problem with a pushed config.
@@ -249,20 +274,30 @@ async fn put_config(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("toml"));
     let format = if toml { Format::Toml } else { Format::Json };
-    let config = match std::str::from_utf8(&body)
-        .map_err(|e| e.to_string())
-        .and_then(|text| Config::parse(text, format))
-    {
+    let parsed = match std::str::from_utf8(&body) {
+        Ok(text) => Config::parse_at(text, format),
+        Err(e) => Err(ParseError {
+            path: String::new(),
+            message: e.to_string(),
+        }),
+    };
+    let config = match parsed {
         Ok(c) => c,
-        Err(message) => {
+        Err(e) => {
+            // `listeners[0].protocol_port` → object `listeners[0]`, field
+            // `protocol_port`; a document-level problem has neither.
+            let (object, field) = match e.path.rsplit_once('.') {
+                Some((o, f)) => (o.to_owned(), f.to_owned()),
+                None => ("config".to_owned(), e.path.clone()),
+            };
             let p = Problem {
-                object: "config".into(),
-                field: String::new(),
-                problem: message.clone(),
+                object,
+                field,
+                problem: e.message.clone(),
             };
             return rejected(
                 StatusCode::BAD_REQUEST,
-                format!("cannot parse: {message}"),
+                format!("cannot parse: {e}"),
                 vec![p],
             );
         }
@@ -333,7 +368,12 @@ async fn put_config(
                     };
                     rejected(StatusCode::BAD_REQUEST, message, vec![p])
                 }
-                ApplyError::Worker(_) | ApplyError::WorkerTimeout(_) | ApplyError::Health(_) => {
+                ApplyError::ShuttingDown => {
+                    rejected(StatusCode::SERVICE_UNAVAILABLE, message, vec![])
+                }
+                ApplyError::Worker(_)
+                | ApplyError::WorkerTimeout { .. }
+                | ApplyError::Health(_) => {
                     rejected(StatusCode::INTERNAL_SERVER_ERROR, message, vec![])
                 }
             }

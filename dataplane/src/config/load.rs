@@ -36,12 +36,46 @@ impl Format {
     }
 }
 
+/// A document that does not parse, with where in it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct ParseError {
+    /// Where the problem is, e.g. `listeners[0].protocol_port`; empty when
+    /// the document as a whole is malformed.
+    pub path: String,
+    pub message: String,
+}
+
+impl ParseError {
+    fn new(path: serde_path_to_error::Path, message: String) -> ParseError {
+        let path = path.to_string();
+        ParseError {
+            path: if path == "." { String::new() } else { path },
+            message,
+        }
+    }
+}
+
 impl Config {
     /// Parses a document without validating it.
     pub fn parse(text: &str, format: Format) -> Result<Config, String> {
+        Config::parse_at(text, format).map_err(|e| e.to_string())
+    }
+
+    /// Parses a document without validating it; an error says where.
+    pub fn parse_at(text: &str, format: Format) -> Result<Config, ParseError> {
         match format {
-            Format::Toml => toml::from_str(text).map_err(|e| e.to_string()),
-            Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
+            Format::Toml => {
+                let de = toml::Deserializer::new(text);
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    ParseError::new(e.path().clone(), e.into_inner().message().to_owned())
+                })
+            }
+            Format::Json => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                serde_path_to_error::deserialize(&mut de)
+                    .map_err(|e| ParseError::new(e.path().clone(), e.into_inner().to_string()))
+            }
         }
     }
 

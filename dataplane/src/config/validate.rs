@@ -81,7 +81,7 @@ pub enum Problem {
     TableTooSmall { size: u32, members: usize },
     #[error("only valid for HTTP and HTTPS health monitors")]
     HttpOnly,
-    #[error("{0:?} must start with '/'")]
+    #[error("{0:?} is not a request path: it must start with '/' and hold no spaces or control characters")]
     BadPath(String),
     #[error("{0:?} is not a list of HTTP codes such as 200, 200,202 or 200-204")]
     BadCodes(String),
@@ -432,7 +432,9 @@ fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) {
         }
     }
     if let Some(path) = &hm.url_path {
-        if !path.starts_with('/') {
+        // What an HTTP request line can carry: no spaces or control bytes.
+        let parses = path.parse::<hyper::http::uri::PathAndQuery>().is_ok();
+        if !path.starts_with('/') || !parses {
             c.push(&o, "url_path", Problem::BadPath(path.clone()));
         }
     }
@@ -516,6 +518,7 @@ expected_codes = "200-204,302"
             (BASE.replace("timeout = 3", "timeout = 0"), (hm(), "timeout", Problem::OutOfRange { value: 0, min: 1, max: i64::from(i32::MAX) })),
             (BASE.replace("max_retries = 3", "max_retries = 11"), (hm(), "max_retries", Problem::OutOfRange { value: 11, min: 1, max: 10 })),
             (BASE.replace("\"/health\"", "\"health\""), (hm(), "url_path", Problem::BadPath("health".into()))),
+            (BASE.replace("\"/health\"", "\"/a b\""), (hm(), "url_path", Problem::BadPath("/a b".into()))),
             (BASE.replace("200-204,302", "204-200"), (hm(), "expected_codes", Problem::BadCodes("204-200".into()))),
             (BASE.replace("type = \"HTTP\"", "type = \"UDP-CONNECT\"").replace("http_method = \"GET\"\nurl_path = \"/health\"\nexpected_codes = \"200-204,302\"\n", ""),
              (hm(), "type", Problem::MonitorMismatch { pool: PoolProtocol::Tcp, monitor: MonitorType::UdpConnect })),

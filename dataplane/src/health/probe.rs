@@ -63,6 +63,8 @@ pub enum ProbeError {
     Status(u16),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
+    #[error("HTTP request: {0}")]
+    Request(String),
     #[error("TLS handshake: {0}")]
     Tls(io::Error),
     #[error("ping: {0}")]
@@ -138,16 +140,13 @@ where
         .header(hyper::header::USER_AGENT, "siphon-health-check")
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new());
-    // validate() checked the path, so building cannot fail; if it did, the
-    // member is reported down with the reason rather than panicking.
+    // validate() checked the path, so building should not fail; if it
+    // does, the member is reported down with the reason, never a panic.
     let req = match req {
         Ok(r) => r,
         Err(e) => {
             driver.abort();
-            return Err(ProbeError::Connect(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                e.to_string(),
-            )));
+            return Err(ProbeError::Request(e.to_string()));
         }
     };
     let res = send.send_request(req).await;

@@ -90,7 +90,7 @@ impl Backoff {
             .readmitted
             .is_some_and(|t| now.saturating_duration_since(t) < self.max);
         self.current = if recent {
-            (self.current * 2).min(self.max)
+            self.current.saturating_mul(2).min(self.max)
         } else {
             self.base
         };
