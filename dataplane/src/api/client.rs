@@ -50,10 +50,11 @@ pub fn request(
         .enable_all()
         .build()
         .map_err(ClientError::Runtime)?;
-    rt.block_on(send(socket, method, path, body))
+    rt.block_on(request_async(socket, method, path, body))
 }
 
-async fn send(
+/// The same, inside a tokio runtime.
+pub async fn request_async(
     socket: &Path,
     method: Method,
     path: &str,

@@ -7,7 +7,9 @@
 //!   naming its object and field; 409 for a generation not newer than the
 //!   running one (the same generation with the same content is 200
 //!   unchanged, so a retried push is harmless). Nothing changes on error.
-//! - `GET /v1/config`, `GET /v1/status`, `GET /v1/stats`: JSON.
+//! - `GET /v1/config`, `GET /v1/status`, `GET /v1/stats`: JSON;
+//!   `GET /v1/generation`: just the running generation (what an agent
+//!   polls to notice a restarted dataplane).
 //! - `GET /metrics`: Prometheus text; optionally also on a TCP address for
 //!   scrapers.
 //!
@@ -216,6 +218,7 @@ fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/v1/config", get(get_config).put(put_config))
         .route("/v1/status", get(status))
+        .route("/v1/generation", get(generation))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -234,6 +237,13 @@ async fn off_runtime(server: Arc<Server>, f: fn(&Server) -> Response) -> Respons
 
 async fn get_config(State(server): State<Arc<Server>>) -> Response {
     off_runtime(server, |s| Json(&*s.config()).into_response()).await
+}
+
+async fn generation(State(server): State<Arc<Server>>) -> Response {
+    off_runtime(server, |s| {
+        Json(json!({ "generation": s.generation() })).into_response()
+    })
+    .await
 }
 
 async fn status(State(server): State<Arc<Server>>) -> Response {

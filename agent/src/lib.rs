@@ -1,0 +1,284 @@
+//! `siphon-agent`: the process on each load-balancer node that the
+//! controller talks to. It serves a mutual-TLS API ([`api`]), drives the
+//! dataplane over its Unix socket, keeps the last good config on disk
+//! ([`store`]) and puts it back whenever the dataplane (re)starts.
+//!
+//! It is never on the forwarding path: if the agent dies, the dataplane
+//! keeps serving the config it has.
+
+pub mod api;
+pub mod config;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::api::Agent;
+use crate::config::AgentConfig;
+use crate::store::{Store, StoreError};
+use crate::tls::{Live, Material, TlsError};
+
+/// How often the agent asks the dataplane which generation it runs: a
+/// restarted dataplane gets its config back within this (plus one apply).
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// A client that does not finish its TLS handshake in this long is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("TLS files: {0}")]
+    TlsFiles(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("local socket {path}: {source}")]
+    Local {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// A running agent (its own runtime thread); stops on drop.
+#[derive(Debug)]
+pub struct Handle {
+    /// Where the mutual-TLS API listens (the real port when 0 was asked).
+    pub addr: SocketAddr,
+    pub local_socket: PathBuf,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Blocks until the agent stops (it never does unless stopped).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.local_socket);
+    }
+}
+
+/// Starts the agent: reads its TLS material and state, binds both API
+/// sockets (errors are returned here), then serves on a new thread.
+pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
+    let material = Material::read(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
+        .map_err(StartError::TlsFiles)?;
+    let live = Live::new(tls::server_config(&material)?);
+    let store = Store::open(&cfg.state_dir)?;
+    let persisted = store.load()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("siphon-agent")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let (tcp, unix) = runtime.block_on(async {
+        let tcp = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let unix = bind_local(&cfg.local_socket)?;
+        Ok::<_, StartError>((tcp, unix))
+    })?;
+    let addr = tcp.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let agent = Arc::new(Agent {
+        id: cfg.amphora_id.clone(),
+        started: Instant::now(),
+        dataplane: cfg.dataplane_socket.clone(),
+        store,
+        persisted: tokio::sync::Mutex::new(persisted),
+        tls: live.clone(),
+        tls_files: cfg.tls.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("siphon-agent-main".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let app = api::router(agent.clone());
+                tokio::spawn(watch_dataplane(agent.clone(), stop_rx.clone()));
+                tokio::spawn(serve_tls(tcp, live, app.clone(), stop_rx.clone()));
+                let mut stop = stop_rx.clone();
+                let local = axum::serve(unix, app).with_graceful_shutdown(async move {
+                    stopped(&mut stop).await;
+                });
+                if let Err(e) = local.await {
+                    tracing::error!(error = %e, "local API failed");
+                }
+            });
+        })
+        .map_err(StartError::Runtime)?;
+    Ok(Handle {
+        addr,
+        local_socket: cfg.local_socket.clone(),
+        stop: stop_tx,
+        thread: Some(thread),
+    })
+}
+
+/// Resolves once the agent is told to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: dropped before returning.
+    let _ = stop.wait_for(|s| *s).await.map(drop);
+}
+
+/// The operators' socket: mode 0600, a leftover of a dead agent replaced.
+fn bind_local(path: &Path) -> Result<UnixListener, StartError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| StartError::Local {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let live = std::os::unix::net::UnixStream::connect(path).is_ok();
+        if !meta.file_type().is_socket() || live {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "exists (a running agent, or not a socket)",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(l)
+}
+
+/// Accepts controller connections: the handshake (client certificate
+/// checked against the CA) with the TLS config current at accept time,
+/// then HTTP/1.1.
+async fn serve_tls(
+    listener: TcpListener,
+    tls: Live,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Puts the persisted config back whenever the dataplane runs an older
+/// generation than it: at start, and after the dataplane restarted.
+async fn watch_dataplane(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let mut reachable = true;
+    // A generation the dataplane refused is not retried (it would only be
+    // refused again); a newer push replaces it.
+    let mut refused: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            () = stopped(&mut stop) => return,
+        }
+        let persisted = agent.persisted.lock().await;
+        let Some(config) = persisted.as_ref() else {
+            continue;
+        };
+        let running = match siphon_dataplane::api::client::request_async(
+            &agent.dataplane,
+            Method::GET,
+            "/v1/generation",
+            None,
+        )
+        .await
+        {
+            Ok(r) => serde_json::from_str::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| v["generation"].as_u64()),
+            Err(e) => {
+                if reachable {
+                    tracing::warn!(error = %e, "dataplane unreachable");
+                }
+                reachable = false;
+                continue;
+            }
+        };
+        reachable = true;
+        if running.is_some_and(|g| g >= config.generation) || refused == Some(config.generation) {
+            continue;
+        }
+        match api::apply(&agent, config).await {
+            Ok(r) if (200..300).contains(&r.status) => {
+                tracing::info!(
+                    generation = config.generation,
+                    "persisted config re-applied to the dataplane"
+                )
+            }
+            Ok(r) => {
+                refused = Some(config.generation);
+                tracing::error!(status = r.status, body = %r.body, "dataplane refused the persisted config")
+            }
+            Err(e) => tracing::warn!(error = %e, "re-applying the persisted config failed"),
+        }
+    }
+}

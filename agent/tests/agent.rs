@@ -1,0 +1,411 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+//! The agent against real peers: mutual TLS with rcgen-made certificates
+//! (accepted; refused without a certificate, from another CA, expired), and
+//! config pushes end to end through a real dataplane to a real backend:
+//! idempotent re-push, a rejected config leaving the old one running and
+//! persisted, a restarted dataplane getting its config back.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+use siphon_agent::config::{AgentConfig, TlsFiles};
+use siphon_dataplane::api::{Api, ApiOptions};
+use siphon_dataplane::{Config, Options, Server};
+use siphon_testkit::{connect_greeting, free_port, Backend};
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// A leaf for `names`; `expired` makes one that ended in 2021.
+    fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
+        let mut p =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p =
+            std::env::temp_dir().join(format!("siphon-agent-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A PKI: the controller CA (client certificates), the agent's CA and its
+/// server certificate for 127.0.0.1.
+struct Pki {
+    controller: Ca,
+    server_ca: Ca,
+}
+
+/// Writes the agent's TLS files and config into `dir`.
+fn agent_config(dir: &TempDir, pki: &Pki, dataplane: &Path) -> AgentConfig {
+    let (cert, key) = pki.server_ca.issue(&["127.0.0.1"], false);
+    std::fs::write(dir.path("agent.crt"), cert).unwrap();
+    std::fs::write(dir.path("agent.key"), key).unwrap();
+    std::fs::write(dir.path("controller-ca.crt"), pki.controller.cert.pem()).unwrap();
+    AgentConfig {
+        amphora_id: "amp-1".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        local_socket: dir.path("agent.sock"),
+        dataplane_socket: dataplane.to_owned(),
+        state_dir: dir.path("state"),
+        tls: TlsFiles {
+            cert: dir.path("agent.crt"),
+            key: dir.path("agent.key"),
+            client_ca: dir.path("controller-ca.crt"),
+        },
+        heartbeat: None,
+    }
+}
+
+/// A controller-side client: trusts the agent's CA, presents `identity`.
+fn client_tls(server_ca: &Ca, identity: Option<(String, String)>) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_ca.cert.der().clone()).unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            b.with_client_auth_cert(
+                chain,
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One HTTPS request; Err when the TLS handshake or the exchange fails.
+fn https(
+    tls: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, String), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::IpAddress(addr.ip().into());
+        let stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "agent")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        let res = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = res.status().as_u16();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    })
+}
+
+/// A dataplane (library) with its control API on `socket`.
+struct Dataplane {
+    server: Arc<Server>,
+    _api: Api,
+}
+
+impl Dataplane {
+    fn start(socket: &Path) -> Dataplane {
+        let empty = Config {
+            generation: 0,
+            listeners: vec![],
+            pools: vec![],
+        };
+        let server = Arc::new(
+            Server::start(
+                empty,
+                Options {
+                    workers: 1,
+                    ..Options::default()
+                },
+            )
+            .unwrap(),
+        );
+        let opts = ApiOptions {
+            socket: socket.to_owned(),
+            mode: 0o600,
+            metrics: None,
+        };
+        let api = Api::bind(&opts).unwrap().serve(server.clone()).unwrap();
+        Dataplane { server, _api: api }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.server.shutdown(Duration::from_millis(200));
+    }
+}
+
+fn push_body(generation: u64, port: u16, b: &Backend, weight: u32) -> String {
+    serde_json::json!({
+        "generation": generation,
+        "listeners": [{"id": "web", "protocol": "TCP", "bind_addresses": ["127.0.0.1"],
+                        "protocol_port": port, "default_pool_id": "p"}],
+        "pools": [{"id": "p", "protocol": "TCP", "lb_algorithm": "ROUND_ROBIN",
+                   "members": [{"id": "b", "address": "127.0.0.1",
+                                "protocol_port": b.addr.port(), "weight": weight}]}]
+    })
+    .to_string()
+}
+
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+#[test]
+fn mutual_tls_accepts_the_controller_and_refuses_everyone_else() {
+    let dir = TempDir::new("mtls");
+    let pki = Pki {
+        controller: Ca::new("controller CA"),
+        server_ca: Ca::new("amphora CA"),
+    };
+    let agent = siphon_agent::start(&agent_config(&dir, &pki, &dir.path("dp.sock"))).unwrap();
+    let good = client_tls(
+        &pki.server_ca,
+        Some(pki.controller.issue(&["controller"], false)),
+    );
+    let (code, body) = https(&good, agent.addr, Method::GET, "/v1/info", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["id"], "amp-1");
+    assert!(info["uptime_seconds"].is_u64());
+
+    let stranger = Ca::new("someone else");
+    for (what, tls) in [
+        ("no certificate", client_tls(&pki.server_ca, None)),
+        (
+            "another CA",
+            client_tls(&pki.server_ca, Some(stranger.issue(&["x"], false))),
+        ),
+        (
+            "expired",
+            client_tls(
+                &pki.server_ca,
+                Some(pki.controller.issue(&["controller"], true)),
+            ),
+        ),
+    ] {
+        let r = https(&tls, agent.addr, Method::GET, "/v1/info", None);
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+    // The controller still gets in after the refusals.
+    assert_eq!(
+        https(&good, agent.addr, Method::GET, "/v1/info", None)
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+#[test]
+fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
+    let dir = TempDir::new("push");
+    let pki = Pki {
+        controller: Ca::new("controller CA"),
+        server_ca: Ca::new("amphora CA"),
+    };
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let dp_socket = dir.path("dp.sock");
+    let dp = Dataplane::start(&dp_socket);
+    let cfg = agent_config(&dir, &pki, &dp_socket);
+    let agent = siphon_agent::start(&cfg).unwrap();
+    let tls = client_tls(
+        &pki.server_ca,
+        Some(pki.controller.issue(&["controller"], false)),
+    );
+    let port = free_port();
+
+    // Push: applied, persisted, traffic flows.
+    let (code, body) = https(
+        &tls,
+        agent.addr,
+        Method::PUT,
+        "/v1/config",
+        Some(push_body(5, port, &b, 1)),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["generation"],
+        5
+    );
+    assert_eq!(
+        connect_greeting(SocketAddr::from(([127, 0, 0, 1], port)))
+            .unwrap()
+            .1,
+        "b"
+    );
+    let on_disk = std::fs::read_to_string(dir.path("state/config.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&on_disk).unwrap()["generation"],
+        5
+    );
+
+    // The same push again: 200, same generation.
+    let (code, _) = https(
+        &tls,
+        agent.addr,
+        Method::PUT,
+        "/v1/config",
+        Some(push_body(5, port, &b, 1)),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+
+    // Rejected by the dataplane: relayed, nothing persisted or changed.
+    let (code, body) = https(
+        &tls,
+        agent.addr,
+        Method::PUT,
+        "/v1/config",
+        Some(push_body(6, port, &b, 999)),
+    )
+    .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("weight"), "{body}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path("state/config.json")).unwrap(),
+        on_disk
+    );
+    let (_, body) = https(&tls, agent.addr, Method::GET, "/v1/config", None).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["generation"],
+        5
+    );
+    assert_eq!(dp.server.generation(), 5);
+    // A stale one: the dataplane's 409 passes through.
+    let (code, _) = https(
+        &tls,
+        agent.addr,
+        Method::PUT,
+        "/v1/config",
+        Some(push_body(4, port, &b, 1)),
+    )
+    .unwrap();
+    assert_eq!(code, 409);
+    // Status and stats come from the dataplane.
+    let (code, body) = https(&tls, agent.addr, Method::GET, "/v1/status", None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["generation"],
+        5
+    );
+
+    // The dataplane dies and a fresh, empty one starts: the agent puts the
+    // persisted config back within a second.
+    drop(dp);
+    let dp = Dataplane::start(&dp_socket);
+    let t = Instant::now();
+    assert!(eventually(Duration::from_secs(1), || dp
+        .server
+        .generation()
+        == 5));
+    eprintln!("config back after {:?}", t.elapsed());
+    assert_eq!(
+        connect_greeting(SocketAddr::from(([127, 0, 0, 1], port)))
+            .unwrap()
+            .1,
+        "b"
+    );
+
+    // The agent dies: traffic keeps flowing.
+    drop(agent);
+    assert_eq!(
+        connect_greeting(SocketAddr::from(([127, 0, 0, 1], port)))
+            .unwrap()
+            .1,
+        "b"
+    );
+
+    // A new agent on the same state re-applies nothing new, serves the
+    // persisted config.
+    let agent = siphon_agent::start(&cfg).unwrap();
+    let (_, body) = https(&tls, agent.addr, Method::GET, "/v1/config", None).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["generation"],
+        5
+    );
+}
