@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod heartbeat;
 pub mod store;
 pub mod tls;
 
@@ -53,6 +54,8 @@ pub enum StartError {
     },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("heartbeat key {path}: {problem}")]
+    HeartbeatKey { path: PathBuf, problem: String },
 }
 
 /// A running agent (its own runtime thread); stops on drop.
@@ -94,6 +97,21 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
     let material = Material::read(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
         .map_err(StartError::TlsFiles)?;
     let live = Live::new(tls::server_config(&material)?);
+    let secret: Option<Arc<[u8]>> = match &cfg.heartbeat {
+        Some(hb) => {
+            let bad = |problem: String| StartError::HeartbeatKey {
+                path: hb.key_file.clone(),
+                problem,
+            };
+            let text = std::fs::read(&hb.key_file).map_err(|e| bad(e.to_string()))?;
+            let key = text.trim_ascii();
+            if key.len() < 16 {
+                return Err(bad("shorter than 16 bytes".into()));
+            }
+            Some(key.into())
+        }
+        None => None,
+    };
     let store = Store::open(&cfg.state_dir)?;
     let persisted = store.load()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -126,12 +144,25 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
         tls_files: cfg.tls.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let heartbeats = cfg.heartbeat.clone().zip(secret).map(|(hb, secret)| {
+        heartbeat::run(
+            cfg.amphora_id.clone(),
+            cfg.dataplane_socket.clone(),
+            hb.destinations.clone(),
+            hb.interval(),
+            secret,
+            stop_rx.clone(),
+        )
+    });
     let thread = std::thread::Builder::new()
         .name("siphon-agent-main".into())
         .spawn(move || {
             runtime.block_on(async move {
                 let app = api::router(agent.clone());
                 tokio::spawn(watch_dataplane(agent.clone(), stop_rx.clone()));
+                if let Some(h) = heartbeats {
+                    tokio::spawn(h);
+                }
                 tokio::spawn(serve_tls(tcp, live, app.clone(), stop_rx.clone()));
                 let mut stop = stop_rx.clone();
                 let local = axum::serve(unix, app).with_graceful_shutdown(async move {

@@ -409,3 +409,79 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
         5
     );
 }
+
+#[test]
+fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
+    use siphon_agent::heartbeat::{HeartbeatError, Verifier};
+    let dir = TempDir::new("hb");
+    let pki = Pki {
+        controller: Ca::new("controller CA"),
+        server_ca: Ca::new("amphora CA"),
+    };
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let dp_socket = dir.path("dp.sock");
+    let dp = Dataplane::start(&dp_socket);
+    let port = free_port();
+    let cfg_json = push_body(5, port, &b, 1);
+    dp.server
+        .apply(Config::parse(&cfg_json, siphon_dataplane::config::load::Format::Json).unwrap())
+        .unwrap();
+
+    let manager = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let secret = "a shared heartbeat key, 32 bytes";
+    std::fs::write(dir.path("hb.key"), format!("{secret}\n")).unwrap();
+    let mut cfg = agent_config(&dir, &pki, &dp_socket);
+    cfg.heartbeat = Some(siphon_agent::config::Heartbeat {
+        destinations: vec![manager.local_addr().unwrap()],
+        interval_ms: 100,
+        key_file: dir.path("hb.key"),
+    });
+    let agent = siphon_agent::start(&cfg).unwrap();
+
+    // Sub-second interval: about ten in a second.
+    let mut verifier = Verifier::new(secret.as_bytes(), Duration::from_secs(5));
+    let mut got = Vec::new();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    while start.elapsed() < Duration::from_secs(1) {
+        let n = manager.recv(&mut buf).unwrap();
+        let d = buf[..n].to_vec();
+        let beat = verifier.verify(&d, std::time::SystemTime::now()).unwrap();
+        got.push((beat, d));
+    }
+    assert!(got.len() >= 5, "{} heartbeats in 1 s", got.len());
+    let (last, datagram) = got.last().unwrap().clone();
+    assert_eq!(last.amphora_id, "amp-1");
+    assert_eq!(last.generation, Some(5));
+    assert_eq!(last.listeners[0].id, "web");
+    assert_eq!(last.listeners[0].operating_status, "ONLINE");
+    assert_eq!(last.members[0].operating_status, "NO_MONITOR");
+    assert!(got.windows(2).all(|w| w[1].0.seq > w[0].0.seq));
+
+    // Replayed, forged, signed with another key, or old: all refused.
+    let now = std::time::SystemTime::now();
+    assert!(matches!(
+        verifier.verify(&datagram, now),
+        Err(HeartbeatError::Replayed { .. })
+    ));
+    let mut forged = datagram.clone();
+    let n = forged.len();
+    forged[n - 3] ^= 0x20;
+    let mut fresh = Verifier::new(secret.as_bytes(), Duration::from_secs(5));
+    assert_eq!(fresh.verify(&forged, now), Err(HeartbeatError::BadMac));
+    let mut wrong_key = Verifier::new(b"not the key at all, 32 bytes ...", Duration::from_secs(5));
+    assert_eq!(
+        wrong_key.verify(&datagram, now),
+        Err(HeartbeatError::BadMac)
+    );
+    let an_hour_later = now + Duration::from_secs(3600);
+    assert!(matches!(
+        fresh.verify(&datagram, an_hour_later),
+        Err(HeartbeatError::Stale { .. })
+    ));
+    drop(agent);
+}
