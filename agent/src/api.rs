@@ -9,6 +9,8 @@
 //!   200 again (and is re-applied if the dataplane lost it).
 //! - `GET /v1/config`: the persisted config.
 //! - `GET /v1/status`, `GET /v1/stats`: the dataplane's.
+//! - `PUT /v1/vips`: add/remove VIP addresses on an interface (netlink),
+//!   idempotent.
 //! - `PUT /v1/certificates`: new PEM cert, key and client CA; used from the
 //!   next handshake on, and written over the configured files.
 
@@ -55,6 +57,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/certificates", put(put_certificates))
+        .route("/v1/vips", put(put_vips))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
 }
@@ -166,6 +169,19 @@ async fn put_config(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) ->
         "dataplane": serde_json::from_str::<serde_json::Value>(&reply.body).unwrap_or_default(),
     }))
     .into_response()
+}
+
+async fn put_vips(Json(req): Json<crate::vips::VipRequest>) -> Response {
+    match crate::vips::apply(&req).await {
+        Ok(r) => {
+            if !r.added.is_empty() || !r.removed.is_empty() {
+                tracing::info!(interface = %r.interface, added = ?r.added, removed = ?r.removed, "VIPs changed");
+            }
+            Json(r).into_response()
+        }
+        Err(e) if e.is_bad_request() => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 #[derive(Debug, Deserialize)]

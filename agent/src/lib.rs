@@ -11,6 +11,7 @@ pub mod config;
 pub mod heartbeat;
 pub mod store;
 pub mod tls;
+pub mod vips;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

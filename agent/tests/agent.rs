@@ -485,3 +485,159 @@ fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
     ));
     drop(agent);
 }
+
+#[test]
+fn certificates_rotate_without_a_restart() {
+    let dir = TempDir::new("rotate");
+    let pki = Pki {
+        controller: Ca::new("controller CA"),
+        server_ca: Ca::new("amphora CA"),
+    };
+    let cfg = agent_config(&dir, &pki, &dir.path("dp.sock"));
+    let agent = siphon_agent::start(&cfg).unwrap();
+    let old_controller = client_tls(&pki.server_ca, Some(pki.controller.issue(&["c"], false)));
+    assert_eq!(
+        https(&old_controller, agent.addr, Method::GET, "/v1/info", None)
+            .unwrap()
+            .0,
+        200
+    );
+
+    // New agent certificate from a new CA, and a new controller CA.
+    let next = Pki {
+        controller: Ca::new("controller CA 2"),
+        server_ca: Ca::new("amphora CA 2"),
+    };
+    let (cert, key) = next.server_ca.issue(&["127.0.0.1"], false);
+    let body =
+        serde_json::json!({"cert": cert, "key": key, "client_ca": next.controller.cert.pem()});
+    let (code, reply) = https(
+        &old_controller,
+        agent.addr,
+        Method::PUT,
+        "/v1/certificates",
+        Some(body.to_string()),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{reply}");
+
+    // From the next handshake on: the new controller is in, the old one out,
+    // and the agent presents its new certificate.
+    let new_controller = client_tls(&next.server_ca, Some(next.controller.issue(&["c"], false)));
+    assert_eq!(
+        https(&new_controller, agent.addr, Method::GET, "/v1/info", None)
+            .unwrap()
+            .0,
+        200
+    );
+    assert!(https(&old_controller, agent.addr, Method::GET, "/v1/info", None).is_err());
+    // Written to the configured files: a restarted agent keeps them.
+    assert_eq!(std::fs::read_to_string(&cfg.tls.cert).unwrap(), cert);
+    drop(agent);
+    let agent = siphon_agent::start(&cfg).unwrap();
+    assert_eq!(
+        https(&new_controller, agent.addr, Method::GET, "/v1/info", None)
+            .unwrap()
+            .0,
+        200
+    );
+
+    // Garbage is refused and changes nothing.
+    let bad = serde_json::json!({"cert": "not a cert", "key": key, "client_ca": next.controller.cert.pem()});
+    let (code, _) = https(
+        &new_controller,
+        agent.addr,
+        Method::PUT,
+        "/v1/certificates",
+        Some(bad.to_string()),
+    )
+    .unwrap();
+    assert_eq!(code, 400);
+    assert_eq!(
+        https(&new_controller, agent.addr, Method::GET, "/v1/info", None)
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(std::fs::read_to_string(&cfg.tls.cert).unwrap(), cert);
+}
+
+/// `ip -o addr show dev IF` inside the namespace.
+fn addresses(ns: &siphon_testkit::netns::Netns, dev: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "addr", "show", "dev", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn vips_are_plumbed_through_netlink_idempotently() {
+    if !siphon_testkit::root_or_skip("vips_are_plumbed_through_netlink_idempotently") {
+        return;
+    }
+    let ns = siphon_testkit::netns::Netns::create("vip").unwrap();
+    // A veth pair (this kernel may have no dummy interfaces); the
+    // namespace end is the VIP interface.
+    let outside = format!("sphv{}", std::process::id() % 100_000);
+    ns.veth(&outside, "198.18.6.1/24", "vip0", "198.18.6.2/24", 1500)
+        .unwrap();
+    let dir = TempDir::new("vips");
+    let pki = Pki {
+        controller: Ca::new("controller CA"),
+        server_ca: Ca::new("amphora CA"),
+    };
+    let cfg = agent_config(&dir, &pki, &dir.path("dp.sock"));
+    // The agent's threads start inside the namespace; its local socket is
+    // a file, reachable from here.
+    let agent = ns.enter(|| siphon_agent::start(&cfg).unwrap()).unwrap();
+    let put = |body: Value| {
+        let r = siphon_dataplane::api::client::request(
+            &agent.local_socket,
+            Method::PUT,
+            "/v1/vips",
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+        .unwrap();
+        (
+            r.status,
+            serde_json::from_str::<Value>(&r.body).unwrap_or_default(),
+        )
+    };
+
+    let add =
+        serde_json::json!({"interface": "vip0", "add": ["198.18.7.10", "2001:db8:7::10/128"]});
+    let (code, body) = put(add.clone());
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["added"].as_array().unwrap().len(), 2);
+    let shown = addresses(&ns, "vip0");
+    assert!(
+        shown.contains("198.18.7.10/32") && shown.contains("2001:db8:7::10/128"),
+        "{shown}"
+    );
+    // Again: nothing new, no error.
+    let (code, body) = put(add);
+    assert_eq!(code, 200);
+    assert_eq!(body["already_present"].as_array().unwrap().len(), 2);
+
+    let (code, body) = put(serde_json::json!({"interface": "vip0", "remove": ["198.18.7.10/32"]}));
+    assert_eq!(code, 200);
+    assert_eq!(body["removed"][0], "198.18.7.10/32");
+    let (_, body) = put(serde_json::json!({"interface": "vip0", "remove": ["198.18.7.10/32"]}));
+    assert_eq!(body["absent"][0], "198.18.7.10/32");
+    let shown = addresses(&ns, "vip0");
+    assert!(
+        !shown.contains("198.18.7.10") && shown.contains("2001:db8:7::10"),
+        "{shown}"
+    );
+
+    // Bad input: 400, nothing changed.
+    let (code, _) =
+        put(serde_json::json!({"interface": "vip0", "add": ["198.18.7.11", "not-an-ip"]}));
+    assert_eq!(code, 400);
+    assert!(!addresses(&ns, "vip0").contains("198.18.7.11"));
+    let (code, body) = put(serde_json::json!({"interface": "nope0", "add": ["198.18.7.12"]}));
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no interface"));
+    drop(agent);
+}
