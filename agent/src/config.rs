@@ -128,3 +128,41 @@ impl AgentConfig {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml.example");
+        let c = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.heartbeat.map(|h| h.destinations.len()), Some(2));
+    }
+
+    #[test]
+    fn problems_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("siphon-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("a.toml");
+        let text = "amphora_id = \"\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n";
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        let e = AgentConfig::load(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("amphora_id"), "{e}");
+        std::fs::write(
+            &path,
+            text.replace("amphora_id = \"\"", "amphora_id = \"a\"\nlisten = \"nope\""),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = AgentConfig::load(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("listen"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

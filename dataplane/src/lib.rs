@@ -30,6 +30,7 @@ pub mod server;
 pub mod snapshot;
 pub mod stats;
 pub mod status;
+pub mod systemd;
 pub mod timer;
 pub mod udp;
 pub mod worker;

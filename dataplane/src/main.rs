@@ -256,6 +256,7 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
         ),
         None => None,
     };
+    siphon_dataplane::systemd::notify_ready();
     tracing::info!(
         generation = server.generation(),
         workers = opts.workers,
