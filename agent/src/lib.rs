@@ -14,14 +14,14 @@ pub mod tls;
 pub mod vips;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::Agent;
@@ -48,11 +48,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("local socket {path}: {source}")]
-    Local {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("local API: {0}")]
+    Local(#[from] siphon_dataplane::api::ApiError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     #[error("heartbeat key {path}: {problem}")]
@@ -128,7 +125,9 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
                 addr: cfg.listen,
                 source,
             })?;
-        let unix = bind_local(&cfg.local_socket)?;
+        // The operators' socket: mode 0600, a leftover of a dead agent
+        // replaced, a live agent's refused.
+        let unix = siphon_dataplane::api::bind_socket(&cfg.local_socket, 0o600)?;
         Ok::<_, StartError>((tcp, unix))
     })?;
     let addr = tcp.local_addr().map_err(|source| StartError::Listen {
@@ -187,31 +186,6 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send: dropped before returning.
     let _ = stop.wait_for(|s| *s).await.map(drop);
-}
-
-/// The operators' socket: mode 0600, a leftover of a dead agent replaced.
-fn bind_local(path: &Path) -> Result<UnixListener, StartError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let err = |source| StartError::Local {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        let live = std::os::unix::net::UnixStream::connect(path).is_ok();
-        if !meta.file_type().is_socket() || live {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "exists (a running agent, or not a socket)",
-            )));
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    let l = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(l)
 }
 
 /// Accepts controller connections: the handshake (client certificate

@@ -84,6 +84,15 @@ struct Pki {
     server_ca: Ca,
 }
 
+impl Pki {
+    fn new() -> Pki {
+        Pki {
+            controller: Ca::new("controller CA"),
+            server_ca: Ca::new("amphora CA"),
+        }
+    }
+}
+
 /// Writes the agent's TLS files and config into `dir`.
 fn agent_config(dir: &TempDir, pki: &Pki, dataplane: &Path) -> AgentConfig {
     let (cert, key) = pki.server_ca.issue(&["127.0.0.1"], false);
@@ -237,10 +246,7 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn mutual_tls_accepts_the_controller_and_refuses_everyone_else() {
     let dir = TempDir::new("mtls");
-    let pki = Pki {
-        controller: Ca::new("controller CA"),
-        server_ca: Ca::new("amphora CA"),
-    };
+    let pki = Pki::new();
     let agent = siphon_agent::start(&agent_config(&dir, &pki, &dir.path("dp.sock"))).unwrap();
     let good = client_tls(
         &pki.server_ca,
@@ -282,10 +288,7 @@ fn mutual_tls_accepts_the_controller_and_refuses_everyone_else() {
 #[test]
 fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
     let dir = TempDir::new("push");
-    let pki = Pki {
-        controller: Ca::new("controller CA"),
-        server_ca: Ca::new("amphora CA"),
-    };
+    let pki = Pki::new();
     let rt = siphon_testkit::runtime();
     let b = Backend::start(&rt, "b", "127.0.0.1");
     let dp_socket = dir.path("dp.sock");
@@ -414,10 +417,7 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
 fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
     use siphon_agent::heartbeat::{HeartbeatError, Verifier};
     let dir = TempDir::new("hb");
-    let pki = Pki {
-        controller: Ca::new("controller CA"),
-        server_ca: Ca::new("amphora CA"),
-    };
+    let pki = Pki::new();
     let rt = siphon_testkit::runtime();
     let b = Backend::start(&rt, "b", "127.0.0.1");
     let dp_socket = dir.path("dp.sock");
@@ -489,10 +489,7 @@ fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
 #[test]
 fn certificates_rotate_without_a_restart() {
     let dir = TempDir::new("rotate");
-    let pki = Pki {
-        controller: Ca::new("controller CA"),
-        server_ca: Ca::new("amphora CA"),
-    };
+    let pki = Pki::new();
     let cfg = agent_config(&dir, &pki, &dir.path("dp.sock"));
     let agent = siphon_agent::start(&cfg).unwrap();
     let old_controller = client_tls(&pki.server_ca, Some(pki.controller.issue(&["c"], false)));
@@ -583,10 +580,7 @@ fn vips_are_plumbed_through_netlink_idempotently() {
     ns.veth(&outside, "198.18.6.1/24", "vip0", "198.18.6.2/24", 1500)
         .unwrap();
     let dir = TempDir::new("vips");
-    let pki = Pki {
-        controller: Ca::new("controller CA"),
-        server_ca: Ca::new("amphora CA"),
-    };
+    let pki = Pki::new();
     let cfg = agent_config(&dir, &pki, &dir.path("dp.sock"));
     // The agent's threads start inside the namespace; its local socket is
     // a file, reachable from here.

@@ -183,9 +183,10 @@ impl Drop for Api {
     }
 }
 
-/// Binds the Unix socket: a leftover file from a process that is gone is
-/// replaced, a live one is an error.
-fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ApiError> {
+/// Binds a control socket with `mode` (inside a tokio runtime): a leftover
+/// socket of a process that is gone is replaced; a live one, or a file
+/// that is not a socket, is an error. The agent's local socket uses it too.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ApiError> {
     let err = |source| ApiError::Socket {
         path: path.to_owned(),
         source,
