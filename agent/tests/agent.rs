@@ -635,3 +635,90 @@ fn vips_are_plumbed_through_netlink_idempotently() {
     assert!(body["error"].as_str().unwrap().contains("no interface"));
     drop(agent);
 }
+
+/// The `siphon-dataplane` binary of this build (`cargo test --workspace`
+/// builds it next to this test's directory).
+fn dataplane_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("siphon-dataplane");
+    assert!(
+        bin.exists(),
+        "{} missing: run the tests with `cargo test --workspace` (it builds the dataplane)",
+        bin.display()
+    );
+    bin
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_dataplane(socket: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Child(
+        std::process::Command::new(dataplane_binary())
+            .args(["run", "--workers", "1", "--socket"])
+            .arg(socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_killed_dataplane_process_gets_its_config_back_within_a_second() {
+    let dir = TempDir::new("kill");
+    let pki = Pki::new();
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let socket = dir.path("dp.sock");
+    let dp = spawn_dataplane(&socket, &dir.path("dp1.log"));
+    let cfg = agent_config(&dir, &pki, &socket);
+    let agent = siphon_agent::start(&cfg).unwrap();
+    let tls = client_tls(&pki.server_ca, Some(pki.controller.issue(&["c"], false)));
+    let port = free_port();
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(eventually(Duration::from_secs(10), || socket.exists()));
+    let push = push_body(9, port, &b, 1);
+    assert!(eventually(Duration::from_secs(10), || {
+        https(
+            &tls,
+            agent.addr,
+            Method::PUT,
+            "/v1/config",
+            Some(push.clone()),
+        )
+        .is_ok_and(|(code, _)| code == 200)
+    }));
+    assert_eq!(connect_greeting(front).unwrap().1, "b");
+
+    // SIGKILL: the socket file stays behind, the listener goes.
+    drop(dp);
+    assert!(connect_greeting(front).is_err());
+    let _dp = spawn_dataplane(&socket, &dir.path("dp2.log"));
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || connect_greeting(front).is_ok()),
+        "{}",
+        std::fs::read_to_string(dir.path("dp2.log")).unwrap_or_default()
+    );
+    let took = t.elapsed();
+    eprintln!("traffic back {took:?} after the restart (process start included)");
+    assert!(
+        took < Duration::from_secs(1) + Duration::from_millis(500),
+        "{took:?}"
+    );
+    drop(agent);
+    assert_eq!(
+        connect_greeting(front).unwrap().1,
+        "b",
+        "agent gone, traffic flows"
+    );
+}
