@@ -300,82 +300,43 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
         Some(pki.controller.issue(&["controller"], false)),
     );
     let port = free_port();
+    let front = SocketAddr::from(([127, 0, 0, 1], port));
+    let push =
+        |body: String| https(&tls, agent.addr, Method::PUT, "/v1/config", Some(body)).unwrap();
+    let get = |path: &str| https(&tls, agent.addr, Method::GET, path, None).unwrap();
+    let generation =
+        |text: &str| serde_json::from_str::<Value>(text).unwrap()["generation"].clone();
 
     // Push: applied, persisted, traffic flows.
-    let (code, body) = https(
-        &tls,
-        agent.addr,
-        Method::PUT,
-        "/v1/config",
-        Some(push_body(5, port, &b, 1)),
-    )
-    .unwrap();
+    let (code, body) = push(push_body(5, port, &b, 1));
     assert_eq!(code, 200, "{body}");
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["generation"],
-        5
-    );
-    assert_eq!(
-        connect_greeting(SocketAddr::from(([127, 0, 0, 1], port)))
-            .unwrap()
-            .1,
-        "b"
-    );
+    assert_eq!(generation(&body), 5);
+    assert_eq!(connect_greeting(front).unwrap().1, "b");
     let on_disk = std::fs::read_to_string(dir.path("state/config.json")).unwrap();
-    assert_eq!(
-        serde_json::from_str::<Value>(&on_disk).unwrap()["generation"],
-        5
-    );
+    assert_eq!(generation(&on_disk), 5);
 
     // The same push again: 200, same generation.
-    let (code, _) = https(
-        &tls,
-        agent.addr,
-        Method::PUT,
-        "/v1/config",
-        Some(push_body(5, port, &b, 1)),
-    )
-    .unwrap();
+    let (code, _) = push(push_body(5, port, &b, 1));
     assert_eq!(code, 200);
 
     // Rejected by the dataplane: relayed, nothing persisted or changed.
-    let (code, body) = https(
-        &tls,
-        agent.addr,
-        Method::PUT,
-        "/v1/config",
-        Some(push_body(6, port, &b, 999)),
-    )
-    .unwrap();
+    let (code, body) = push(push_body(6, port, &b, 999));
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("weight"), "{body}");
     assert_eq!(
         std::fs::read_to_string(dir.path("state/config.json")).unwrap(),
         on_disk
     );
-    let (_, body) = https(&tls, agent.addr, Method::GET, "/v1/config", None).unwrap();
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["generation"],
-        5
-    );
+    let (_, body) = get("/v1/config");
+    assert_eq!(generation(&body), 5);
     assert_eq!(dp.server.generation(), 5);
     // A stale one: the dataplane's 409 passes through.
-    let (code, _) = https(
-        &tls,
-        agent.addr,
-        Method::PUT,
-        "/v1/config",
-        Some(push_body(4, port, &b, 1)),
-    )
-    .unwrap();
+    let (code, _) = push(push_body(4, port, &b, 1));
     assert_eq!(code, 409);
     // Status and stats come from the dataplane.
-    let (code, body) = https(&tls, agent.addr, Method::GET, "/v1/status", None).unwrap();
+    let (code, body) = get("/v1/status");
     assert_eq!(code, 200);
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["generation"],
-        5
-    );
+    assert_eq!(generation(&body), 5);
 
     // The dataplane dies and a fresh, empty one starts: the agent puts the
     // persisted config back within a second.
@@ -387,30 +348,17 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
         .generation()
         == 5));
     eprintln!("config back after {:?}", t.elapsed());
-    assert_eq!(
-        connect_greeting(SocketAddr::from(([127, 0, 0, 1], port)))
-            .unwrap()
-            .1,
-        "b"
-    );
+    assert_eq!(connect_greeting(front).unwrap().1, "b");
 
     // The agent dies: traffic keeps flowing.
     drop(agent);
-    assert_eq!(
-        connect_greeting(SocketAddr::from(([127, 0, 0, 1], port)))
-            .unwrap()
-            .1,
-        "b"
-    );
+    assert_eq!(connect_greeting(front).unwrap().1, "b");
 
     // A new agent on the same state re-applies nothing new, serves the
     // persisted config.
     let agent = siphon_agent::start(&cfg).unwrap();
     let (_, body) = https(&tls, agent.addr, Method::GET, "/v1/config", None).unwrap();
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["generation"],
-        5
-    );
+    assert_eq!(generation(&body), 5);
 }
 
 #[test]
