@@ -118,14 +118,28 @@ async fn echo(mut s: tokio::net::TcpStream, greeting: &[u8]) -> io::Result<()> {
     s.shutdown().await
 }
 
-/// A free TCP port on loopback (bound once and released: tests use it at
-/// once, so reuse by someone else in between is unlikely).
+/// A port free for TCP and UDP on 127.0.0.1, for a proxy listener a test
+/// binds right after. Chosen below the kernel's ephemeral range (32768 and
+/// up by default), so no client socket of a concurrent test can take it in
+/// between, and from a per-process cursor, so two tests of one process
+/// never get the same one.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    l.local_addr()
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"))
+    const FIRST: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    let offset = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
+
+static NEXT_PORT: AtomicUsize = AtomicUsize::new(0);
 
 /// Connects and reads the backend's greeting line; returns the stream and
 /// the backend's name.
@@ -357,8 +371,5 @@ pub fn udp_who(s: &std::net::UdpSocket, to: SocketAddr) -> io::Result<String> {
 
 /// A UDP port free on loopback right now.
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    s.local_addr()
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"))
+    free_port()
 }
