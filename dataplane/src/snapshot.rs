@@ -168,15 +168,14 @@ impl Snapshot {
         tcp.chain(udp)
     }
 
-    /// Validates `config` and builds its runtime form, taking counters
-    /// from `registry` so they carry over for objects that stay.
-    /// `up(pool, member)` is the member's health.
+    /// Builds the runtime form of a config the caller has validated,
+    /// taking counters from `registry` so they carry over for objects that
+    /// stay. `up(pool, member)` is the member's health.
     pub fn build(
         config: Config,
         registry: &mut Registry,
         up: &dyn Fn(&str, &str) -> bool,
     ) -> Result<Snapshot, ConfigErrors> {
-        config.validate()?;
         let mut pools = Vec::with_capacity(config.pools.len());
         let mut pool_by_id = HashMap::new();
         for (index, p) in config.pools.iter().enumerate() {

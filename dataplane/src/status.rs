@@ -65,11 +65,16 @@ pub struct MemberStatus {
 impl StatusReport {
     pub fn build(snapshot: &Snapshot, book: &Book) -> StatusReport {
         let config = &snapshot.config;
+        let running: std::collections::HashMap<&str, &crate::snapshot::ListenerRt> = snapshot
+            .listeners
+            .iter()
+            .map(|l| (l.id.as_str(), &**l))
+            .collect();
         let listeners = config
             .listeners
             .iter()
             .map(|l| {
-                let rt = snapshot.listeners.iter().find(|r| r.id == l.id);
+                let rt = running.get(l.id.as_str());
                 let active = rt.map_or(0, |r| r.stats.active.load(Relaxed));
                 let full = rt
                     .and_then(|r| r.connection_limit)
