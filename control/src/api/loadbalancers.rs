@@ -1,0 +1,350 @@
+//! `/lbaas/loadbalancers`: CRUD, `status` tree, `stats`, `failover`.
+
+use axum::extract::{Path, RawQuery};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::routing::{get, put};
+use axum::Router;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+use super::body::{self, Field};
+use super::fault::Fault;
+use super::{
+    lb_for_write, listing, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
+};
+use crate::model::{
+    AmphoraStatus, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
+};
+use crate::Controller;
+
+pub fn routes() -> Router<Arc<Controller>> {
+    Router::new()
+        .route("/lbaas/loadbalancers", get(list).post(create))
+        .route(
+            "/lbaas/loadbalancers/{id}",
+            get(show).put(update).delete(delete),
+        )
+        .route("/lbaas/loadbalancers/{id}/status", get(status))
+        .route("/lbaas/loadbalancers/{id}/statuses", get(status))
+        .route("/lbaas/loadbalancers/{id}/stats", get(stats))
+        .route("/lbaas/loadbalancers/{id}/failover", put(failover))
+}
+
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+    let items = ctl.db.read(|s| {
+        s.load_balancers
+            .values()
+            .map(|lb| view::load_balancer(s, lb))
+            .collect()
+    });
+    listing(items, q.as_deref(), "loadbalancers", &headers, &uri)
+}
+
+async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let v = ctl.db.read(|s| {
+        s.load_balancers
+            .get(&id)
+            .map(|lb| view::load_balancer(s, lb))
+            .ok_or_else(|| Fault::not_found("Load Balancer", &id))
+    })?;
+    showing("loadbalancer", v, q.as_deref())
+}
+
+async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
+    let mut b = body::parse(&bytes, "loadbalancer")?;
+    let mut common = new_common(&mut b, OperatingStatus::Offline, true)?;
+    let subnet_id = b.string("vip_subnet_id", 36)?.set();
+    let network_id = b.string("vip_network_id", 36)?.set();
+    let address = b.string("vip_address", 64)?.set();
+    let qos = b.string("vip_qos_policy_id", 36)?.set();
+    for unsupported in [
+        "vip_port_id",
+        "vip_sg_ids",
+        "additional_vips",
+        "listeners",
+        "pools",
+        "flavor_id",
+    ] {
+        b.unsupported(unsupported)?;
+    }
+    if let Field::Set(p) = b.string("provider", 64)? {
+        if p != "siphon" {
+            return Err(Fault::bad_request(format!(
+                "Provider '{p}' is not enabled. Enabled providers: siphon"
+            )));
+        }
+    }
+    let availability_zone = b.string("availability_zone", 255)?.set();
+    let topology = match b
+        .one_of("topology", &["SINGLE", "ACTIVE_ACTIVE"])?
+        .set()
+        .as_deref()
+    {
+        Some("ACTIVE_ACTIVE") => Topology::ActiveActive,
+        _ => Topology::Single,
+    };
+    let count = b.int("amphora_count", 1, 64)?.set();
+    b.finish()?;
+    let amphora_count = match (topology, count) {
+        (Topology::Single, None | Some(1)) => 1,
+        (Topology::Single, Some(n)) => {
+            return Err(Fault::invalid(
+                "amphora_count",
+                n,
+                "A SINGLE load balancer has exactly one amphora",
+            ))
+        }
+        (Topology::ActiveActive, n) => n.unwrap_or(2) as u32,
+    };
+    let id = common.id.clone();
+    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
+        let vip = crate::vip::allocate(
+            &ctl.config.vip_subnets,
+            s,
+            subnet_id.as_deref(),
+            network_id.as_deref(),
+            address.as_deref(),
+        )?;
+        let spares = crate::provision::spares(s, &ctl, amphora_count as usize)?;
+        if common.project_id.is_empty() {
+            common.project_id = String::new();
+        }
+        let lb = LoadBalancer {
+            common,
+            vip_address: vip.address.to_string(),
+            vip_subnet_id: vip.subnet.id.clone(),
+            vip_network_id: vip.subnet.network_id.clone(),
+            vip_port_id: crate::new_id(),
+            vip_qos_policy_id: qos,
+            provider: "siphon".to_owned(),
+            flavor_id: String::new(),
+            availability_zone,
+            topology,
+            amphora_count,
+        };
+        tx.put(lb.clone());
+        for mut a in spares {
+            a.load_balancer_id = Some(id.clone());
+            a.status = AmphoraStatus::Allocated;
+            a.updated_at = Some(crate::now());
+            tx.put(a);
+        }
+        Ok(view::load_balancer(s, &lb))
+    })?;
+    ctl.wake.notify_one();
+    tracing::info!(loadbalancer = %id, "load balancer created");
+    Ok(wrapped(StatusCode::CREATED, "loadbalancer", v))
+}
+
+async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
+    let mut b = body::parse(&bytes, "loadbalancer")?;
+    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
+        let mut lb = lb_for_write(s, &id)?.clone();
+        update_common(&mut b, &mut lb.common, true)?;
+        if let Some(q) = b.string("vip_qos_policy_id", 36)?.update() {
+            lb.vip_qos_policy_id = q;
+        }
+        b.unsupported("vip_sg_ids")?;
+        b.finish()?;
+        let after = super::proposed(s, &[crate::store::Op::put(lb.clone())], &id)?;
+        if super::dataplane_changes(s, &after, &id) {
+            lb.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+        }
+        tx.put(lb.clone());
+        Ok(view::load_balancer(s, &lb))
+    })?;
+    ctl.wake.notify_one();
+    Ok(wrapped(StatusCode::OK, "loadbalancer", v))
+}
+
+async fn delete(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let cascade = url::form_urlencoded::parse(q.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == "cascade" && v.eq_ignore_ascii_case("true"));
+    ctl.db.write(|s, tx| -> Result<(), Fault> {
+        let lb = s
+            .load_balancers
+            .get(&id)
+            .ok_or_else(|| Fault::not_found("Load Balancer", &id))?;
+        if !matches!(
+            lb.common.provisioning_status,
+            ProvisioningStatus::Active | ProvisioningStatus::Error
+        ) {
+            return Err(Fault::immutable("Load Balancer", &id));
+        }
+        let has_children = s.listeners_of(&id).next().is_some() || s.pools_of(&id).next().is_some();
+        if has_children && !cascade {
+            return Err(Fault::bad_request(format!(
+                "Cannot delete Load Balancer {id} - it has children"
+            )));
+        }
+        mark_deleted(s, tx, &id);
+        Ok(())
+    })?;
+    ctl.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Everything of `lb` goes `PENDING_DELETE`.
+fn mark_deleted(s: &State, tx: &mut crate::store::Tx, lb: &str) {
+    let pd = ProvisioningStatus::PendingDelete;
+    for m in s.members.values().filter(|m| m.load_balancer_id == lb) {
+        let mut m = m.clone();
+        m.common.provisioning_status = pd;
+        tx.put(m);
+    }
+    for h in s
+        .health_monitors
+        .values()
+        .filter(|h| h.load_balancer_id == lb)
+    {
+        let mut h = h.clone();
+        h.common.provisioning_status = pd;
+        tx.put(h);
+    }
+    for p in s.pools_of(lb) {
+        let mut p = p.clone();
+        p.common.provisioning_status = pd;
+        tx.put(p);
+    }
+    for l in s.listeners_of(lb) {
+        let mut l = l.clone();
+        l.common.provisioning_status = pd;
+        tx.put(l);
+    }
+    if let Some(l) = s.load_balancers.get(lb) {
+        let mut l = l.clone();
+        l.common.provisioning_status = pd;
+        l.common.updated_at = Some(crate::now());
+        tx.put(l);
+    }
+}
+
+/// Octavia's status tree: load balancer → listeners → (default) pool →
+/// health monitor and members.
+pub fn status_tree(s: &State, lb: &LoadBalancer) -> Value {
+    let id = lb.common.id.as_str();
+    let listeners: Vec<Value> = s
+        .listeners_of(id)
+        .map(|l| {
+            let pools: Vec<Value> = l
+                .default_pool_id
+                .as_deref()
+                .and_then(|p| s.pools.get(p))
+                .map(|p| {
+                    let members: Vec<Value> = s
+                        .members_of(&p.common.id)
+                        .map(|m| {
+                            json!({
+                                "id": m.common.id,
+                                "name": m.common.name,
+                                "address": m.address,
+                                "protocol_port": m.protocol_port,
+                                "provisioning_status": m.common.provisioning_status,
+                                "operating_status": m.common.operating_status,
+                            })
+                        })
+                        .collect();
+                    let mut pv = json!({
+                        "id": p.common.id,
+                        "name": p.common.name,
+                        "provisioning_status": p.common.provisioning_status,
+                        "operating_status": p.common.operating_status,
+                        "members": members,
+                    });
+                    if let Some(h) = s.monitor_of(&p.common.id) {
+                        pv["health_monitor"] = json!({
+                            "id": h.common.id,
+                            "name": h.common.name,
+                            "type": h.kind,
+                            "provisioning_status": h.common.provisioning_status,
+                            "operating_status": h.common.operating_status,
+                        });
+                    }
+                    pv
+                })
+                .into_iter()
+                .collect();
+            json!({
+                "id": l.common.id,
+                "name": l.common.name,
+                "provisioning_status": l.common.provisioning_status,
+                "operating_status": l.common.operating_status,
+                "pools": pools,
+            })
+        })
+        .collect();
+    json!({
+        "loadbalancer": {
+            "id": id,
+            "name": lb.common.name,
+            "provisioning_status": lb.common.provisioning_status,
+            "operating_status": lb.common.operating_status,
+            "listeners": listeners,
+        }
+    })
+}
+
+async fn status(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
+    let v = ctl.db.read(|s| {
+        s.load_balancers
+            .get(&id)
+            .map(|lb| status_tree(s, lb))
+            .ok_or_else(|| Fault::not_found("Load Balancer", &id))
+    })?;
+    Ok(wrapped(StatusCode::OK, "statuses", v))
+}
+
+pub fn stats_view(c: &Counters) -> Value {
+    json!({
+        "bytes_in": c.bytes_in,
+        "bytes_out": c.bytes_out,
+        "active_connections": c.active_connections,
+        "total_connections": c.total_connections,
+        "request_errors": c.request_errors,
+    })
+}
+
+async fn stats(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
+    let c = ctl.db.read(|s| {
+        if !s.load_balancers.contains_key(&id) {
+            return Err(Fault::not_found("Load Balancer", &id));
+        }
+        let mut c = Counters::default();
+        for l in s.listeners_of(&id) {
+            c.add(&s.listener_counters(&l.common.id));
+        }
+        Ok(c)
+    })?;
+    Ok(wrapped(StatusCode::OK, "stats", stats_view(&c)))
+}
+
+/// Replaces each amphora of the load balancer with a spare where one is
+/// free (keeping it where none is, which re-pushes its config), 202.
+async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
+    ctl.db.write(|s, tx| -> Result<(), Fault> {
+        let lb = s
+            .load_balancers
+            .get(&id)
+            .ok_or_else(|| Fault::not_found("Load Balancer", &id))?;
+        if !matches!(
+            lb.common.provisioning_status,
+            ProvisioningStatus::Active | ProvisioningStatus::Error
+        ) {
+            return Err(Fault::immutable("Load Balancer", &id));
+        }
+        let amphorae: Vec<String> = s.amphorae_of(&id).map(|a| a.id.clone()).collect();
+        crate::provision::fail_over(
+            s,
+            tx,
+            &ctl,
+            &id,
+            &amphorae,
+            "failover requested through the API",
+            &mut Default::default(),
+        );
+        Ok(())
+    })?;
+    ctl.wake.notify_one();
+    Ok(StatusCode::ACCEPTED.into_response())
+}

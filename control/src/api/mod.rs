@@ -1,0 +1,311 @@
+//! The REST API, shaped like Octavia's v2 so openstacksdk and the
+//! `openstack loadbalancer` CLI drive it unchanged. Served under `/v2` and
+//! `/v2.0` (Octavia's alias), with version discovery at `/`, `/v2` and
+//! `/v2.0`, and the few Neutron lookups the CLI makes (`subnets`,
+//! `networks`) answered from the configured VIP subnets.
+//!
+//! Writes follow Octavia's lifecycle: the object goes `PENDING_*`, its load
+//! balancer `PENDING_UPDATE` (writes to it meanwhile get 409), and the
+//! provisioner moves everything to `ACTIVE` (or `ERROR`) once every
+//! amphora took the new config. A change that does not alter what the
+//! amphorae run (a name, a description, tags) is `ACTIVE` at once.
+
+pub mod amphorae;
+pub mod body;
+pub mod fault;
+pub mod healthmonitors;
+pub mod listeners;
+pub mod loadbalancers;
+pub mod members;
+pub mod network;
+pub mod pools;
+pub mod query;
+pub mod view;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::model::{LoadBalancer, ProvisioningStatus, State};
+use crate::store::{Op, Tx};
+use crate::Controller;
+use fault::Fault;
+
+pub type Ctl = AxState<Arc<Controller>>;
+pub type ApiResult = Result<Response, Fault>;
+
+/// Largest request body: a batch of thousands of members fits.
+const MAX_BODY: usize = 16 << 20;
+
+pub fn router(ctl: Arc<Controller>) -> Router {
+    let v2 = Router::new()
+        .merge(loadbalancers::routes())
+        .merge(listeners::routes())
+        .merge(pools::routes())
+        .merge(members::routes())
+        .merge(healthmonitors::routes())
+        .merge(amphorae::routes())
+        .merge(network::routes())
+        .route("/lbaas/providers", get(providers))
+        .route("/lbaas/l7policies", get(no_l7policies))
+        .route("/lbaas/flavors", get(no_flavors))
+        .route("/lbaas/availabilityzones", get(no_zones));
+    Router::new()
+        .nest("/v2", v2.clone())
+        .nest("/v2.0", v2)
+        .layer(axum::middleware::from_fn_with_state(ctl.clone(), auth))
+        // Discovery goes without a token, as in Octavia.
+        .route("/", get(versions))
+        .route("/v2", get(version))
+        .route("/v2/", get(version))
+        .route("/v2.0", get(version))
+        .route("/v2.0/", get(version))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(ctl)
+}
+
+fn digest(s: &str) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+}
+
+/// `X-Auth-Token` must equal the admin token (unless in no-auth mode).
+/// Compared as SHA-256 digests, so timing says nothing about the token.
+async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
+    if let Some(token) = &ctl.token {
+        let given = req
+            .headers()
+            .get("x-auth-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if digest(given).as_ref() != digest(token).as_ref() {
+            return Fault::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found() -> Response {
+    Fault::new(StatusCode::NOT_FOUND, "The resource could not be found.").into_response()
+}
+
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+fn version_doc(base: &str, id: &str) -> Value {
+    json!({
+        "id": id,
+        "status": if id == "v2.0" { "SUPPORTED" } else { "CURRENT" },
+        "updated": "2026-11-30T00:00:00Z",
+        "links": [{ "rel": "self", "href": format!("{base}/{}/", if id == "v2.0" { "v2.0" } else { "v2" }) }],
+    })
+}
+
+async fn versions(headers: HeaderMap) -> Response {
+    let base = base_url(&headers);
+    Json(json!({ "versions": [version_doc(&base, "v2.0"), version_doc(&base, "v2.30")] }))
+        .into_response()
+}
+
+async fn version(headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    let base = base_url(&headers);
+    let mut doc = version_doc(&base, "v2.30");
+    if uri.path().starts_with("/v2.0") {
+        doc["id"] = json!("v2.0");
+        doc["status"] = json!("CURRENT");
+        doc["links"] = json!([{ "rel": "self", "href": format!("{base}/v2.0/") }]);
+    }
+    Json(json!({ "version": doc })).into_response()
+}
+
+async fn providers() -> Response {
+    Json(json!({
+        "providers": [{ "name": "siphon", "description": "Siphon: L4 (TCP, UDP) userspace load balancer with Maglev hashing" }],
+        "providers_links": [],
+    }))
+    .into_response()
+}
+
+async fn no_l7policies() -> Response {
+    Json(json!({ "l7policies": [], "l7policies_links": [] })).into_response()
+}
+
+async fn no_flavors() -> Response {
+    Json(json!({ "flavors": [], "flavors_links": [] })).into_response()
+}
+
+async fn no_zones() -> Response {
+    Json(json!({ "availability_zones": [], "availability_zones_links": [] })).into_response()
+}
+
+/// `{"<key>": value}` with `status`.
+pub fn wrapped(status: StatusCode, key: &str, value: Value) -> Response {
+    let mut m = serde_json::Map::new();
+    m.insert(key.to_owned(), value);
+    (status, Json(Value::Object(m))).into_response()
+}
+
+/// A list answer: the query applied to `items`.
+pub fn listing(
+    items: Vec<Value>,
+    raw_query: Option<&str>,
+    plural: &str,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+) -> ApiResult {
+    let q = query::ListQuery::parse(raw_query)?;
+    let path = format!("{}{}", base_url(headers), uri.path());
+    Ok(Json(query::list(items, &q, plural, &path)?).into_response())
+}
+
+/// A single object answer, `fields` applied.
+pub fn showing(key: &str, item: Value, raw_query: Option<&str>) -> ApiResult {
+    let q = query::ListQuery::parse(raw_query)?;
+    Ok(wrapped(
+        StatusCode::OK,
+        key,
+        query::project(item, &q.fields),
+    ))
+}
+
+/// The load balancer, which must exist and be `ACTIVE` for a child write.
+pub fn lb_for_write<'a>(s: &'a State, id: &str) -> Result<&'a LoadBalancer, Fault> {
+    let lb = s
+        .load_balancers
+        .get(id)
+        .ok_or_else(|| Fault::not_found("Load Balancer", id))?;
+    if lb.common.provisioning_status != ProvisioningStatus::Active {
+        return Err(Fault::immutable("Load Balancer", id));
+    }
+    Ok(lb)
+}
+
+/// The state of load balancer `lb` once `ops` are applied, checked the
+/// way the dataplane will check it: a change the amphorae would refuse is
+/// refused here, with the dataplane's words, before anything is stored.
+pub fn proposed(s: &State, ops: &[Op], lb: &str) -> Result<State, Fault> {
+    let mut p = s.subset(lb);
+    crate::store::apply(&mut p, ops.to_vec());
+    if let Some(l) = p.load_balancers.get(lb) {
+        if let Err(e) = crate::render::config(&p, l, 1).validate() {
+            let problems: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+            return Err(Fault::bad_request(format!(
+                "Invalid configuration: {}",
+                problems.join("; ")
+            )));
+        }
+    }
+    Ok(p)
+}
+
+/// Whether what the amphorae of `lb` run differs between two states.
+pub fn dataplane_changes(before: &State, after: &State, lb: &str) -> bool {
+    let render = |s: &State| {
+        s.load_balancers
+            .get(lb)
+            .map(|l| crate::render::config(s, l, 0))
+    };
+    render(before) != render(after)
+}
+
+/// Marks the load balancer (and `listeners`) `PENDING_UPDATE`.
+pub fn lock(tx: &mut Tx, s: &State, lb: &str, listeners: &[String]) {
+    let now = crate::now();
+    if let Some(l) = s.load_balancers.get(lb) {
+        let mut l = l.clone();
+        l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+        l.common.updated_at = Some(now.clone());
+        tx.put(l);
+    }
+    for id in listeners {
+        if let Some(l) = s.listeners.get(id) {
+            if l.common.provisioning_status == ProvisioningStatus::Active {
+                let mut l = l.clone();
+                l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                tx.put(l);
+            }
+        }
+    }
+}
+
+/// The part of every create body that all objects share.
+pub fn new_common(
+    b: &mut body::Body,
+    operating: crate::model::OperatingStatus,
+    has_description: bool,
+) -> Result<crate::model::Common, Fault> {
+    Ok(crate::model::Common {
+        id: crate::new_id(),
+        name: b.string("name", 255)?.or_default(),
+        description: if has_description {
+            b.string("description", 255)?.or_default()
+        } else {
+            String::new()
+        },
+        project_id: {
+            let p = b.string("project_id", 36)?.or_default();
+            let t = b.string("tenant_id", 36)?.or_default();
+            if p.is_empty() {
+                t
+            } else {
+                p
+            }
+        },
+        admin_state_up: b.bool("admin_state_up")?.or(true),
+        provisioning_status: ProvisioningStatus::PendingCreate,
+        operating_status: operating,
+        tags: b.strings("tags")?.or_default(),
+        created_at: crate::now(),
+        updated_at: None,
+        provisioning_error: None,
+    })
+}
+
+/// Applies the shared updatable fields.
+pub fn update_common(
+    b: &mut body::Body,
+    c: &mut crate::model::Common,
+    has_description: bool,
+) -> Result<(), Fault> {
+    if let Some(v) = b.string("name", 255)?.update() {
+        c.name = v.unwrap_or_default();
+    }
+    if has_description {
+        if let Some(v) = b.string("description", 255)?.update() {
+            c.description = v.unwrap_or_default();
+        }
+    }
+    if let Some(v) = b.bool("admin_state_up")?.update() {
+        c.admin_state_up = v.unwrap_or(true);
+    }
+    if let Some(v) = b.strings("tags")?.update() {
+        c.tags = v.unwrap_or_default();
+    }
+    c.updated_at = Some(crate::now());
+    Ok(())
+}
+
+impl<T: Default> body::Field<T> {
+    pub fn or_default(self) -> T {
+        self.or(T::default())
+    }
+}
+
+/// The object must not be mid-change itself.
+pub fn mutable(c: &crate::model::Common, what: &str) -> Result<(), Fault> {
+    if c.provisioning_status.is_pending() {
+        return Err(Fault::immutable(what, &c.id));
+    }
+    Ok(())
+}

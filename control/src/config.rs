@@ -1,0 +1,318 @@
+//! The controller's config file (TOML): where it listens, its database,
+//! auth, the VIP subnets it may allocate from, the amphorae it starts with,
+//! how it talks to their agents and how it hears them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Octavia's API port.
+pub const DEFAULT_PORT: u16 = 9876;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// SQLite database file (created, with its directory, if missing).
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    #[serde(default)]
+    pub auth: Auth,
+    /// Subnets VIPs are allocated from.
+    #[serde(default)]
+    pub vip_subnets: Vec<VipSubnet>,
+    /// Amphorae registered at start (more can be added through the API).
+    #[serde(default)]
+    pub amphorae: Vec<AmphoraEntry>,
+    /// How the controller reaches agents; without it nothing is pushed
+    /// and load balancers stay `PENDING_CREATE`.
+    #[serde(default)]
+    pub agent_tls: Option<AgentTls>,
+    #[serde(default)]
+    pub push: Push,
+    #[serde(default)]
+    pub health: Option<Health>,
+}
+
+/// `X-Auth-Token` checking.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+pub enum Auth {
+    /// Every request must carry this admin token.
+    Token {
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        token_file: Option<PathBuf>,
+    },
+    /// No check at all: development only.
+    Noauth,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth::Token {
+            token: None,
+            token_file: Some(PathBuf::from("/etc/siphon/admin-token")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSubnet {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub network_id: String,
+    #[serde(default)]
+    pub network_name: String,
+    pub cidr: IpNet,
+    #[serde(default)]
+    pub gateway_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmphoraEntry {
+    pub id: String,
+    /// The agent's management address.
+    pub address: IpAddr,
+    #[serde(default = "default_agent_port")]
+    pub port: u16,
+    /// Name in the agent's certificate; the amphora id when absent.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM file of the CA for this agent; `agent_tls.ca` when absent.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default = "default_vip_interface")]
+    pub vip_interface: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTls {
+    /// PEM client certificate the controller presents to agents.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PEM CA agents' server certificates chain to.
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Push {
+    /// Attempts per push before the change goes to `ERROR`.
+    #[serde(default = "default_push_attempts")]
+    pub attempts: u32,
+    /// First back-off between attempts; doubles up to 5 s.
+    #[serde(default = "default_push_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Per request (connect included).
+    #[serde(default = "default_push_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for Push {
+    fn default() -> Self {
+        Push {
+            attempts: default_push_attempts(),
+            backoff_ms: default_push_backoff_ms(),
+            timeout_ms: default_push_timeout_ms(),
+        }
+    }
+}
+
+impl Push {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// UDP address heartbeats arrive on.
+    #[serde(default = "default_health_listen")]
+    pub listen: SocketAddr,
+    /// File holding the shared HMAC key (the agents' `heartbeat.key_file`).
+    pub key_file: PathBuf,
+    /// Silence after which an amphora is failed over.
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// How often staleness is checked.
+    #[serde(default = "default_check_interval_ms")]
+    pub check_interval_ms: u64,
+    /// How far a heartbeat's clock may be from ours.
+    #[serde(default = "default_clock_window_ms")]
+    pub clock_window_ms: u64,
+    /// Circuit breaker: when this many amphorae go stale at once, none is
+    /// failed over (they are marked `FAILOVER_STOPPED`): that is a fault on
+    /// the controller's side, not that many dead amphorae.
+    #[serde(default)]
+    pub failover_threshold: Option<usize>,
+}
+
+impl Health {
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_millis(self.check_interval_ms)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0u16; 8], DEFAULT_PORT))
+}
+fn default_database() -> PathBuf {
+    PathBuf::from("/var/lib/siphon-control/siphon.db")
+}
+fn default_agent_port() -> u16 {
+    siphon_agent::config::DEFAULT_PORT
+}
+fn default_vip_interface() -> String {
+    "lo".to_owned()
+}
+fn default_push_attempts() -> u32 {
+    5
+}
+fn default_push_backoff_ms() -> u64 {
+    200
+}
+fn default_push_timeout_ms() -> u64 {
+    10_000
+}
+fn default_health_listen() -> SocketAddr {
+    SocketAddr::from(([0u16; 8], 5555))
+}
+fn default_heartbeat_timeout_ms() -> u64 {
+    3_000
+}
+fn default_check_interval_ms() -> u64 {
+    100
+}
+fn default_clock_window_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+impl ControlConfig {
+    pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text` (read from `path`, named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<ControlConfig, ConfigError> {
+        let config: ControlConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |field: String, problem: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            problem: problem.to_owned(),
+        };
+        if let Auth::Token { token, token_file } = &config.auth {
+            if token.is_none() && token_file.is_none() {
+                return Err(invalid(
+                    "auth".into(),
+                    "mode \"token\" needs token or token_file",
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in config.vip_subnets.iter().enumerate() {
+            if !seen.insert(&s.id) {
+                return Err(invalid(format!("vip_subnets[{i}].id"), "duplicate id"));
+            }
+            if let Some(g) = s.gateway_ip {
+                if !s.cidr.contains(&g) {
+                    return Err(invalid(
+                        format!("vip_subnets[{i}].gateway_ip"),
+                        "not inside cidr",
+                    ));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in config.amphorae.iter().enumerate() {
+            if a.id.trim().is_empty() {
+                return Err(invalid(format!("amphorae[{i}].id"), "must not be empty"));
+            }
+            if !seen.insert(&a.id) {
+                return Err(invalid(format!("amphorae[{i}].id"), "duplicate id"));
+            }
+        }
+        if config.push.attempts == 0 {
+            return Err(invalid("push.attempts".into(), "must be at least 1"));
+        }
+        if let Some(h) = &config.health {
+            if h.heartbeat_timeout_ms < 10 || h.check_interval_ms < 10 {
+                return Err(invalid(
+                    "health".into(),
+                    "heartbeat_timeout_ms and check_interval_ms must be at least 10",
+                ));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The admin token, read from its file if need be; `None` = no auth.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        match &self.auth {
+            Auth::Noauth => Ok(None),
+            Auth::Token { token: Some(t), .. } => Ok(Some(t.clone())),
+            Auth::Token {
+                token_file: Some(path),
+                ..
+            } => {
+                let t = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let t = t.trim().to_owned();
+                if t.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        path: path.clone(),
+                        field: "auth.token_file".into(),
+                        problem: "the file is empty".into(),
+                    });
+                }
+                Ok(Some(t))
+            }
+            // Refused by `parse`; never fall back to no auth.
+            Auth::Token { .. } => Err(ConfigError::Invalid {
+                path: PathBuf::new(),
+                field: "auth".into(),
+                problem: "mode \"token\" needs token or token_file".into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The health manager: heartbeats in, statuses and stats out, failover.
+//!
+//! - [`receive`] verifies each datagram with the agent crate's
+//!   [`Verifier`] (HMAC, clock window, replayed sequence numbers), records
+//!   when the amphora was heard, and folds its report into operating
+//!   statuses and counters, written in batches (at most once per
+//!   [`FLUSH`]) so a fleet of sub-second heartbeats is not a write each.
+//! - [`watch`] looks for amphorae silent for `heartbeat_timeout` and
+//!   fails their load balancers over to spares, unless so many went
+//!   silent at once that the fault is more likely on this side (the
+//!   circuit breaker, `failover_threshold`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use siphon_agent::heartbeat::{Heartbeat, Verifier};
+use tokio::net::UdpSocket;
+
+use crate::config::Health;
+use crate::model::{AmphoraStatus, Counters, OperatingStatus, State};
+use crate::store::Tx;
+use crate::{Controller, StartError};
+
+/// Longest time heartbeat-driven changes wait before they are stored.
+const FLUSH: Duration = Duration::from_millis(500);
+
+pub async fn bind(h: &Health) -> Result<(UdpSocket, Vec<u8>), StartError> {
+    let key = std::fs::read(&h.key_file).map_err(|e| StartError::Dir {
+        path: h.key_file.display().to_string(),
+        source: e,
+    })?;
+    let key: Vec<u8> = String::from_utf8_lossy(&key).trim().as_bytes().to_vec();
+    if key.is_empty() {
+        return Err(StartError::Tls(format!(
+            "{}: the heartbeat key file is empty",
+            h.key_file.display()
+        )));
+    }
+    let socket = UdpSocket::bind(h.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: h.listen,
+            source,
+        })?;
+    Ok((socket, key))
+}
+
+/// Counters as last reported, to turn absolute values into increments.
+#[derive(Debug, Default)]
+struct Last {
+    reported: HashMap<(String, String), Counters>,
+}
+
+impl Last {
+    /// The increment since the last report; a counter that went down
+    /// means the dataplane restarted, so the new value is all new.
+    fn delta(&mut self, key: (String, String), now: Counters) -> Counters {
+        let prev = self.reported.insert(key, now).unwrap_or_default();
+        let d = |n: u64, p: u64| if n >= p { n - p } else { n };
+        Counters {
+            bytes_in: d(now.bytes_in, prev.bytes_in),
+            bytes_out: d(now.bytes_out, prev.bytes_out),
+            active_connections: now.active_connections,
+            total_connections: d(now.total_connections, prev.total_connections),
+            request_errors: d(now.request_errors, prev.request_errors),
+        }
+    }
+}
+
+pub async fn receive(
+    ctl: Arc<Controller>,
+    socket: UdpSocket,
+    key: Vec<u8>,
+    h: Health,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut verifier = Verifier::new(&key, Duration::from_millis(h.clock_window_ms));
+    let mut buf = vec![0u8; 65_536];
+    let mut last = Last::default();
+    let mut pending: Vec<Heartbeat> = Vec::new();
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut rejected: u64 = 0;
+    loop {
+        let deadline =
+            flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = r else { continue };
+                match verifier.verify(&buf[..n], SystemTime::now()) {
+                    Ok(beat) => {
+                        ctl.mark_heard(&beat.amphora_id, Instant::now());
+                        pending.push(beat);
+                        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH);
+                    }
+                    Err(e) => {
+                        rejected += 1;
+                        // The first and then every 100th: a flood of forged
+                        // datagrams must not flood the log too.
+                        if rejected % 100 == 1 {
+                            tracing::warn!(%from, error = %e, rejected, "heartbeat rejected");
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
+                flush_at = None;
+                let beats = std::mem::take(&mut pending);
+                if let Err(e) = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
+                    for beat in &beats {
+                        apply_beat(s, tx, beat, &mut last);
+                    }
+                    Ok(())
+                }) {
+                    tracing::error!(error = %e, "heartbeat results not stored");
+                }
+            }
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Folds one heartbeat into `tx`.
+fn apply_beat(s: &State, tx: &mut Tx, beat: &Heartbeat, last: &mut Last) {
+    let Some(a) = s.amphorae.get(&beat.amphora_id) else {
+        tracing::debug!(amphora = %beat.amphora_id, "heartbeat from an unregistered amphora");
+        return;
+    };
+    // A spare or a recovered amphora: back in service.
+    let next = match (a.status, &a.load_balancer_id) {
+        (AmphoraStatus::Booting, None) => Some(AmphoraStatus::Ready),
+        (AmphoraStatus::FailoverStopped, Some(_)) => Some(AmphoraStatus::Allocated),
+        _ => None,
+    };
+    if let Some(status) = next {
+        let mut a = a.clone();
+        a.status = status;
+        a.updated_at = Some(crate::now());
+        tracing::info!(amphora = %a.id, status = ?status, "amphora heard");
+        tx.put(a);
+    }
+    let Some(lb_id) = &a.load_balancer_id else {
+        return;
+    };
+    for l in &beat.listeners {
+        if s.listeners
+            .get(&l.id)
+            .is_some_and(|x| &x.load_balancer_id == lb_id)
+        {
+            let now = Counters {
+                bytes_in: l.bytes_in,
+                bytes_out: l.bytes_out,
+                active_connections: l.active_connections,
+                total_connections: l.total_connections,
+                request_errors: 0,
+            };
+            let d = last.delta((l.id.clone(), a.id.clone()), now);
+            let mut total = s
+                .stats
+                .get(&(l.id.clone(), a.id.clone()))
+                .copied()
+                .unwrap_or_default();
+            total.bytes_in += d.bytes_in;
+            total.bytes_out += d.bytes_out;
+            total.total_connections += d.total_connections;
+            total.request_errors += d.request_errors;
+            total.active_connections = d.active_connections;
+            tx.stats(&l.id, &a.id, total);
+        }
+    }
+    // Statuses only from a dataplane running the config last pushed: an
+    // older one reports objects that are being changed.
+    let Some(lb) = s.load_balancers.get(lb_id) else {
+        return;
+    };
+    if beat.generation != Some(a.generation) || lb.common.provisioning_status.is_pending() {
+        return;
+    }
+    update_statuses(s, tx, lb_id, beat);
+}
+
+fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat) {
+    use OperatingStatus as O;
+    let mut members: HashMap<&str, O> = HashMap::new();
+    for m in &beat.members {
+        if let Some(st) = O::parse(&m.operating_status) {
+            members.insert(m.id.as_str(), st);
+        }
+    }
+    let mut pool_status: HashMap<String, O> = HashMap::new();
+    for p in s.pools_of(lb_id) {
+        let mut up = 0;
+        let mut err = 0;
+        for m in s.members_of(&p.common.id) {
+            let st = members
+                .get(m.common.id.as_str())
+                .copied()
+                .unwrap_or(m.common.operating_status);
+            if st != m.common.operating_status && !m.common.provisioning_status.is_pending() {
+                let mut m = m.clone();
+                m.common.operating_status = st;
+                tx.put(m);
+            }
+            match st {
+                O::Error => err += 1,
+                O::Online | O::NoMonitor | O::Draining => up += 1,
+                _ => {}
+            }
+        }
+        let st = if !p.common.admin_state_up {
+            O::Offline
+        } else if err > 0 && up == 0 {
+            O::Error
+        } else if err > 0 {
+            O::Degraded
+        } else {
+            O::Online
+        };
+        pool_status.insert(p.common.id.clone(), st);
+        if st != p.common.operating_status {
+            let mut p = p.clone();
+            p.common.operating_status = st;
+            tx.put(p);
+        }
+        if let Some(h) = s.monitor_of(&p.common.id) {
+            let hs = if h.common.admin_state_up {
+                O::Online
+            } else {
+                O::Offline
+            };
+            if hs != h.common.operating_status {
+                let mut h = h.clone();
+                h.common.operating_status = hs;
+                tx.put(h);
+            }
+        }
+    }
+    let mut degraded = pool_status.values().any(|s| *s == O::Degraded);
+    let mut error = pool_status.values().any(|s| *s == O::Error);
+    for l in s.listeners_of(lb_id) {
+        let reported = beat.listeners.iter().find(|b| b.id == l.common.id);
+        let st = match reported.and_then(|r| O::parse(&r.operating_status)) {
+            Some(st) => st,
+            None if l.common.admin_state_up => O::Error,
+            None => O::Offline,
+        };
+        degraded |= st == O::Degraded;
+        error |= st == O::Error;
+        if st != l.common.operating_status {
+            let mut l = l.clone();
+            l.common.operating_status = st;
+            tx.put(l);
+        }
+    }
+    if let Some(lb) = s.load_balancers.get(lb_id) {
+        let st = if !lb.common.admin_state_up {
+            O::Offline
+        } else if error {
+            O::Error
+        } else if degraded {
+            O::Degraded
+        } else {
+            O::Online
+        };
+        if st != lb.common.operating_status {
+            let mut lb = lb.clone();
+            lb.common.operating_status = st;
+            tx.put(lb);
+        }
+    }
+}
+
+/// Fails over what went silent; runs until `stopped`.
+pub async fn watch(
+    ctl: Arc<Controller>,
+    h: Health,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let timeout = h.heartbeat_timeout();
+    let mut tick = tokio::time::interval(h.check_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        // An amphora not heard since this controller started gets the
+        // same grace as one heard at start.
+        let silent = |id: &str| {
+            let since = ctl.last_heard(id).unwrap_or(ctl.started);
+            since.elapsed() > timeout
+        };
+        let r = ctl.db.write(|s, tx| -> Result<bool, crate::store::StoreError> {
+            let stale: Vec<&crate::model::Amphora> = s
+                .amphorae
+                .values()
+                .filter(|a| a.status == AmphoraStatus::Allocated && silent(&a.id))
+                .collect();
+            // Spares that went quiet are not handed out.
+            for a in s.amphorae.values().filter(|a| a.status == AmphoraStatus::Ready && silent(&a.id)) {
+                let mut a = a.clone();
+                a.status = AmphoraStatus::Booting;
+                a.error = Some(format!("no heartbeat for {} ms", timeout.as_millis()));
+                tx.put(a);
+            }
+            if stale.is_empty() {
+                return Ok(false);
+            }
+            if let Some(limit) = h.failover_threshold {
+                if stale.len() >= limit {
+                    tracing::error!(
+                        stale = stale.len(),
+                        threshold = limit,
+                        "circuit breaker: too many amphorae silent at once; failover stopped (FAILOVER_STOPPED) until they are heard again"
+                    );
+                    for a in stale {
+                        let mut a = a.clone();
+                        a.status = AmphoraStatus::FailoverStopped;
+                        a.updated_at = Some(crate::now());
+                        tx.put(a);
+                    }
+                    return Ok(false);
+                }
+            }
+            let mut by_lb: HashMap<String, Vec<String>> = HashMap::new();
+            for a in &stale {
+                if let Some(lb) = &a.load_balancer_id {
+                    by_lb.entry(lb.clone()).or_default().push(a.id.clone());
+                }
+            }
+            let mut spares = crate::provision::spares(s, &ctl, 0).unwrap_or_default().len();
+            let mut changed = false;
+            let mut taken = std::collections::HashSet::new();
+            for (lb, ids) in by_lb {
+                let Some(l) = s.load_balancers.get(&lb) else { continue };
+                // Mid-change: it is failed over on a later tick.
+                if l.common.provisioning_status.is_pending() {
+                    continue;
+                }
+                if spares < ids.len() {
+                    for id in &ids {
+                        let why = format!("no heartbeat for {} ms and no spare amphora to fail over to", timeout.as_millis());
+                        if s.amphorae[id].error.as_deref() != Some(why.as_str()) {
+                            tracing::error!(amphora = %id, loadbalancer = %lb, "{why}");
+                            let mut a = s.amphorae[id].clone();
+                            a.error = Some(why);
+                            tx.put(a);
+                        }
+                    }
+                    if l.common.operating_status != OperatingStatus::Error {
+                        let mut l = l.clone();
+                        l.common.operating_status = OperatingStatus::Error;
+                        tx.put(l);
+                    }
+                    continue;
+                }
+                spares -= ids.len();
+                let reason = format!("no heartbeat for {} ms", timeout.as_millis());
+                crate::provision::fail_over(s, tx, &ctl, &lb, &ids, &reason, &mut taken);
+                changed = true;
+            }
+            Ok(changed)
+        });
+        match r {
+            Ok(true) => ctl.wake.notify_one(),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "failover not stored"),
+        }
+    }
+}

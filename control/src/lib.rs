@@ -1,0 +1,205 @@
+//! `siphon-control`: Siphon's thin control plane.
+//!
+//! - [`api`]: the Octavia-v2-shaped REST API (under `/v2` and `/v2.0`).
+//! - [`store`]: SQLite, one transaction per change, state kept in memory.
+//! - [`render`]: a load balancer → the dataplane config of its amphorae.
+//! - [`provision`]: pushes configs and VIPs to agents (mutual TLS) and
+//!   moves objects from `PENDING_*` to `ACTIVE` or `ERROR`.
+//! - [`health`]: receives heartbeats, updates statuses and stats, fails
+//!   stale amphorae over to spares.
+//! - [`agent_client`]: the HTTPS client for agents.
+
+pub mod agent_client;
+pub mod api;
+pub mod config;
+pub mod health;
+pub mod model;
+pub mod provision;
+pub mod render;
+pub mod store;
+pub mod vip;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use thiserror::Error;
+
+pub use config::ControlConfig;
+
+/// What every part of the controller shares.
+#[derive(Debug)]
+pub struct Controller {
+    pub db: store::Db,
+    pub config: ControlConfig,
+    /// `None`: no auth (development mode).
+    pub token: Option<String>,
+    /// Wakes the provisioner after a change.
+    pub wake: tokio::sync::Notify,
+    /// When each amphora was last heard from (this process's clock).
+    pub heard: Mutex<HashMap<String, Instant>>,
+    pub agents: Option<agent_client::AgentClient>,
+    pub started: Instant,
+}
+
+impl Controller {
+    pub fn last_heard(&self, amphora: &str) -> Option<Instant> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(amphora)
+            .copied()
+    }
+
+    pub fn mark_heard(&self, amphora: &str, at: Instant) {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(amphora.to_owned(), at);
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("agent TLS: {0}")]
+    Tls(String),
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("registering amphora {id}: {message}")]
+    Amphora { id: String, message: String },
+}
+
+/// A running controller.
+#[derive(Debug)]
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub heartbeat_addr: Option<SocketAddr>,
+    pub controller: Arc<Controller>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops serving and waits for the tasks to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store, registers configured amphorae, binds the API (and the
+/// heartbeat socket), and starts serving on the current tokio runtime.
+pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
+    let token = config.admin_token()?;
+    if let Some(dir) = config
+        .database
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let db = store::Db::open(&config.database)?;
+    let agents = match &config.agent_tls {
+        Some(t) => Some(
+            agent_client::AgentClient::new(t, config.push.timeout()).map_err(StartError::Tls)?,
+        ),
+        None => None,
+    };
+    let controller = Arc::new(Controller {
+        db,
+        token,
+        wake: tokio::sync::Notify::new(),
+        heard: Mutex::new(HashMap::new()),
+        agents,
+        started: Instant::now(),
+        config,
+    });
+    api::amphorae::register_configured(&controller)?;
+
+    let listener = tokio::net::TcpListener::bind(controller.config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: controller.config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: controller.config.listen,
+        source,
+    })?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let mut heartbeat_addr = None;
+    if let Some(h) = controller.config.health.clone() {
+        let (socket, key) = health::bind(&h).await?;
+        heartbeat_addr = socket.local_addr().ok();
+        tasks.push(tokio::spawn(health::receive(
+            controller.clone(),
+            socket,
+            key,
+            h.clone(),
+            stopped.clone(),
+        )));
+        tasks.push(tokio::spawn(health::watch(
+            controller.clone(),
+            h,
+            stopped.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(provision::run(
+        controller.clone(),
+        stopped.clone(),
+    )));
+
+    let app = api::router(controller.clone());
+    let mut stopped_api = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped_api.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "API server failed");
+        }
+    }));
+    tracing::info!(%addr, "siphon-control API listening");
+    Ok(Handle {
+        addr,
+        heartbeat_addr,
+        controller,
+        stop,
+        tasks,
+    })
+}
+
+/// `2026-11-30T06:20:11`: Octavia's timestamp format (UTC, no zone).
+pub fn now() -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .unwrap_or_default()
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

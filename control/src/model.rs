@@ -1,0 +1,350 @@
+//! The controller's objects, in Octavia's v2 vocabulary. Each is stored as
+//! its own JSON document (see [`crate::store`]); what the API shows is built
+//! from it by [`crate::api::view`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Octavia's `provisioning_status` (lifecycle of a change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ProvisioningStatus {
+    Active,
+    PendingCreate,
+    PendingUpdate,
+    PendingDelete,
+    Error,
+}
+
+impl ProvisioningStatus {
+    pub fn is_pending(self) -> bool {
+        matches!(
+            self,
+            Self::PendingCreate | Self::PendingUpdate | Self::PendingDelete
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::PendingCreate => "PENDING_CREATE",
+            Self::PendingUpdate => "PENDING_UPDATE",
+            Self::PendingDelete => "PENDING_DELETE",
+            Self::Error => "ERROR",
+        }
+    }
+}
+
+/// Octavia's `operating_status` (health as observed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OperatingStatus {
+    Online,
+    Draining,
+    Offline,
+    Degraded,
+    Error,
+    NoMonitor,
+}
+
+impl OperatingStatus {
+    /// The dataplane's and the heartbeat's spelling (the same words).
+    pub fn parse(s: &str) -> Option<OperatingStatus> {
+        Some(match s {
+            "ONLINE" => Self::Online,
+            "DRAINING" => Self::Draining,
+            "OFFLINE" => Self::Offline,
+            "DEGRADED" => Self::Degraded,
+            "ERROR" => Self::Error,
+            "NO_MONITOR" => Self::NoMonitor,
+            _ => return None,
+        })
+    }
+}
+
+/// Fields every API object has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Common {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub project_id: String,
+    pub admin_state_up: bool,
+    pub provisioning_status: ProvisioningStatus,
+    pub operating_status: OperatingStatus,
+    pub tags: Vec<String>,
+    pub created_at: String,
+    pub updated_at: Option<String>,
+    /// Siphon extension: why the object is in `ERROR`, when it is.
+    #[serde(default)]
+    pub provisioning_error: Option<String>,
+}
+
+/// How many amphorae carry a load balancer, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Topology {
+    /// One amphora; a spare takes over when it fails.
+    Single,
+    /// N amphorae with identical configs behind a distributor.
+    ActiveActive,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadBalancer {
+    #[serde(flatten)]
+    pub common: Common,
+    pub vip_address: String,
+    pub vip_subnet_id: String,
+    pub vip_network_id: String,
+    pub vip_port_id: String,
+    pub vip_qos_policy_id: Option<String>,
+    pub provider: String,
+    pub flavor_id: String,
+    pub availability_zone: Option<String>,
+    pub topology: Topology,
+    pub amphora_count: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "PROXY")]
+    Proxy,
+    #[serde(rename = "PROXYV2")]
+    ProxyV2,
+}
+
+impl Protocol {
+    /// TCP or UDP: what the protocol runs on.
+    pub fn transport(self) -> Protocol {
+        match self {
+            Self::Udp => Self::Udp,
+            _ => Self::Tcp,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    #[serde(flatten)]
+    pub common: Common,
+    pub load_balancer_id: String,
+    pub protocol: Protocol,
+    pub protocol_port: u16,
+    pub connection_limit: i64,
+    pub default_pool_id: Option<String>,
+    pub timeout_client_data: i64,
+    pub timeout_member_connect: i64,
+    pub timeout_member_data: i64,
+    pub timeout_tcp_inspect: i64,
+    pub allowed_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPersistence {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub cookie_name: Option<String>,
+    #[serde(default)]
+    pub persistence_timeout: Option<i64>,
+    #[serde(default)]
+    pub persistence_granularity: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    #[serde(flatten)]
+    pub common: Common,
+    pub load_balancer_id: String,
+    pub protocol: Protocol,
+    pub lb_algorithm: String,
+    pub session_persistence: Option<SessionPersistence>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    #[serde(flatten)]
+    pub common: Common,
+    pub load_balancer_id: String,
+    pub pool_id: String,
+    pub address: String,
+    pub protocol_port: u16,
+    pub weight: i64,
+    pub backup: bool,
+    pub subnet_id: Option<String>,
+    pub monitor_address: Option<String>,
+    pub monitor_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthMonitor {
+    #[serde(flatten)]
+    pub common: Common,
+    pub load_balancer_id: String,
+    pub pool_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub delay: i64,
+    pub timeout: i64,
+    pub max_retries: i64,
+    pub max_retries_down: i64,
+    pub http_method: Option<String>,
+    pub url_path: Option<String>,
+    pub expected_codes: Option<String>,
+    pub http_version: Option<f64>,
+    pub domain_name: Option<String>,
+}
+
+/// Amphora `status`, as Octavia spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AmphoraStatus {
+    /// Registered, never heard from.
+    Booting,
+    /// Heard from, carrying no load balancer: a spare.
+    Ready,
+    /// Carrying a load balancer.
+    Allocated,
+    /// Failed over (or unreachable); it is cleaned and returns to `READY`
+    /// when it is heard from again.
+    Error,
+    /// Stale, but the failover circuit breaker held it back.
+    FailoverStopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Amphora {
+    pub id: String,
+    pub load_balancer_id: Option<String>,
+    pub status: AmphoraStatus,
+    /// Management address of its agent (`lb_network_ip` in Octavia).
+    pub lb_network_ip: String,
+    pub agent_port: u16,
+    /// Name its agent certificate carries (Octavia: the amphora id).
+    pub server_name: String,
+    /// PEM CA its agent certificate must chain to; the controller's
+    /// `agent_tls.ca` when absent.
+    pub ca_certificate: Option<String>,
+    /// Where the agent plumbs VIP addresses.
+    pub vip_interface: String,
+    /// Last dataplane config generation pushed to it.
+    pub generation: u64,
+    /// VIP addresses this controller plumbed on it.
+    pub vips: Vec<String>,
+    pub created_at: String,
+    pub updated_at: Option<String>,
+    /// Siphon extension: the last problem talking to it.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Traffic counters of one listener on one amphora, accumulated from
+/// heartbeats across dataplane restarts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub request_errors: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.active_connections += o.active_connections;
+        self.total_connections += o.total_connections;
+        self.request_errors += o.request_errors;
+    }
+}
+
+/// Everything the controller knows, as loaded from the store.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    pub load_balancers: BTreeMap<String, LoadBalancer>,
+    pub listeners: BTreeMap<String, Listener>,
+    pub pools: BTreeMap<String, Pool>,
+    pub members: BTreeMap<String, Member>,
+    pub health_monitors: BTreeMap<String, HealthMonitor>,
+    pub amphorae: BTreeMap<String, Amphora>,
+    /// (listener id, amphora id) → counters.
+    pub stats: BTreeMap<(String, String), Counters>,
+}
+
+impl State {
+    pub fn listeners_of<'a>(&'a self, lb: &'a str) -> impl Iterator<Item = &'a Listener> + 'a {
+        self.listeners
+            .values()
+            .filter(move |l| l.load_balancer_id == lb)
+    }
+
+    pub fn pools_of<'a>(&'a self, lb: &'a str) -> impl Iterator<Item = &'a Pool> + 'a {
+        self.pools
+            .values()
+            .filter(move |p| p.load_balancer_id == lb)
+    }
+
+    pub fn members_of<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
+        self.members.values().filter(move |m| m.pool_id == pool)
+    }
+
+    pub fn monitor_of(&self, pool: &str) -> Option<&HealthMonitor> {
+        self.health_monitors.values().find(|h| h.pool_id == pool)
+    }
+
+    pub fn amphorae_of<'a>(&'a self, lb: &'a str) -> impl Iterator<Item = &'a Amphora> + 'a {
+        self.amphorae
+            .values()
+            .filter(move |a| a.load_balancer_id.as_deref() == Some(lb))
+    }
+
+    /// Listeners whose `default_pool_id` is `pool`.
+    pub fn listeners_using<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a Listener> + 'a {
+        self.listeners
+            .values()
+            .filter(move |l| l.default_pool_id.as_deref() == Some(pool))
+    }
+
+    /// A copy of one load balancer and everything under it.
+    pub fn subset(&self, lb: &str) -> State {
+        let mut s = State::default();
+        if let Some(v) = self.load_balancers.get(lb) {
+            s.load_balancers.insert(lb.to_owned(), v.clone());
+        }
+        for v in self.listeners_of(lb) {
+            s.listeners.insert(v.common.id.clone(), v.clone());
+        }
+        for v in self.pools_of(lb) {
+            s.pools.insert(v.common.id.clone(), v.clone());
+        }
+        for v in self.members.values().filter(|m| m.load_balancer_id == lb) {
+            s.members.insert(v.common.id.clone(), v.clone());
+        }
+        for v in self
+            .health_monitors
+            .values()
+            .filter(|h| h.load_balancer_id == lb)
+        {
+            s.health_monitors.insert(v.common.id.clone(), v.clone());
+        }
+        s
+    }
+
+    /// Summed counters of one listener over its amphorae.
+    pub fn listener_counters(&self, listener: &str) -> Counters {
+        let mut c = Counters::default();
+        for ((l, _), v) in &self.stats {
+            if l == listener {
+                c.add(v);
+            }
+        }
+        c
+    }
+}

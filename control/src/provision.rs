@@ -1,0 +1,520 @@
+//! The provisioner: brings amphorae in line with the store.
+//!
+//! Woken after every change (and every second, so work left by a restart
+//! or a failed attempt is picked up), it finds load balancers with
+//! anything `PENDING_*`, renders their config, bumps each amphora's
+//! generation (stored *before* the push, so a generation is never reused
+//! for other content), plumbs the VIP and pushes the config through the
+//! agent, with retries and back-off. When every amphora acknowledged,
+//! pending objects become `ACTIVE` (or are removed, for deletes);
+//! otherwise they go to `ERROR` with the reason, as in Octavia.
+//!
+//! Amphorae taken out of service (failed over) are wiped once they answer
+//! again (empty config, VIPs removed) and return to the spare pool.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::json;
+
+use crate::api::fault::Fault;
+use crate::model::{
+    Amphora, AmphoraStatus, LoadBalancer, OperatingStatus, ProvisioningStatus, State,
+};
+use crate::store::{Kind, Tx};
+use crate::Controller;
+
+/// How long a wiped-but-unreachable amphora waits before the next try.
+const WIPE_RETRY: Duration = Duration::from_secs(5);
+
+/// `n` spare amphorae (`READY`), the most recently heard first.
+pub fn spares(s: &State, ctl: &Controller, n: usize) -> Result<Vec<Amphora>, Fault> {
+    let mut ready: Vec<&Amphora> = s
+        .amphorae
+        .values()
+        .filter(|a| a.status == AmphoraStatus::Ready && a.load_balancer_id.is_none())
+        .collect();
+    ready.sort_by_key(|a| (std::cmp::Reverse(ctl.last_heard(&a.id)), a.id.clone()));
+    if ready.len() < n {
+        return Err(Fault::new(
+            hyper::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "No spare amphora available: {n} needed, {} READY. Register amphorae in the controller config or with POST /v2/octavia/amphorae.",
+                ready.len()
+            ),
+        ));
+    }
+    Ok(ready.into_iter().take(n).cloned().collect())
+}
+
+/// Replaces `replace` (amphorae of `lb`) with spares where there are
+/// some; the load balancer goes `PENDING_UPDATE` so the provisioner
+/// pushes its config (and VIP) to whichever amphorae carry it now.
+/// Returns how many were replaced.
+pub fn fail_over(
+    s: &State,
+    tx: &mut Tx,
+    ctl: &Controller,
+    lb: &str,
+    replace: &[String],
+    reason: &str,
+    taken: &mut HashSet<String>,
+) -> usize {
+    let Some(l) = s.load_balancers.get(lb) else {
+        return 0;
+    };
+    let mut free = spares(s, ctl, 0).unwrap_or_default();
+    free.retain(|a| !replace.contains(&a.id) && !taken.contains(&a.id));
+    let mut free = free.into_iter();
+    let mut replaced = 0;
+    let now = crate::now();
+    for id in replace {
+        let Some(old) = s.amphorae.get(id) else {
+            continue;
+        };
+        let Some(mut spare) = free.next() else {
+            tracing::warn!(amphora = %id, loadbalancer = %lb, "no spare amphora: keeping the failed one");
+            break;
+        };
+        taken.insert(spare.id.clone());
+        let mut old = old.clone();
+        old.load_balancer_id = None;
+        old.status = AmphoraStatus::Error;
+        old.error = Some(reason.to_owned());
+        old.updated_at = Some(now.clone());
+        spare.load_balancer_id = Some(lb.to_owned());
+        spare.status = AmphoraStatus::Allocated;
+        spare.updated_at = Some(now.clone());
+        tracing::warn!(failed = %old.id, spare = %spare.id, loadbalancer = %lb, reason, "amphora failover");
+        tx.put(old);
+        tx.put(spare);
+        replaced += 1;
+    }
+    let mut l = l.clone();
+    l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+    l.common.provisioning_error = None;
+    l.common.updated_at = Some(now);
+    tx.put(l);
+    replaced
+}
+
+/// Whether anything of `lb` waits for a push.
+fn needs_push(s: &State, lb: &LoadBalancer) -> bool {
+    let id = lb.common.id.as_str();
+    lb.common.provisioning_status.is_pending()
+        || s.listeners_of(id)
+            .any(|l| l.common.provisioning_status.is_pending())
+        || s.pools_of(id)
+            .any(|p| p.common.provisioning_status.is_pending())
+        || s.members
+            .values()
+            .any(|m| m.load_balancer_id == id && m.common.provisioning_status.is_pending())
+        || s.health_monitors
+            .values()
+            .any(|h| h.load_balancer_id == id && h.common.provisioning_status.is_pending())
+}
+
+/// Runs until `stopped`.
+pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let mut wipe_tried: std::collections::HashMap<String, Instant> = Default::default();
+    loop {
+        tokio::select! {
+            _ = ctl.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        if ctl.agents.is_none() {
+            continue;
+        }
+        let (lbs, wipes) = ctl.db.read(|s| {
+            let lbs: Vec<String> = s
+                .load_balancers
+                .values()
+                .filter(|lb| needs_push(s, lb))
+                .map(|lb| lb.common.id.clone())
+                .collect();
+            let wipes: Vec<String> = s
+                .amphorae
+                .values()
+                .filter(|a| a.status == AmphoraStatus::Error && a.load_balancer_id.is_none())
+                .map(|a| a.id.clone())
+                .collect();
+            (lbs, wipes)
+        });
+        for key in lbs
+            .into_iter()
+            .map(|id| format!("lb:{id}"))
+            .chain(wipes.into_iter().filter_map(|id| {
+                let heard_since_tried = match (wipe_tried.get(&id), ctl.last_heard(&id)) {
+                    (None, _) => true,
+                    (Some(t), Some(h)) if h > *t => true,
+                    (Some(t), _) => t.elapsed() >= WIPE_RETRY && ctl.config.health.is_none(),
+                };
+                heard_since_tried.then(|| {
+                    wipe_tried.insert(id.clone(), Instant::now());
+                    format!("amp:{id}")
+                })
+            }))
+        {
+            if !busy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone())
+            {
+                continue;
+            }
+            let ctl = ctl.clone();
+            let busy = busy.clone();
+            tokio::spawn(async move {
+                match key.split_once(':') {
+                    Some(("lb", id)) => converge(&ctl, id).await,
+                    Some((_, id)) => wipe(&ctl, id).await,
+                    None => {}
+                }
+                busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                ctl.wake.notify_one();
+            });
+        }
+    }
+}
+
+/// Pushes `body` to `path` on `amphora`'s agent, retrying what may pass
+/// later (no answer, 5xx) and stopping at a refusal (4xx).
+async fn push(
+    ctl: &Controller,
+    amphora: &Amphora,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<String, String> {
+    let Some(agents) = &ctl.agents else {
+        return Err("no agent TLS configured".into());
+    };
+    let push = &ctl.config.push;
+    let mut backoff = Duration::from_millis(push.backoff_ms);
+    let mut last = String::new();
+    for attempt in 1..=push.attempts {
+        match agents
+            .request(amphora, method.clone(), path, Some(body.clone()))
+            .await
+        {
+            Ok(r) if (200..300).contains(&r.status) => return Ok(r.body),
+            Ok(r) if (400..500).contains(&r.status) => {
+                return Err(format!(
+                    "amphora {} refused {path} ({}): {}",
+                    amphora.id,
+                    r.status,
+                    r.body.trim()
+                ))
+            }
+            Ok(r) => {
+                last = format!(
+                    "amphora {} answered {path} with {}: {}",
+                    amphora.id,
+                    r.status,
+                    r.body.trim()
+                )
+            }
+            Err(e) => last = format!("amphora {}: {e}", amphora.id),
+        }
+        tracing::debug!(amphora = %amphora.id, attempt, error = %last, "push failed; retrying");
+        if attempt < push.attempts {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    Err(last)
+}
+
+/// VIPs, then config (the listeners bind the VIP); for a delete, the
+/// reverse.
+async fn push_amphora(
+    ctl: &Controller,
+    a: &Amphora,
+    config: &siphon_dataplane::Config,
+    vip: Option<&str>,
+) -> Result<(), String> {
+    let remove: Vec<&String> = a.vips.iter().filter(|v| Some(v.as_str()) != vip).collect();
+    let vips = serde_json::to_vec(&json!({
+        "interface": a.vip_interface,
+        "add": vip.into_iter().collect::<Vec<_>>(),
+        "remove": remove,
+    }))
+    .unwrap_or_default();
+    let config = serde_json::to_vec(config).map_err(|e| e.to_string())?;
+    if vip.is_some() {
+        push(ctl, a, Method::PUT, "/v1/vips", vips).await?;
+        push(ctl, a, Method::PUT, "/v1/config", config).await?;
+    } else {
+        push(ctl, a, Method::PUT, "/v1/config", config).await?;
+        push(ctl, a, Method::PUT, "/v1/vips", vips).await?;
+    }
+    Ok(())
+}
+
+/// Reserves the next generation of each amphora (stored first).
+fn next_generations(ctl: &Controller, ids: &[String]) -> Result<Vec<Amphora>, String> {
+    ctl.db
+        .write(|s, tx| -> Result<Vec<Amphora>, crate::store::StoreError> {
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(a) = s.amphorae.get(id) {
+                    let mut a = a.clone();
+                    a.generation += 1;
+                    tx.put(a.clone());
+                    out.push(a);
+                }
+            }
+            Ok(out)
+        })
+        .map_err(|e| e.to_string())
+}
+
+async fn converge(ctl: &Controller, lb_id: &str) {
+    let Some((lb, mut amphorae)) = ctl.db.read(|s| {
+        s.load_balancers.get(lb_id).map(|lb| {
+            (
+                lb.clone(),
+                s.amphorae_of(lb_id)
+                    .map(|a| a.id.clone())
+                    .collect::<Vec<_>>(),
+            )
+        })
+    }) else {
+        return;
+    };
+    let deleting = lb.common.provisioning_status == ProvisioningStatus::PendingDelete;
+    if amphorae.is_empty() && !deleting {
+        // Its amphorae were all taken away (failed over with no spare);
+        // take spares now if there are any.
+        let got = ctl.db.write(|s, tx| -> Result<Vec<String>, Fault> {
+            let spares = spares(s, ctl, lb.amphora_count as usize)?;
+            let ids = spares.iter().map(|a| a.id.clone()).collect();
+            for mut a in spares {
+                a.load_balancer_id = Some(lb_id.to_owned());
+                a.status = AmphoraStatus::Allocated;
+                tx.put(a);
+            }
+            Ok(ids)
+        });
+        match got {
+            Ok(ids) => amphorae = ids,
+            Err(f) => return finish(ctl, lb_id, Err(f.message)),
+        }
+    }
+    let amphorae = match next_generations(ctl, &amphorae) {
+        Ok(a) => a,
+        Err(e) => return finish(ctl, lb_id, Err(e)),
+    };
+    let vip = (!deleting).then(|| lb.vip_address.clone());
+    let pushes = amphorae.iter().map(|a| {
+        let config = ctl.db.read(|s| {
+            let lb = s
+                .load_balancers
+                .get(lb_id)
+                .cloned()
+                .unwrap_or_else(|| lb.clone());
+            crate::render::config(s, &lb, a.generation)
+        });
+        let vip = vip.clone();
+        async move {
+            (
+                a.id.clone(),
+                push_amphora(ctl, a, &config, vip.as_deref()).await,
+            )
+        }
+    });
+    let results = futures::future::join_all(pushes).await;
+    let mut errors = Vec::new();
+    for (id, r) in &results {
+        if let Err(e) = r {
+            errors.push(e.clone());
+            tracing::error!(amphora = %id, loadbalancer = %lb_id, error = %e, "push failed");
+        }
+    }
+    // Record on each amphora what it carries now.
+    let _ = ctl
+        .db
+        .write(|s, tx| -> Result<(), crate::store::StoreError> {
+            for (id, r) in &results {
+                if let Some(a) = s.amphorae.get(id) {
+                    let mut a = a.clone();
+                    match r {
+                        Ok(()) => {
+                            a.vips = vip.iter().cloned().collect();
+                            a.error = None;
+                        }
+                        Err(e) => a.error = Some(e.clone()),
+                    }
+                    tx.put(a);
+                }
+            }
+            Ok(())
+        });
+    let outcome = if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    };
+    finish(ctl, lb_id, outcome);
+}
+
+/// Settles the statuses of everything under `lb_id` after a push.
+fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
+    let no_health = ctl.config.health.is_none();
+    let r = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
+        let Some(lb) = s.load_balancers.get(lb_id) else {
+            return Ok(());
+        };
+        let children_pending = needs_child_push(s, lb_id);
+        let settle = |c: &mut crate::model::Common, ok: bool, reason: &Option<String>| -> bool {
+            if !c.provisioning_status.is_pending() {
+                return false;
+            }
+            if ok {
+                c.provisioning_status = ProvisioningStatus::Active;
+                c.provisioning_error = None;
+                if no_health {
+                    c.operating_status = if c.admin_state_up {
+                        OperatingStatus::Online
+                    } else {
+                        OperatingStatus::Offline
+                    };
+                }
+            } else {
+                c.provisioning_status = ProvisioningStatus::Error;
+                c.provisioning_error = reason.clone();
+            }
+            true
+        };
+        let ok = outcome.is_ok();
+        let reason = outcome.as_ref().err().cloned();
+        let deleting = |c: &crate::model::Common| c.provisioning_status == ProvisioningStatus::PendingDelete;
+        // Children first (deletes must precede their parents').
+        for m in s.members.values().filter(|m| m.load_balancer_id == lb_id) {
+            if ok && deleting(&m.common) {
+                tx.delete(Kind::Member, &m.common.id);
+            } else {
+                let mut m = m.clone();
+                let monitored = s.monitor_of(&m.pool_id).is_some();
+                if settle(&mut m.common, ok, &reason) {
+                    if no_health && ok {
+                        m.common.operating_status = if monitored { OperatingStatus::Online } else { OperatingStatus::NoMonitor };
+                    }
+                    tx.put(m);
+                }
+            }
+        }
+        for h in s.health_monitors.values().filter(|h| h.load_balancer_id == lb_id) {
+            if ok && deleting(&h.common) {
+                tx.delete(Kind::HealthMonitor, &h.common.id);
+            } else {
+                let mut h = h.clone();
+                if settle(&mut h.common, ok, &reason) {
+                    tx.put(h);
+                }
+            }
+        }
+        for p in s.pools_of(lb_id) {
+            if ok && deleting(&p.common) {
+                tx.delete(Kind::Pool, &p.common.id);
+            } else {
+                let mut p = p.clone();
+                if settle(&mut p.common, ok, &reason) {
+                    tx.put(p);
+                }
+            }
+        }
+        for l in s.listeners_of(lb_id) {
+            if ok && deleting(&l.common) {
+                tx.delete(Kind::Listener, &l.common.id);
+            } else {
+                let mut l = l.clone();
+                if settle(&mut l.common, ok, &reason) {
+                    tx.put(l);
+                }
+            }
+        }
+        let mut lb = lb.clone();
+        if ok && deleting(&lb.common) {
+            for a in s.amphorae_of(lb_id) {
+                let mut a = a.clone();
+                a.load_balancer_id = None;
+                a.status = AmphoraStatus::Ready;
+                a.vips.clear();
+                tx.put(a);
+            }
+            tx.delete(Kind::LoadBalancer, lb_id);
+            tracing::info!(loadbalancer = %lb_id, "load balancer deleted; its amphorae are spares again");
+            return Ok(());
+        }
+        // Octavia: a failed child change leaves the child in ERROR and the
+        // load balancer ACTIVE; a failed change of the LB itself, ERROR.
+        let lb_ok = ok || (lb.common.provisioning_status == ProvisioningStatus::PendingUpdate && children_pending);
+        if settle(&mut lb.common, lb_ok, &reason) {
+            tx.put(lb);
+        }
+        Ok(())
+    });
+    match (&outcome, r) {
+        (_, Err(e)) => {
+            tracing::error!(loadbalancer = %lb_id, error = %e, "could not record the push result")
+        }
+        (Ok(()), Ok(())) => tracing::info!(loadbalancer = %lb_id, "amphorae in step: ACTIVE"),
+        (Err(e), Ok(())) => {
+            tracing::error!(loadbalancer = %lb_id, error = %e, "push failed: ERROR")
+        }
+    }
+}
+
+fn needs_child_push(s: &State, id: &str) -> bool {
+    s.listeners_of(id)
+        .any(|l| l.common.provisioning_status.is_pending())
+        || s.pools_of(id)
+            .any(|p| p.common.provisioning_status.is_pending())
+        || s.members
+            .values()
+            .any(|m| m.load_balancer_id == id && m.common.provisioning_status.is_pending())
+        || s.health_monitors
+            .values()
+            .any(|h| h.load_balancer_id == id && h.common.provisioning_status.is_pending())
+}
+
+/// Empties a failed-over amphora (config and VIPs) and makes it a spare.
+async fn wipe(ctl: &Controller, id: &str) {
+    let Ok(mut got) = next_generations(ctl, &[id.to_owned()]) else {
+        return;
+    };
+    let Some(a) = got.pop() else {
+        return;
+    };
+    let empty = siphon_dataplane::Config {
+        generation: a.generation,
+        listeners: Vec::new(),
+        pools: Vec::new(),
+    };
+    match push_amphora(ctl, &a, &empty, None).await {
+        Ok(()) => {
+            let _ = ctl
+                .db
+                .write(|s, tx| -> Result<(), crate::store::StoreError> {
+                    if let Some(a) = s.amphorae.get(id) {
+                        if a.status == AmphoraStatus::Error && a.load_balancer_id.is_none() {
+                            let mut a = a.clone();
+                            a.status = AmphoraStatus::Ready;
+                            a.vips.clear();
+                            a.error = None;
+                            a.updated_at = Some(crate::now());
+                            tx.put(a);
+                        }
+                    }
+                    Ok(())
+                });
+            tracing::info!(amphora = %id, "failed-over amphora wiped: a spare again");
+        }
+        Err(e) => tracing::debug!(amphora = %id, error = %e, "amphora not wiped yet"),
+    }
+}

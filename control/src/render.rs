@@ -1,0 +1,151 @@
+//! A load balancer, rendered into the dataplane config each of its
+//! amphorae runs. Every amphora of one load balancer gets the same
+//! document (same members, same order, so the same Maglev tables); only
+//! the generation is per amphora.
+//!
+//! What is left out: objects being deleted, and objects whose own change
+//! failed (`ERROR`), so one bad object cannot block every later push.
+
+use siphon_dataplane::config::model as dp;
+
+use crate::model::{
+    HealthMonitor, Listener, LoadBalancer, Member, Pool, Protocol, ProvisioningStatus, State,
+};
+
+fn live(p: ProvisioningStatus) -> bool {
+    !matches!(
+        p,
+        ProvisioningStatus::PendingDelete | ProvisioningStatus::Error
+    )
+}
+
+/// The dataplane config for `lb` (empty when the LB is being deleted).
+pub fn config(s: &State, lb: &LoadBalancer, generation: u64) -> dp::Config {
+    let mut c = dp::Config {
+        generation,
+        listeners: Vec::new(),
+        pools: Vec::new(),
+    };
+    if lb.common.provisioning_status == ProvisioningStatus::PendingDelete {
+        return c;
+    }
+    let id = lb.common.id.as_str();
+    let pools: Vec<&Pool> = s
+        .pools_of(id)
+        .filter(|p| live(p.common.provisioning_status))
+        .collect();
+    for l in s
+        .listeners_of(id)
+        .filter(|l| live(l.common.provisioning_status))
+    {
+        let pool = l
+            .default_pool_id
+            .as_deref()
+            .filter(|p| pools.iter().any(|x| x.common.id == *p));
+        c.listeners.push(listener(lb, l, pool));
+    }
+    for p in pools {
+        let members = s
+            .members_of(&p.common.id)
+            .filter(|m| live(m.common.provisioning_status))
+            .map(|m| member(p, m))
+            .collect();
+        let monitor = s
+            .monitor_of(&p.common.id)
+            .filter(|h| live(h.common.provisioning_status))
+            .map(monitor);
+        c.pools.push(dp::Pool {
+            id: p.common.id.clone(),
+            protocol: match p.protocol {
+                Protocol::Tcp => dp::PoolProtocol::Tcp,
+                Protocol::Udp => dp::PoolProtocol::Udp,
+                Protocol::Proxy => dp::PoolProtocol::Proxy,
+                Protocol::ProxyV2 => dp::PoolProtocol::ProxyV2,
+            },
+            lb_algorithm: algorithm(p),
+            members,
+            healthmonitor: monitor,
+            maglev_table_size: dp::DEFAULT_MAGLEV_TABLE_SIZE,
+        });
+    }
+    c
+}
+
+fn listener(lb: &LoadBalancer, l: &Listener, pool: Option<&str>) -> dp::Listener {
+    dp::Listener {
+        id: l.common.id.clone(),
+        protocol: match l.protocol {
+            Protocol::Udp => dp::ListenerProtocol::Udp,
+            _ => dp::ListenerProtocol::Tcp,
+        },
+        bind_addresses: vec![lb.vip_address.clone()],
+        protocol_port: i64::from(l.protocol_port),
+        connection_limit: l.connection_limit,
+        timeout_client_data: l.timeout_client_data.max(0) as u64,
+        timeout_member_connect: l.timeout_member_connect.max(0) as u64,
+        timeout_member_data: l.timeout_member_data.max(0) as u64,
+        connect_retries: dp::DEFAULT_CONNECT_RETRIES,
+        max_flows: dp::DEFAULT_MAX_FLOWS,
+        allowed_cidrs: l.allowed_cidrs.clone(),
+        default_pool_id: pool.map(str::to_owned),
+        admin_state_up: l.common.admin_state_up && lb.common.admin_state_up,
+    }
+}
+
+/// `session_persistence: SOURCE_IP` pins a client to a member: on the
+/// dataplane that is the SOURCE_IP (Maglev on the source address)
+/// algorithm, which every amphora computes alike.
+fn algorithm(p: &Pool) -> dp::LbAlgorithm {
+    if p.session_persistence
+        .as_ref()
+        .is_some_and(|sp| sp.kind == "SOURCE_IP")
+    {
+        return dp::LbAlgorithm::SourceIp;
+    }
+    match p.lb_algorithm.as_str() {
+        "LEAST_CONNECTIONS" => dp::LbAlgorithm::LeastConnections,
+        "SOURCE_IP" => dp::LbAlgorithm::SourceIp,
+        "SOURCE_IP_PORT" => dp::LbAlgorithm::SourceIpPort,
+        "MAGLEV" => dp::LbAlgorithm::Maglev,
+        _ => dp::LbAlgorithm::RoundRobin,
+    }
+}
+
+fn member(p: &Pool, m: &Member) -> dp::Member {
+    dp::Member {
+        id: m.common.id.clone(),
+        address: m.address.clone(),
+        protocol_port: i64::from(m.protocol_port),
+        weight: m.weight,
+        backup: m.backup,
+        admin_state_up: m.common.admin_state_up && p.common.admin_state_up,
+        monitor_address: m.monitor_address.clone(),
+        monitor_port: m.monitor_port.map(i64::from),
+    }
+}
+
+fn monitor(h: &HealthMonitor) -> dp::HealthMonitor {
+    let kind = match h.kind.as_str() {
+        "UDP-CONNECT" => dp::MonitorType::UdpConnect,
+        "HTTP" => dp::MonitorType::Http,
+        "HTTPS" => dp::MonitorType::Https,
+        "TLS-HELLO" => dp::MonitorType::TlsHello,
+        "PING" => dp::MonitorType::Ping,
+        _ => dp::MonitorType::Tcp,
+    };
+    let method = h.http_method.as_deref().and_then(|m| {
+        serde_json::from_value::<dp::HttpMethod>(serde_json::Value::String(m.to_owned())).ok()
+    });
+    let http = matches!(kind, dp::MonitorType::Http | dp::MonitorType::Https);
+    dp::HealthMonitor {
+        kind,
+        delay: h.delay,
+        timeout: h.timeout,
+        max_retries: h.max_retries,
+        max_retries_down: h.max_retries_down,
+        http_method: if http { method } else { None },
+        url_path: if http { h.url_path.clone() } else { None },
+        expected_codes: if http { h.expected_codes.clone() } else { None },
+        admin_state_up: h.common.admin_state_up,
+    }
+}
