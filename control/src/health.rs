@@ -107,8 +107,14 @@ pub async fn receive(
                 flush_at = None;
                 let beats = std::mem::take(&mut pending);
                 if let Err(e) = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
+                    // Totals move through every beat of the batch, not
+                    // from the stored value each time.
+                    let mut totals = HashMap::new();
                     for beat in &beats {
-                        apply_beat(s, tx, beat, &mut last);
+                        apply_beat(s, tx, beat, &mut last, &mut totals);
+                    }
+                    for ((l, a), c) in totals {
+                        tx.stats(&l, &a, c);
                     }
                     Ok(())
                 }) {
@@ -121,7 +127,13 @@ pub async fn receive(
 }
 
 /// Folds one heartbeat into `tx`.
-fn apply_beat(s: &State, tx: &mut Tx, beat: &Heartbeat, last: &mut Last) {
+fn apply_beat(
+    s: &State,
+    tx: &mut Tx,
+    beat: &Heartbeat,
+    last: &mut Last,
+    totals: &mut HashMap<(String, String), Counters>,
+) {
     let Some(a) = s.amphorae.get(&beat.amphora_id) else {
         tracing::debug!(amphora = %beat.amphora_id, "heartbeat from an unregistered amphora");
         return;
@@ -154,18 +166,15 @@ fn apply_beat(s: &State, tx: &mut Tx, beat: &Heartbeat, last: &mut Last) {
                 total_connections: l.total_connections,
                 request_errors: 0,
             };
-            let d = last.delta((l.id.clone(), a.id.clone()), now);
-            let mut total = s
-                .stats
-                .get(&(l.id.clone(), a.id.clone()))
-                .copied()
-                .unwrap_or_default();
+            let key = (l.id.clone(), a.id.clone());
+            let d = last.delta(key.clone(), now);
+            let stored = s.stats.get(&key).copied().unwrap_or_default();
+            let total = totals.entry(key).or_insert(stored);
             total.bytes_in += d.bytes_in;
             total.bytes_out += d.bytes_out;
             total.total_connections += d.total_connections;
             total.request_errors += d.request_errors;
             total.active_connections = d.active_connections;
-            tx.stats(&l.id, &a.id, total);
         }
     }
     // Statuses only from a dataplane running the config last pushed: an
@@ -328,7 +337,7 @@ pub async fn watch(
                     by_lb.entry(lb.clone()).or_default().push(a.id.clone());
                 }
             }
-            let mut spares = crate::provision::spares(s, &ctl, 0).unwrap_or_default().len();
+            let mut spares = crate::provision::all_spares(s, &ctl).len();
             let mut changed = false;
             let mut taken = std::collections::HashSet::new();
             for (lb, ids) in by_lb {

@@ -11,6 +11,7 @@
 
 pub mod agent_client;
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod health;
 pub mod model;

@@ -29,14 +29,21 @@ use crate::Controller;
 /// How long a wiped-but-unreachable amphora waits before the next try.
 const WIPE_RETRY: Duration = Duration::from_secs(5);
 
-/// `n` spare amphorae (`READY`), the most recently heard first.
-pub fn spares(s: &State, ctl: &Controller, n: usize) -> Result<Vec<Amphora>, Fault> {
+/// Every spare amphora (`READY`, no load balancer), the most recently
+/// heard first.
+pub fn all_spares(s: &State, ctl: &Controller) -> Vec<Amphora> {
     let mut ready: Vec<&Amphora> = s
         .amphorae
         .values()
         .filter(|a| a.status == AmphoraStatus::Ready && a.load_balancer_id.is_none())
         .collect();
     ready.sort_by_key(|a| (std::cmp::Reverse(ctl.last_heard(&a.id)), a.id.clone()));
+    ready.into_iter().cloned().collect()
+}
+
+/// `n` spare amphorae, or 503 saying how many there are.
+pub fn spares(s: &State, ctl: &Controller, n: usize) -> Result<Vec<Amphora>, Fault> {
+    let mut ready = all_spares(s, ctl);
     if ready.len() < n {
         return Err(Fault::new(
             hyper::StatusCode::SERVICE_UNAVAILABLE,
@@ -46,7 +53,8 @@ pub fn spares(s: &State, ctl: &Controller, n: usize) -> Result<Vec<Amphora>, Fau
             ),
         ));
     }
-    Ok(ready.into_iter().take(n).cloned().collect())
+    ready.truncate(n);
+    Ok(ready)
 }
 
 /// Replaces `replace` (amphorae of `lb`) with spares where there are
@@ -65,7 +73,7 @@ pub fn fail_over(
     let Some(l) = s.load_balancers.get(lb) else {
         return 0;
     };
-    let mut free = spares(s, ctl, 0).unwrap_or_default();
+    let mut free = all_spares(s, ctl);
     free.retain(|a| !replace.contains(&a.id) && !taken.contains(&a.id));
     let mut free = free.into_iter();
     let mut replaced = 0;

@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod netns;
+pub mod pki;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

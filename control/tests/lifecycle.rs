@@ -1,0 +1,565 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+//! The controller end to end, on loopback: its API, a real SQLite file,
+//! real agents (mutual TLS, certificates from a test CA) driving real
+//! dataplanes, heartbeats, traffic through the VIP to real backends,
+//! failover to a spare, and a controller restart.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{json, Value};
+use siphon_control::client::{Answer, Client};
+use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSubnet};
+use siphon_dataplane::api::{Api, ApiOptions};
+use siphon_dataplane::{Config, Options, Server};
+use siphon_testkit::pki::{Ca, TempDir};
+use siphon_testkit::{connect_greeting, free_port, free_udp_port, root_or_skip, Backend};
+
+const TOKEN: &str = "test-admin-token";
+const SUBNET: &str = "5a1c0b4e-1f6c-4a43-9d3c-7a1d2b3c4d5e";
+const NETWORK: &str = "0b8e6c1a-2d3f-4e5a-8b7c-9d0e1f2a3b4c";
+
+/// A dataplane in this process, with its control socket.
+struct Dataplane {
+    server: Arc<Server>,
+    _api: Api,
+}
+
+impl Dataplane {
+    fn start(socket: &Path) -> Dataplane {
+        let empty = Config {
+            generation: 0,
+            listeners: vec![],
+            pools: vec![],
+        };
+        let server = Arc::new(
+            Server::start(
+                empty,
+                Options {
+                    workers: 1,
+                    ..Options::default()
+                },
+            )
+            .unwrap(),
+        );
+        let opts = ApiOptions {
+            socket: socket.to_owned(),
+            mode: 0o600,
+            metrics: None,
+        };
+        let api = Api::bind(&opts).unwrap().serve(server.clone()).unwrap();
+        Dataplane { server, _api: api }
+    }
+}
+
+/// One amphora: a dataplane and its agent, heartbeating to the
+/// controller.
+struct Amphora {
+    id: String,
+    agent: Option<siphon_agent::Handle>,
+    dataplane: Option<Dataplane>,
+    _dir: TempDir,
+}
+
+impl Amphora {
+    fn start(id: &str, pki: &Pki, heartbeats: SocketAddr, key: &Path) -> Amphora {
+        let dir = TempDir::new(&format!("amp-{id}"));
+        let dataplane = Dataplane::start(&dir.path("dataplane.sock"));
+        let (cert, k) = pki.amphora_ca.issue(&[id], false);
+        std::fs::write(dir.path("agent.crt"), cert).unwrap();
+        std::fs::write(dir.path("agent.key"), k).unwrap();
+        std::fs::write(dir.path("controller-ca.crt"), pki.controller_ca.pem()).unwrap();
+        let cfg = siphon_agent::config::AgentConfig {
+            amphora_id: id.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            local_socket: dir.path("agent.sock"),
+            dataplane_socket: dir.path("dataplane.sock"),
+            state_dir: dir.path("state"),
+            tls: siphon_agent::config::TlsFiles {
+                cert: dir.path("agent.crt"),
+                key: dir.path("agent.key"),
+                client_ca: dir.path("controller-ca.crt"),
+            },
+            heartbeat: Some(siphon_agent::config::Heartbeat {
+                destinations: vec![heartbeats],
+                interval_ms: 200,
+                key_file: key.to_owned(),
+            }),
+        };
+        let agent = siphon_agent::start(&cfg).unwrap();
+        Amphora {
+            id: id.into(),
+            agent: Some(agent),
+            dataplane: Some(dataplane),
+            _dir: dir,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.agent.as_ref().unwrap().addr.port()
+    }
+
+    /// As if the machine died: no more heartbeats, no more traffic.
+    fn kill(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.stop();
+            a.join();
+        }
+        if let Some(d) = self.dataplane.take() {
+            d.server.shutdown(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Amphora {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Pki {
+    controller_ca: Ca,
+    amphora_ca: Ca,
+}
+
+/// A controller with its files, two amphorae and a client.
+struct Rig {
+    rt: Arc<tokio::runtime::Runtime>,
+    config: ControlConfig,
+    handle: Option<siphon_control::Handle>,
+    client: Client,
+    amphorae: Vec<Amphora>,
+    vip_net: String,
+    _dir: TempDir,
+}
+
+impl Rig {
+    fn new(tag: &str, amphorae: &[&str]) -> Rig {
+        let rt = siphon_testkit::runtime();
+        let dir = TempDir::new(&format!("control-{tag}"));
+        let pki = Pki {
+            controller_ca: Ca::new("controller CA"),
+            amphora_ca: Ca::new("amphora CA"),
+        };
+        let (cert, key) = pki.controller_ca.issue(&["siphon-control"], false);
+        std::fs::write(dir.path("client.crt"), cert).unwrap();
+        std::fs::write(dir.path("client.key"), key).unwrap();
+        std::fs::write(dir.path("amphora-ca.crt"), pki.amphora_ca.pem()).unwrap();
+        std::fs::write(
+            dir.path("heartbeat.key"),
+            "a heartbeat key of enough length\n",
+        )
+        .unwrap();
+        // A VIP subnet of its own per rig, inside 127/8 (on loopback).
+        let n = (std::process::id() % 200) as u8 + 20;
+        let third = free_port() % 250;
+        let vip_net = format!("127.{n}.{third}");
+        let config = ControlConfig {
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            database: dir.path("control.db"),
+            auth: Auth::Token {
+                token: Some(TOKEN.into()),
+                token_file: None,
+            },
+            vip_subnets: vec![VipSubnet {
+                id: SUBNET.into(),
+                name: "vips".into(),
+                network_id: NETWORK.into(),
+                network_name: "public".into(),
+                cidr: format!("{vip_net}.0/24").parse().unwrap(),
+                gateway_ip: None,
+            }],
+            amphorae: vec![],
+            agent_tls: Some(AgentTls {
+                cert: dir.path("client.crt"),
+                key: dir.path("client.key"),
+                ca: dir.path("amphora-ca.crt"),
+            }),
+            push: Push {
+                attempts: 3,
+                backoff_ms: 100,
+                timeout_ms: 3_000,
+            },
+            health: Some(Health {
+                listen: format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(),
+                key_file: dir.path("heartbeat.key"),
+                heartbeat_timeout_ms: 1_000,
+                check_interval_ms: 50,
+                clock_window_ms: 30_000,
+                failover_threshold: None,
+            }),
+        };
+        let handle = rt.block_on(siphon_control::start(config.clone())).unwrap();
+        let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();
+        let hb = handle.heartbeat_addr.unwrap();
+        let amps: Vec<Amphora> = amphorae
+            .iter()
+            .map(|id| Amphora::start(id, &pki, hb, &dir.path("heartbeat.key")))
+            .collect();
+        let rig = Rig {
+            rt,
+            config,
+            handle: Some(handle),
+            client,
+            amphorae: amps,
+            vip_net,
+            _dir: dir,
+        };
+        for i in 0..rig.amphorae.len() {
+            let (id, port) = (rig.amphorae[i].id.clone(), rig.amphorae[i].port());
+            let a = rig.call(
+                Method::POST,
+                "/v2/octavia/amphorae",
+                Some(json!({"amphora": {"id": id, "lb_network_ip": "127.0.0.1", "agent_port": port}})),
+            );
+            assert_eq!(a.status, 201, "{:?}", a.body);
+        }
+        for a in amphorae {
+            rig.wait_field(
+                &format!("/v2/octavia/amphorae/{a}"),
+                "amphora",
+                "status",
+                "READY",
+                Duration::from_secs(5),
+            );
+        }
+        rig
+    }
+
+    fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.rt
+            .block_on(self.client.call(method, path, body.as_ref()))
+            .unwrap()
+    }
+
+    fn get(&self, path: &str) -> Answer {
+        self.call(Method::GET, path, None)
+    }
+
+    /// Polls `path` until `key.field == want`; returns how long it took.
+    fn wait_field(
+        &self,
+        path: &str,
+        key: &str,
+        field: &str,
+        want: &str,
+        limit: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let a = self.get(path);
+            if a.body[key][field] == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{path}: {field} still {:?} after {limit:?}, want {want}: {}",
+                a.body[key][field],
+                a.body
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_active(&self, lb: &str) {
+        self.wait_field(
+            &format!("/v2/lbaas/loadbalancers/{lb}"),
+            "loadbalancer",
+            "provisioning_status",
+            "ACTIVE",
+            Duration::from_secs(10),
+        );
+    }
+
+    fn restart(&mut self) {
+        let h = self.handle.take().unwrap();
+        self.rt.block_on(h.stop());
+        let h = self
+            .rt
+            .block_on(siphon_control::start(self.config.clone()))
+            .unwrap();
+        self.handle = Some(h);
+    }
+
+    /// Creates LB → listener → pool → two members, waiting for each.
+    fn build_lb(&self, backends: &[&Backend], port: u16) -> (String, String, String, Vec<String>) {
+        let a = self.call(
+            Method::POST,
+            "/v2.0/lbaas/loadbalancers",
+            Some(json!({"loadbalancer": {"name": "web", "vip_subnet_id": SUBNET, "admin_state_up": true}})),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+        let lb = a.body["loadbalancer"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            a.body["loadbalancer"]["provisioning_status"],
+            "PENDING_CREATE"
+        );
+        assert_eq!(a.body["loadbalancer"]["operating_status"], "OFFLINE");
+        assert_eq!(
+            a.body["loadbalancer"]["vip_address"],
+            format!("{}.1", self.vip_net)
+        );
+        self.wait_active(&lb);
+
+        let a = self.call(
+            Method::POST,
+            "/v2/lbaas/listeners",
+            Some(json!({"listener": {"name": "web-80", "protocol": "TCP", "protocol_port": port, "loadbalancer_id": lb}})),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+        let listener = a.body["listener"]["id"].as_str().unwrap().to_owned();
+        // The load balancer is locked while the listener is pushed.
+        let busy = self.call(
+            Method::PUT,
+            &format!("/v2/lbaas/loadbalancers/{lb}"),
+            Some(json!({"loadbalancer": {"admin_state_up": false}})),
+        );
+        if busy.status != 200 {
+            assert_eq!(busy.status, 409, "{}", busy.body);
+            assert!(
+                busy.fault().unwrap().contains("is immutable"),
+                "{}",
+                busy.body
+            );
+        } else {
+            // The push was already done; put it back.
+            self.wait_active(&lb);
+            self.call(
+                Method::PUT,
+                &format!("/v2/lbaas/loadbalancers/{lb}"),
+                Some(json!({"loadbalancer": {"admin_state_up": true}})),
+            );
+        }
+        self.wait_active(&lb);
+
+        let a = self.call(
+            Method::POST,
+            "/v2/lbaas/pools",
+            Some(json!({"pool": {"name": "web-pool", "protocol": "TCP", "lb_algorithm": "ROUND_ROBIN", "listener_id": listener}})),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+        let pool = a.body["pool"]["id"].as_str().unwrap().to_owned();
+        self.wait_active(&lb);
+        let mut members = Vec::new();
+        for b in backends {
+            let a = self.call(
+                Method::POST,
+                &format!("/v2/lbaas/pools/{pool}/members"),
+                Some(json!({"member": {"address": "127.0.0.1", "protocol_port": b.addr.port()}})),
+            );
+            assert_eq!(a.status, 201, "{}", a.body);
+            assert_eq!(a.body["member"]["operating_status"], "NO_MONITOR");
+            members.push(a.body["member"]["id"].as_str().unwrap().to_owned());
+            self.wait_active(&lb);
+        }
+        (lb, listener, pool, members)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.stop());
+        }
+    }
+}
+
+/// Which backends answer `n` connections to `addr`.
+fn greetings(addr: SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            connect_greeting(addr)
+                .map(|(_, g)| g)
+                .unwrap_or_else(|e| format!("error: {e}"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_load_balancer_lives_through_the_api_restarts_fails_over_and_is_deleted() {
+    if !root_or_skip("control lifecycle (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let rig = &mut Rig::new("life", &["amp-a", "amp-b"]);
+    let rt = rig.rt.clone();
+    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
+    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
+    let port = free_port();
+    let (lb, listener, pool, members) = rig.build_lb(&[&b1, &b2], port);
+    let vip: SocketAddr = format!("{}.1:{port}", rig.vip_net).parse().unwrap();
+
+    // Traffic through the VIP reaches both members.
+    let got = greetings(vip, 20);
+    assert_eq!(got.iter().filter(|g| *g == "b1").count(), 10, "{got:?}");
+    assert_eq!(got.iter().filter(|g| *g == "b2").count(), 10, "{got:?}");
+
+    // Heartbeats bring the status tree ONLINE and the counters in.
+    rig.wait_field(
+        &format!("/v2/lbaas/loadbalancers/{lb}"),
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    let tree = rig.get(&format!("/v2/lbaas/loadbalancers/{lb}/status"));
+    assert_eq!(tree.status, 200);
+    let l0 = &tree.body["statuses"]["loadbalancer"]["listeners"][0];
+    assert_eq!(l0["id"], listener.as_str());
+    assert_eq!(l0["operating_status"], "ONLINE");
+    assert_eq!(l0["pools"][0]["id"], pool.as_str());
+    assert_eq!(l0["pools"][0]["members"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        l0["pools"][0]["members"][0]["operating_status"],
+        "NO_MONITOR"
+    );
+    let start = Instant::now();
+    loop {
+        let s = rig.get(&format!("/v2/lbaas/loadbalancers/{lb}/stats"));
+        if s.body["stats"]["total_connections"].as_u64() >= Some(20) {
+            let l = rig.get(&format!("/v2/lbaas/listeners/{listener}/stats"));
+            assert_eq!(
+                l.body["stats"]["total_connections"],
+                s.body["stats"]["total_connections"]
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "stats never counted: {}",
+            s.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let holder = rig.get(&format!("/v2/octavia/amphorae?loadbalancer_id={lb}"));
+    assert_eq!(
+        holder.body["amphorae"].as_array().unwrap().len(),
+        1,
+        "{}",
+        holder.body
+    );
+    let dead = holder.body["amphorae"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let amp_stats = rig.get(&format!("/v2/octavia/amphorae/{dead}/stats"));
+    assert_eq!(
+        amp_stats.body["amphora_stats"][0]["listener_id"],
+        listener.as_str()
+    );
+
+    // A health monitor, then a drained member: new connections avoid it.
+    let a = rig.call(
+        Method::POST,
+        "/v2/lbaas/healthmonitors",
+        Some(json!({"healthmonitor": {"pool_id": pool, "type": "TCP", "delay": 1, "timeout": 1, "max_retries": 1}})),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    rig.wait_active(&lb);
+    rig.wait_field(
+        &format!("/v2/lbaas/pools/{pool}/members/{}", members[0]),
+        "member",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    let a = rig.call(
+        Method::PUT,
+        &format!("/v2/lbaas/pools/{pool}/members/{}", members[0]),
+        Some(json!({"member": {"weight": 0}})),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    rig.wait_active(&lb);
+    assert!(greetings(vip, 10).iter().all(|g| g == "b2"));
+
+    // A name change is not a push: ACTIVE at once.
+    let a = rig.call(
+        Method::PUT,
+        &format!("/v2/lbaas/listeners/{listener}"),
+        Some(json!({"listener": {"name": "renamed"}})),
+    );
+    assert_eq!(
+        a.body["listener"]["provisioning_status"], "ACTIVE",
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        rig.get(&format!("/v2/lbaas/loadbalancers/{lb}")).body["loadbalancer"]
+            ["provisioning_status"],
+        "ACTIVE"
+    );
+
+    // The controller restarts: everything is still there.
+    let before = rig.get(&format!("/v2/lbaas/pools/{pool}/members"));
+    rig.restart();
+    let after = rig.get(&format!("/v2/lbaas/pools/{pool}/members"));
+    assert_eq!(before.body, after.body);
+    assert_eq!(
+        rig.get(&format!("/v2/lbaas/listeners/{listener}")).body["listener"]["name"],
+        "renamed"
+    );
+    assert!(greetings(vip, 4).iter().all(|g| g == "b2"));
+
+    // amp-a dies: amp-b takes over within the heartbeat timeout and a push.
+    let spare = if dead == "amp-a" { "amp-b" } else { "amp-a" };
+    let killed = Instant::now();
+    rig.amphorae
+        .iter_mut()
+        .find(|a| a.id == dead)
+        .unwrap()
+        .kill();
+    let served = loop {
+        if connect_greeting(vip).is_ok_and(|(_, g)| g == "b2") {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "no failover: {} {}",
+            rig.get("/v2/octavia/amphorae").body,
+            rig.get(&format!("/v2/lbaas/loadbalancers/{lb}")).body
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("failover: traffic through the VIP again {served:?} after the amphora died (heartbeat timeout 1 s)");
+    rig.wait_active(&lb);
+    let now_on = rig.get(&format!("/v2/octavia/amphorae?loadbalancer_id={lb}"));
+    assert_eq!(now_on.body["amphorae"][0]["id"], spare, "{}", now_on.body);
+    assert_eq!(
+        rig.get(&format!("/v2/octavia/amphorae/{dead}")).body["amphora"]["status"],
+        "ERROR"
+    );
+    assert!(greetings(vip, 6).iter().all(|g| g == "b2"));
+
+    // Delete, cascading: gone, and the spare is a spare again.
+    let a = rig.call(
+        Method::DELETE,
+        &format!("/v2/lbaas/loadbalancers/{lb}"),
+        None,
+    );
+    assert_eq!(a.status, 400, "children without cascade: {}", a.body);
+    let a = rig.call(
+        Method::DELETE,
+        &format!("/v2/lbaas/loadbalancers/{lb}?cascade=true"),
+        None,
+    );
+    assert_eq!(a.status, 204, "{}", a.body);
+    let start = Instant::now();
+    while rig.get(&format!("/v2/lbaas/loadbalancers/{lb}")).status != 404 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never deleted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        rig.get(&format!("/v2/lbaas/listeners/{listener}")).status,
+        404
+    );
+    assert_eq!(
+        rig.get(&format!("/v2/octavia/amphorae/{spare}")).body["amphora"]["status"],
+        "READY"
+    );
+    assert!(
+        connect_greeting(vip).is_err(),
+        "the VIP still answers after the delete"
+    );
+}
