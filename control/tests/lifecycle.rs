@@ -563,3 +563,282 @@ fn a_load_balancer_lives_through_the_api_restarts_fails_over_and_is_deleted() {
         "the VIP still answers after the delete"
     );
 }
+
+/// Ids and provisioning statuses of everything: what a refused request
+/// must leave as it was.
+fn inventory(rig: &Rig, pool: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (path, key) in [
+        ("/v2/lbaas/loadbalancers".to_owned(), "loadbalancers"),
+        ("/v2/lbaas/listeners".to_owned(), "listeners"),
+        ("/v2/lbaas/pools".to_owned(), "pools"),
+        (format!("/v2/lbaas/pools/{pool}/members"), "members"),
+        ("/v2/lbaas/healthmonitors".to_owned(), "healthmonitors"),
+    ] {
+        for o in rig.get(&path).body[key].as_array().unwrap() {
+            out.push((
+                format!("{key}:{}:{}", o["id"], o["name"]),
+                o["provisioning_status"].to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_requests_get_octavias_errors_and_change_nothing() {
+    if !root_or_skip("control bad requests (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let rig = Rig::new("bad", &["amp-c"]);
+    let addr = rig.handle.as_ref().unwrap().addr;
+    let b1 = Backend::start(&rig.rt, "b1", "127.0.0.1");
+    let port = free_port();
+
+    // Auth: none or a wrong token is 401; discovery needs none.
+    for token in [None, Some("wrong".to_owned())] {
+        let c = Client::new(&format!("http://{addr}"), token).unwrap();
+        let a = rig
+            .rt
+            .block_on(c.call(Method::GET, "/v2/lbaas/loadbalancers", None))
+            .unwrap();
+        assert_eq!(a.status, 401, "{}", a.body);
+        assert_eq!(a.body["faultcode"], "Client");
+        let v = rig.rt.block_on(c.call(Method::GET, "/v2.0", None)).unwrap();
+        assert_eq!(v.body["version"]["id"], "v2.0", "{}", v.body);
+    }
+
+    let (lb, listener, pool, members) = rig.build_lb(&[&b1], port);
+    let before = inventory(&rig, &pool);
+    let cases: Vec<(Method, String, Value, u16, &str)> = vec![
+        (
+            Method::POST,
+            "/v2/lbaas/pools".into(),
+            json!({"pool": {"protocol": "TCP", "lb_algorithm": "FASTEST", "loadbalancer_id": lb}}),
+            400,
+            "lb_algorithm",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/listeners".into(),
+            json!({"listener": {"protocol": "TCP", "protocol_port": 70000, "loadbalancer_id": lb}}),
+            400,
+            "protocol_port",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/listeners".into(),
+            json!({"listener": {"protocol": "TCP", "protocol_port": port, "loadbalancer_id": lb}}),
+            409,
+            "already using protocol_port",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/listeners".into(),
+            json!({"listener": {"protocol": "HTTP", "protocol_port": 81, "loadbalancer_id": lb}}),
+            501,
+            "protocol = HTTP",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/listeners".into(),
+            json!({"listener": {"protocol": "TCP", "protocol_port": 82, "loadbalancer_id": "no-such-lb"}}),
+            404,
+            "no-such-lb",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/pools/no-such-pool/members".into(),
+            json!({"member": {"address": "127.0.0.1", "protocol_port": 80}}),
+            404,
+            "no-such-pool",
+        ),
+        (
+            Method::POST,
+            format!("/v2/lbaas/pools/{pool}/members"),
+            json!({"member": {"address": "127.0.0.1", "protocol_port": 80, "weight": 257}}),
+            400,
+            "weight",
+        ),
+        (
+            Method::POST,
+            format!("/v2/lbaas/pools/{pool}/members"),
+            json!({"member": {"address": "not-an-ip", "protocol_port": 80}}),
+            400,
+            "address",
+        ),
+        (
+            Method::POST,
+            format!("/v2/lbaas/pools/{pool}/members"),
+            json!({"member": {"address": "127.0.0.1", "protocol_port": b1.addr.port()}}),
+            409,
+            "already using",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/healthmonitors".into(),
+            json!({"healthmonitor": {"pool_id": pool, "type": "TCP", "delay": 1, "timeout": 5, "max_retries": 1}}),
+            400,
+            "timeout",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/healthmonitors".into(),
+            json!({"healthmonitor": {"pool_id": pool, "type": "TCP", "delay": 5, "timeout": 1, "max_retries": 11}}),
+            400,
+            "max_retries",
+        ),
+        (
+            Method::PUT,
+            format!("/v2/lbaas/listeners/{listener}"),
+            json!({"listener": {"protocol_port": 90}}),
+            400,
+            "protocol_port",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/listeners".into(),
+            json!({"protocol": "TCP"}),
+            400,
+            "listener",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/listeners".into(),
+            json!({"listener": {"protocol": "TCP", "protocol_port": 83, "loadbalancer_id": lb, "colour": "red"}}),
+            400,
+            "colour",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/loadbalancers".into(),
+            json!({"loadbalancer": {"vip_subnet_id": "no-such-subnet"}}),
+            400,
+            "no-such-subnet",
+        ),
+        (
+            Method::POST,
+            "/v2/lbaas/loadbalancers".into(),
+            json!({"loadbalancer": {"vip_subnet_id": SUBNET}}),
+            503,
+            "No spare amphora",
+        ),
+        (
+            Method::DELETE,
+            format!("/v2/lbaas/loadbalancers/{lb}"),
+            Value::Null,
+            400,
+            "has children",
+        ),
+        (
+            Method::GET,
+            format!("/v2/lbaas/pools/{pool}/members/{}", "nope"),
+            Value::Null,
+            404,
+            "Member nope",
+        ),
+    ];
+    for (method, path, body, status, needle) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let a = rig.call(method.clone(), &path, body.clone());
+        assert_eq!(a.status, status, "{method} {path} {body:?}: {}", a.body);
+        let fault = a.fault().unwrap_or_default();
+        assert!(
+            fault.contains(needle),
+            "{method} {path}: {fault:?} lacks {needle:?}"
+        );
+        assert_eq!(a.body["debuginfo"], Value::Null);
+    }
+    let raw = rig.rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = "{not json";
+        let req = format!("POST /v2/lbaas/pools HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    });
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+
+    // While a change is pushed, the load balancer refuses others (409).
+    let m = &members[0];
+    let first = rig.call(
+        Method::PUT,
+        &format!("/v2/lbaas/pools/{pool}/members/{m}"),
+        Some(json!({"member": {"weight": 7}})),
+    );
+    assert_eq!(first.status, 200);
+    let second = rig.call(
+        Method::PUT,
+        &format!("/v2/lbaas/pools/{pool}/members/{m}"),
+        Some(json!({"member": {"weight": 8}})),
+    );
+    if second.status == 409 {
+        assert!(
+            second.fault().unwrap().contains("immutable"),
+            "{}",
+            second.body
+        );
+    }
+    rig.wait_active(&lb);
+    let a = rig.call(
+        Method::PUT,
+        &format!("/v2/lbaas/pools/{pool}/members/{m}"),
+        Some(json!({"member": {"weight": 1}})),
+    );
+    assert_eq!(a.status, 200);
+    rig.wait_active(&lb);
+    assert_eq!(
+        inventory(&rig, &pool),
+        before,
+        "a refused request changed something"
+    );
+
+    // Lists: filters, fields, pagination links.
+    let by_name = rig.get("/v2/lbaas/loadbalancers?name=web");
+    assert_eq!(by_name.body["loadbalancers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        rig.get("/v2/lbaas/loadbalancers?name=nope").body["loadbalancers"],
+        json!([])
+    );
+    let by_id = rig.get(&format!(
+        "/v2/lbaas/listeners?id={listener}&fields=id&fields=name"
+    ));
+    assert_eq!(
+        by_id.body["listeners"],
+        json!([{"id": listener, "name": "web-80"}])
+    );
+    assert_eq!(
+        rig.get(&format!("/v2/lbaas/pools?loadbalancer_id={lb}"))
+            .body["pools"][0]["id"],
+        pool.as_str()
+    );
+    let page = rig.get("/v2/octavia/amphorae?limit=1");
+    assert_eq!(page.body["amphorae"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        rig.get("/v2/lbaas/loadbalancers?provisioning_status=ACTIVE")
+            .body["loadbalancers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The Neutron lookups of the stock CLI, and providers.
+    let subnets = rig.get(&format!("/v2.0/subnets?id={SUBNET}"));
+    assert_eq!(
+        subnets.body["subnets"][0]["network_id"], NETWORK,
+        "{}",
+        subnets.body
+    );
+    assert_eq!(rig.get("/v2.0/subnets?id=other").body["subnets"], json!([]));
+    assert_eq!(
+        rig.get(&format!("/v2.0/networks/{NETWORK}")).body["network"]["subnets"],
+        json!([SUBNET])
+    );
+    assert_eq!(
+        rig.get("/v2/lbaas/providers").body["providers"][0]["name"],
+        "siphon"
+    );
+}
