@@ -1,0 +1,145 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+//! The `siphon` command line against a running controller (no agents:
+//! what is checked here is the CLI's side).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
+use siphon_testkit::free_port;
+use siphon_testkit::pki::TempDir;
+
+/// A binary of this build (`cargo test --workspace` builds it next to
+/// this test's directory).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+fn siphon(endpoint: &str, token: &str, args: &[&str]) -> (bool, Value, String) {
+    let out = Command::new(binary("siphon"))
+        .args(["--endpoint", endpoint])
+        .env("SIPHON_TOKEN", token)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (
+        out.status.success(),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_registers_creates_lists_and_reports_refusals() {
+    let rt = siphon_testkit::runtime();
+    let dir = TempDir::new("cli");
+    let config = ControlConfig {
+        listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        database: dir.path("control.db"),
+        auth: Auth::Token {
+            token: Some("t0ken".into()),
+            token_file: None,
+        },
+        vip_subnets: vec![VipSubnet {
+            id: "vips".into(),
+            name: "vips".into(),
+            network_id: "net".into(),
+            network_name: String::new(),
+            cidr: "198.18.5.0/24".parse().unwrap(),
+            gateway_ip: Some("198.18.5.1".parse().unwrap()),
+        }],
+        amphorae: vec![],
+        agent_tls: None,
+        push: Push::default(),
+        health: None,
+    };
+    let handle = rt.block_on(siphon_control::start(config)).unwrap();
+    let ep = format!("http://{}", handle.addr);
+
+    let (ok, _, err) = siphon(&ep, "wrong", &["loadbalancer", "list"]);
+    assert!(!ok && err.contains("401"), "{err}");
+
+    let (ok, _, err) = siphon(
+        &ep,
+        "t0ken",
+        &[
+            "loadbalancer",
+            "create",
+            "--name",
+            "web",
+            "--vip-subnet-id",
+            "vips",
+        ],
+    );
+    assert!(!ok && err.contains("No spare amphora"), "{err}");
+
+    let (ok, v, err) = siphon(
+        &ep,
+        "t0ken",
+        &[
+            "amphora",
+            "register",
+            "--id",
+            "amp-1",
+            "--address",
+            "127.0.0.1",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(v["amphora"]["status"], "READY");
+
+    let (ok, v, err) = siphon(
+        &ep,
+        "t0ken",
+        &[
+            "loadbalancer",
+            "create",
+            "--name",
+            "web",
+            "--vip-subnet-id",
+            "vips",
+            "--set",
+            "description=front door",
+        ],
+    );
+    assert!(ok, "{err}");
+    // The gateway is skipped.
+    assert_eq!(v["loadbalancer"]["vip_address"], "198.18.5.2");
+    assert_eq!(v["loadbalancer"]["description"], "front door");
+    let id = v["loadbalancer"]["id"].as_str().unwrap().to_owned();
+
+    let (ok, v, _) = siphon(&ep, "t0ken", &["loadbalancer", "list", "name=web"]);
+    assert!(ok);
+    assert_eq!(v["loadbalancers"][0]["id"], id.as_str());
+    let (_, v, _) = siphon(&ep, "t0ken", &["amphora", "show", "amp-1"]);
+    assert_eq!(v["amphora"]["loadbalancer_id"], id.as_str());
+    let (ok, _, err) = siphon(
+        &ep,
+        "t0ken",
+        &[
+            "listener",
+            "create",
+            "--protocol",
+            "TCP",
+            "--protocol-port",
+            "80",
+            "--loadbalancer",
+            &id,
+        ],
+    );
+    assert!(
+        !ok && err.contains("immutable") && err.contains("409"),
+        "{err}"
+    );
+    rt.block_on(handle.stop());
+}
