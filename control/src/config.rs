@@ -316,3 +316,34 @@ impl ControlConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/control.toml.example");
+        let c = ControlConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.amphorae.len(), 2);
+        assert_eq!(c.health.and_then(|h| h.failover_threshold), Some(5));
+    }
+
+    #[test]
+    fn problems_name_the_field() {
+        let p = Path::new("c.toml");
+        let e = |t: &str| {
+            ControlConfig::parse(t, p)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(e("[auth]\nmode = \"token\"\n").contains("auth"));
+        assert!(e("listen = \"nope\"\n").contains("listen"));
+        let dup = "[auth]\nmode = \"noauth\"\n[[amphorae]]\nid = \"a\"\naddress = \"192.0.2.1\"\n[[amphorae]]\nid = \"a\"\naddress = \"192.0.2.2\"\n";
+        assert!(e(dup).contains("amphorae[1].id"), "{}", e(dup));
+        let gw = "[auth]\nmode = \"noauth\"\n[[vip_subnets]]\nid = \"s\"\nnetwork_id = \"n\"\ncidr = \"198.18.0.0/24\"\ngateway_ip = \"198.19.0.1\"\n";
+        assert!(e(gw).contains("gateway_ip"));
+    }
+}
