@@ -138,6 +138,17 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, amphorae: &[&str]) -> Rig {
+        Rig::with_auth(
+            tag,
+            amphorae,
+            Auth::Token {
+                token: Some(TOKEN.into()),
+                token_file: None,
+            },
+        )
+    }
+
+    fn with_auth(tag: &str, amphorae: &[&str], auth: Auth) -> Rig {
         let rt = siphon_testkit::runtime();
         let dir = TempDir::new(&format!("control-{tag}"));
         let pki = Pki {
@@ -160,10 +171,7 @@ impl Rig {
         let config = ControlConfig {
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             database: dir.path("control.db"),
-            auth: Auth::Token {
-                token: Some(TOKEN.into()),
-                token_file: None,
-            },
+            auth,
             vip_subnets: vec![VipSubnet {
                 id: SUBNET.into(),
                 name: "vips".into(),
@@ -841,4 +849,206 @@ fn bad_requests_get_octavias_errors_and_change_nothing() {
         rig.get("/v2/lbaas/providers").body["providers"][0]["name"],
         "siphon"
     );
+}
+
+/// A venv under `target/` with the pinned stock clients
+/// (`tests/stock/requirements.txt`), installed from PyPI once.
+fn stock_clients() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap().to_owned();
+    let venv = target.join("stock-clients");
+    let req = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/requirements.txt");
+    let wanted = std::fs::read_to_string(&req).unwrap();
+    let marker = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+        return venv;
+    }
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv));
+    run(std::process::Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&req));
+    std::fs::write(&marker, wanted).unwrap();
+    venv
+}
+
+/// `openstack ARGS -f json` (when it prints), as the stock CLI runs with
+/// no Keystone: `OS_AUTH_TYPE=none`, `OS_ENDPOINT=.../v2.0`.
+fn openstack(venv: &Path, endpoint: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(venv.join("bin/openstack"))
+        .args(args)
+        .env("OS_AUTH_TYPE", "none")
+        .env("OS_ENDPOINT", endpoint)
+        .env_remove("OS_CLOUD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openstack {}: {stdout}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or(Value::Null)
+}
+
+#[test]
+fn the_stock_openstack_cli_and_sdk_drive_it_unchanged() {
+    if !root_or_skip("stock clients (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let venv = stock_clients();
+    let rig = Rig::with_auth("stock", &["amp-s1", "amp-s2"], Auth::Noauth);
+    let endpoint = format!("http://{}/v2.0", rig.handle.as_ref().unwrap().addr);
+    let b1 = Backend::start(&rig.rt, "b1", "127.0.0.1");
+    let port = free_port();
+    let os = |args: &[&str]| openstack(&venv, &endpoint, args);
+
+    // The CLI: create and wait, show by name, list, children, status,
+    // stats, update, delete.
+    let lb = os(&[
+        "loadbalancer",
+        "create",
+        "--name",
+        "cli-lb",
+        "--vip-subnet-id",
+        SUBNET,
+        "--wait",
+        "-f",
+        "json",
+    ]);
+    assert_eq!(lb["provisioning_status"], "ACTIVE", "{lb}");
+    let vip = lb["vip_address"].as_str().unwrap().to_owned();
+    let shown = os(&["loadbalancer", "show", "cli-lb", "-f", "json"]);
+    assert_eq!(shown["id"], lb["id"]);
+    let listed = os(&["loadbalancer", "list", "-f", "json"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == "cli-lb"),
+        "{listed}"
+    );
+    let p = port.to_string();
+    os(&[
+        "loadbalancer",
+        "listener",
+        "create",
+        "--name",
+        "cli-l",
+        "--protocol",
+        "TCP",
+        "--protocol-port",
+        &p,
+        "cli-lb",
+        "--wait",
+        "-f",
+        "json",
+    ]);
+    os(&[
+        "loadbalancer",
+        "pool",
+        "create",
+        "--name",
+        "cli-p",
+        "--protocol",
+        "TCP",
+        "--lb-algorithm",
+        "ROUND_ROBIN",
+        "--listener",
+        "cli-l",
+        "--wait",
+        "-f",
+        "json",
+    ]);
+    let bp = b1.addr.port().to_string();
+    let m = os(&[
+        "loadbalancer",
+        "member",
+        "create",
+        "--address",
+        "127.0.0.1",
+        "--protocol-port",
+        &bp,
+        "cli-p",
+        "--wait",
+        "-f",
+        "json",
+    ]);
+    assert_eq!(m["provisioning_status"], "ACTIVE", "{m}");
+    let addr: SocketAddr = format!("{vip}:{port}").parse().unwrap();
+    assert_eq!(greetings(addr, 3), ["b1", "b1", "b1"]);
+    let status = os(&["loadbalancer", "status", "show", "cli-lb"]);
+    assert_eq!(
+        status["loadbalancer"]["listeners"][0]["name"], "cli-l",
+        "{status}"
+    );
+    let start = Instant::now();
+    loop {
+        let stats = os(&["loadbalancer", "stats", "show", "cli-lb", "-f", "json"]);
+        if stats["total_connections"].as_u64() >= Some(3) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{stats}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    os(&[
+        "loadbalancer",
+        "set",
+        "--name",
+        "cli-lb-2",
+        "cli-lb",
+        "--wait",
+    ]);
+    assert_eq!(
+        os(&["loadbalancer", "show", "cli-lb-2", "-f", "json"])["id"],
+        lb["id"]
+    );
+    os(&["loadbalancer", "delete", "--cascade", "cli-lb-2", "--wait"]);
+    assert_eq!(
+        rig.get(&format!(
+            "/v2/lbaas/loadbalancers/{}",
+            lb["id"].as_str().unwrap()
+        ))
+        .status,
+        404
+    );
+
+    // The SDK.
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/sdk.py"))
+        .args([endpoint.as_str(), SUBNET, &free_port().to_string()])
+        .env_remove("OS_CLOUD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sdk.py: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(seen["created"], "PENDING_CREATE", "{seen}");
+    assert_eq!(seen["active"], "ACTIVE", "{seen}");
+    assert_eq!(seen["found"], true, "{seen}");
+    assert_eq!(seen["listeners"], json!(["sdk-listener"]), "{seen}");
+    assert_eq!(
+        seen["pool_listeners"],
+        json!([seen["listener_id"]]),
+        "{seen}"
+    );
+    assert_eq!(seen["description"], "through the sdk", "{seen}");
+    assert_eq!(seen["names"], json!(["sdk-lb"]), "{seen}");
+    assert_eq!(seen["deleted"], true, "{seen}");
 }

@@ -115,12 +115,17 @@ fn text(v: &Value) -> Option<String> {
 }
 
 fn matches(item: &Value, key: &str, wanted: &[String]) -> Result<bool, Fault> {
-    // Listeners and pools show `loadbalancers: [{id}]` but are filtered
-    // by `loadbalancer_id`.
-    let v = match (item.get(key), key) {
-        (None, "loadbalancer_id") => item.get("loadbalancers"),
-        (v, _) => v,
-    };
+    // Objects show their parents as lists (`loadbalancers: [{id}]`) but
+    // are filtered by the parent's id; openstacksdk also spells the load
+    // balancer's `load_balancer_id` (Octavia's column name).
+    let v = item.get(key).or_else(|| match key {
+        "loadbalancer_id" | "load_balancer_id" => item
+            .get("loadbalancer_id")
+            .or_else(|| item.get("loadbalancers")),
+        "listener_id" => item.get("listeners"),
+        "pool_id" => item.get("pools"),
+        _ => None,
+    });
     let Some(v) = v else {
         return Err(Fault::bad_request(format!(
             "Invalid filter argument: {key} is not an attribute of this object."
@@ -351,6 +356,7 @@ mod tests {
             0
         );
         assert_eq!(ids(&run("loadbalancers=lb1")?, "things"), ["id1", "id3"]);
+        assert_eq!(ids(&run("load_balancer_id=lb1")?, "things"), ["id1", "id3"]);
         assert_eq!(
             ids(&run("sort=weight:asc")?, "things"),
             ["id4", "id3", "id2", "id1", "id0"]
