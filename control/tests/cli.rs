@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
+use siphon_control::config::{AgentTls, Auth, ControlConfig, Push, VipSubnet};
 use siphon_testkit::free_port;
-use siphon_testkit::pki::TempDir;
+use siphon_testkit::pki::{Ca, TempDir};
 
 /// A binary of this build (`cargo test --workspace` builds it next to
 /// this test's directory).
@@ -141,5 +141,97 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
         !ok && err.contains("immutable") && err.contains("409"),
         "{err}"
     );
+    rt.block_on(handle.stop());
+}
+
+#[test]
+fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
+    let rt = siphon_testkit::runtime();
+    let dir = TempDir::new("unreachable");
+    let ca = Ca::new("test CA");
+    let (cert, key) = ca.issue(&["siphon-control"], false);
+    std::fs::write(dir.path("c.crt"), cert).unwrap();
+    std::fs::write(dir.path("c.key"), key).unwrap();
+    std::fs::write(dir.path("ca.crt"), ca.pem()).unwrap();
+    // Nothing listens on this port: every attempt is refused.
+    let dead_port = free_port();
+    let config = ControlConfig {
+        listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        database: dir.path("control.db"),
+        auth: Auth::Noauth,
+        vip_subnets: vec![VipSubnet {
+            id: "vips".into(),
+            name: String::new(),
+            network_id: "net".into(),
+            network_name: String::new(),
+            cidr: "198.18.6.0/24".parse().unwrap(),
+            gateway_ip: None,
+        }],
+        amphorae: vec![siphon_control::config::AmphoraEntry {
+            id: "amp-gone".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            port: dead_port,
+            server_name: None,
+            ca: None,
+            vip_interface: "lo".into(),
+        }],
+        agent_tls: Some(AgentTls {
+            cert: dir.path("c.crt"),
+            key: dir.path("c.key"),
+            ca: dir.path("ca.crt"),
+        }),
+        push: Push {
+            attempts: 3,
+            backoff_ms: 50,
+            timeout_ms: 1_000,
+        },
+        health: None,
+    };
+    let handle = rt.block_on(siphon_control::start(config)).unwrap();
+    let ep = format!("http://{}", handle.addr);
+    let (ok, v, err) = siphon(
+        &ep,
+        "",
+        &[
+            "loadbalancer",
+            "create",
+            "--name",
+            "doomed",
+            "--vip-subnet-id",
+            "vips",
+            "--wait",
+        ],
+    );
+    assert!(!ok, "{v}");
+    assert!(
+        err.contains("ERROR") && err.contains("amp-gone") && err.contains(&dead_port.to_string()),
+        "{err}"
+    );
+    let (_, v, _) = siphon(
+        &ep,
+        "",
+        &[
+            "loadbalancer",
+            "show",
+            v["loadbalancer"]["id"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(v["loadbalancer"]["provisioning_status"], "ERROR");
+    assert!(
+        v["loadbalancer"]["provisioning_error"]
+            .as_str()
+            .unwrap()
+            .contains("amp-gone"),
+        "{v}"
+    );
+    let (_, a, _) = siphon(&ep, "", &["amphora", "show", "amp-gone"]);
+    assert!(
+        a["amphora"]["error"].as_str().unwrap().contains("connect"),
+        "{a}"
+    );
+    // An LB in ERROR may be deleted (and here that fails the same way).
+    let id = v["loadbalancer"]["id"].as_str().unwrap();
+    let (ok, _, err) = siphon(&ep, "", &["loadbalancer", "delete", id]);
+    assert!(ok, "{err}");
     rt.block_on(handle.stop());
 }

@@ -598,7 +598,7 @@ fn bad_requests_get_octavias_errors_and_change_nothing() {
     if !root_or_skip("control bad requests (VIPs are plumbed through netlink)") {
         return;
     }
-    let rig = Rig::new("bad", &["amp-c"]);
+    let mut rig = Rig::new("bad", &["amp-c"]);
     let addr = rig.handle.as_ref().unwrap().addr;
     let b1 = Backend::start(&rig.rt, "b1", "127.0.0.1");
     let port = free_port();
@@ -849,6 +849,37 @@ fn bad_requests_get_octavias_errors_and_change_nothing() {
         rig.get("/v2/lbaas/providers").body["providers"][0]["name"],
         "siphon"
     );
+
+    // The amphora stops answering: a change ends in ERROR with the reason,
+    // and the load balancer is ACTIVE again (Octavia's revert).
+    rig.amphorae[0].kill();
+    let a = rig.call(
+        Method::POST,
+        &format!("/v2/lbaas/pools/{pool}/members"),
+        Some(json!({"member": {"address": "127.0.0.1", "protocol_port": 9}})),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let member = a.body["member"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/v2/lbaas/pools/{pool}/members/{member}");
+    rig.wait_field(
+        &path,
+        "member",
+        "provisioning_status",
+        "ERROR",
+        Duration::from_secs(15),
+    );
+    let m = rig.get(&path).body;
+    assert!(
+        m["member"]["provisioning_error"]
+            .as_str()
+            .unwrap()
+            .contains("amp-c"),
+        "{m}"
+    );
+    let l = rig.get(&format!("/v2/lbaas/loadbalancers/{lb}")).body;
+    assert_eq!(l["loadbalancer"]["provisioning_status"], "ACTIVE", "{l}");
+    // An object in ERROR can be deleted.
+    assert_eq!(rig.call(Method::DELETE, &path, None).status, 204);
 }
 
 /// A venv under `target/` with the pinned stock clients
