@@ -28,6 +28,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod snapshot;
+pub mod spread;
 pub mod stats;
 pub mod status;
 pub mod systemd;

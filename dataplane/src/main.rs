@@ -118,6 +118,10 @@ struct Tuning {
     /// stack on its own.
     #[arg(long)]
     no_udp_offload: bool,
+    /// Leave accepted connections on the worker SO_REUSEPORT gave them to,
+    /// even when another worker holds far fewer.
+    #[arg(long)]
+    no_spread: bool,
     /// Seconds established connections get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
@@ -143,6 +147,7 @@ impl Tuning {
         o.splice = !self.no_splice;
         o.pipe_size = self.pipe_size;
         o.udp_offload = !self.no_udp_offload;
+        o.spread = !self.no_spread;
         o.eject_after = self.eject_after;
         o.eject_backoff = Duration::from_secs(self.eject_backoff.max(1));
         o

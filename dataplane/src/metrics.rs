@@ -22,12 +22,16 @@ const STATUSES: [(OperatingStatus, &str); 6] = [
 ];
 
 /// Renders every counter and status as Prometheus text (format 0.0.4).
-pub fn render(stats: &StatsReport, status: &StatusReport) -> String {
+/// `workers`: TCP connections each worker holds.
+pub fn render(stats: &StatsReport, status: &StatusReport, workers: &[usize]) -> String {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     metrics::with_local_recorder(&recorder, || {
         describe();
         gauge!("siphon_config_generation").set(stats.generation as f64);
+        for (i, n) in workers.iter().enumerate() {
+            gauge!("siphon_worker_connections", "worker" => i.to_string()).set(*n as f64);
+        }
         for l in &stats.listeners {
             let id = l.id.clone();
             let c =
@@ -94,6 +98,10 @@ fn describe() {
     describe_gauge!(
         "siphon_config_generation",
         "Generation of the running config"
+    );
+    describe_gauge!(
+        "siphon_worker_connections",
+        "TCP connections a worker holds (accepts are spread toward the least busy)"
     );
     let counters = [
         (

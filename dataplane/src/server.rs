@@ -22,6 +22,7 @@ use crate::health::monitor::{EjectBackoff, Input, Monitor};
 use crate::health::{Book, Change, Ejector};
 use crate::listen;
 use crate::snapshot::{self, Endpoint, Snapshot};
+use crate::spread::Spread;
 use crate::stats::{Registry, StatsReport};
 use crate::status::StatusReport;
 use crate::worker::{Bound, Command, Update, Worker, WorkerOptions};
@@ -45,6 +46,9 @@ pub struct Options {
     /// How long an ejected member without a monitor stays out the first
     /// time; repeated ejections double it, up to 32 times.
     pub eject_backoff: Duration,
+    /// Hand accepted connections from a busier worker to the least busy
+    /// one (see `spread`); off = wherever `SO_REUSEPORT` put them.
+    pub spread: bool,
 }
 
 impl Default for Options {
@@ -58,6 +62,7 @@ impl Default for Options {
             udp_offload: true,
             eject_after: 5,
             eject_backoff: Duration::from_secs(10),
+            spread: true,
         }
     }
 }
@@ -119,6 +124,7 @@ pub struct Server {
     core: Arc<Mutex<Core>>,
     /// Thread handles, taken by the first shutdown.
     threads: Mutex<Threads>,
+    spread: Arc<Spread>,
 }
 
 #[derive(Debug, Default)]
@@ -167,17 +173,28 @@ impl Server {
                 tx: Some(monitor.sender()),
             },
         };
+        let spread = Spread::new(n, opts.spread);
         let mut links = Vec::with_capacity(n);
-        let mut threads = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
         for id in 0..n {
             let (tx, rx) = unbounded();
-            let (worker, waker) =
-                Worker::new(id, n, rx, wopts.clone()).map_err(ApplyError::Worker)?;
+            let (worker, waker) = Worker::new(id, n, rx, wopts.clone(), spread.clone())
+                .map_err(ApplyError::Worker)?;
+            links.push(WorkerLink { tx, waker });
+            workers.push(worker);
+        }
+        spread.connect(
+            links
+                .iter()
+                .map(|l| (l.tx.clone(), l.waker.clone()))
+                .collect(),
+        );
+        let mut threads = Vec::with_capacity(n);
+        for (id, worker) in workers.into_iter().enumerate() {
             let thread = std::thread::Builder::new()
                 .name(format!("siphon-worker-{id}"))
                 .spawn(move || worker.run())
                 .map_err(ApplyError::Worker)?;
-            links.push(WorkerLink { tx, waker });
             threads.push(thread);
         }
         let core = Arc::new(Mutex::new(Core {
@@ -205,6 +222,7 @@ impl Server {
         };
         let server = Server {
             core,
+            spread,
             threads: Mutex::new(Threads {
                 workers: threads,
                 monitor: Some(monitor),
@@ -242,6 +260,15 @@ impl Server {
     }
 
     /// All counters, summed over workers.
+    /// TCP connections each worker holds (as last published by it).
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.spread
+            .loads()
+            .into_iter()
+            .map(|l| if l >= crate::spread::CLOSED { 0 } else { l })
+            .collect()
+    }
+
     pub fn stats(&self) -> StatsReport {
         let core = self.core();
         core.registry.report(core.current.generation())

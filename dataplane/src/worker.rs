@@ -23,6 +23,7 @@ use crate::pipe::PipePool;
 use crate::proxy_protocol;
 use crate::relay::{Half, Ready, Shared};
 use crate::snapshot::{Endpoint, ListenerRt, PoolRt, Snapshot};
+use crate::spread::{self, Spread};
 use crate::stats::MemberStats;
 use crate::timer::{Expired, TimerWheel};
 use crate::udp::{self, UdpPlane};
@@ -81,6 +82,13 @@ pub enum Command {
     /// Stop accepting, finish connections until the deadline, then exit.
     Drain {
         deadline: Instant,
+    },
+    /// A connection another worker accepted (and checked against the
+    /// ACL), handed over because that worker holds more (see `spread`).
+    Adopt {
+        listener: Arc<ListenerRt>,
+        client: TcpStream,
+        peer: SocketAddr,
     },
 }
 
@@ -147,6 +155,7 @@ pub struct Worker {
     paused: Vec<(Instant, usize)>,
     udp: UdpPlane,
     drain: Option<Instant>,
+    spread: Arc<Spread>,
     now: Instant,
 }
 
@@ -178,6 +187,7 @@ impl Worker {
         workers: usize,
         rx: Receiver<Command>,
         opts: WorkerOptions,
+        spread: Arc<Spread>,
     ) -> io::Result<(Worker, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -211,6 +221,7 @@ impl Worker {
                     },
                 ),
                 drain: None,
+                spread,
                 now,
             },
             waker,
@@ -273,6 +284,14 @@ impl Worker {
             for e in expired.drain(..) {
                 self.on_timer(e);
             }
+            self.spread.publish(
+                self.id,
+                if self.drain.is_some() {
+                    spread::CLOSED
+                } else {
+                    self.conns.len()
+                },
+            );
             if let Some(deadline) = self.drain {
                 if self.conns.is_empty() {
                     return;
@@ -323,7 +342,13 @@ impl Worker {
                     }
                     self.udp.close_all(self.poll.registry());
                     self.drain = Some(deadline);
+                    self.spread.publish(self.id, spread::CLOSED);
                 }
+                Ok(Command::Adopt {
+                    listener,
+                    client,
+                    peer,
+                }) => self.admit(listener, client, peer),
                 Err(crossbeam_channel::TryRecvError::Empty) => return true,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     // Control is gone without a drain: finish what we have.
@@ -445,12 +470,35 @@ impl Worker {
         let Some(listener) = self.snapshot.tcp_by_addr.get(&local).cloned() else {
             return;
         };
-        let counters = listener.stats.worker(self.id);
         if !listener.admits(peer.ip()) {
-            counters.refused_acl.add(1);
+            listener.stats.worker(self.id).refused_acl.add(1);
             refuse(&client);
             return;
         }
+        if let Some(to) = self.spread.target(self.id, self.conns.len()) {
+            match self.spread.hand(
+                to,
+                Command::Adopt {
+                    listener,
+                    client,
+                    peer,
+                },
+            ) {
+                Ok(()) => return,
+                Err(Command::Adopt {
+                    listener,
+                    client,
+                    peer,
+                }) => return self.admit(listener, client, peer),
+                Err(_) => return,
+            }
+        }
+        self.admit(listener, client, peer);
+    }
+
+    /// Takes a connection in: the limit, then a member.
+    fn admit(&mut self, listener: Arc<ListenerRt>, client: TcpStream, peer: SocketAddr) {
+        let counters = listener.stats.worker(self.id);
         let active = &listener.stats.active;
         let before = active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if listener.connection_limit.is_some_and(|lim| before >= lim) {

@@ -520,3 +520,43 @@ fn refused_connect_moves_on_and_gives_up_after_the_retries() {
     );
     server.shutdown(Duration::from_secs(1));
 }
+
+#[test]
+fn a_few_long_connections_are_spread_over_the_workers() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let port = free_port();
+    let server = start(
+        config(
+            1,
+            &[
+                listener("l", "127.0.0.1", port, "p", ""),
+                pool("p", "TCP", "ROUND_ROBIN", &[member("b", b.addr, 1, "")]),
+            ],
+        ),
+        2,
+    );
+    // Eight held connections, one after another: whatever SO_REUSEPORT's
+    // hash does with them, the workers end up with four each.
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let (mut s, greeting) = connect_greeting(addr(port)).unwrap();
+        assert_eq!(greeting, "b");
+        siphon_testkit::roundtrip(&mut s, format!("hello {i}").as_bytes()).unwrap();
+        held.push(s);
+        // Each accept sees the counts the other worker published.
+        assert!(eventually(Duration::from_secs(2), || {
+            server.worker_connections().iter().sum::<usize>() == i + 1
+        }));
+    }
+    assert_eq!(server.worker_connections(), [4, 4]);
+    // Handed-over connections carry data like the others.
+    for (i, s) in held.iter_mut().enumerate() {
+        siphon_testkit::roundtrip(s, format!("again {i}").as_bytes()).unwrap();
+    }
+    drop(held);
+    assert!(eventually(Duration::from_secs(2), || server
+        .worker_connections()
+        == [0, 0]));
+    server.shutdown(Duration::from_secs(1));
+}

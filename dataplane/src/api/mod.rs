@@ -257,7 +257,7 @@ async fn stats(State(server): State<Arc<Server>>) -> Response {
 
 async fn metrics(State(server): State<Arc<Server>>) -> Response {
     off_runtime(server, |s| {
-        let text = crate::metrics::render(&s.stats(), &s.status());
+        let text = crate::metrics::render(&s.stats(), &s.status(), &s.worker_connections());
         ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
     })
     .await
