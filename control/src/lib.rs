@@ -13,6 +13,7 @@ pub mod agent_client;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod distributor;
 pub mod health;
 pub mod model;
 pub mod provision;

@@ -1,0 +1,95 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+//! The linux-ecmp driver's netlink layer against a real kernel, in a
+//! network namespace the test creates: nexthops, a resilient group, the
+//! VIP's route through it, a member removed and added, everything deleted.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+use siphon_control::distributor::nexthop::Rtnl;
+use siphon_testkit::netns::Netns;
+use siphon_testkit::root_or_skip;
+
+fn ip_json(ns: &Netns, args: &[&str]) -> Value {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-j"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn group_members(ns: &Netns, id: &str) -> Vec<u64> {
+    let v = ip_json(ns, &["nexthop", "show", "id", id]);
+    v[0]["group"]
+        .as_array()
+        .map(|g| g.iter().filter_map(|m| m["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
+    if !root_or_skip("nexthop groups in a network namespace") {
+        return;
+    }
+    let ns = Netns::create("nh").unwrap();
+    let tag = std::process::id() % 10_000;
+    let (out, inside) = (format!("nho{tag}"), format!("nhi{tag}"));
+    ns.veth(&out, "198.18.50.254/24", &inside, "198.18.50.1/24", 1500)
+        .unwrap();
+    let ifindex = ns
+        .enter(|| nix::net::if_::if_nametoindex(inside.as_str()).unwrap())
+        .unwrap();
+    let mut rtnl = Rtnl::open(Some(&PathBuf::from(format!("/run/netns/{}", ns.name)))).unwrap();
+
+    for (id, last) in [(1, 11), (2, 12), (3, 13)] {
+        let gw: IpAddr = format!("198.18.50.{last}").parse().unwrap();
+        rtnl.set_gateway(id, gw, ifindex).unwrap();
+    }
+    rtnl.set_group(100, &[1, 2, 3], 128, 30).unwrap();
+    let vip: IpAddr = "198.18.99.10".parse().unwrap();
+    rtnl.set_route(vip, 100).unwrap();
+
+    let g = ip_json(&ns, &["nexthop", "show", "id", "100"]);
+    assert_eq!(g[0]["type"], "resilient", "{g}");
+    assert_eq!(g[0]["resilient_args"]["buckets"], 128, "{g}");
+    assert_eq!(g[0]["resilient_args"]["idle_timer"], 30, "{g}");
+    assert_eq!(g[0]["protocol"], "77", "{g}");
+    assert_eq!(group_members(&ns, "100"), [1, 2, 3]);
+    let r = ip_json(&ns, &["route", "show", "198.18.99.10"]);
+    assert_eq!(r[0]["nhid"], 100, "{r}");
+    assert_eq!(r[0]["protocol"], "77", "{r}");
+
+    // Member 2 fails over, comes back; repeating a request changes nothing.
+    rtnl.set_group(100, &[1, 3], 128, 30).unwrap();
+    assert_eq!(group_members(&ns, "100"), [1, 3]);
+    rtnl.set_group(100, &[1, 2, 3], 128, 30).unwrap();
+    rtnl.set_group(100, &[1, 2, 3], 128, 30).unwrap();
+    rtnl.set_route(vip, 100).unwrap();
+    assert_eq!(group_members(&ns, "100"), [1, 2, 3]);
+
+    // A bad request is the kernel's error, named.
+    let e = rtnl
+        .set_group(101, &[1, 999], 128, 30)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("group 101"), "{e}");
+
+    rtnl.delete_route(vip).unwrap();
+    rtnl.delete_route(vip).unwrap();
+    for id in [100, 1, 2, 3, 100] {
+        rtnl.delete_nexthop(id).unwrap();
+    }
+    assert_eq!(ip_json(&ns, &["nexthop", "show"]), Value::Array(vec![]));
+    assert_eq!(
+        ip_json(&ns, &["route", "show", "198.18.99.10"]),
+        Value::Array(vec![])
+    );
+}
