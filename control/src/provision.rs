@@ -416,36 +416,20 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
                 }
             }
         }
-        for h in s.health_monitors.values().filter(|h| h.load_balancer_id == lb_id) {
-            if ok && deleting(&h.common) {
-                tx.delete(Kind::HealthMonitor, &h.common.id);
-            } else {
-                let mut h = h.clone();
-                if settle(&mut h.common, ok, &reason) {
-                    tx.put(h);
-                }
-            }
-        }
-        for p in s.pools_of(lb_id) {
-            if ok && deleting(&p.common) {
-                tx.delete(Kind::Pool, &p.common.id);
-            } else {
-                let mut p = p.clone();
-                if settle(&mut p.common, ok, &reason) {
-                    tx.put(p);
-                }
-            }
-        }
-        for l in s.listeners_of(lb_id) {
-            if ok && deleting(&l.common) {
-                tx.delete(Kind::Listener, &l.common.id);
-            } else {
-                let mut l = l.clone();
-                if settle(&mut l.common, ok, &reason) {
-                    tx.put(l);
-                }
-            }
-        }
+        settle_all(
+            tx,
+            s.health_monitors.values().filter(|h| h.load_balancer_id == lb_id),
+            Kind::HealthMonitor,
+            |h| &mut h.common,
+            ok,
+            &|c| settle(c, ok, &reason),
+        );
+        settle_all(tx, s.pools_of(lb_id), Kind::Pool, |p| &mut p.common, ok, &|c| {
+            settle(c, ok, &reason)
+        });
+        settle_all(tx, s.listeners_of(lb_id), Kind::Listener, |l| &mut l.common, ok, &|c| {
+            settle(c, ok, &reason)
+        });
         let mut lb = lb.clone();
         if ok && deleting(&lb.common) {
             for a in s.amphorae_of(lb_id) {
@@ -474,6 +458,28 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
         (Ok(()), Ok(())) => tracing::info!(loadbalancer = %lb_id, "amphorae in step: ACTIVE"),
         (Err(e), Ok(())) => {
             tracing::error!(loadbalancer = %lb_id, error = %e, "push failed: ERROR")
+        }
+    }
+}
+
+/// Settles each of `items`: removed when its delete went through, else
+/// put back with its status moved on (when `settle` changed it).
+fn settle_all<'a, T: Clone + Into<crate::store::Object> + 'a>(
+    tx: &mut Tx,
+    items: impl Iterator<Item = &'a T>,
+    kind: Kind,
+    common: fn(&mut T) -> &mut crate::model::Common,
+    ok: bool,
+    settle: &dyn Fn(&mut crate::model::Common) -> bool,
+) {
+    for item in items {
+        let mut item = item.clone();
+        let c = common(&mut item);
+        if ok && c.provisioning_status == ProvisioningStatus::PendingDelete {
+            let id = c.id.clone();
+            tx.delete(kind, &id);
+        } else if settle(c) {
+            tx.put(item);
         }
     }
 }

@@ -348,6 +348,11 @@ impl Run {
         Ok(a)
     }
 
+    /// GETs `path` and prints the answer.
+    fn get(&self, path: &str) -> anyhow::Result<()> {
+        self.print(Method::GET, path, None).map(drop)
+    }
+
     /// Polls the load balancer until it leaves `PENDING_*`.
     fn wait(&self, lb: &str) -> anyhow::Result<()> {
         let start = Instant::now();
@@ -467,8 +472,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Loadbalancer(c) => match c {
-            LbCmd::List(l) => drop(r.print(Method::GET, &query(LB, &l), None)?),
-            LbCmd::Show { id } => drop(r.print(Method::GET, &format!("{LB}/{id}"), None)?),
+            LbCmd::List(l) => r.get(&query(LB, &l))?,
+            LbCmd::Show { id } => r.get(&format!("{LB}/{id}"))?,
             LbCmd::Create {
                 name,
                 vip_subnet_id,
@@ -503,10 +508,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.wait(&id)?;
                 }
             }
-            LbCmd::Status { id } => {
-                drop(r.print(Method::GET, &format!("{LB}/{id}/status"), None)?)
-            }
-            LbCmd::Stats { id } => drop(r.print(Method::GET, &format!("{LB}/{id}/stats"), None)?),
+            LbCmd::Status { id } => r.get(&format!("{LB}/{id}/status"))?,
+            LbCmd::Stats { id } => r.get(&format!("{LB}/{id}/stats"))?,
             LbCmd::Failover { id, wait } => {
                 r.call(Method::PUT, &format!("{LB}/{id}/failover"), None)?;
                 if wait {
@@ -515,10 +518,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Listener(c) => match c {
-            ListenerCmd::List(l) => drop(r.print(Method::GET, &query(LISTENERS, &l), None)?),
-            ListenerCmd::Show { id } => {
-                drop(r.print(Method::GET, &format!("{LISTENERS}/{id}"), None)?)
-            }
+            ListenerCmd::List(l) => r.get(&query(LISTENERS, &l))?,
+            ListenerCmd::Show { id } => r.get(&format!("{LISTENERS}/{id}"))?,
             ListenerCmd::Create {
                 name,
                 protocol,
@@ -541,13 +542,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ListenerCmd::Delete { id, wait } => {
                 r.delete(&format!("{LISTENERS}/{id}"), "listener", wait)?
             }
-            ListenerCmd::Stats { id } => {
-                drop(r.print(Method::GET, &format!("{LISTENERS}/{id}/stats"), None)?)
-            }
+            ListenerCmd::Stats { id } => r.get(&format!("{LISTENERS}/{id}/stats"))?,
         },
         Command::Pool(c) => match c {
-            PoolCmd::List(l) => drop(r.print(Method::GET, &query(POOLS, &l), None)?),
-            PoolCmd::Show { id } => drop(r.print(Method::GET, &format!("{POOLS}/{id}"), None)?),
+            PoolCmd::List(l) => r.get(&query(POOLS, &l))?,
+            PoolCmd::Show { id } => r.get(&format!("{POOLS}/{id}"))?,
             PoolCmd::Create {
                 name,
                 protocol,
@@ -577,9 +576,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &query(&format!("{POOLS}/{pool}/members"), &listing),
                     None,
                 )?),
-                MemberCmd::Show { pool, id } => {
-                    drop(r.print(Method::GET, &format!("{POOLS}/{pool}/members/{id}"), None)?)
-                }
+                MemberCmd::Show { pool, id } => r.get(&format!("{POOLS}/{pool}/members/{id}"))?,
                 MemberCmd::Create {
                     pool,
                     name,
@@ -619,8 +616,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Healthmonitor(c) => match c {
-            HmCmd::List(l) => drop(r.print(Method::GET, &query(HMS, &l), None)?),
-            HmCmd::Show { id } => drop(r.print(Method::GET, &format!("{HMS}/{id}"), None)?),
+            HmCmd::List(l) => r.get(&query(HMS, &l))?,
+            HmCmd::Show { id } => r.get(&format!("{HMS}/{id}"))?,
             HmCmd::Create {
                 pool,
                 kind,
@@ -648,8 +645,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             HmCmd::Delete { id } => drop(r.call(Method::DELETE, &format!("{HMS}/{id}"), None)?),
         },
         Command::Amphora(c) => match c {
-            AmphoraCmd::List(l) => drop(r.print(Method::GET, &query(AMPS, &l), None)?),
-            AmphoraCmd::Show { id } => drop(r.print(Method::GET, &format!("{AMPS}/{id}"), None)?),
+            AmphoraCmd::List(l) => r.get(&query(AMPS, &l))?,
+            AmphoraCmd::Show { id } => r.get(&format!("{AMPS}/{id}"))?,
             AmphoraCmd::Register {
                 id,
                 address,
@@ -668,9 +665,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             AmphoraCmd::Delete { id } => {
                 drop(r.call(Method::DELETE, &format!("{AMPS}/{id}"), None)?)
             }
-            AmphoraCmd::Stats { id } => {
-                drop(r.print(Method::GET, &format!("{AMPS}/{id}/stats"), None)?)
-            }
+            AmphoraCmd::Stats { id } => r.get(&format!("{AMPS}/{id}/stats"))?,
             AmphoraCmd::Failover { id } => {
                 drop(r.call(Method::PUT, &format!("{AMPS}/{id}/failover"), None)?)
             }
