@@ -170,11 +170,12 @@ fn apply_beat(
             let d = last.delta(key.clone(), now);
             let stored = s.stats.get(&key).copied().unwrap_or_default();
             let total = totals.entry(key).or_insert(stored);
-            total.bytes_in += d.bytes_in;
-            total.bytes_out += d.bytes_out;
-            total.total_connections += d.total_connections;
-            total.request_errors += d.request_errors;
-            total.active_connections = d.active_connections;
+            let active = d.active_connections;
+            total.add(&Counters {
+                active_connections: 0,
+                ..d
+            });
+            total.active_connections = active;
         }
     }
     // Statuses only from a dataplane running the config last pushed: an
@@ -250,6 +251,8 @@ fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat) {
         let reported = beat.listeners.iter().find(|b| b.id == l.common.id);
         let st = match reported.and_then(|r| O::parse(&r.operating_status)) {
             Some(st) => st,
+            // Left out to fit the datagram: unknown, not missing.
+            None if beat.truncated => l.common.operating_status,
             None if l.common.admin_state_up => O::Error,
             None => O::Offline,
         };
@@ -305,8 +308,10 @@ pub async fn watch(
                 .values()
                 .filter(|a| a.status == AmphoraStatus::Allocated && silent(&a.id))
                 .collect();
-            // Spares that went quiet are not handed out.
+            // Spares that went quiet are not handed out, this tick either.
+            let mut taken = std::collections::HashSet::new();
             for a in s.amphorae.values().filter(|a| a.status == AmphoraStatus::Ready && silent(&a.id)) {
+                taken.insert(a.id.clone());
                 let mut a = a.clone();
                 a.status = AmphoraStatus::Booting;
                 a.error = Some(format!("no heartbeat for {} ms", timeout.as_millis()));
@@ -337,9 +342,11 @@ pub async fn watch(
                     by_lb.entry(lb.clone()).or_default().push(a.id.clone());
                 }
             }
-            let mut spares = crate::provision::all_spares(s, &ctl).len();
+            let mut spares = crate::provision::all_spares(s, &ctl)
+                .iter()
+                .filter(|a| !taken.contains(&a.id))
+                .count();
             let mut changed = false;
-            let mut taken = std::collections::HashSet::new();
             for (lb, ids) in by_lb {
                 let Some(l) = s.load_balancers.get(&lb) else { continue };
                 // Mid-change: it is failed over on a later tick.

@@ -79,6 +79,11 @@ pub struct Common {
     /// Siphon extension: why the object is in `ERROR`, when it is.
     #[serde(default)]
     pub provisioning_error: Option<String>,
+    /// Whether some push carrying this object succeeded: an object whose
+    /// later change failed is still on the amphorae and stays in what is
+    /// rendered; one whose creation failed is not.
+    #[serde(default)]
+    pub deployed: bool,
 }
 
 /// How many amphorae carry a load balancer, and how.
@@ -256,12 +261,14 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Adds `o` (saturating: counters come from heartbeats, which a
+    /// broken or hostile agent could fill with anything).
     pub fn add(&mut self, o: &Counters) {
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.active_connections += o.active_connections;
-        self.total_connections += o.total_connections;
-        self.request_errors += o.request_errors;
+        self.bytes_in = self.bytes_in.saturating_add(o.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(o.bytes_out);
+        self.active_connections = self.active_connections.saturating_add(o.active_connections);
+        self.total_connections = self.total_connections.saturating_add(o.total_connections);
+        self.request_errors = self.request_errors.saturating_add(o.request_errors);
     }
 }
 

@@ -385,6 +385,7 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
             if ok {
                 c.provisioning_status = ProvisioningStatus::Active;
                 c.provisioning_error = None;
+                c.deployed = true;
                 if no_health {
                     c.operating_status = if c.admin_state_up {
                         OperatingStatus::Online

@@ -3,20 +3,26 @@
 //! document (same members, same order, so the same Maglev tables); only
 //! the generation is per amphora.
 //!
-//! What is left out: objects being deleted, and objects whose own change
-//! failed (`ERROR`), so one bad object cannot block every later push.
+//! What is left out: objects being deleted, and objects whose creation
+//! failed (`ERROR`, never deployed), so one bad object cannot block every
+//! later push. An object whose later change failed stays: it is still on
+//! the amphorae, and a later push carries its current values.
 
 use siphon_dataplane::config::model as dp;
 
 use crate::model::{
-    HealthMonitor, Listener, LoadBalancer, Member, Pool, Protocol, ProvisioningStatus, State,
+    Common, HealthMonitor, Listener, LoadBalancer, Member, Pool, Protocol, ProvisioningStatus,
+    State,
 };
 
-fn live(p: ProvisioningStatus) -> bool {
-    !matches!(
-        p,
-        ProvisioningStatus::PendingDelete | ProvisioningStatus::Error
-    )
+/// Rendered: everything but what is being deleted and what failed before
+/// it ever reached the amphorae.
+fn live(c: &Common) -> bool {
+    match c.provisioning_status {
+        ProvisioningStatus::PendingDelete => false,
+        ProvisioningStatus::Error => c.deployed,
+        _ => true,
+    }
 }
 
 /// The dataplane config for `lb` (empty when the LB is being deleted).
@@ -30,14 +36,8 @@ pub fn config(s: &State, lb: &LoadBalancer, generation: u64) -> dp::Config {
         return c;
     }
     let id = lb.common.id.as_str();
-    let pools: Vec<&Pool> = s
-        .pools_of(id)
-        .filter(|p| live(p.common.provisioning_status))
-        .collect();
-    for l in s
-        .listeners_of(id)
-        .filter(|l| live(l.common.provisioning_status))
-    {
+    let pools: Vec<&Pool> = s.pools_of(id).filter(|p| live(&p.common)).collect();
+    for l in s.listeners_of(id).filter(|l| live(&l.common)) {
         let pool = l
             .default_pool_id
             .as_deref()
@@ -47,12 +47,12 @@ pub fn config(s: &State, lb: &LoadBalancer, generation: u64) -> dp::Config {
     for p in pools {
         let members = s
             .members_of(&p.common.id)
-            .filter(|m| live(m.common.provisioning_status))
+            .filter(|m| live(&m.common))
             .map(|m| member(p, m))
             .collect();
         let monitor = s
             .monitor_of(&p.common.id)
-            .filter(|h| live(h.common.provisioning_status))
+            .filter(|h| live(&h.common))
             .map(monitor);
         c.pools.push(dp::Pool {
             id: p.common.id.clone(),

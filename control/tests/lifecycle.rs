@@ -878,6 +878,12 @@ fn bad_requests_get_octavias_errors_and_change_nothing() {
     );
     let l = rig.get(&format!("/v2/lbaas/loadbalancers/{lb}")).body;
     assert_eq!(l["loadbalancer"]["provisioning_status"], "ACTIVE", "{l}");
+    // Only what changed is in ERROR: the listener in front of the pool
+    // was locked, not changed, and is ACTIVE (and still rendered).
+    let l = rig.get(&format!("/v2/lbaas/listeners/{listener}")).body;
+    assert_eq!(l["listener"]["provisioning_status"], "ACTIVE", "{l}");
+    let p = rig.get(&format!("/v2/lbaas/pools/{pool}")).body;
+    assert_eq!(p["pool"]["provisioning_status"], "ACTIVE", "{p}");
     // An object in ERROR can be deleted.
     assert_eq!(rig.call(Method::DELETE, &path, None).status, 204);
 }

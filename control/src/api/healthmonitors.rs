@@ -188,11 +188,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         };
         optional_fields(&mut b, &mut h)?;
         b.finish()?;
-        let listeners: Vec<String> = s
-            .listeners_using(&pool_id)
-            .map(|l| l.common.id.clone())
-            .collect();
-        lock(tx, s, &pool.load_balancer_id, &listeners);
+        lock(tx, s, &pool.load_balancer_id);
         tx.put(h.clone());
         proposed(s, tx.ops(), &pool.load_balancer_id)?;
         Ok(view::health_monitor(&h))
@@ -226,11 +222,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
         let after = proposed(s, &[Op::put(h.clone())], &lb)?;
         if super::dataplane_changes(s, &after, &lb) {
             h.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            let listeners: Vec<String> = s
-                .listeners_using(&h.pool_id)
-                .map(|l| l.common.id.clone())
-                .collect();
-            lock(tx, s, &lb, &listeners);
+            lock(tx, s, &lb);
         }
         tx.put(h.clone());
         Ok(view::health_monitor(&h))
@@ -244,11 +236,7 @@ async fn delete(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
         let mut h = get_monitor(s, &id)?.clone();
         lb_for_write(s, &h.load_balancer_id)?;
         mutable(&h.common, "Health Monitor")?;
-        let listeners: Vec<String> = s
-            .listeners_using(&h.pool_id)
-            .map(|l| l.common.id.clone())
-            .collect();
-        lock(tx, s, &h.load_balancer_id, &listeners);
+        lock(tx, s, &h.load_balancer_id);
         h.common.provisioning_status = ProvisioningStatus::PendingDelete;
         tx.put(h);
         Ok(())

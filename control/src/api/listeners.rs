@@ -215,7 +215,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             timeout_tcp_inspect: inspect.or(0),
             allowed_cidrs,
         };
-        lock(tx, s, &lb_id, &[]);
+        lock(tx, s, &lb_id);
         tx.put(l.clone());
         let after = proposed(s, tx.ops(), &lb_id)?;
         Ok(view::listener(&after, &l))
@@ -264,7 +264,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
         let after = proposed(s, &[Op::put(l.clone())], &lb)?;
         if super::dataplane_changes(s, &after, &lb) {
             l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            lock(tx, s, &lb, &[]);
+            lock(tx, s, &lb);
         }
         tx.put(l.clone());
         Ok(view::listener(&after, &l))
@@ -278,7 +278,7 @@ async fn delete(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
         let mut l = get_listener(s, &id)?.clone();
         lb_for_write(s, &l.load_balancer_id)?;
         mutable(&l.common, "Listener")?;
-        lock(tx, s, &l.load_balancer_id, &[]);
+        lock(tx, s, &l.load_balancer_id);
         l.common.provisioning_status = ProvisioningStatus::PendingDelete;
         tx.put(l);
         Ok(())

@@ -165,12 +165,6 @@ fn duplicate(s: &State, pool: &str, m: &Member) -> Result<(), Fault> {
     Ok(())
 }
 
-fn listeners_of_pool(s: &State, pool: &str) -> Vec<String> {
-    s.listeners_using(pool)
-        .map(|l| l.common.id.clone())
-        .collect()
-}
-
 async fn create(ctl: Ctl, Path(pool_id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "member")?;
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
@@ -180,12 +174,7 @@ async fn create(ctl: Ctl, Path(pool_id): Path<String>, bytes: axum::body::Bytes)
         let m = new_member(&mut b, pool, s)?;
         b.finish()?;
         duplicate(s, &pool_id, &m)?;
-        lock(
-            tx,
-            s,
-            &pool.load_balancer_id,
-            &listeners_of_pool(s, &pool_id),
-        );
+        lock(tx, s, &pool.load_balancer_id);
         tx.put(m.clone());
         proposed(s, tx.ops(), &pool.load_balancer_id)?;
         Ok(view::member(&m))
@@ -210,7 +199,7 @@ async fn update(
         let after = proposed(s, &[Op::put(m.clone())], &lb)?;
         if super::dataplane_changes(s, &after, &lb) {
             m.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            lock(tx, s, &lb, &listeners_of_pool(s, &pool_id));
+            lock(tx, s, &lb);
         }
         tx.put(m.clone());
         Ok(view::member(&m))
@@ -230,7 +219,7 @@ async fn delete(ctl: Ctl, Path((pool_id, id)): Path<(String, String)>) -> ApiRes
         let m = get_member(s, &pool_id, &id)?;
         lb_for_write(s, &m.load_balancer_id)?;
         mutable(&m.common, "Member")?;
-        lock(tx, s, &m.load_balancer_id, &listeners_of_pool(s, &pool_id));
+        lock(tx, s, &m.load_balancer_id);
         mark_deleted(tx, m);
         Ok(())
     })?;
@@ -311,12 +300,7 @@ async fn batch(
             }
         }
         if !tx.is_empty() {
-            lock(
-                tx,
-                s,
-                &pool.load_balancer_id,
-                &listeners_of_pool(s, &pool_id),
-            );
+            lock(tx, s, &pool.load_balancer_id);
             proposed(s, tx.ops(), &pool.load_balancer_id)?;
         }
         Ok(())

@@ -219,23 +219,15 @@ pub fn dataplane_changes(before: &State, after: &State, lb: &str) -> bool {
     render(before) != render(after)
 }
 
-/// Marks the load balancer (and `listeners`) `PENDING_UPDATE`.
-pub fn lock(tx: &mut Tx, s: &State, lb: &str, listeners: &[String]) {
-    let now = crate::now();
+/// Marks the load balancer `PENDING_UPDATE` (locked until the push ends).
+/// Only the objects a request changes go `PENDING_*` themselves: on a
+/// failed push exactly those go to `ERROR`, nothing merely locked.
+pub fn lock(tx: &mut Tx, s: &State, lb: &str) {
     if let Some(l) = s.load_balancers.get(lb) {
         let mut l = l.clone();
         l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-        l.common.updated_at = Some(now.clone());
+        l.common.updated_at = Some(crate::now());
         tx.put(l);
-    }
-    for id in listeners {
-        if let Some(l) = s.listeners.get(id) {
-            if l.common.provisioning_status == ProvisioningStatus::Active {
-                let mut l = l.clone();
-                l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-                tx.put(l);
-            }
-        }
     }
 }
 
@@ -269,6 +261,7 @@ pub fn new_common(
         created_at: crate::now(),
         updated_at: None,
         provisioning_error: None,
+        deployed: false,
     })
 }
 

@@ -132,7 +132,6 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
 
     let id = common.id.clone();
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let mut touched = Vec::new();
         let lb_id = match &listener_id {
             Some(lid) => {
                 let l = s
@@ -155,7 +154,6 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
                         l.protocol
                     )));
                 }
-                touched.push(lid.clone());
                 l.load_balancer_id.clone()
             }
             None => lb_given.clone().unwrap_or_default(),
@@ -168,7 +166,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             lb_algorithm,
             session_persistence: sp,
         };
-        lock(tx, s, &lb_id, &touched);
+        lock(tx, s, &lb_id);
         tx.put(p.clone());
         if let Some(lid) = &listener_id {
             // The listener now points at the pool (after `lock` marked it).
@@ -209,11 +207,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
         let after = proposed(s, &[Op::put(p.clone())], &lb)?;
         if super::dataplane_changes(s, &after, &lb) {
             p.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            let listeners: Vec<String> = s
-                .listeners_using(&id)
-                .map(|l| l.common.id.clone())
-                .collect();
-            lock(tx, s, &lb, &listeners);
+            lock(tx, s, &lb);
         }
         tx.put(p.clone());
         Ok(view::pool(&after, &p))
@@ -255,7 +249,7 @@ async fn delete(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
         let p = get_pool(s, &id)?;
         lb_for_write(s, &p.load_balancer_id)?;
         mutable(&p.common, "Pool")?;
-        lock(tx, s, &p.load_balancer_id, &[]);
+        lock(tx, s, &p.load_balancer_id);
         mark_pool_deleted(s, tx, p);
         Ok(())
     })?;
