@@ -110,18 +110,7 @@ pub fn fail_over(
 
 /// Whether anything of `lb` waits for a push.
 fn needs_push(s: &State, lb: &LoadBalancer) -> bool {
-    let id = lb.common.id.as_str();
-    lb.common.provisioning_status.is_pending()
-        || s.listeners_of(id)
-            .any(|l| l.common.provisioning_status.is_pending())
-        || s.pools_of(id)
-            .any(|p| p.common.provisioning_status.is_pending())
-        || s.members
-            .values()
-            .any(|m| m.load_balancer_id == id && m.common.provisioning_status.is_pending())
-        || s.health_monitors
-            .values()
-            .any(|h| h.load_balancer_id == id && h.common.provisioning_status.is_pending())
+    lb.common.provisioning_status.is_pending() || needs_child_push(s, &lb.common.id)
 }
 
 /// Runs until `stopped`.

@@ -246,16 +246,7 @@ fn lb_of_amphora(s: &State, id: &str) -> Result<Option<String>, Fault> {
     let Some(lb) = a.load_balancer_id.clone() else {
         return Ok(None);
     };
-    let l = s
-        .load_balancers
-        .get(&lb)
-        .ok_or_else(|| Fault::not_found("Load Balancer", &lb))?;
-    if !matches!(
-        l.common.provisioning_status,
-        ProvisioningStatus::Active | ProvisioningStatus::Error
-    ) {
-        return Err(Fault::immutable("Load Balancer", &lb));
-    }
+    super::lb_settled(s, &lb)?;
     Ok(Some(lb))
 }
 

@@ -162,16 +162,7 @@ async fn delete(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiR
     let cascade = url::form_urlencoded::parse(q.unwrap_or_default().as_bytes())
         .any(|(k, v)| k == "cascade" && v.eq_ignore_ascii_case("true"));
     ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let lb = s
-            .load_balancers
-            .get(&id)
-            .ok_or_else(|| Fault::not_found("Load Balancer", &id))?;
-        if !matches!(
-            lb.common.provisioning_status,
-            ProvisioningStatus::Active | ProvisioningStatus::Error
-        ) {
-            return Err(Fault::immutable("Load Balancer", &id));
-        }
+        super::lb_settled(s, &id)?;
         let has_children = s.listeners_of(&id).next().is_some() || s.pools_of(&id).next().is_some();
         if has_children && !cascade {
             return Err(Fault::bad_request(format!(
@@ -323,16 +314,7 @@ async fn stats(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
 /// free (keeping it where none is, which re-pushes its config), 202.
 async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
     ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let lb = s
-            .load_balancers
-            .get(&id)
-            .ok_or_else(|| Fault::not_found("Load Balancer", &id))?;
-        if !matches!(
-            lb.common.provisioning_status,
-            ProvisioningStatus::Active | ProvisioningStatus::Error
-        ) {
-            return Err(Fault::immutable("Load Balancer", &id));
-        }
+        super::lb_settled(s, &id)?;
         let amphorae: Vec<String> = s.amphorae_of(&id).map(|a| a.id.clone()).collect();
         crate::provision::fail_over(
             s,

@@ -191,6 +191,22 @@ pub fn lb_for_write<'a>(s: &'a State, id: &str) -> Result<&'a LoadBalancer, Faul
     Ok(lb)
 }
 
+/// The load balancer, which must exist and be `ACTIVE` or `ERROR`: what a
+/// delete or a failover needs (Octavia's deletable/failoverable states).
+pub fn lb_settled<'a>(s: &'a State, id: &str) -> Result<&'a LoadBalancer, Fault> {
+    let lb = s
+        .load_balancers
+        .get(id)
+        .ok_or_else(|| Fault::not_found("Load Balancer", id))?;
+    if !matches!(
+        lb.common.provisioning_status,
+        ProvisioningStatus::Active | ProvisioningStatus::Error
+    ) {
+        return Err(Fault::immutable("Load Balancer", id));
+    }
+    Ok(lb)
+}
+
 /// The state of load balancer `lb` once `ops` are applied, checked the
 /// way the dataplane will check it: a change the amphorae would refuse is
 /// refused here, with the dataplane's words, before anything is stored.
