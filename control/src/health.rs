@@ -138,19 +138,21 @@ fn apply_beat(
         tracing::debug!(amphora = %beat.amphora_id, "heartbeat from an unregistered amphora");
         return;
     };
-    // A spare or a recovered amphora: back in service.
+    // Last seen, stored; and a spare or a recovered amphora is back in
+    // service.
+    let mut heard = a.clone();
+    heard.last_heartbeat = Some(crate::now());
     let next = match (a.status, &a.load_balancer_id) {
         (AmphoraStatus::Booting, None) => Some(AmphoraStatus::Ready),
         (AmphoraStatus::FailoverStopped, Some(_)) => Some(AmphoraStatus::Allocated),
         _ => None,
     };
     if let Some(status) = next {
-        let mut a = a.clone();
-        a.status = status;
-        a.updated_at = Some(crate::now());
+        heard.status = status;
+        heard.updated_at = heard.last_heartbeat.clone();
         tracing::info!(amphora = %a.id, status = ?status, "amphora heard");
-        tx.put(a);
     }
+    tx.put(heard);
     let Some(lb_id) = &a.load_balancer_id else {
         return;
     };

@@ -247,6 +247,9 @@ pub struct Amphora {
     /// Siphon extension: the last problem talking to it.
     #[serde(default)]
     pub error: Option<String>,
+    /// When its last verified heartbeat was stored (UTC, Octavia's format).
+    #[serde(default)]
+    pub last_heartbeat: Option<String>,
 }
 
 /// Traffic counters of one listener on one amphora, accumulated from

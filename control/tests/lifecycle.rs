@@ -508,6 +508,11 @@ fn a_load_balancer_lives_through_the_api_restarts_fails_over_and_is_deleted() {
         rig.get(&format!("/v2/lbaas/listeners/{listener}")).body["listener"]["name"],
         "renamed"
     );
+    // Last-seen times are in the store: there after the restart.
+    for a in ["amp-a", "amp-b"] {
+        let v = rig.get(&format!("/v2/octavia/amphorae/{a}")).body;
+        assert!(v["amphora"]["last_heartbeat"].is_string(), "{v}");
+    }
     assert!(greetings(vip, 4).iter().all(|g| g == "b2"));
 
     // amp-a dies: amp-b takes over within the heartbeat timeout and a push.

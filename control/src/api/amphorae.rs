@@ -119,6 +119,7 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             created_at: crate::now(),
             updated_at: None,
             error: None,
+            last_heartbeat: None,
         },
     })
 }

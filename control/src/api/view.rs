@@ -179,6 +179,7 @@ pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
         "agent_port": a.agent_port,
         "vip_interface": a.vip_interface,
         "generation": a.generation,
+        "last_heartbeat": a.last_heartbeat,
         "last_heartbeat_ms_ago": last_seen_ms_ago,
         "error": a.error,
     })
