@@ -48,12 +48,9 @@ impl HttpBackend {
         status: u16,
         tls: Option<TlsAcceptor>,
     ) -> HttpBackend {
-        let std_l =
-            std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let ip: std::net::IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        let std_l = crate::listen(SocketAddr::new(ip, 0));
         let addr = std_l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        std_l
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("{e}"));
         let status = Arc::new(AtomicU16::new(status));
         let requests = Arc::new(AtomicUsize::new(0));
         let last = Arc::new(std::sync::Mutex::new(String::new()));

@@ -24,6 +24,29 @@ pub struct Backend {
     _rt: Arc<tokio::runtime::Runtime>,
 }
 
+/// A non-blocking listening socket on `addr` with a backlog deep enough
+/// for a test's bursts. The standard library listens with a backlog of
+/// 128: a burst of hundreds of connects then overflows the SYN queue, the
+/// kernel answers with SYN cookies, and a cookie's final ACK that meets a
+/// full accept queue is dropped with no state left. The connecting side
+/// (the proxy) believes it is connected and waits for a greeting the
+/// backend never saw a connection for.
+pub fn listen(addr: SocketAddr) -> TcpListener {
+    let bind = || -> io::Result<TcpListener> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(4096)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
+    };
+    bind().unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+}
+
 /// Shared runtime for a test's backends.
 pub fn runtime() -> Arc<tokio::runtime::Runtime> {
     Arc::new(
@@ -45,11 +68,8 @@ impl Backend {
     /// Starts a greeting echo backend on `addr` (e.g. where a stopped one
     /// was).
     pub fn start_at(rt: &Arc<tokio::runtime::Runtime>, name: &str, addr: SocketAddr) -> Backend {
-        let std_l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let std_l = listen(addr);
         let addr = std_l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        std_l
-            .set_nonblocking(true)
-            .unwrap_or_else(|e| panic!("{e}"));
         let accepted = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         let (acc, act, greet) = (accepted.clone(), active.clone(), format!("{name}\n"));
