@@ -37,6 +37,44 @@ pub struct ControlConfig {
     pub push: Push,
     #[serde(default)]
     pub health: Option<Health>,
+    /// How a VIP's traffic reaches the amphorae of its load balancer.
+    #[serde(default)]
+    pub distributor: Distributor,
+}
+
+/// The distributor driver and its settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, tag = "driver", rename_all = "kebab-case")]
+pub enum Distributor {
+    /// Nothing routes the VIP: the network delivers it (one amphora, or a
+    /// distributor managed elsewhere).
+    #[default]
+    Noop,
+    /// The VIP routed on a Linux router over a resilient nexthop group,
+    /// one nexthop per healthy amphora.
+    LinuxEcmp(LinuxEcmp),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinuxEcmp {
+    /// The router's network namespace (`/run/netns/NAME`) when the
+    /// controller runs on the router host but outside that namespace;
+    /// absent: the controller's own.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The router's interface on the amphorae's network.
+    pub interface: String,
+    /// Hash buckets per group (spread over its nexthops).
+    #[serde(default = "default_buckets")]
+    pub buckets: u16,
+    /// Seconds a bucket must be idle before it moves to a new nexthop: a
+    /// scale-out or a recovery takes only idle flows.
+    #[serde(default = "default_idle_timer_s")]
+    pub idle_timer_s: u32,
+    /// The first nexthop id given out; ids below stay the operator's.
+    #[serde(default = "default_first_id")]
+    pub first_id: u32,
 }
 
 /// `X-Auth-Token` checking.
@@ -93,6 +131,10 @@ pub struct AmphoraEntry {
     pub ca: Option<PathBuf>,
     #[serde(default = "default_vip_interface")]
     pub vip_interface: String,
+    /// Its address on the VIP network, where a distributor sends VIP
+    /// traffic; `address` when absent.
+    #[serde(default)]
+    pub vrrp_ip: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -179,6 +221,15 @@ fn default_agent_port() -> u16 {
 }
 fn default_vip_interface() -> String {
     "lo".to_owned()
+}
+fn default_buckets() -> u16 {
+    128
+}
+fn default_idle_timer_s() -> u32 {
+    120
+}
+fn default_first_id() -> u32 {
+    1_000_000
 }
 fn default_push_attempts() -> u32 {
     5
@@ -281,6 +332,21 @@ impl ControlConfig {
                 ));
             }
         }
+        if let Distributor::LinuxEcmp(d) = &config.distributor {
+            let name = d.interface.as_str();
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(invalid(
+                    "distributor.interface".into(),
+                    "not an interface name (1 to 15 characters, no '/' or space)",
+                ));
+            }
+            if d.buckets < 2 {
+                return Err(invalid("distributor.buckets".into(), "must be at least 2"));
+            }
+            if d.first_id == 0 {
+                return Err(invalid("distributor.first_id".into(), "must be at least 1"));
+            }
+        }
         Ok(config)
     }
 
@@ -345,5 +411,24 @@ mod tests {
         assert!(e(dup).contains("amphorae[1].id"), "{}", e(dup));
         let gw = "[auth]\nmode = \"noauth\"\n[[vip_subnets]]\nid = \"s\"\nnetwork_id = \"n\"\ncidr = \"198.18.0.0/24\"\ngateway_ip = \"198.19.0.1\"\n";
         assert!(e(gw).contains("gateway_ip"));
+        let na = "[auth]\nmode = \"noauth\"\n";
+        assert!(e(&format!("{na}[distributor]\ndriver = \"bgp\"\n")).contains("bgp"));
+        assert!(e(&format!("{na}[distributor]\ndriver = \"linux-ecmp\"\n")).contains("interface"));
+        let bad_if = format!("{na}[distributor]\ndriver = \"linux-ecmp\"\ninterface = \"a/b\"\n");
+        assert!(
+            e(&bad_if).contains("distributor.interface"),
+            "{}",
+            e(&bad_if)
+        );
+        let ok = format!("{na}[distributor]\ndriver = \"linux-ecmp\"\ninterface = \"eth1\"\nnetns = \"/run/netns/r\"\n");
+        let c = ControlConfig::parse(&ok, p).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            c.distributor,
+            Distributor::LinuxEcmp(LinuxEcmp {
+                buckets: 128,
+                idle_timer_s: 120,
+                ..
+            })
+        ));
     }
 }

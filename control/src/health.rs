@@ -284,6 +284,20 @@ fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat) {
     }
 }
 
+/// Whether `amphora` has been silent for longer than `timeout`. One not
+/// heard since this controller started gets the same grace as one heard
+/// at start.
+pub fn silent(ctl: &Controller, amphora: &str, timeout: Duration) -> bool {
+    let since = ctl.last_heard(amphora).unwrap_or(ctl.started);
+    since.elapsed() > timeout
+}
+
+/// The circuit breaker: `stale` amphorae silent at once is too many to
+/// believe they all died.
+pub fn breaker_open(h: &Health, stale: usize) -> bool {
+    h.failover_threshold.is_some_and(|limit| stale >= limit)
+}
+
 /// Fails over what went silent; runs until `stopped`.
 pub async fn watch(
     ctl: Arc<Controller>,
@@ -298,12 +312,7 @@ pub async fn watch(
             _ = tick.tick() => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        // An amphora not heard since this controller started gets the
-        // same grace as one heard at start.
-        let silent = |id: &str| {
-            let since = ctl.last_heard(id).unwrap_or(ctl.started);
-            since.elapsed() > timeout
-        };
+        let silent = |id: &str| silent(&ctl, id, timeout);
         let r = ctl.db.write(|s, tx| -> Result<bool, crate::store::StoreError> {
             let stale: Vec<&crate::model::Amphora> = s
                 .amphorae
@@ -322,21 +331,19 @@ pub async fn watch(
             if stale.is_empty() {
                 return Ok(false);
             }
-            if let Some(limit) = h.failover_threshold {
-                if stale.len() >= limit {
-                    tracing::error!(
-                        stale = stale.len(),
-                        threshold = limit,
-                        "circuit breaker: too many amphorae silent at once; failover stopped (FAILOVER_STOPPED) until they are heard again"
-                    );
-                    for a in stale {
-                        let mut a = a.clone();
-                        a.status = AmphoraStatus::FailoverStopped;
-                        a.updated_at = Some(crate::now());
-                        tx.put(a);
-                    }
-                    return Ok(false);
+            if breaker_open(&h, stale.len()) {
+                tracing::error!(
+                    stale = stale.len(),
+                    threshold = h.failover_threshold,
+                    "circuit breaker: too many amphorae silent at once; failover stopped (FAILOVER_STOPPED) until they are heard again"
+                );
+                for a in stale {
+                    let mut a = a.clone();
+                    a.status = AmphoraStatus::FailoverStopped;
+                    a.updated_at = Some(crate::now());
+                    tx.put(a);
                 }
+                return Ok(false);
             }
             let mut by_lb: HashMap<String, Vec<String>> = HashMap::new();
             for a in &stale {
@@ -365,9 +372,16 @@ pub async fn watch(
                             tx.put(a);
                         }
                     }
-                    if l.common.operating_status != OperatingStatus::Error {
+                    // Amphorae still heard carry it (active-active):
+                    // degraded, not down.
+                    let st = if s.amphorae_of(&lb).any(|a| !ids.contains(&a.id)) {
+                        OperatingStatus::Degraded
+                    } else {
+                        OperatingStatus::Error
+                    };
+                    if l.common.operating_status != st {
                         let mut l = l.clone();
-                        l.common.operating_status = OperatingStatus::Error;
+                        l.common.operating_status = st;
                         tx.put(l);
                     }
                     continue;

@@ -7,6 +7,8 @@
 //!   moves objects from `PENDING_*` to `ACTIVE` or `ERROR`.
 //! - [`health`]: receives heartbeats, updates statuses and stats, fails
 //!   stale amphorae over to spares.
+//! - [`distributor`]: spreads each VIP over the amphorae that should
+//!   receive it (`noop`, or `linux-ecmp`: a resilient nexthop group).
 //! - [`agent_client`]: the HTTPS client for agents.
 
 pub mod agent_client;
@@ -39,6 +41,11 @@ pub struct Controller {
     pub token: Option<String>,
     /// Wakes the provisioner after a change.
     pub wake: tokio::sync::Notify,
+    /// Wakes the distributor after a push.
+    pub distribute: tokio::sync::Notify,
+    /// Amphorae the distributor sends some VIP to: not emptied until it
+    /// stopped.
+    pub targeted: Mutex<std::collections::HashSet<String>>,
     /// When each amphora was last heard from (this process's clock).
     pub heard: Mutex<HashMap<String, Instant>>,
     pub agents: Option<agent_client::AgentClient>,
@@ -80,6 +87,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("distributor {driver}: {source}")]
+    Distributor {
+        driver: &'static str,
+        source: distributor::DistributorError,
+    },
     #[error("registering amphora {id}: {message}")]
     Amphora { id: String, message: String },
 }
@@ -119,6 +131,14 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
         })?;
     }
     let db = store::Db::open(&config.database)?;
+    let driver =
+        distributor::open(&config.distributor).map_err(|source| StartError::Distributor {
+            driver: match config.distributor {
+                config::Distributor::Noop => "noop",
+                config::Distributor::LinuxEcmp(_) => "linux-ecmp",
+            },
+            source,
+        })?;
     let agents = match &config.agent_tls {
         Some(t) => Some(
             agent_client::AgentClient::new(t, config.push.timeout()).map_err(StartError::Tls)?,
@@ -129,6 +149,8 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
         db,
         token,
         wake: tokio::sync::Notify::new(),
+        distribute: tokio::sync::Notify::new(),
+        targeted: Mutex::new(Default::default()),
         heard: Mutex::new(HashMap::new()),
         agents,
         started: Instant::now(),
@@ -166,6 +188,11 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
             stopped.clone(),
         )));
     }
+    tasks.push(tokio::spawn(distributor::run(
+        controller.clone(),
+        driver,
+        stopped.clone(),
+    )));
     tasks.push(tokio::spawn(provision::run(
         controller.clone(),
         stopped.clone(),

@@ -110,6 +110,10 @@ pub struct LoadBalancer {
     pub availability_zone: Option<String>,
     pub topology: Topology,
     pub amphora_count: u32,
+    /// The distributor's id for this VIP's group of amphorae (the nexthop
+    /// group id with `linux-ecmp`), given out once and kept.
+    #[serde(default)]
+    pub distributor_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -250,6 +254,25 @@ pub struct Amphora {
     /// When its last verified heartbeat was stored (UTC, Octavia's format).
     #[serde(default)]
     pub last_heartbeat: Option<String>,
+    /// Its address on the VIP network, where a distributor sends VIP
+    /// traffic (Octavia's `vrrp_ip`); `lb_network_ip` when absent.
+    #[serde(default)]
+    pub vrrp_ip: Option<String>,
+    /// The distributor's id for it (its nexthop id with `linux-ecmp`),
+    /// given out once and kept.
+    #[serde(default)]
+    pub distributor_id: Option<u32>,
+}
+
+impl Amphora {
+    /// Where a distributor sends its VIP traffic.
+    pub fn data_address(&self) -> Option<std::net::IpAddr> {
+        self.vrrp_ip
+            .as_deref()
+            .unwrap_or(&self.lb_network_ip)
+            .parse()
+            .ok()
+    }
 }
 
 /// Traffic counters of one listener on one amphora, accumulated from

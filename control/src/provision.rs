@@ -133,10 +133,13 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
                 .filter(|lb| needs_push(s, lb))
                 .map(|lb| lb.common.id.clone())
                 .collect();
+            // Emptied only once no VIP is sent to it any more.
+            let targeted = ctl.targeted.lock().unwrap_or_else(|e| e.into_inner());
             let wipes: Vec<String> = s
                 .amphorae
                 .values()
                 .filter(|a| a.status == AmphoraStatus::Error && a.load_balancer_id.is_none())
+                .filter(|a| !targeted.contains(&a.id))
                 .map(|a| a.id.clone())
                 .collect();
             (lbs, wipes)
@@ -441,6 +444,7 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
         }
         Ok(())
     });
+    ctl.distribute.notify_one();
     match (&outcome, r) {
         (_, Err(e)) => {
             tracing::error!(loadbalancer = %lb_id, error = %e, "could not record the push result")

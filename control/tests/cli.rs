@@ -62,6 +62,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
         agent_tls: None,
         push: Push::default(),
         health: None,
+        distributor: Default::default(),
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
     let ep = format!("http://{}", handle.addr);
@@ -174,6 +175,7 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
             server_name: None,
             ca: None,
             vip_interface: "lo".into(),
+            vrrp_ip: None,
         }],
         agent_tls: Some(AgentTls {
             cert: dir.path("c.crt"),
@@ -186,6 +188,7 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
             timeout_ms: 1_000,
         },
         health: None,
+        distributor: Default::default(),
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
     let ep = format!("http://{}", handle.addr);

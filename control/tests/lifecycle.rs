@@ -199,6 +199,7 @@ impl Rig {
                 clock_window_ms: 30_000,
                 failover_threshold: None,
             }),
+            distributor: Default::default(),
         };
         let handle = rt.block_on(siphon_control::start(config.clone())).unwrap();
         let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();

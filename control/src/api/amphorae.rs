@@ -72,6 +72,7 @@ struct Registration {
     server_name: Option<String>,
     ca: Option<String>,
     vip_interface: String,
+    vrrp_ip: Option<String>,
 }
 
 fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault> {
@@ -81,6 +82,15 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             &r.address,
             "Value should be IPv4 or IPv6 format",
         ));
+    }
+    if let Some(v) = r.vrrp_ip.as_deref() {
+        if v.parse::<std::net::IpAddr>().is_err() {
+            return Err(Fault::invalid(
+                "vrrp_ip",
+                v,
+                "Value should be IPv4 or IPv6 format",
+            ));
+        }
     }
     if let (Some(pem), Some(agents)) = (&r.ca, &ctl.agents) {
         agents
@@ -102,6 +112,7 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             server_name,
             ca_certificate: r.ca,
             vip_interface: r.vip_interface,
+            vrrp_ip: r.vrrp_ip,
             updated_at: Some(crate::now()),
             ..a.clone()
         },
@@ -120,6 +131,8 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             updated_at: None,
             error: None,
             last_heartbeat: None,
+            vrrp_ip: r.vrrp_ip,
+            distributor_id: None,
         },
     })
 }
@@ -143,6 +156,7 @@ pub fn register_configured(ctl: &Controller) -> Result<(), StartError> {
             server_name: e.server_name.clone(),
             ca,
             vip_interface: e.vip_interface.clone(),
+            vrrp_ip: e.vrrp_ip.map(|a| a.to_string()),
         };
         ctl.db
             .write(|s, tx| -> Result<(), Fault> {
@@ -176,6 +190,7 @@ async fn register(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         .string("vip_interface", 15)?
         .set()
         .unwrap_or_else(|| "lo".to_owned());
+    let vrrp_ip = b.string("vrrp_ip", 64)?.set();
     b.finish()?;
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
         if s.amphorae.contains_key(&id) {
@@ -193,6 +208,7 @@ async fn register(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
                 server_name,
                 ca,
                 vip_interface,
+                vrrp_ip,
             },
         )?;
         tx.put(a.clone());

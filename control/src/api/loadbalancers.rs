@@ -122,6 +122,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             availability_zone,
             topology,
             amphora_count,
+            distributor_id: None,
         };
         tx.put(lb.clone());
         for mut a in spares {
@@ -146,16 +147,66 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
             lb.vip_qos_policy_id = q;
         }
         b.unsupported("vip_sg_ids")?;
+        let count = b.int("amphora_count", 1, 64)?.set();
         b.finish()?;
         let after = super::proposed(s, &[crate::store::Op::put(lb.clone())], &id)?;
         if super::dataplane_changes(s, &after, &id) {
             lb.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+        }
+        if let Some(n) = count.map(|n| n as u32).filter(|n| *n != lb.amphora_count) {
+            rescale(&ctl, s, tx, &mut lb, n)?;
         }
         tx.put(lb.clone());
         Ok(view::load_balancer(s, &lb))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "loadbalancer", v))
+}
+
+/// Siphon extension: an `ACTIVE_ACTIVE` load balancer changes its number
+/// of amphorae. Scale-out takes spares (503 without enough); their config
+/// is pushed before the distributor sends them traffic. Scale-in releases
+/// the most recently registered ones: the distributor stops sending them
+/// traffic before they are emptied and become spares again.
+fn rescale(
+    ctl: &crate::Controller,
+    s: &crate::model::State,
+    tx: &mut crate::store::Tx,
+    lb: &mut LoadBalancer,
+    n: u32,
+) -> Result<(), Fault> {
+    if lb.topology != Topology::ActiveActive {
+        return Err(Fault::invalid(
+            "amphora_count",
+            n,
+            "A SINGLE load balancer has exactly one amphora",
+        ));
+    }
+    let mut mine: Vec<&crate::model::Amphora> = s.amphorae_of(&lb.common.id).collect();
+    mine.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    let now = crate::now();
+    if n as usize > mine.len() {
+        for mut a in crate::provision::spares(s, ctl, n as usize - mine.len())? {
+            a.load_balancer_id = Some(lb.common.id.clone());
+            a.status = AmphoraStatus::Allocated;
+            a.updated_at = Some(now.clone());
+            tx.put(a);
+        }
+    } else {
+        for a in mine.iter().skip(n as usize) {
+            let mut a = (*a).clone();
+            a.load_balancer_id = None;
+            a.status = AmphoraStatus::Error;
+            a.error = Some(format!("released by scale-in of {}", lb.common.id));
+            a.updated_at = Some(now.clone());
+            tx.put(a);
+        }
+    }
+    tracing::info!(loadbalancer = %lb.common.id, from = lb.amphora_count, to = n, "amphora count changed");
+    lb.amphora_count = n;
+    lb.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+    lb.common.updated_at = Some(now);
+    Ok(())
 }
 
 async fn delete(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {

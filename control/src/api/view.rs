@@ -160,7 +160,7 @@ pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
         "loadbalancer_id": a.load_balancer_id,
         "compute_id": null,
         "lb_network_ip": a.lb_network_ip,
-        "vrrp_ip": null,
+        "vrrp_ip": a.vrrp_ip,
         "ha_ip": a.vips.first(),
         "vrrp_port_id": null,
         "ha_port_id": null,

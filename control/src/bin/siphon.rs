@@ -284,6 +284,10 @@ enum AmphoraCmd {
         /// Name in the agent's certificate (default: the id).
         #[arg(long)]
         server_name: Option<String>,
+        /// Its address on the VIP network, where the distributor sends VIP
+        /// traffic (default: ADDRESS).
+        #[arg(long)]
+        vrrp_ip: Option<String>,
     },
     Delete {
         id: String,
@@ -653,6 +657,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 port,
                 vip_interface,
                 server_name,
+                vrrp_ip,
             } => {
                 let mut m = Map::new();
                 m.insert("id".into(), json!(id));
@@ -660,6 +665,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 m.insert("agent_port".into(), json!(port));
                 opt(&mut m, "vip_interface", vip_interface.map(Value::from));
                 opt(&mut m, "server_name", server_name.map(Value::from));
+                opt(&mut m, "vrrp_ip", vrrp_ip.map(Value::from));
                 drop(r.print(Method::POST, AMPS, Some(json!({ "amphora": m })))?);
             }
             AmphoraCmd::Delete { id } => {

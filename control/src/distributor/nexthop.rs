@@ -63,6 +63,11 @@ pub enum NetlinkError {
         what: String,
         source: std::io::Error,
     },
+    #[error("interface {name}: {source}")]
+    Interface {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("{what}: no answer from the kernel")]
     NoAnswer { what: String },
 }
@@ -336,19 +341,44 @@ impl Rtnl {
     }
 }
 
-/// A netlink socket made inside the namespace at `path`, by a thread that
-/// enters it (a process's other threads keep their namespace).
+/// The index of interface `name` in the namespace at `netns` (or this
+/// process's).
+pub fn ifindex(netns: Option<&Path>, name: &str) -> Result<u32, NetlinkError> {
+    let lookup = || {
+        nix::net::if_::if_nametoindex(name).map_err(|e| NetlinkError::Interface {
+            name: name.to_owned(),
+            source: std::io::Error::from(e),
+        })
+    };
+    match netns {
+        None => lookup(),
+        Some(path) => in_netns(path, lookup),
+    }
+}
+
+/// A netlink socket made inside the namespace at `path`.
 fn socket_in(path: &Path) -> Result<Socket, NetlinkError> {
+    in_netns(path, || {
+        Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)
+    })
+}
+
+/// Runs `f` on a thread that enters the namespace at `path` (a process's
+/// other threads keep theirs); sockets it makes stay in that namespace.
+fn in_netns<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, NetlinkError> + Send,
+) -> Result<T, NetlinkError> {
     let ns_err = |source| NetlinkError::Netns {
         path: path.display().to_string(),
         source,
     };
     let file = std::fs::File::open(path).map_err(ns_err)?;
     std::thread::scope(|s| {
-        s.spawn(|| -> Result<Socket, NetlinkError> {
+        s.spawn(|| -> Result<T, NetlinkError> {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| ns_err(std::io::Error::from(e)))?;
-            Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)
+            f()
         })
         .join()
         .unwrap_or_else(|_| {
