@@ -194,9 +194,12 @@ pub struct Health {
     /// How far a heartbeat's clock may be from ours.
     #[serde(default = "default_clock_window_ms")]
     pub clock_window_ms: u64,
-    /// Circuit breaker: when this many amphorae go stale at once, none is
-    /// failed over (they are marked `FAILOVER_STOPPED`): that is a fault on
-    /// the controller's side, not that many dead amphorae.
+    /// Circuit breaker: when this many carrying amphorae fall silent
+    /// together (each for over half of `heartbeat_timeout_ms`), none is
+    /// failed over (they are marked `FAILOVER_STOPPED`) and the
+    /// distributor keeps sending them traffic: that is a fault on the
+    /// controller's side, not that many dead amphorae. Agents' heartbeat
+    /// interval must be at most half of `heartbeat_timeout_ms`.
     #[serde(default)]
     pub failover_threshold: Option<usize>,
 }

@@ -292,10 +292,27 @@ pub fn silent(ctl: &Controller, amphora: &str, timeout: Duration) -> bool {
     since.elapsed() > timeout
 }
 
-/// The circuit breaker: `stale` amphorae silent at once is too many to
-/// believe they all died.
-pub fn breaker_open(h: &Health, stale: usize) -> bool {
-    h.failover_threshold.is_some_and(|limit| stale >= limit)
+/// The circuit breaker: whether so many carrying amphorae fell silent
+/// together that the fault is more likely on the controller's side than
+/// in that many amphorae. It counts those silent for over half the
+/// timeout, not only the stale ones: a controller-side fault silences
+/// them all within one heartbeat interval (which must be at most half the
+/// timeout), so when the first goes stale the others are counted too.
+pub fn breaker_open(ctl: &Controller, s: &State, h: &Health) -> bool {
+    let Some(limit) = h.failover_threshold else {
+        return false;
+    };
+    let half = h.heartbeat_timeout() / 2;
+    s.amphorae
+        .values()
+        .filter(|a| {
+            matches!(
+                a.status,
+                AmphoraStatus::Allocated | AmphoraStatus::FailoverStopped
+            ) && silent(ctl, &a.id, half)
+        })
+        .count()
+        >= limit
 }
 
 /// Fails over what went silent; runs until `stopped`.
@@ -331,7 +348,7 @@ pub async fn watch(
             if stale.is_empty() {
                 return Ok(false);
             }
-            if breaker_open(&h, stale.len()) {
+            if breaker_open(&ctl, s, &h) {
                 tracing::error!(
                     stale = stale.len(),
                     threshold = h.failover_threshold,

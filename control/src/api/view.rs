@@ -57,6 +57,7 @@ pub fn load_balancer(s: &State, lb: &LoadBalancer) -> Value {
             "pools": ids(s.pools_of(id).map(|p| p.common.id.as_str())),
             "topology": lb.topology,
             "amphora_count": lb.amphora_count,
+            "distributor_id": lb.distributor_id,
         }),
     )
 }
@@ -181,6 +182,7 @@ pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
         "generation": a.generation,
         "last_heartbeat": a.last_heartbeat,
         "last_heartbeat_ms_ago": last_seen_ms_ago,
+        "distributor_id": a.distributor_id,
         "error": a.error,
     })
 }

@@ -184,14 +184,9 @@ pub fn desired(s: &State, ctl: &Controller) -> BTreeMap<String, Spread> {
     let health: Option<&Health> = ctl.config.health.as_ref();
     let silent =
         |id: &str| health.is_some_and(|h| crate::health::silent(ctl, id, h.heartbeat_timeout()));
-    let stale = s
-        .amphorae
-        .values()
-        .filter(|a| a.status == AmphoraStatus::Allocated && silent(&a.id))
-        .count();
     // The same rule as the failover's: too many silent at once keep their
     // traffic.
-    let hold = health.is_some_and(|h| crate::health::breaker_open(h, stale));
+    let hold = health.is_some_and(|h| crate::health::breaker_open(ctl, s, h));
     let mut out = BTreeMap::new();
     for lb in s.load_balancers.values() {
         if lb.common.provisioning_status == ProvisioningStatus::PendingDelete {
