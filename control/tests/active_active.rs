@@ -1,0 +1,952 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+//! One load balancer on N amphorae at once, end to end, in network
+//! namespaces the test creates and removes:
+//!
+//! ```text
+//!   client ──┐                      ┌── amphora a1 (agent + dataplane, VIP on lo)
+//!  (24 src)  │                      ├── amphora a2
+//!            ├── router ── br0 ─────┼── amphora a3
+//!  backends ─┘  (siphon-control,    ├── amphora a4 (spare, registered later)
+//!  b0 b1 b2      VIP route over a   └── amphora a5 (spare, for the scale-out)
+//!                resilient nexthop
+//!                group)
+//! ```
+//!
+//! Every process is the real binary: `siphon-control` in the router's
+//! namespace (driving its nexthops through the `linux-ecmp` distributor),
+//! `siphon-agent` and `siphon-dataplane` in each amphora's. The test talks
+//! to the controller with the `siphon` CLI only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use siphon_testkit::netns::Netns;
+use siphon_testkit::pki::{Ca, TempDir};
+use siphon_testkit::root_or_skip;
+
+const VIP: &str = "198.18.100.10";
+const SUBNET: &str = "6d0f4a2e-3b1c-4e5d-9f8a-1b2c3d4e5f60";
+const NETWORK: &str = "7e1a5b3f-4c2d-4f6e-8a9b-2c3d4e5f6a71";
+const TOKEN: &str = "active-active-token";
+/// Client source addresses: 198.18.0.10 and up.
+const SOURCES: usize = 24;
+const API: &str = "http://127.0.0.1:9876";
+
+/// A workspace binary next to this package's (built by `cargo test
+/// --workspace`; built here when a single package is tested).
+fn binary(package: &str) -> PathBuf {
+    let control = PathBuf::from(env!("CARGO_BIN_EXE_siphon-control"));
+    let dir = control.parent().unwrap();
+    let path = dir.join(package);
+    if !path.exists() {
+        let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", package, "--bin", package]);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            p => {
+                cmd.args(["--profile", p]);
+            }
+        }
+        let st = cmd.status().unwrap();
+        assert!(st.success(), "building {package}");
+    }
+    path
+}
+
+/// A process in a namespace, killed (SIGKILL) on drop.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &Netns, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn sh(ns: &Netns, script: &str) {
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sh", "-c", script])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{script}");
+}
+
+/// One amphora: its namespace, address and processes.
+struct Amp {
+    id: String,
+    addr: String,
+    dir: PathBuf,
+    procs: Vec<Proc>,
+    ns: Netns,
+}
+
+/// The whole topology. Processes are declared (and so dropped) before
+/// the namespaces they run in.
+struct World {
+    controller: Option<Proc>,
+    amps: Vec<Amp>,
+    rt: Netns,
+    cl: Netns,
+    be: Netns,
+    _backends: Arc<tokio::runtime::Runtime>,
+    dir: TempDir,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.controller.iter().map(|p| p.log.clone()).chain(
+                self.amps
+                    .iter()
+                    .flat_map(|a| a.procs.iter().map(|p| p.log.clone())),
+            );
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- {} (last lines)", log.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        self.controller.take();
+        for a in &mut self.amps {
+            a.procs.clear();
+        }
+    }
+}
+
+impl World {
+    fn build(amphorae: usize) -> World {
+        let dir = TempDir::new("active-active");
+        let rt = Netns::create("aa-rt").unwrap();
+        let cl = Netns::create("aa-cl").unwrap();
+        let be = Netns::create("aa-be").unwrap();
+        // The router: forwards, hashes flows on addresses and ports.
+        sh(
+            &rt,
+            "echo 1 > /proc/sys/net/ipv4/ip_forward && \
+             echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy && \
+             echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter",
+        );
+        rt.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+        rt.ip(&["addr", "add", "198.18.1.1/24", "dev", "br0"])
+            .unwrap();
+        rt.ip(&["link", "set", "br0", "up"]).unwrap();
+        // Client and backends, each on a link of its own.
+        for (ns, name, rt_addr, addrs) in [
+            (
+                &cl,
+                "vc",
+                "198.18.0.1/24",
+                (0..SOURCES)
+                    .map(|i| format!("198.18.0.{}/24", 10 + i))
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                &be,
+                "vb",
+                "198.18.2.1/24",
+                (0..3).map(|i| format!("198.18.2.{}/24", 10 + i)).collect(),
+            ),
+        ] {
+            rt.ip(&[
+                "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ])
+            .unwrap();
+            rt.ip(&["addr", "add", rt_addr, "dev", name]).unwrap();
+            rt.ip(&["link", "set", name, "up"]).unwrap();
+            for a in &addrs {
+                ns.ip(&["addr", "add", a, "dev", "eth0"]).unwrap();
+            }
+            ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+            let gw = rt_addr.split('/').next().unwrap();
+            ns.ip(&["route", "add", "default", "via", gw]).unwrap();
+        }
+        // Amphorae on the bridge.
+        let mut amps = Vec::new();
+        for i in 1..=amphorae {
+            let ns = Netns::create(&format!("aa-a{i}")).unwrap();
+            let port = format!("va{i}");
+            rt.ip(&[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ])
+            .unwrap();
+            rt.ip(&["link", "set", &port, "master", "br0", "up"])
+                .unwrap();
+            let addr = format!("198.18.1.{}", 10 + i);
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])
+                .unwrap();
+            ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+            ns.ip(&["route", "add", "default", "via", "198.18.1.1"])
+                .unwrap();
+            let adir = dir.path(&format!("a{i}"));
+            std::fs::create_dir_all(&adir).unwrap();
+            amps.push(Amp {
+                id: format!("a{i}"),
+                addr,
+                dir: adir,
+                procs: Vec::new(),
+                ns,
+            });
+        }
+        let backends = siphon_testkit::runtime();
+        start_backends(&be, &backends);
+        World {
+            controller: None,
+            amps,
+            rt,
+            cl,
+            be,
+            _backends: backends,
+            dir,
+        }
+    }
+
+    /// Certificates, the controller's config, and the controller itself.
+    fn start_controller(&mut self) {
+        let d = &self.dir;
+        let controller_ca = Ca::new("controller CA");
+        let amphora_ca = Ca::new("amphora CA");
+        let (cert, key) = controller_ca.issue(&["siphon-control"], false);
+        std::fs::write(d.path("client.crt"), cert).unwrap();
+        std::fs::write(d.path("client.key"), key).unwrap();
+        std::fs::write(d.path("amphora-ca.crt"), amphora_ca.pem()).unwrap();
+        std::fs::write(d.path("controller-ca.crt"), controller_ca.pem()).unwrap();
+        std::fs::write(d.path("heartbeat.key"), "an active-active heartbeat key\n").unwrap();
+        for a in &self.amps {
+            let (cert, key) = amphora_ca.issue(&[&a.id], false);
+            std::fs::write(a.dir.join("agent.crt"), cert).unwrap();
+            std::fs::write(a.dir.join("agent.key"), key).unwrap();
+        }
+        let config = format!(
+            r#"listen = "127.0.0.1:9876"
+database = "{db}"
+[auth]
+mode = "token"
+token = "{TOKEN}"
+[[vip_subnets]]
+id = "{SUBNET}"
+name = "vips"
+network_id = "{NETWORK}"
+cidr = "198.18.100.0/24"
+[agent_tls]
+cert = "{client_crt}"
+key = "{client_key}"
+ca = "{amphora_ca}"
+[push]
+attempts = 3
+backoff_ms = 100
+timeout_ms = 3000
+[health]
+listen = "198.18.1.1:5555"
+key_file = "{hb}"
+heartbeat_timeout_ms = 600
+check_interval_ms = 50
+failover_threshold = 3
+[distributor]
+driver = "linux-ecmp"
+netns = "/run/netns/{rt}"
+interface = "br0"
+buckets = 128
+idle_timer_s = 1
+"#,
+            db = d.path("control.db").display(),
+            client_crt = d.path("client.crt").display(),
+            client_key = d.path("client.key").display(),
+            amphora_ca = d.path("amphora-ca.crt").display(),
+            hb = d.path("heartbeat.key").display(),
+            rt = self.rt.name,
+        );
+        std::fs::write(d.path("control.toml"), config).unwrap();
+        let conf = d.path("control.toml");
+        self.controller = Some(Proc::spawn(
+            &self.rt,
+            &binary_of_this_package("siphon-control"),
+            &["--config", conf.to_str().unwrap()],
+            d.path("control.log"),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.try_siphon(&["amphora", "list"]).is_err() {
+            assert!(Instant::now() < deadline, "the controller did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts amphora `i`'s dataplane and agent (heartbeats every 200 ms).
+    fn start_amphora(&mut self, i: usize) {
+        let dataplane = binary("siphon-dataplane");
+        let agent = binary("siphon-agent");
+        let hb = self.dir.path("heartbeat.key");
+        let ca = self.dir.path("controller-ca.crt");
+        let a = &mut self.amps[i - 1];
+        let sock = a.dir.join("dataplane.sock");
+        a.procs.push(Proc::spawn(
+            &a.ns,
+            &dataplane,
+            &["run", "--socket", sock.to_str().unwrap(), "--workers", "1"],
+            a.dir.join("dataplane.log"),
+        ));
+        let config = format!(
+            r#"amphora_id = "{id}"
+listen = "{addr}:9443"
+local_socket = "{dir}/agent.sock"
+dataplane_socket = "{dir}/dataplane.sock"
+state_dir = "{dir}/state"
+[tls]
+cert = "{dir}/agent.crt"
+key = "{dir}/agent.key"
+client_ca = "{ca}"
+[heartbeat]
+destinations = ["198.18.1.1:5555"]
+interval_ms = 200
+key_file = "{hb}"
+"#,
+            id = a.id,
+            addr = a.addr,
+            dir = a.dir.display(),
+            ca = ca.display(),
+            hb = hb.display(),
+        );
+        let conf = a.dir.join("agent.toml");
+        std::fs::write(&conf, config).unwrap();
+        // The agent connects to the dataplane's socket: let it appear.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "dataplane of {} did not start",
+                a.id
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a.procs.push(Proc::spawn(
+            &a.ns,
+            &agent,
+            &["--config", conf.to_str().unwrap()],
+            a.dir.join("agent.log"),
+        ));
+    }
+
+    /// As if the machine died: its processes killed, its link down.
+    fn kill_amphora(&mut self, i: usize) {
+        let a = &mut self.amps[i - 1];
+        for p in &mut a.procs {
+            p.kill();
+        }
+        a.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    }
+
+    fn try_siphon(&self, args: &[&str]) -> Result<Value, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.rt.name])
+            .arg(binary_of_this_package("siphon"))
+            .args(["--endpoint", API, "--token", TOKEN])
+            .args(args)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Err(format!(
+                "siphon {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    /// The `siphon` CLI, in the router's namespace.
+    fn siphon(&self, args: &[&str]) -> Value {
+        self.try_siphon(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn register(&self, i: usize) {
+        let a = &self.amps[i - 1];
+        self.siphon(&[
+            "amphora",
+            "register",
+            "--id",
+            &a.id,
+            "--address",
+            &a.addr,
+            "--port",
+            "9443",
+            "--vip-interface",
+            "lo",
+        ]);
+    }
+
+    fn wait_amphora(&self, id: &str, status: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.siphon(&["amphora", "show", id]);
+            if v["amphora"]["status"] == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "amphora {id} not {status}: {v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The router's nexthop group for the VIP: its members' gateways.
+    fn group(&self) -> BTreeSet<String> {
+        let out = Command::new("ip")
+            .args(["-n", &self.rt.name, "-j", "nexthop", "show"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let all = v.as_array().cloned().unwrap_or_default();
+        let gateway = |id: &Value| {
+            all.iter()
+                .find(|n| &n["id"] == id)
+                .and_then(|n| n["gateway"].as_str())
+                .map(str::to_owned)
+        };
+        all.iter()
+            .filter_map(|n| n["group"].as_array())
+            .flatten()
+            .filter_map(|m| gateway(&m["id"]))
+            .collect()
+    }
+
+    fn wait_group(&self, want: &BTreeSet<String>, within: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            let g = self.group();
+            if &g == want {
+                return t.elapsed();
+            }
+            assert!(t.elapsed() < within, "nexthop group {g:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn addrs(&self, which: &[usize]) -> BTreeSet<String> {
+        which
+            .iter()
+            .map(|i| self.amps[i - 1].addr.clone())
+            .collect()
+    }
+
+    /// Each running amphora's dataplane config as its agent stored it,
+    /// without the generation (each amphora counts its own).
+    fn configs(&self, which: &[usize]) -> Vec<Value> {
+        which
+            .iter()
+            .map(|i| {
+                let a = &self.amps[i - 1];
+                let text = std::fs::read_to_string(a.dir.join("state/config.json")).unwrap();
+                let mut v: Value = serde_json::from_str(&text).unwrap();
+                v.as_object_mut().unwrap().remove("generation");
+                v
+            })
+            .collect()
+    }
+}
+
+fn binary_of_this_package(name: &str) -> PathBuf {
+    match name {
+        "siphon" => PathBuf::from(env!("CARGO_BIN_EXE_siphon")),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_siphon-control")),
+    }
+}
+
+/// Three backends, each on TCP 8080 (greets with `NAME PEER\n`, then
+/// echoes) and UDP 5353 (answers `NAME PEER`): PEER is the amphora that
+/// carried the flow.
+fn start_backends(be: &Netns, rt: &Arc<tokio::runtime::Runtime>) {
+    for i in 0..3 {
+        let name = format!("b{i}");
+        let tcp: SocketAddr = format!("198.18.2.{}:8080", 10 + i).parse().unwrap();
+        let udp: SocketAddr = format!("198.18.2.{}:5353", 10 + i).parse().unwrap();
+        let l = be.enter(|| siphon_testkit::listen(tcp)).unwrap();
+        let u = be.enter(|| UdpSocket::bind(udp).unwrap()).unwrap();
+        u.set_nonblocking(true).unwrap();
+        let n = name.clone();
+        rt.spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let Ok((mut s, peer)) = l.accept().await else {
+                    continue;
+                };
+                let greet = format!("{n} {}\n", peer.ip());
+                tokio::spawn(async move {
+                    if s.write_all(greet.as_bytes()).await.is_ok() {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                });
+            }
+        });
+        rt.spawn(async move {
+            let u = tokio::net::UdpSocket::from_std(u).unwrap();
+            let mut buf = [0u8; 512];
+            loop {
+                let Ok((_, from)) = u.recv_from(&mut buf).await else {
+                    continue;
+                };
+                let _ = u
+                    .send_to(format!("{name} {}", from.ip()).as_bytes(), from)
+                    .await;
+            }
+        });
+    }
+}
+
+fn source(i: usize) -> IpAddr {
+    format!("198.18.0.{}", 10 + i % SOURCES).parse().unwrap()
+}
+
+/// Who answered a flow: the backend, and the amphora that carried it.
+type Answer = (String, String);
+
+fn parse_answer(line: &str) -> Option<Answer> {
+    let mut it = line.split_whitespace();
+    Some((it.next()?.to_owned(), it.next()?.to_owned()))
+}
+
+/// A TCP connection through the VIP from `src`, greeted.
+struct Held {
+    src: IpAddr,
+    stream: BufReader<TcpStream>,
+    seen: Answer,
+}
+
+impl Held {
+    /// Opened in the client's namespace.
+    fn open(src: IpAddr) -> std::io::Result<Held> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.bind(&SocketAddr::new(src, 0).into())?;
+        let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        sock.connect_timeout(&vip.into(), Duration::from_secs(2))?;
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut stream = BufReader::new(s);
+        let mut line = String::new();
+        stream.read_line(&mut line)?;
+        let seen = parse_answer(&line)
+            .ok_or_else(|| std::io::Error::other(format!("greeting {line:?}")))?;
+        Ok(Held { src, stream, seen })
+    }
+
+    /// One echoed message: whether the connection still works.
+    fn alive(&mut self) -> bool {
+        let msg = b"still there?\n";
+        if self.stream.get_mut().write_all(msg).is_err() {
+            return false;
+        }
+        let mut back = [0u8; 13];
+        self.stream.read_exact(&mut back).is_ok() && &back == msg
+    }
+}
+
+/// `n` short connections spread over the sources: who answered each.
+fn connections(cl: &Netns, n: usize) -> Vec<(IpAddr, Result<Answer, String>)> {
+    cl.enter(|| {
+        (0..n)
+            .map(|i| {
+                let src = source(i);
+                let r = Held::open(src)
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut h| {
+                        if h.alive() {
+                            Ok(h.seen.clone())
+                        } else {
+                            Err("no echo".into())
+                        }
+                    });
+                (src, r)
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+fn hold(cl: &Netns, n: usize) -> Vec<Held> {
+    cl.enter(|| {
+        (0..n)
+            .map(|i| Held::open(source(i)).expect("connection through the VIP"))
+            .collect()
+    })
+    .unwrap()
+}
+
+/// A UDP flow through the VIP (one client socket).
+struct Flow {
+    socket: UdpSocket,
+    seen: Answer,
+}
+
+impl Flow {
+    fn ask(socket: &UdpSocket) -> Option<Answer> {
+        let mut buf = [0u8; 512];
+        for _ in 0..3 {
+            socket.send(b"which?").ok()?;
+            if let Ok(n) = socket.recv(&mut buf) {
+                return parse_answer(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+        None
+    }
+}
+
+fn flows(cl: &Netns, n: usize) -> Vec<Flow> {
+    cl.enter(|| {
+        (0..n)
+            .map(|i| {
+                let socket = UdpSocket::bind(SocketAddr::new(source(i), 0)).unwrap();
+                socket.connect(format!("{VIP}:53")).unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(700)))
+                    .unwrap();
+                let seen = Flow::ask(&socket).expect("UDP answer through the VIP");
+                Flow { socket, seen }
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// Asks every flow again: (backend changed, amphora changed) counts.
+fn recheck(flows: &mut [Flow]) -> (usize, usize) {
+    let (mut backend, mut amphora) = (0, 0);
+    for f in flows.iter_mut() {
+        let now = Flow::ask(&f.socket).expect("UDP flow answered");
+        backend += usize::from(now.0 != f.seen.0);
+        amphora += usize::from(now.1 != f.seen.1);
+        f.seen = now;
+    }
+    (backend, amphora)
+}
+
+fn lb_status(w: &World, lb: &str) -> Value {
+    w.siphon(&["loadbalancer", "show", lb])["loadbalancer"].clone()
+}
+
+fn wait_lb(w: &World, lb: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = lb_status(w, lb);
+        if v["provisioning_status"] == "ACTIVE" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "load balancer not ACTIVE: {v:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
+    if !root_or_skip("active-active in network namespaces") {
+        return;
+    }
+    siphon_testkit::raise_fd_limit();
+    let mut w = World::build(5);
+    w.start_controller();
+    for i in 1..=5 {
+        w.start_amphora(i);
+    }
+    for i in 1..=3 {
+        w.register(i);
+    }
+    for id in ["a1", "a2", "a3"] {
+        w.wait_amphora(id, "READY", Duration::from_secs(10));
+    }
+
+    // The load balancer, through the CLI: TCP 80 and UDP 53, both keyed
+    // on the client's address.
+    let lb = w.siphon(&[
+        "loadbalancer",
+        "create",
+        "--name",
+        "aa",
+        "--vip-subnet-id",
+        SUBNET,
+        "--vip-address",
+        VIP,
+        "--topology",
+        "ACTIVE_ACTIVE",
+        "--amphora-count",
+        "3",
+        "--wait",
+    ])["loadbalancer"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (proto, port, member_port) in [("TCP", "80", "8080"), ("UDP", "53", "5353")] {
+        let l = w.siphon(&[
+            "listener",
+            "create",
+            "--protocol",
+            proto,
+            "--protocol-port",
+            port,
+            "--loadbalancer",
+            &lb,
+            "--wait",
+        ])["listener"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let p = w.siphon(&[
+            "pool",
+            "create",
+            "--protocol",
+            proto,
+            "--lb-algorithm",
+            "SOURCE_IP",
+            "--listener",
+            &l,
+            "--wait",
+        ])["pool"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for b in 0..3 {
+            w.siphon(&[
+                "member",
+                "create",
+                &p,
+                "--name",
+                &format!("b{b}"),
+                "--address",
+                &format!("198.18.2.{}", 10 + b),
+                "--protocol-port",
+                member_port,
+                "--wait",
+            ]);
+        }
+    }
+    wait_lb(&w, &lb, Duration::from_secs(10));
+
+    // The same config on every amphora, and the VIP routed over all three.
+    let configs = w.configs(&[1, 2, 3]);
+    assert!(configs[0]["pools"].as_array().is_some_and(|p| p.len() == 2));
+    assert_eq!(configs[0], configs[1]);
+    assert_eq!(configs[0], configs[2]);
+    w.wait_group(&w.addrs(&[1, 2, 3]), Duration::from_secs(5));
+
+    // Many sources: spread over the three, each source on one backend.
+    let conns = connections(&w.cl, SOURCES * 6);
+    let mut per_source: BTreeMap<IpAddr, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for (src, r) in &conns {
+        let (backend, amphora) = r.clone().unwrap_or_else(|e| panic!("{src}: {e}"));
+        let e = per_source.entry(*src).or_default();
+        e.0.insert(backend);
+        e.1.insert(amphora);
+    }
+    let carriers: BTreeSet<&String> = per_source.values().flat_map(|(_, a)| a).collect();
+    assert_eq!(carriers.len(), 3, "carried by {carriers:?}");
+    for (src, (backends, _)) in &per_source {
+        assert_eq!(backends.len(), 1, "{src} reached {backends:?}");
+    }
+    let multi = per_source.values().filter(|(_, a)| a.len() > 1).count();
+    println!(
+        "spread: {} connections from {SOURCES} sources over {} amphorae; {multi} sources were carried by more than one amphora and each kept one backend",
+        conns.len(),
+        carriers.len()
+    );
+    assert!(multi > 0);
+
+    // Flows that must live through the loss of an amphora.
+    let mut udp = flows(&w.cl, SOURCES * 2);
+    let mut held = hold(&w.cl, SOURCES * 2);
+    let dead = w.amps[1].addr.clone();
+    let on_dead = held.iter().filter(|h| h.seen.1 == dead).count();
+    let udp_on_dead = udp.iter().filter(|f| f.seen.1 == dead).count();
+
+    // Kill a2.
+    let killed = Instant::now();
+    w.kill_amphora(2);
+    let gone = w.wait_group(&w.addrs(&[1, 3]), Duration::from_secs(5));
+    let failover = killed.elapsed();
+    println!(
+        "failover: a2's nexthop left the group {:.0} ms after the kill (heartbeats every 200 ms, timeout 600 ms)",
+        failover.as_secs_f64() * 1e3
+    );
+    assert!(
+        failover < Duration::from_secs(1),
+        "{failover:?} ({gone:?} of polling)"
+    );
+    // From then on, new connections succeed, on the survivors.
+    let after = connections(&w.cl, SOURCES * 4);
+    for (src, r) in &after {
+        let (_, amphora) = r
+            .clone()
+            .unwrap_or_else(|e| panic!("{src} after the kill: {e}"));
+        assert_ne!(amphora, dead);
+    }
+    // UDP flows keep their backend, wherever they are carried now.
+    let (changed, moved) = recheck(&mut udp);
+    println!(
+        "after the loss: {changed} of {} UDP flows changed backend, {moved} moved to another amphora ({udp_on_dead} were on a2)",
+        udp.len()
+    );
+    assert_eq!(changed, 0);
+    assert_eq!(moved, udp_on_dead);
+    // Established TCP connections on the survivors are untouched.
+    let mut survivors_ok = 0;
+    for h in held.iter_mut().filter(|h| h.seen.1 != dead) {
+        assert!(h.alive(), "{} via {} broke", h.src, h.seen.1);
+        survivors_ok += 1;
+    }
+    println!("established TCP: {survivors_ok} on the survivors all alive; {on_dead} were on a2");
+    drop(held);
+
+    // A spare comes in: it takes a2's place (config first, then traffic).
+    let registered = Instant::now();
+    w.register(4);
+    w.wait_group(&w.addrs(&[1, 3, 4]), Duration::from_secs(15));
+    println!(
+        "spare a4 in the group {:.2} s after its registration",
+        registered.elapsed().as_secs_f64()
+    );
+    w.wait_amphora("a2", "ERROR", Duration::from_secs(5));
+    wait_lb(&w, &lb, Duration::from_secs(10));
+    assert_eq!(w.configs(&[1, 3, 4])[0], w.configs(&[1, 3, 4])[2]);
+    // Buckets move to it once idle for idle_timer_s (1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let conns = connections(&w.cl, SOURCES * 4);
+    let by_a4 = conns
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_ok_and(|a| a.1 == w.amps[3].addr))
+        .count();
+    assert!(conns.iter().all(|(_, r)| r.is_ok()));
+    println!("a4 carried {by_a4} of {} new connections", conns.len());
+    assert!(by_a4 > 0);
+
+    // Scale-out, 3 → 4: UDP flows keep their backend; resilient buckets
+    // take only idle flows to the new amphora.
+    w.register(5);
+    w.wait_amphora("a5", "READY", Duration::from_secs(10));
+    recheck(&mut udp);
+    let mut busy = hold(&w.cl, SOURCES);
+    let mut idle = hold(&w.cl, SOURCES);
+    let chat = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let talker = {
+        let chat = chat.clone();
+        std::thread::spawn(move || {
+            let mut broken = 0;
+            while chat.load(std::sync::atomic::Ordering::Relaxed) {
+                for h in busy.iter_mut() {
+                    if !h.alive() {
+                        broken += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (busy, broken)
+        })
+    };
+    // Idle for longer than idle_timer_s: their buckets may move.
+    std::thread::sleep(Duration::from_millis(1500));
+    w.siphon(&[
+        "loadbalancer",
+        "set",
+        &lb,
+        "--set",
+        "amphora_count=4",
+        "--wait",
+    ]);
+    w.wait_group(&w.addrs(&[1, 3, 4, 5]), Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(2500));
+    chat.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (mut busy, _) = talker.join().unwrap();
+    let busy_reset = busy.iter_mut().filter_map(|h| (!h.alive()).then_some(())).count();
+    let idle_reset = idle.iter_mut().filter_map(|h| (!h.alive()).then_some(())).count();
+    let (changed, moved) = recheck(&mut udp);
+    let tcp_total = busy.len() + idle.len();
+    let reset = busy_reset + idle_reset;
+    println!(
+        "scale-out 3→4: {changed} of {} UDP flows changed backend ({moved} moved amphora); {reset} of {tcp_total} TCP connections reset ({:.2}): {busy_reset} of {} active, {idle_reset} of {} idle",
+        udp.len(),
+        reset as f64 / tcp_total as f64,
+        busy.len(),
+        idle.len()
+    );
+    assert_eq!(changed, 0);
+    assert_eq!(busy_reset, 0, "active flows keep their amphora");
+    assert!(reset * 4 <= tcp_total, "{reset} of {tcp_total} reset");
+    let conns = connections(&w.cl, SOURCES * 4);
+    assert!(conns.iter().all(|(_, r)| r.is_ok()));
+    let by_a5 = conns
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_ok_and(|a| a.1 == w.amps[4].addr))
+        .count();
+    assert!(by_a5 > 0, "a5 carries nothing");
+
+    // A controller-side fault: every amphora goes silent at once. The
+    // circuit breaker holds, nothing is failed over, traffic flows.
+    for i in [1, 3, 4, 5] {
+        w.amps[i - 1]
+            .ns
+            .ip(&["route", "add", "blackhole", "198.18.1.1/32"])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    for id in ["a1", "a3", "a4", "a5"] {
+        w.wait_amphora(id, "FAILOVER_STOPPED", Duration::from_secs(3));
+    }
+    assert_eq!(w.group(), w.addrs(&[1, 3, 4, 5]));
+    let conns = connections(&w.cl, SOURCES * 2);
+    assert!(conns.iter().all(|(_, r)| r.is_ok()));
+    for i in [1, 3, 4, 5] {
+        w.amps[i - 1]
+            .ns
+            .ip(&["route", "del", "blackhole", "198.18.1.1/32"])
+            .unwrap();
+    }
+    for id in ["a1", "a3", "a4", "a5"] {
+        w.wait_amphora(id, "ALLOCATED", Duration::from_secs(5));
+    }
+    assert_eq!(w.group(), w.addrs(&[1, 3, 4, 5]));
+    println!("circuit breaker: 4 of 4 silent at once → FAILOVER_STOPPED, group kept, traffic served, ALLOCATED again once heard");
+
+    // Deleted: the VIP's route and group go, the amphorae are spares.
+    w.siphon(&["loadbalancer", "delete", &lb, "--cascade", "--wait"]);
+    w.wait_group(&BTreeSet::new(), Duration::from_secs(5));
+    let _ = &w.be;
+}
