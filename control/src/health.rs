@@ -111,7 +111,7 @@ pub async fn receive(
                     // from the stored value each time.
                     let mut totals = HashMap::new();
                     for beat in &beats {
-                        apply_beat(s, tx, beat, &mut last, &mut totals);
+                        apply_beat(&ctl, &h, s, tx, beat, &mut last, &mut totals);
                     }
                     for ((l, a), c) in totals {
                         tx.stats(&l, &a, c);
@@ -128,6 +128,8 @@ pub async fn receive(
 
 /// Folds one heartbeat into `tx`.
 fn apply_beat(
+    ctl: &Controller,
+    h: &Health,
     s: &State,
     tx: &mut Tx,
     beat: &Heartbeat,
@@ -188,10 +190,17 @@ fn apply_beat(
     if beat.generation != Some(a.generation) || lb.common.provisioning_status.is_pending() {
         return;
     }
-    update_statuses(s, tx, lb_id, beat);
+    // Another amphora of it gone silent (active-active): it serves, but
+    // on fewer amphorae than it should.
+    let short = s.amphorae_of(lb_id).any(|x| {
+        x.id != a.id
+            && x.status == AmphoraStatus::Allocated
+            && silent(ctl, &x.id, h.heartbeat_timeout())
+    });
+    update_statuses(s, tx, lb_id, beat, short);
 }
 
-fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat) {
+fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat, short: bool) {
     use OperatingStatus as O;
     let mut members: HashMap<&str, O> = HashMap::new();
     for m in &beat.members {
@@ -247,7 +256,7 @@ fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat) {
             }
         }
     }
-    let mut degraded = pool_status.values().any(|s| *s == O::Degraded);
+    let mut degraded = short || pool_status.values().any(|s| *s == O::Degraded);
     let mut error = pool_status.values().any(|s| *s == O::Error);
     for l in s.listeners_of(lb_id) {
         let reported = beat.listeners.iter().find(|b| b.id == l.common.id);

@@ -666,6 +666,18 @@ fn lb_status(w: &World, lb: &str) -> Value {
     w.siphon(&["loadbalancer", "show", lb])["loadbalancer"].clone()
 }
 
+fn wait_field(w: &World, lb: &str, field: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = lb_status(w, lb);
+        if v[field] == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{field} not {want}: {v:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_lb(w: &World, lb: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
@@ -835,6 +847,8 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     }
     println!("established TCP: {survivors_ok} on the survivors all alive; {on_dead} were on a2");
     drop(held);
+    // No spare yet: still served, by fewer amphorae than asked for.
+    wait_field(&w, &lb, "operating_status", "DEGRADED");
 
     // A spare comes in: it takes a2's place (config first, then traffic).
     let registered = Instant::now();
@@ -846,6 +860,7 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     );
     w.wait_amphora("a2", "ERROR", Duration::from_secs(5));
     wait_lb(&w, &lb, Duration::from_secs(10));
+    wait_field(&w, &lb, "operating_status", "ONLINE");
     assert_eq!(w.configs(&[1, 3, 4])[0], w.configs(&[1, 3, 4])[2]);
     // Buckets move to it once idle for idle_timer_s (1 s).
     std::thread::sleep(Duration::from_millis(2500));
@@ -895,8 +910,14 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     std::thread::sleep(Duration::from_millis(2500));
     chat.store(false, std::sync::atomic::Ordering::Relaxed);
     let (mut busy, _) = talker.join().unwrap();
-    let busy_reset = busy.iter_mut().filter_map(|h| (!h.alive()).then_some(())).count();
-    let idle_reset = idle.iter_mut().filter_map(|h| (!h.alive()).then_some(())).count();
+    let busy_reset = busy
+        .iter_mut()
+        .filter_map(|h| (!h.alive()).then_some(()))
+        .count();
+    let idle_reset = idle
+        .iter_mut()
+        .filter_map(|h| (!h.alive()).then_some(()))
+        .count();
     let (changed, moved) = recheck(&mut udp);
     let tcp_total = busy.len() + idle.len();
     let reset = busy_reset + idle_reset;
@@ -945,8 +966,28 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     assert_eq!(w.group(), w.addrs(&[1, 3, 4, 5]));
     println!("circuit breaker: 4 of 4 silent at once → FAILOVER_STOPPED, group kept, traffic served, ALLOCATED again once heard");
 
+    // Scale-in, 4 → 3: the last registered (a5) leaves the group first,
+    // then is emptied and becomes a spare again.
+    w.siphon(&[
+        "loadbalancer",
+        "set",
+        &lb,
+        "--set",
+        "amphora_count=3",
+        "--wait",
+    ]);
+    w.wait_group(&w.addrs(&[1, 3, 4]), Duration::from_secs(5));
+    w.wait_amphora("a5", "READY", Duration::from_secs(10));
+    let conns = connections(&w.cl, SOURCES * 2);
+    assert!(conns
+        .iter()
+        .all(|(_, r)| r.as_ref().is_ok_and(|a| a.1 != w.amps[4].addr)));
+
     // Deleted: the VIP's route and group go, the amphorae are spares.
     w.siphon(&["loadbalancer", "delete", &lb, "--cascade", "--wait"]);
     w.wait_group(&BTreeSet::new(), Duration::from_secs(5));
+    for id in ["a1", "a3", "a4"] {
+        w.wait_amphora(id, "READY", Duration::from_secs(10));
+    }
     let _ = &w.be;
 }
