@@ -966,6 +966,27 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     assert_eq!(w.group(), w.addrs(&[1, 3, 4, 5]));
     println!("circuit breaker: 4 of 4 silent at once → FAILOVER_STOPPED, group kept, traffic served, ALLOCATED again once heard");
 
+    // Recovery: one amphora unheard for a while, with no spare to take its
+    // place, leaves the group; heard again, it is back in.
+    w.amps[0]
+        .ns
+        .ip(&["route", "add", "blackhole", "198.18.1.1/32"])
+        .unwrap();
+    w.wait_group(&w.addrs(&[3, 4, 5]), Duration::from_secs(3));
+    wait_field(&w, &lb, "operating_status", "DEGRADED");
+    let conns = connections(&w.cl, SOURCES * 2);
+    assert!(conns.iter().all(|(_, r)| r.is_ok()));
+    w.amps[0]
+        .ns
+        .ip(&["route", "del", "blackhole", "198.18.1.1/32"])
+        .unwrap();
+    let back = w.wait_group(&w.addrs(&[1, 3, 4, 5]), Duration::from_secs(3));
+    wait_field(&w, &lb, "operating_status", "ONLINE");
+    println!(
+        "recovery: a1 back in the group {:.0} ms after its heartbeats got through again",
+        back.as_secs_f64() * 1e3
+    );
+
     // Scale-in, 4 → 3: the last registered (a5) leaves the group first,
     // then is emptied and becomes a spare again.
     w.siphon(&[
