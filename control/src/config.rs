@@ -72,9 +72,19 @@ pub struct LinuxEcmp {
     /// scale-out or a recovery takes only idle flows.
     #[serde(default = "default_idle_timer_s")]
     pub idle_timer_s: u32,
+    /// Seconds a group may stay unbalanced (a new amphora short of its
+    /// share because no bucket went idle) before busy buckets move too,
+    /// resetting their flows; 0: never.
+    #[serde(default)]
+    pub unbalanced_timer_s: u32,
     /// The first nexthop id given out; ids below stay the operator's.
     #[serde(default = "default_first_id")]
     pub first_id: u32,
+    /// Seconds between full re-applies of every VIP's route, group and
+    /// nexthops (create or replace: flows are not moved), which repair
+    /// what changed under the controller.
+    #[serde(default = "default_resync_s")]
+    pub resync_s: u32,
 }
 
 /// `X-Auth-Token` checking.
@@ -225,6 +235,12 @@ fn default_agent_port() -> u16 {
 fn default_vip_interface() -> String {
     "lo".to_owned()
 }
+/// Longest resilient-group timer accepted (an hour).
+pub const MAX_TIMER_S: u32 = 3_600;
+
+fn default_resync_s() -> u32 {
+    10
+}
 fn default_buckets() -> u16 {
     128
 }
@@ -328,6 +344,12 @@ impl ControlConfig {
             return Err(invalid("push.attempts".into(), "must be at least 1"));
         }
         if let Some(h) = &config.health {
+            if h.failover_threshold == Some(0) {
+                return Err(invalid(
+                    "health.failover_threshold".into(),
+                    "must be at least 1 (0 would stop every failover)",
+                ));
+            }
             if h.heartbeat_timeout_ms < 10 || h.check_interval_ms < 10 {
                 return Err(invalid(
                     "health".into(),
@@ -348,6 +370,23 @@ impl ControlConfig {
             }
             if d.first_id == 0 {
                 return Err(invalid("distributor.first_id".into(), "must be at least 1"));
+            }
+            if d.resync_s == 0 || d.resync_s > MAX_TIMER_S {
+                return Err(invalid(
+                    "distributor.resync_s".into(),
+                    &format!("between 1 and {MAX_TIMER_S}"),
+                ));
+            }
+            for (field, v) in [
+                ("idle_timer_s", d.idle_timer_s),
+                ("unbalanced_timer_s", d.unbalanced_timer_s),
+            ] {
+                if v > MAX_TIMER_S {
+                    return Err(invalid(
+                        format!("distributor.{field}"),
+                        &format!("at most {MAX_TIMER_S}"),
+                    ));
+                }
             }
         }
         Ok(config)

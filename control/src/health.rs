@@ -303,22 +303,27 @@ pub fn silent(ctl: &Controller, amphora: &str, timeout: Duration) -> bool {
 
 /// The circuit breaker: whether so many carrying amphorae fell silent
 /// together that the fault is more likely on the controller's side than
-/// in that many amphorae. It counts those silent for over half the
-/// timeout, not only the stale ones: a controller-side fault silences
-/// them all within one heartbeat interval (which must be at most half the
-/// timeout), so when the first goes stale the others are counted too.
+/// in that many amphorae. It counts those whose silence began recently:
+/// longer than half the timeout (a fault silences them all within one
+/// heartbeat interval, which must be under half the timeout, so when the
+/// first goes stale the others are counted too), but not longer than
+/// twice the timeout (an amphora dead for long is not part of a new
+/// fault, and must not hold failover back for ever). `FAILOVER_STOPPED`
+/// ones count while in that window, so the breaker holds for all the
+/// amphorae of one fault, tick after tick.
 pub fn breaker_open(ctl: &Controller, s: &State, h: &Health) -> bool {
     let Some(limit) = h.failover_threshold else {
         return false;
     };
-    let half = h.heartbeat_timeout() / 2;
+    let timeout = h.heartbeat_timeout();
     s.amphorae
         .values()
         .filter(|a| {
             matches!(
                 a.status,
                 AmphoraStatus::Allocated | AmphoraStatus::FailoverStopped
-            ) && silent(ctl, &a.id, half)
+            ) && silent(ctl, &a.id, timeout / 2)
+                && !silent(ctl, &a.id, timeout * 2)
         })
         .count()
         >= limit

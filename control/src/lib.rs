@@ -46,6 +46,10 @@ pub struct Controller {
     /// Amphorae the distributor sends some VIP to: not emptied until it
     /// stopped.
     pub targeted: Mutex<std::collections::HashSet<String>>,
+    /// Set once the distributor completed a pass without an error: until
+    /// then `targeted` may miss amphorae the kernel still sends traffic
+    /// to, so none is emptied.
+    pub distributed: std::sync::atomic::AtomicBool,
     /// When each amphora was last heard from (this process's clock).
     pub heard: Mutex<HashMap<String, Instant>>,
     pub agents: Option<agent_client::AgentClient>,
@@ -151,6 +155,7 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
         wake: tokio::sync::Notify::new(),
         distribute: tokio::sync::Notify::new(),
         targeted: Mutex::new(Default::default()),
+        distributed: std::sync::atomic::AtomicBool::new(false),
         heard: Mutex::new(HashMap::new()),
         agents,
         started: Instant::now(),

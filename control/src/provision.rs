@@ -134,12 +134,13 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
                 .map(|lb| lb.common.id.clone())
                 .collect();
             // Emptied only once no VIP is sent to it any more.
+            let settled = ctl.distributed.load(std::sync::atomic::Ordering::Acquire);
             let targeted = ctl.targeted.lock().unwrap_or_else(|e| e.into_inner());
             let wipes: Vec<String> = s
                 .amphorae
                 .values()
                 .filter(|a| a.status == AmphoraStatus::Error && a.load_balancer_id.is_none())
-                .filter(|a| !targeted.contains(&a.id))
+                .filter(|a| settled && !targeted.contains(&a.id))
                 .map(|a| a.id.clone())
                 .collect();
             (lbs, wipes)

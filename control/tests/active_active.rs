@@ -289,6 +289,7 @@ netns = "/run/netns/{rt}"
 interface = "br0"
 buckets = 128
 idle_timer_s = 1
+resync_s = 1
 "#,
             db = d.path("control.db").display(),
             client_crt = d.path("client.crt").display(),
@@ -298,12 +299,16 @@ idle_timer_s = 1
             rt = self.rt.name,
         );
         std::fs::write(d.path("control.toml"), config).unwrap();
-        let conf = d.path("control.toml");
+        self.spawn_controller("control.log");
+    }
+
+    fn spawn_controller(&mut self, log: &str) {
+        let conf = self.dir.path("control.toml");
         self.controller = Some(Proc::spawn(
             &self.rt,
             &binary_of_this_package("siphon-control"),
             &["--config", conf.to_str().unwrap()],
-            d.path("control.log"),
+            self.dir.path(log),
         ));
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.try_siphon(&["amphora", "list"]).is_err() {
@@ -666,6 +671,22 @@ fn lb_status(w: &World, lb: &str) -> Value {
     w.siphon(&["loadbalancer", "show", lb])["loadbalancer"].clone()
 }
 
+fn route_present(w: &World) -> bool {
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &w.rt.name,
+            "-j",
+            "route",
+            "show",
+            &format!("{VIP}/32"),
+        ])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array().is_some_and(|a| !a.is_empty())
+}
+
 fn wait_field(w: &World, lb: &str, field: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -938,6 +959,39 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
         .filter(|(_, r)| r.as_ref().is_ok_and(|a| a.1 == w.amps[4].addr))
         .count();
     assert!(by_a5 > 0, "a5 carries nothing");
+
+    // The controller restarts (killed): the VIP stays routed over the same
+    // group meanwhile and after, and traffic flows.
+    let four = w.addrs(&[1, 3, 4, 5]);
+    if let Some(mut c) = w.controller.take() {
+        c.kill();
+    }
+    assert_eq!(w.group(), four);
+    w.spawn_controller("control-2.log");
+    for _ in 0..30 {
+        assert_eq!(w.group(), four, "after the controller restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_field(&w, &lb, "provisioning_status", "ACTIVE");
+    let conns = connections(&w.cl, SOURCES * 2);
+    assert!(conns.iter().all(|(_, r)| r.is_ok()));
+
+    // Changed under the controller: the route deleted by hand comes back
+    // at the next resync (1 s here).
+    w.rt.ip(&["route", "del", &format!("{VIP}/32")]).unwrap();
+    let t = Instant::now();
+    while !route_present(&w) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the VIP route was not restored"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(w.group(), four);
+    println!(
+        "resync: a route deleted by hand restored after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     // A controller-side fault: every amphora goes silent at once. The
     // circuit breaker holds, nothing is failed over, traffic flows.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
-use siphon_control::distributor::nexthop::Rtnl;
+use siphon_control::distributor::nexthop::{Resilience, Rtnl};
 use siphon_testkit::netns::Netns;
 use siphon_testkit::root_or_skip;
 
@@ -34,6 +34,12 @@ fn group_members(ns: &Netns, id: &str) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+const RES: Resilience = Resilience {
+    buckets: 128,
+    idle_timer_s: 30,
+    unbalanced_timer_s: 600,
+};
+
 #[test]
 fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
     if !root_or_skip("nexthop groups in a network namespace") {
@@ -53,7 +59,7 @@ fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
         let gw: IpAddr = format!("198.18.50.{last}").parse().unwrap();
         rtnl.set_gateway(id, gw, ifindex).unwrap();
     }
-    rtnl.set_group(100, &[1, 2, 3], 128, 30).unwrap();
+    rtnl.set_group(100, &[1, 2, 3], &RES).unwrap();
     let vip: IpAddr = "198.18.99.10".parse().unwrap();
     rtnl.set_route(vip, 100).unwrap();
 
@@ -61,6 +67,7 @@ fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
     assert_eq!(g[0]["type"], "resilient", "{g}");
     assert_eq!(g[0]["resilient_args"]["buckets"], 128, "{g}");
     assert_eq!(g[0]["resilient_args"]["idle_timer"], 30, "{g}");
+    assert_eq!(g[0]["resilient_args"]["unbalanced_timer"], 600, "{g}");
     assert_eq!(g[0]["protocol"], "77", "{g}");
     assert_eq!(group_members(&ns, "100"), [1, 2, 3]);
     let r = ip_json(&ns, &["route", "show", "198.18.99.10"]);
@@ -68,16 +75,16 @@ fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
     assert_eq!(r[0]["protocol"], "77", "{r}");
 
     // Member 2 fails over, comes back; repeating a request changes nothing.
-    rtnl.set_group(100, &[1, 3], 128, 30).unwrap();
+    rtnl.set_group(100, &[1, 3], &RES).unwrap();
     assert_eq!(group_members(&ns, "100"), [1, 3]);
-    rtnl.set_group(100, &[1, 2, 3], 128, 30).unwrap();
-    rtnl.set_group(100, &[1, 2, 3], 128, 30).unwrap();
+    rtnl.set_group(100, &[1, 2, 3], &RES).unwrap();
+    rtnl.set_group(100, &[1, 2, 3], &RES).unwrap();
     rtnl.set_route(vip, 100).unwrap();
     assert_eq!(group_members(&ns, "100"), [1, 2, 3]);
 
     // A bad request is the kernel's error, named.
     let e = rtnl
-        .set_group(101, &[1, 999], 128, 30)
+        .set_group(101, &[1, 999], &RES)
         .unwrap_err()
         .to_string();
     assert!(e.contains("group 101"), "{e}");

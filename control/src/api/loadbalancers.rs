@@ -166,8 +166,9 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
 /// Siphon extension: an `ACTIVE_ACTIVE` load balancer changes its number
 /// of amphorae. Scale-out takes spares (503 without enough); their config
 /// is pushed before the distributor sends them traffic. Scale-in releases
-/// the most recently registered ones: the distributor stops sending them
-/// traffic before they are emptied and become spares again.
+/// silent ones first, then the most recently registered: the distributor
+/// stops sending them traffic before they are emptied and become spares
+/// again.
 fn rescale(
     ctl: &crate::Controller,
     s: &crate::model::State,
@@ -182,8 +183,20 @@ fn rescale(
             "A SINGLE load balancer has exactly one amphora",
         ));
     }
+    // Kept first: the ones serving (heard, holding the VIP), oldest first;
+    // so a scale-in releases silent or not yet pushed amphorae before
+    // healthy ones, and the newest of those.
+    let serving = |a: &crate::model::Amphora| {
+        a.status == AmphoraStatus::Allocated
+            && a.vips.contains(&lb.vip_address)
+            && !ctl
+                .config
+                .health
+                .as_ref()
+                .is_some_and(|h| crate::health::silent(ctl, &a.id, h.heartbeat_timeout()))
+    };
     let mut mine: Vec<&crate::model::Amphora> = s.amphorae_of(&lb.common.id).collect();
-    mine.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+    mine.sort_by_key(|a| (!serving(a), a.created_at.clone(), a.id.clone()));
     let now = crate::now();
     if n as usize > mine.len() {
         for mut a in crate::provision::spares(s, ctl, n as usize - mine.len())? {

@@ -7,12 +7,18 @@
 //!
 //! - an amphora is a target of its load balancer's VIP once its config
 //!   and the VIP were pushed to it (a spare is added only after that);
-//! - a silent one is removed as soon as it is stale (per-amphora
-//!   staleness, checked every `check_interval_ms`), before any failover,
-//!   and added back when heard again;
-//! - unless the failover circuit breaker holds: when too many are silent
-//!   at once the fault is likely on the controller's side, and the
-//!   amphorae keep their traffic (as `FAILOVER_STOPPED` ones do).
+//! - a silent one is removed once it is stale (per-amphora staleness,
+//!   checked every `check_interval_ms`), and added back when heard again;
+//! - unless the failover circuit breaker holds: when too many fell silent
+//!   together the fault is likely on the controller's side, and the ones
+//!   in the group stay there (as `FAILOVER_STOPPED` ones do);
+//! - a VIP is withdrawn only when its load balancer is deleted; when no
+//!   amphora qualifies (all silent, or all being replaced at once) the
+//!   last set stays, so replacements are added before the old ones leave;
+//! - everything is applied again every `resync_s` (create or replace,
+//!   harmless when nothing changed), which repairs what changed under the
+//!   controller: a flushed route, nexthops the kernel dropped when the
+//!   link lost carrier, an interface or namespace created anew.
 //!
 //! Drivers: `noop` (the network delivers the VIP; nothing to program) and
 //! `linux-ecmp` ([`LinuxEcmp`]: the VIP routed on a Linux router over a
@@ -22,9 +28,11 @@ pub mod nexthop;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -32,7 +40,7 @@ use crate::config::{self, Health};
 use crate::model::{AmphoraStatus, ProvisioningStatus, State};
 use crate::Controller;
 
-use nexthop::{NetlinkError, Rtnl};
+use nexthop::{NetlinkError, Resilience, Rtnl};
 
 /// One amphora as a distributor sees it: its id there and its address on
 /// the VIP network.
@@ -55,18 +63,31 @@ pub struct Spread {
 pub enum DistributorError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error("no target of VIP {vip} could be set up")]
+    NoTarget { vip: IpAddr },
 }
 
 /// What a distributor must do; every call is idempotent (create or
 /// replace), so repeating one after a failure or a restart is harmless.
 pub trait Driver: Send + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    /// Sends `spread.vip` to exactly `spread.targets`.
-    fn apply(&mut self, spread: &Spread) -> Result<(), DistributorError>;
+    /// Sends `spread.vip` to `spread.targets`. A target that cannot be set
+    /// up is left out (and returned with why); the others still get the
+    /// traffic.
+    fn apply(&mut self, spread: &Spread) -> Result<Vec<(Target, String)>, DistributorError>;
     /// Sends `vip` (of group `group`) nowhere.
     fn withdraw(&mut self, group: u32, vip: IpAddr) -> Result<(), DistributorError>;
     /// `target` is in no group any more.
     fn forget(&mut self, target: &Target) -> Result<(), DistributorError>;
+    /// Looks at its surroundings again (before a full re-apply): an
+    /// interface or namespace created anew is picked up.
+    fn refresh(&mut self) -> Result<(), DistributorError> {
+        Ok(())
+    }
+    /// How often everything is applied again in full (`None`: never).
+    fn resync(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The network delivers VIPs by itself: nothing to program.
@@ -77,8 +98,8 @@ impl Driver for Noop {
     fn name(&self) -> &'static str {
         "noop"
     }
-    fn apply(&mut self, _: &Spread) -> Result<(), DistributorError> {
-        Ok(())
+    fn apply(&mut self, _: &Spread) -> Result<Vec<(Target, String)>, DistributorError> {
+        Ok(Vec::new())
     }
     fn withdraw(&mut self, _: u32, _: IpAddr) -> Result<(), DistributorError> {
         Ok(())
@@ -94,14 +115,26 @@ impl Driver for Noop {
 /// `fib_multipath_hash_policy=1`, on its addresses and ports) to a bucket
 /// and each bucket to a nexthop; removing a nexthop moves only its
 /// buckets, adding one takes only buckets idle for `idle_timer_s`.
+///
+/// Ids from `first_id` up are Siphon's: an object of the wrong kind found
+/// at one (left by an earlier run) is replaced.
 #[derive(Debug)]
 pub struct LinuxEcmp {
     rtnl: Rtnl,
     netns: Option<PathBuf>,
+    /// The namespace file's inode when the socket was made.
+    netns_inode: Option<u64>,
     interface: String,
     ifindex: u32,
-    buckets: u16,
-    idle_timer_s: u32,
+    resilience: Resilience,
+    resync: Duration,
+}
+
+fn inode(netns: &Option<PathBuf>) -> Option<u64> {
+    netns
+        .as_deref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.ino())
 }
 
 impl LinuxEcmp {
@@ -111,23 +144,41 @@ impl LinuxEcmp {
         let ifindex = nexthop::ifindex(netns.as_deref(), &c.interface)?;
         Ok(LinuxEcmp {
             rtnl,
+            netns_inode: inode(&netns),
             netns,
             interface: c.interface.clone(),
             ifindex,
-            buckets: c.buckets,
-            idle_timer_s: c.idle_timer_s,
+            resilience: Resilience {
+                buckets: c.buckets,
+                idle_timer_s: c.idle_timer_s,
+                unbalanced_timer_s: c.unbalanced_timer_s,
+            },
+            resync: Duration::from_secs(u64::from(c.resync_s)),
         })
     }
 
-    fn try_apply(&mut self, spread: &Spread) -> Result<(), DistributorError> {
-        for t in &spread.targets {
-            self.rtnl.set_gateway(t.id, t.address, self.ifindex)?;
+    fn gateway(&mut self, t: &Target) -> Result<(), NetlinkError> {
+        match self.rtnl.set_gateway(t.id, t.address, self.ifindex) {
+            Ok(()) => Ok(()),
+            // A group left at this id by an earlier run: ours to replace.
+            Err(_) => {
+                self.rtnl.delete_nexthop(t.id)?;
+                self.rtnl.set_gateway(t.id, t.address, self.ifindex)
+            }
         }
-        let ids: Vec<u32> = spread.targets.iter().map(|t| t.id).collect();
-        self.rtnl
-            .set_group(spread.group, &ids, self.buckets, self.idle_timer_s)?;
-        self.rtnl.set_route(spread.vip, spread.group)?;
-        Ok(())
+    }
+
+    fn group(&mut self, spread: &Spread, members: &[u32]) -> Result<(), NetlinkError> {
+        match self.rtnl.set_group(spread.group, members, &self.resilience) {
+            Ok(()) => Ok(()),
+            // Another bucket count than the existing group's (the kernel
+            // keeps it fixed), or a plain nexthop at this id: made anew,
+            // and the route with it.
+            Err(_) => {
+                self.rtnl.delete_nexthop(spread.group)?;
+                self.rtnl.set_group(spread.group, members, &self.resilience)
+            }
+        }
     }
 }
 
@@ -136,20 +187,21 @@ impl Driver for LinuxEcmp {
         "linux-ecmp"
     }
 
-    fn apply(&mut self, spread: &Spread) -> Result<(), DistributorError> {
-        match self.try_apply(spread) {
-            Ok(()) => Ok(()),
-            Err(first) => {
-                // The interface may have been re-created (a new index).
-                match nexthop::ifindex(self.netns.as_deref(), &self.interface) {
-                    Ok(i) if i != self.ifindex => {
-                        self.ifindex = i;
-                        self.try_apply(spread)
-                    }
-                    _ => Err(first),
-                }
+    fn apply(&mut self, spread: &Spread) -> Result<Vec<(Target, String)>, DistributorError> {
+        let mut ok = Vec::new();
+        let mut skipped = Vec::new();
+        for t in &spread.targets {
+            match self.gateway(t) {
+                Ok(()) => ok.push(t.id),
+                Err(e) => skipped.push((t.clone(), e.to_string())),
             }
         }
+        if ok.is_empty() {
+            return Err(DistributorError::NoTarget { vip: spread.vip });
+        }
+        self.group(spread, &ok)?;
+        self.rtnl.set_route(spread.vip, spread.group)?;
+        Ok(skipped)
     }
 
     fn withdraw(&mut self, group: u32, vip: IpAddr) -> Result<(), DistributorError> {
@@ -161,6 +213,20 @@ impl Driver for LinuxEcmp {
     fn forget(&mut self, target: &Target) -> Result<(), DistributorError> {
         Ok(self.rtnl.delete_nexthop(target.id)?)
     }
+
+    fn refresh(&mut self) -> Result<(), DistributorError> {
+        let now = inode(&self.netns);
+        if now != self.netns_inode {
+            self.rtnl = Rtnl::open(self.netns.as_deref())?;
+            self.netns_inode = now;
+        }
+        self.ifindex = nexthop::ifindex(self.netns.as_deref(), &self.interface)?;
+        Ok(())
+    }
+
+    fn resync(&self) -> Option<Duration> {
+        Some(self.resync)
+    }
 }
 
 /// The driver the config names.
@@ -171,21 +237,18 @@ pub fn open(c: &config::Distributor) -> Result<Box<dyn Driver>, DistributorError
     })
 }
 
-/// The first id the driver gives out.
-fn first_id(c: &config::Distributor) -> u32 {
-    match c {
-        config::Distributor::LinuxEcmp(e) => e.first_id,
-        config::Distributor::Noop => 1,
-    }
-}
-
-/// What every VIP should be spread over now.
-pub fn desired(s: &State, ctl: &Controller) -> BTreeMap<String, Spread> {
+/// What every VIP should be spread over now, given what it is spread over
+/// (`applied`).
+pub fn desired(
+    s: &State,
+    ctl: &Controller,
+    applied: &HashMap<String, Spread>,
+) -> BTreeMap<String, Spread> {
     let health: Option<&Health> = ctl.config.health.as_ref();
     let silent =
         |id: &str| health.is_some_and(|h| crate::health::silent(ctl, id, h.heartbeat_timeout()));
-    // The same rule as the failover's: too many silent at once keep their
-    // traffic.
+    // The same rule as the failover's: too many silent together keep the
+    // places they have.
     let hold = health.is_some_and(|h| crate::health::breaker_open(ctl, s, h));
     let mut out = BTreeMap::new();
     for lb in s.load_balancers.values() {
@@ -195,12 +258,14 @@ pub fn desired(s: &State, ctl: &Controller) -> BTreeMap<String, Spread> {
         let (Some(group), Ok(vip)) = (lb.distributor_id, lb.vip_address.parse::<IpAddr>()) else {
             continue;
         };
+        let before = applied.get(&lb.common.id);
+        let was_in = |id: &str| before.is_some_and(|b| b.targets.iter().any(|t| t.amphora == id));
         let mut targets: Vec<Target> = s
             .amphorae_of(&lb.common.id)
             .filter(|a| a.vips.iter().any(|v| v == &lb.vip_address))
             .filter(|a| match a.status {
-                AmphoraStatus::Allocated => hold || !silent(&a.id),
-                AmphoraStatus::FailoverStopped => true,
+                AmphoraStatus::Allocated => !silent(&a.id) || (hold && was_in(&a.id)),
+                AmphoraStatus::FailoverStopped => !silent(&a.id) || was_in(&a.id),
                 _ => false,
             })
             .filter_map(|a| {
@@ -212,31 +277,36 @@ pub fn desired(s: &State, ctl: &Controller) -> BTreeMap<String, Spread> {
             })
             .collect();
         targets.sort();
-        if !targets.is_empty() {
-            out.insert(
-                lb.common.id.clone(),
-                Spread {
-                    group,
-                    vip,
-                    targets,
-                },
-            );
+        if targets.is_empty() {
+            // Nothing better to send it to: keep the last set (replacements
+            // in flight, or every amphora silent) rather than unroute it.
+            if let Some(b) = before {
+                out.insert(lb.common.id.clone(), b.clone());
+            }
+            continue;
         }
+        out.insert(
+            lb.common.id.clone(),
+            Spread {
+                group,
+                vip,
+                targets,
+            },
+        );
     }
     out
 }
 
-/// Gives every load balancer and allocated amphora lacking one a
-/// distributor id (stored, so it survives a restart); ids start at
-/// `first` and are never reused while their holder exists.
+/// Gives every load balancer and allocated amphora lacking one (or holding
+/// one below `first`, from an earlier setting) a distributor id, stored so
+/// it survives a restart.
 fn assign_ids(ctl: &Controller, first: u32) {
+    let lacks = |id: Option<u32>| id.is_none_or(|i| i < first);
     let missing = ctl.db.read(|s| {
-        s.load_balancers
-            .values()
-            .any(|lb| lb.distributor_id.is_none())
+        s.load_balancers.values().any(|lb| lacks(lb.distributor_id))
             || s.amphorae
                 .values()
-                .any(|a| a.load_balancer_id.is_some() && a.distributor_id.is_none())
+                .any(|a| a.load_balancer_id.is_some() && lacks(a.distributor_id))
     });
     if !missing {
         return;
@@ -252,7 +322,7 @@ fn assign_ids(ctl: &Controller, first: u32) {
                 .max();
             let mut next = used.map_or(first, |m| m.saturating_add(1).max(first));
             for lb in s.load_balancers.values() {
-                if lb.distributor_id.is_none() {
+                if lacks(lb.distributor_id) {
                     let mut lb = lb.clone();
                     lb.distributor_id = Some(next);
                     next = next.saturating_add(1);
@@ -260,7 +330,7 @@ fn assign_ids(ctl: &Controller, first: u32) {
                 }
             }
             for a in s.amphorae.values() {
-                if a.load_balancer_id.is_some() && a.distributor_id.is_none() {
+                if a.load_balancer_id.is_some() && lacks(a.distributor_id) {
                     let mut a = a.clone();
                     a.distributor_id = Some(next);
                     next = next.saturating_add(1);
@@ -281,39 +351,103 @@ struct Reconciler {
     applied: HashMap<String, Spread>,
     /// Targets in some applied group, to forget the ones that leave all.
     known: HashMap<u32, Target>,
-    /// The last error per load balancer, logged once, not every tick.
+    /// The last error per object, logged once, not every check.
     errors: HashMap<String, String>,
+    /// When everything was last applied in full; `None`: never (start).
+    full_at: Option<Instant>,
 }
 
 impl Reconciler {
+    fn new(driver: Box<dyn Driver>) -> Reconciler {
+        Reconciler {
+            driver,
+            applied: HashMap::new(),
+            known: HashMap::new(),
+            errors: HashMap::new(),
+            full_at: None,
+        }
+    }
+
     fn pass(&mut self, ctl: &Controller) {
-        assign_ids(ctl, first_id(&ctl.config.distributor));
-        let desired = ctl.db.read(|s| desired(s, ctl));
+        if let config::Distributor::LinuxEcmp(e) = &ctl.config.distributor {
+            assign_ids(ctl, e.first_id);
+        }
+        let first = self.full_at.is_none();
+        // Everything applied again below, whatever was applied before.
+        let full = match (self.full_at, self.driver.resync()) {
+            (None, _) => true,
+            (Some(t), Some(every)) => t.elapsed() >= every,
+            (Some(_), None) => false,
+        };
+        if full {
+            if let Err(e) = self.driver.refresh() {
+                self.failed("driver", &e.to_string());
+            }
+            self.full_at = Some(Instant::now());
+        }
+        let (desired, deleting) = ctl.db.read(|s| {
+            // At start, load balancers a previous run was deleting.
+            let deleting: Vec<(String, u32, IpAddr)> = if first {
+                s.load_balancers
+                    .values()
+                    .filter(|lb| lb.common.provisioning_status == ProvisioningStatus::PendingDelete)
+                    .filter_map(|lb| {
+                        Some((
+                            lb.common.id.clone(),
+                            lb.distributor_id?,
+                            lb.vip_address.parse().ok()?,
+                        ))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (desired(s, ctl, &self.applied), deleting)
+        });
+        let mut clean = true;
+        for (lb, group, vip) in deleting {
+            if let Err(e) = self.driver.withdraw(group, vip) {
+                clean = false;
+                self.failed(&lb, &e.to_string());
+            }
+        }
+        let mut target_errors: Vec<(String, Option<String>)> = Vec::new();
         for (lb, spread) in &desired {
-            if self.applied.get(lb) == Some(spread) {
+            if !full && self.applied.get(lb) == Some(spread) {
                 continue;
             }
+            let changed = self
+                .applied
+                .get(lb)
+                .is_none_or(|b| b.targets != spread.targets);
             match self.driver.apply(spread) {
-                Ok(()) => {
+                Ok(skipped) => {
                     let targets: Vec<String> = spread
                         .targets
                         .iter()
                         .map(|t| t.address.to_string())
                         .collect();
-                    tracing::info!(
-                        loadbalancer = %lb,
-                        vip = %spread.vip,
-                        driver = self.driver.name(),
-                        ?targets,
-                        "VIP distributed"
-                    );
+                    if changed {
+                        tracing::info!(loadbalancer = %lb, vip = %spread.vip, driver = self.driver.name(), ?targets, "VIP distributed");
+                    }
                     for t in &spread.targets {
                         self.known.insert(t.id, t.clone());
+                        let why = skipped.iter().find(|(s, _)| s == t).map(|(_, e)| e.clone());
+                        if let Some(e) = &why {
+                            clean = false;
+                            self.failed(&format!("amphora {}", t.amphora), e);
+                        }
+                        target_errors.push((t.amphora.clone(), why));
                     }
+                    // Failed targets are tried again at the next full
+                    // re-apply, not every check.
                     self.applied.insert(lb.clone(), spread.clone());
                     self.errors.remove(lb);
                 }
-                Err(e) => self.failed(lb, &e),
+                Err(e) => {
+                    clean = false;
+                    self.failed(lb, &e.to_string());
+                }
             }
         }
         let gone: Vec<String> = self
@@ -328,11 +462,14 @@ impl Reconciler {
             };
             match self.driver.withdraw(was.group, was.vip) {
                 Ok(()) => {
-                    tracing::warn!(loadbalancer = %lb, vip = %was.vip, driver = self.driver.name(), "VIP withdrawn: no amphora to send it to");
+                    tracing::info!(loadbalancer = %lb, vip = %was.vip, driver = self.driver.name(), "VIP withdrawn: load balancer deleted");
                     self.applied.remove(&lb);
                     self.errors.remove(&lb);
                 }
-                Err(e) => self.failed(&lb, &e),
+                Err(e) => {
+                    clean = false;
+                    self.failed(&lb, &e.to_string());
+                }
             }
         }
         let in_use: HashSet<u32> = self
@@ -347,14 +484,66 @@ impl Reconciler {
             .cloned()
             .collect();
         for t in unused {
+            let what = format!("target {}", t.address);
             match self.driver.forget(&t) {
                 Ok(()) => {
                     self.known.remove(&t.id);
+                    self.errors.remove(&what);
                 }
-                Err(e) => self.failed(&format!("target {}", t.address), &e),
+                Err(e) => {
+                    clean = false;
+                    self.failed(&what, &e.to_string());
+                }
             }
         }
+        self.note_on_amphorae(ctl, &target_errors);
         self.publish(ctl);
+        // From the first pass without an error on, the kernel holds no
+        // target the store no longer wants (a restart forgets `applied`).
+        if clean {
+            ctl.distributed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Why an amphora gets no VIP traffic, on the amphora (`error`), and
+    /// cleared once it does.
+    fn note_on_amphorae(&self, ctl: &Controller, notes: &[(String, Option<String>)]) {
+        let prefix = "distributor: ";
+        let stale = ctl.db.read(|s| {
+            notes.iter().any(|(id, why)| {
+                s.amphorae.get(id).is_some_and(|a| {
+                    let ours = a.error.as_deref().is_some_and(|e| e.starts_with(prefix));
+                    match why {
+                        Some(w) => a.error.as_deref() != Some(&format!("{prefix}{w}")),
+                        None => ours,
+                    }
+                })
+            })
+        });
+        if !stale {
+            return;
+        }
+        let _ = ctl
+            .db
+            .write(|s, tx| -> Result<(), crate::store::StoreError> {
+                for (id, why) in notes {
+                    let Some(a) = s.amphorae.get(id) else {
+                        continue;
+                    };
+                    let ours = a.error.as_deref().is_some_and(|e| e.starts_with(prefix));
+                    let want = match why {
+                        Some(w) => Some(format!("{prefix}{w}")),
+                        None if ours => None,
+                        None => continue,
+                    };
+                    if a.error != want {
+                        let mut a = a.clone();
+                        a.error = want;
+                        tx.put(a);
+                    }
+                }
+                Ok(())
+            });
     }
 
     /// Amphorae some VIP is still sent to (kept from being emptied).
@@ -367,11 +556,10 @@ impl Reconciler {
         *ctl.targeted.lock().unwrap_or_else(|e| e.into_inner()) = now;
     }
 
-    fn failed(&mut self, what: &str, e: &DistributorError) {
-        let msg = e.to_string();
-        if self.errors.get(what) != Some(&msg) {
-            tracing::error!(object = %what, driver = self.driver.name(), error = %msg, "distributor change failed; retrying every check");
-            self.errors.insert(what.to_owned(), msg);
+    fn failed(&mut self, what: &str, msg: &str) {
+        if self.errors.get(what).map(String::as_str) != Some(msg) {
+            tracing::error!(object = %what, driver = self.driver.name(), error = %msg, "distributor change failed; tried again at the next check");
+            self.errors.insert(what.to_owned(), msg.to_owned());
         }
     }
 }
@@ -390,21 +578,28 @@ pub async fn run(
         .map_or(Duration::from_secs(1), Health::check_interval);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut r = Some(Reconciler {
-        driver,
-        applied: HashMap::new(),
-        known: HashMap::new(),
-        errors: HashMap::new(),
-    });
+    let mut r = Some(Reconciler::new(driver));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = ctl.distribute.notified() => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        let Some(mut rec) = r.take() else { return };
+        let rec = match r.take() {
+            Some(rec) => rec,
+            // The last pass panicked: start over with a new driver (a
+            // full re-apply, as at start).
+            None => match open(&ctl.config.distributor) {
+                Ok(d) => Reconciler::new(d),
+                Err(e) => {
+                    tracing::error!(error = %e, "distributor cannot start again; retrying");
+                    continue;
+                }
+            },
+        };
         let c = ctl.clone();
         // Netlink calls block (briefly): off the runtime's threads.
+        let mut rec = rec;
         match tokio::task::spawn_blocking(move || {
             rec.pass(&c);
             rec
@@ -412,10 +607,7 @@ pub async fn run(
         .await
         {
             Ok(rec) => r = Some(rec),
-            Err(e) => {
-                tracing::error!(error = %e, "distributor pass failed; distributor stopped");
-                return;
-            }
+            Err(e) => tracing::error!(error = %e, "distributor pass failed; starting it over"),
         }
     }
 }

@@ -33,6 +33,7 @@ const NHA_GATEWAY: u16 = 6;
 const NHA_RES_GROUP: u16 = 12;
 const NHA_RES_GROUP_BUCKETS: u16 = 1;
 const NHA_RES_GROUP_IDLE_TIMER: u16 = 2;
+const NHA_RES_GROUP_UNBALANCED_TIMER: u16 = 3;
 const NEXTHOP_GRP_TYPE_RES: u16 = 1;
 const NLA_F_NESTED: u16 = 1 << 15;
 
@@ -133,24 +134,35 @@ fn gateway_nexthop(id: u32, gateway: IpAddr, oif: u32) -> Request {
     }
 }
 
-/// A resilient group of `members` (nexthop ids, equal weights) spread
-/// over `buckets` hash buckets: removing a member moves only its buckets;
-/// adding one takes buckets only from idle flows (`idle_timer_s`).
-fn resilient_group(id: u32, members: &[u32], buckets: u16, idle_timer_s: u32) -> Request {
+/// How a resilient group spreads flows and moves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resilience {
+    /// Hash buckets, spread over the members (fixed once the group exists).
+    pub buckets: u16,
+    /// Seconds a bucket must be idle before it moves to another member.
+    pub idle_timer_s: u32,
+    /// Seconds a group may stay unbalanced before buckets move even when
+    /// busy (0: never).
+    pub unbalanced_timer_s: u32,
+}
+
+/// A resilient group of `members` (nexthop ids, equal weights): removing
+/// a member moves only its buckets; adding one takes buckets only from
+/// idle flows.
+fn resilient_group(id: u32, members: &[u32], r: &Resilience) -> Request {
     let mut group = Vec::with_capacity(members.len() * 8);
     for m in members {
         // struct nexthop_grp: id, weight - 1, reserved.
         group.extend_from_slice(&m.to_ne_bytes());
         group.extend_from_slice(&[0, 0, 0, 0]);
     }
+    // clock_t: USER_HZ is 100 on Linux (the config caps the seconds).
+    let ticks = |s: u32| s.saturating_mul(100).to_ne_bytes().to_vec();
     let mut res = Vec::new();
     for n in [
-        nla(NHA_RES_GROUP_BUCKETS, buckets.to_ne_bytes().to_vec()),
-        // clock_t: USER_HZ is 100 on Linux.
-        nla(
-            NHA_RES_GROUP_IDLE_TIMER,
-            (idle_timer_s * 100).to_ne_bytes().to_vec(),
-        ),
+        nla(NHA_RES_GROUP_BUCKETS, r.buckets.to_ne_bytes().to_vec()),
+        nla(NHA_RES_GROUP_IDLE_TIMER, ticks(r.idle_timer_s)),
+        nla(NHA_RES_GROUP_UNBALANCED_TIMER, ticks(r.unbalanced_timer_s)),
     ] {
         let mut b = vec![0u8; n.buffer_len()];
         n.emit(&mut b);
@@ -290,12 +302,11 @@ impl Rtnl {
         &mut self,
         id: u32,
         members: &[u32],
-        buckets: u16,
-        idle_timer_s: u32,
+        resilience: &Resilience,
     ) -> Result<(), NetlinkError> {
         self.call(
             &format!("resilient nexthop group {id}"),
-            resilient_group(id, members, buckets, idle_timer_s),
+            resilient_group(id, members, resilience),
             NLM_F_CREATE | NLM_F_REPLACE,
         )
     }
