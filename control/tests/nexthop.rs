@@ -9,6 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use siphon_control::distributor::nexthop::{Resilience, Rtnl};
+use siphon_control::distributor::{Driver, LinuxEcmp, Spread, Target};
 use siphon_testkit::netns::Netns;
 use siphon_testkit::root_or_skip;
 
@@ -99,4 +100,76 @@ fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
         ip_json(&ns, &["route", "show", "198.18.99.10"]),
         Value::Array(vec![])
     );
+}
+
+#[test]
+fn the_linux_ecmp_driver_leaves_out_what_it_cannot_set_up_and_replaces_leftovers() {
+    if !root_or_skip("the linux-ecmp driver in a network namespace") {
+        return;
+    }
+    let ns = Netns::create("ecmp").unwrap();
+    let tag = std::process::id() % 10_000;
+    let (out, inside) = (format!("eco{tag}"), format!("eci{tag}"));
+    ns.veth(&out, "198.18.51.254/24", &inside, "198.18.51.1/24", 1500)
+        .unwrap();
+    let path = PathBuf::from(format!("/run/netns/{}", ns.name));
+    // Left by an earlier run: a group at a target's id, and the VIP's
+    // group with another bucket count.
+    let mut rtnl = Rtnl::open(Some(&path)).unwrap();
+    let ifindex = ns
+        .enter(|| nix::net::if_::if_nametoindex(inside.as_str()).unwrap())
+        .unwrap();
+    rtnl.set_gateway(7, "198.18.51.7".parse().unwrap(), ifindex)
+        .unwrap();
+    rtnl.set_group(11, &[7], &RES).unwrap();
+    let small = Resilience { buckets: 32, ..RES };
+    rtnl.set_group(20, &[7], &small).unwrap();
+
+    let cfg = siphon_control::config::LinuxEcmp {
+        netns: Some(path.clone()),
+        interface: inside.clone(),
+        buckets: 128,
+        idle_timer_s: 30,
+        unbalanced_timer_s: 0,
+        first_id: 10,
+        resync_s: 10,
+    };
+    let mut driver = LinuxEcmp::open(&cfg).unwrap();
+    let target = |id: u32, addr: &str, amphora: &str| Target {
+        id,
+        address: addr.parse().unwrap(),
+        amphora: amphora.into(),
+    };
+    let spread = Spread {
+        group: 20,
+        vip: "198.18.98.1".parse().unwrap(),
+        targets: vec![
+            target(11, "198.18.51.11", "a1"),
+            target(12, "198.18.51.12", "a2"),
+            // Not on the interface's network: the kernel refuses it.
+            target(13, "198.19.77.13", "a3"),
+        ],
+    };
+    let skipped = driver.apply(&spread).unwrap();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].0.amphora, "a3");
+    assert!(skipped[0].1.contains("nexthop 13"), "{}", skipped[0].1);
+    assert_eq!(group_members(&ns, "20"), [11, 12]);
+    let g = ip_json(&ns, &["nexthop", "show", "id", "20"]);
+    assert_eq!(g[0]["resilient_args"]["buckets"], 128, "{g}");
+    let r = ip_json(&ns, &["route", "show", "198.18.98.1"]);
+    assert_eq!(r[0]["nhid"], 20, "{r}");
+    // Applying again changes nothing; withdrawing removes route and group.
+    driver.apply(&spread).unwrap();
+    assert_eq!(group_members(&ns, "20"), [11, 12]);
+    driver.withdraw(20, spread.vip).unwrap();
+    assert_eq!(
+        ip_json(&ns, &["route", "show", "198.18.98.1"]),
+        Value::Array(vec![])
+    );
+    for t in &spread.targets {
+        driver.forget(t).unwrap();
+    }
+    rtnl.delete_nexthop(7).unwrap();
+    assert_eq!(ip_json(&ns, &["nexthop", "show"]), Value::Array(vec![]));
 }

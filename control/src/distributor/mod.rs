@@ -161,10 +161,11 @@ impl LinuxEcmp {
         match self.rtnl.set_gateway(t.id, t.address, self.ifindex) {
             Ok(()) => Ok(()),
             // A group left at this id by an earlier run: ours to replace.
-            Err(_) => {
+            Err(e) if e.is_invalid() => {
                 self.rtnl.delete_nexthop(t.id)?;
                 self.rtnl.set_gateway(t.id, t.address, self.ifindex)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -174,10 +175,11 @@ impl LinuxEcmp {
             // Another bucket count than the existing group's (the kernel
             // keeps it fixed), or a plain nexthop at this id: made anew,
             // and the route with it.
-            Err(_) => {
+            Err(e) if e.is_invalid() => {
                 self.rtnl.delete_nexthop(spread.group)?;
                 self.rtnl.set_group(spread.group, members, &self.resilience)
             }
+            Err(e) => Err(e),
         }
     }
 }

@@ -73,6 +73,14 @@ pub enum NetlinkError {
     NoAnswer { what: String },
 }
 
+impl NetlinkError {
+    /// The kernel refused the request as invalid (EINVAL): e.g. an object
+    /// of another kind at that id, or a group's bucket count changed.
+    pub fn is_invalid(&self) -> bool {
+        matches!(self, NetlinkError::Kernel { source, .. } if source.raw_os_error() == Some(libc::EINVAL))
+    }
+}
+
 /// What one request carries: a message type, its fixed header and its
 /// attributes, already encoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
