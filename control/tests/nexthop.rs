@@ -35,6 +35,41 @@ fn group_members(ns: &Netns, id: &str) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// A namespace standing for the router, with one interface on
+/// 198.18.NET.0/24 (its peer outside at .254).
+struct Router {
+    ns: Netns,
+    inside: String,
+    ifindex: u32,
+    path: PathBuf,
+}
+
+impl Router {
+    fn create(tag: &str, net: u8) -> Router {
+        let ns = Netns::create(tag).unwrap();
+        let n = std::process::id() % 10_000;
+        let (out, inside) = (format!("{tag}o{n}"), format!("{tag}i{n}"));
+        ns.veth(
+            &out,
+            &format!("198.18.{net}.254/24"),
+            &inside,
+            &format!("198.18.{net}.1/24"),
+            1500,
+        )
+        .unwrap();
+        let ifindex = ns
+            .enter(|| nix::net::if_::if_nametoindex(inside.as_str()).unwrap())
+            .unwrap();
+        let path = PathBuf::from(format!("/run/netns/{}", ns.name));
+        Router {
+            ns,
+            inside,
+            ifindex,
+            path,
+        }
+    }
+}
+
 const RES: Resilience = Resilience {
     buckets: 128,
     idle_timer_s: 30,
@@ -46,15 +81,10 @@ fn a_vip_routes_over_a_resilient_group_that_follows_its_members() {
     if !root_or_skip("nexthop groups in a network namespace") {
         return;
     }
-    let ns = Netns::create("nh").unwrap();
-    let tag = std::process::id() % 10_000;
-    let (out, inside) = (format!("nho{tag}"), format!("nhi{tag}"));
-    ns.veth(&out, "198.18.50.254/24", &inside, "198.18.50.1/24", 1500)
-        .unwrap();
-    let ifindex = ns
-        .enter(|| nix::net::if_::if_nametoindex(inside.as_str()).unwrap())
-        .unwrap();
-    let mut rtnl = Rtnl::open(Some(&PathBuf::from(format!("/run/netns/{}", ns.name)))).unwrap();
+    let Router {
+        ns, ifindex, path, ..
+    } = Router::create("nh", 50);
+    let mut rtnl = Rtnl::open(Some(&path)).unwrap();
 
     for (id, last) in [(1, 11), (2, 12), (3, 13)] {
         let gw: IpAddr = format!("198.18.50.{last}").parse().unwrap();
@@ -107,18 +137,15 @@ fn the_linux_ecmp_driver_leaves_out_what_it_cannot_set_up_and_replaces_leftovers
     if !root_or_skip("the linux-ecmp driver in a network namespace") {
         return;
     }
-    let ns = Netns::create("ecmp").unwrap();
-    let tag = std::process::id() % 10_000;
-    let (out, inside) = (format!("eco{tag}"), format!("eci{tag}"));
-    ns.veth(&out, "198.18.51.254/24", &inside, "198.18.51.1/24", 1500)
-        .unwrap();
-    let path = PathBuf::from(format!("/run/netns/{}", ns.name));
+    let Router {
+        ns,
+        inside,
+        ifindex,
+        path,
+    } = Router::create("ecmp", 51);
     // Left by an earlier run: a group at a target's id, and the VIP's
     // group with another bucket count.
     let mut rtnl = Rtnl::open(Some(&path)).unwrap();
-    let ifindex = ns
-        .enter(|| nix::net::if_::if_nametoindex(inside.as_str()).unwrap())
-        .unwrap();
     rtnl.set_gateway(7, "198.18.51.7".parse().unwrap(), ifindex)
         .unwrap();
     rtnl.set_group(11, &[7], &RES).unwrap();
