@@ -126,7 +126,8 @@ struct World {
     amps: Vec<Amp>,
     rt: Netns,
     cl: Netns,
-    be: Netns,
+    /// The backends' namespace, kept for the test's length.
+    _be: Netns,
     _backends: Arc<tokio::runtime::Runtime>,
     dir: TempDir,
 }
@@ -236,7 +237,7 @@ impl World {
             amps,
             rt,
             cl,
-            be,
+            _be: be,
             _backends: backends,
             dir,
         }
@@ -247,16 +248,16 @@ impl World {
         let d = &self.dir;
         let controller_ca = Ca::new("controller CA");
         let amphora_ca = Ca::new("amphora CA");
-        let (cert, key) = controller_ca.issue(&["siphon-control"], false);
-        std::fs::write(d.path("client.crt"), cert).unwrap();
-        std::fs::write(d.path("client.key"), key).unwrap();
+        controller_ca.issue_to(
+            &["siphon-control"],
+            &d.path("client.crt"),
+            &d.path("client.key"),
+        );
         std::fs::write(d.path("amphora-ca.crt"), amphora_ca.pem()).unwrap();
         std::fs::write(d.path("controller-ca.crt"), controller_ca.pem()).unwrap();
         std::fs::write(d.path("heartbeat.key"), "an active-active heartbeat key\n").unwrap();
         for a in &self.amps {
-            let (cert, key) = amphora_ca.issue(&[&a.id], false);
-            std::fs::write(a.dir.join("agent.crt"), cert).unwrap();
-            std::fs::write(a.dir.join("agent.key"), key).unwrap();
+            amphora_ca.issue_to(&[&a.id], &a.dir.join("agent.crt"), &a.dir.join("agent.key"));
         }
         let config = format!(
             r#"listen = "127.0.0.1:9876"
@@ -1064,5 +1065,4 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     for id in ["a1", "a3", "a4"] {
         w.wait_amphora(id, "READY", Duration::from_secs(10));
     }
-    let _ = &w.be;
 }

@@ -150,9 +150,7 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
     let rt = siphon_testkit::runtime();
     let dir = TempDir::new("unreachable");
     let ca = Ca::new("test CA");
-    let (cert, key) = ca.issue(&["siphon-control"], false);
-    std::fs::write(dir.path("c.crt"), cert).unwrap();
-    std::fs::write(dir.path("c.key"), key).unwrap();
+    ca.issue_to(&["siphon-control"], &dir.path("c.crt"), &dir.path("c.key"));
     std::fs::write(dir.path("ca.crt"), ca.pem()).unwrap();
     // Nothing listens on this port: every attempt is refused.
     let dead_port = free_port();

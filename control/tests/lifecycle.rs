@@ -68,9 +68,8 @@ impl Amphora {
     fn start(id: &str, pki: &Pki, heartbeats: SocketAddr, key: &Path) -> Amphora {
         let dir = TempDir::new(&format!("amp-{id}"));
         let dataplane = Dataplane::start(&dir.path("dataplane.sock"));
-        let (cert, k) = pki.amphora_ca.issue(&[id], false);
-        std::fs::write(dir.path("agent.crt"), cert).unwrap();
-        std::fs::write(dir.path("agent.key"), k).unwrap();
+        pki.amphora_ca
+            .issue_to(&[id], &dir.path("agent.crt"), &dir.path("agent.key"));
         std::fs::write(dir.path("controller-ca.crt"), pki.controller_ca.pem()).unwrap();
         let cfg = siphon_agent::config::AgentConfig {
             amphora_id: id.into(),
@@ -155,9 +154,11 @@ impl Rig {
             controller_ca: Ca::new("controller CA"),
             amphora_ca: Ca::new("amphora CA"),
         };
-        let (cert, key) = pki.controller_ca.issue(&["siphon-control"], false);
-        std::fs::write(dir.path("client.crt"), cert).unwrap();
-        std::fs::write(dir.path("client.key"), key).unwrap();
+        pki.controller_ca.issue_to(
+            &["siphon-control"],
+            &dir.path("client.crt"),
+            &dir.path("client.key"),
+        );
         std::fs::write(dir.path("amphora-ca.crt"), pki.amphora_ca.pem()).unwrap();
         std::fs::write(
             dir.path("heartbeat.key"),
@@ -928,21 +929,25 @@ fn stock_clients() -> std::path::PathBuf {
 /// `openstack ARGS -f json` (when it prints), as the stock CLI runs with
 /// no Keystone: `OS_AUTH_TYPE=none`, `OS_ENDPOINT=.../v2.0`.
 fn openstack(venv: &Path, endpoint: &str, args: &[&str]) -> Value {
-    let out = std::process::Command::new(venv.join("bin/openstack"))
-        .args(args)
+    let mut cmd = std::process::Command::new(venv.join("bin/openstack"));
+    cmd.args(args)
         .env("OS_AUTH_TYPE", "none")
-        .env("OS_ENDPOINT", endpoint)
-        .env_remove("OS_CLOUD")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .env("OS_ENDPOINT", endpoint);
+    let stdout = stock_output(cmd, &format!("openstack {}", args.join(" ")));
+    serde_json::from_str(&stdout).unwrap_or(Value::Null)
+}
+
+/// Runs a stock client (outside any clouds.yaml) and returns its stdout;
+/// a failure fails the test with both outputs.
+fn stock_output(mut cmd: std::process::Command, label: &str) -> String {
+    let out = cmd.env_remove("OS_CLOUD").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "openstack {}: {stdout}{}",
-        args.join(" "),
+        "{label}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(&stdout).unwrap_or(Value::Null)
+    stdout
 }
 
 #[test]
@@ -1069,18 +1074,10 @@ fn the_stock_openstack_cli_and_sdk_drive_it_unchanged() {
     );
 
     // The SDK.
-    let out = std::process::Command::new(venv.join("bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/sdk.py"))
-        .args([endpoint.as_str(), SUBNET, &free_port().to_string()])
-        .env_remove("OS_CLOUD")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "sdk.py: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut sdk = std::process::Command::new(venv.join("bin/python"));
+    sdk.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/sdk.py"))
+        .args([endpoint.as_str(), SUBNET, &free_port().to_string()]);
+    let stdout = stock_output(sdk, "sdk.py");
     let seen: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(seen["created"], "PENDING_CREATE", "{seen}");
     assert_eq!(seen["active"], "ACTIVE", "{seen}");

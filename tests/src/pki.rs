@@ -43,6 +43,14 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// Issues a leaf for `names` and writes its PEM certificate and key to
+    /// `cert` and `key`.
+    pub fn issue_to(&self, names: &[&str], cert: &std::path::Path, key: &std::path::Path) {
+        let (c, k) = self.issue(names, false);
+        std::fs::write(cert, c).unwrap();
+        std::fs::write(key, k).unwrap();
+    }
+
     pub fn pem(&self) -> String {
         self.cert.pem()
     }

@@ -508,39 +508,35 @@ impl Reconciler {
     }
 
     /// Why an amphora gets no VIP traffic, on the amphora (`error`), and
-    /// cleared once it does.
+    /// cleared once it does; written only when something changes.
     fn note_on_amphorae(&self, ctl: &Controller, notes: &[(String, Option<String>)]) {
-        let prefix = "distributor: ";
-        let stale = ctl.db.read(|s| {
-            notes.iter().any(|(id, why)| {
-                s.amphorae.get(id).is_some_and(|a| {
-                    let ours = a.error.as_deref().is_some_and(|e| e.starts_with(prefix));
-                    match why {
-                        Some(w) => a.error.as_deref() != Some(&format!("{prefix}{w}")),
-                        None => ours,
-                    }
+        const PREFIX: &str = "distributor: ";
+        let changes: Vec<(String, Option<String>)> = ctl.db.read(|s| {
+            notes
+                .iter()
+                .filter_map(|(id, why)| {
+                    let a = s.amphorae.get(id)?;
+                    let ours = a.error.as_deref().is_some_and(|e| e.starts_with(PREFIX));
+                    let want = match why {
+                        Some(w) => Some(format!("{PREFIX}{w}")),
+                        // Another kind of error is not ours to clear.
+                        None if !ours => return None,
+                        None => None,
+                    };
+                    (a.error != want).then(|| (id.clone(), want))
                 })
-            })
+                .collect()
         });
-        if !stale {
+        if changes.is_empty() {
             return;
         }
         let _ = ctl
             .db
             .write(|s, tx| -> Result<(), crate::store::StoreError> {
-                for (id, why) in notes {
-                    let Some(a) = s.amphorae.get(id) else {
-                        continue;
-                    };
-                    let ours = a.error.as_deref().is_some_and(|e| e.starts_with(prefix));
-                    let want = match why {
-                        Some(w) => Some(format!("{prefix}{w}")),
-                        None if ours => None,
-                        None => continue,
-                    };
-                    if a.error != want {
+                for (id, want) in &changes {
+                    if let Some(a) = s.amphorae.get(id) {
                         let mut a = a.clone();
-                        a.error = want;
+                        a.error = want.clone();
                         tx.put(a);
                     }
                 }
