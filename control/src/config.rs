@@ -40,6 +40,58 @@ pub struct ControlConfig {
     /// How a VIP's traffic reaches the amphorae of its load balancer.
     #[serde(default)]
     pub distributor: Distributor,
+    /// Limits of the API server.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// What one client may hold of the API server, so idle or slow clients
+/// can never take the descriptors pushes and the health manager need.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Connections served at once; at the cap the oldest connection is
+    /// closed (once its request, if any, is answered) to let a new one in.
+    /// Lowered at start to leave `reserved_fds` of the process's
+    /// descriptor limit free.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Descriptors kept for pushes, the store and heartbeats.
+    #[serde(default = "default_reserved_fds")]
+    pub reserved_fds: usize,
+    /// Time to receive a whole request head, and the longest a kept-alive
+    /// connection may wait for its next request.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Longest a connection may go without a byte moved either way while
+    /// a request is read or answered (a stalled body, a client that does
+    /// not read its answer).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: default_max_connections(),
+            reserved_fds: default_reserved_fds(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    1_000
+}
+fn default_reserved_fds() -> usize {
+    256
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    30_000
 }
 
 /// The distributor driver and its settings.
@@ -215,6 +267,24 @@ pub struct Health {
 }
 
 impl Health {
+    /// The heartbeat key shared by the fleet (see `key_file`), checked
+    /// like every secret.
+    pub fn bootstrap_key(&self) -> Result<Vec<u8>, ConfigError> {
+        let key = read_secret(&self.key_file, "health.key_file")?;
+        let key = key.trim_ascii();
+        if key.len() < MIN_SECRET_LEN {
+            return Err(ConfigError::Invalid {
+                path: self.key_file.clone(),
+                field: "health.key_file".into(),
+                problem: format!(
+                    "the heartbeat key must be at least {MIN_SECRET_LEN} bytes (it has {})",
+                    key.len()
+                ),
+            });
+        }
+        Ok(key.to_vec())
+    }
+
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
     }
@@ -289,7 +359,47 @@ pub enum ConfigError {
     },
 }
 
+/// Shortest admin token and heartbeat key taken.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Reads a file holding a secret (token, key), refusing one that group or
+/// others may read: a secret readable by every local user is no secret.
+/// (The units run as `siphon`: give the files `siphon:siphon 0600`.)
+pub fn read_secret(path: &Path, field: &str) -> Result<Vec<u8>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.into(),
+            problem: format!(
+                "mode {:04o} lets group or others read this secret; chmod 600 it (owned by the user the controller runs as)",
+                mode & 0o7777
+            ),
+        });
+    }
+    std::fs::read(path).map_err(read)
+}
+
 impl ControlConfig {
+    /// Reads and checks every secret the config names (admin token,
+    /// heartbeat key, agent TLS key): what `check` and start refuse.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        self.admin_token()?;
+        if let Some(h) = &self.health {
+            h.bootstrap_key()?;
+        }
+        if let Some(t) = &self.agent_tls {
+            read_secret(&t.key, "agent_tls.key")?;
+        }
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -339,6 +449,13 @@ impl ControlConfig {
             if !seen.insert(&a.id) {
                 return Err(invalid(format!("amphorae[{i}].id"), "duplicate id"));
             }
+        }
+        let l = &config.limits;
+        if l.max_connections == 0 || l.header_read_timeout_ms == 0 || l.idle_timeout_ms == 0 {
+            return Err(invalid(
+                "limits".into(),
+                "max_connections, header_read_timeout_ms and idle_timeout_ms must be at least 1",
+            ));
         }
         if config.push.attempts == 0 {
             return Err(invalid("push.attempts".into(), "must be at least 1"));
@@ -393,27 +510,33 @@ impl ControlConfig {
     }
 
     /// The admin token, read from its file if need be; `None` = no auth.
+    /// An empty or short token is refused (an empty one would let every
+    /// request without a token in), and so is a token file that group or
+    /// others can read.
     pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let checked = |t: &str, path: &Path, field: &str| {
+            let t = t.trim();
+            if t.chars().count() < MIN_SECRET_LEN {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    field: field.into(),
+                    problem: format!(
+                        "the admin token must be at least {MIN_SECRET_LEN} characters (it has {}); generate one with `openssl rand -hex 32`",
+                        t.chars().count()
+                    ),
+                });
+            }
+            Ok(Some(t.to_owned()))
+        };
         match &self.auth {
             Auth::Noauth => Ok(None),
-            Auth::Token { token: Some(t), .. } => Ok(Some(t.clone())),
+            Auth::Token { token: Some(t), .. } => checked(t, Path::new(""), "auth.token"),
             Auth::Token {
                 token_file: Some(path),
                 ..
             } => {
-                let t = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                let t = t.trim().to_owned();
-                if t.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        path: path.clone(),
-                        field: "auth.token_file".into(),
-                        problem: "the file is empty".into(),
-                    });
-                }
-                Ok(Some(t))
+                let t = read_secret(path, "auth.token_file")?;
+                checked(&String::from_utf8_lossy(&t), path, "auth.token_file")
             }
             // Refused by `parse`; never fall back to no auth.
             Auth::Token { .. } => Err(ConfigError::Invalid {
@@ -436,6 +559,56 @@ mod tests {
         assert_eq!(c.listen.port(), DEFAULT_PORT);
         assert_eq!(c.amphorae.len(), 2);
         assert_eq!(c.health.and_then(|h| h.failover_threshold), Some(5));
+    }
+
+    #[test]
+    fn weak_or_exposed_secrets_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("siphon-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Path::new("c.toml");
+        let token = |t: &str| {
+            ControlConfig::parse(&format!("[auth]\nmode = \"token\"\ntoken = {t:?}\n"), p)
+                .unwrap()
+                .check_secrets()
+                .map_err(|e| e.to_string())
+        };
+        // An empty token would let every request without one in.
+        assert!(token("").unwrap_err().contains("at least 16"));
+        assert!(token("   short   ").unwrap_err().contains("at least 16"));
+        assert!(token("a-long-enough-admin-token").is_ok());
+        let file = dir.join("token");
+        std::fs::write(&file, "a-long-enough-admin-token\n").unwrap();
+        let from_file = |mode: u32| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            ControlConfig::parse(
+                &format!("[auth]\nmode = \"token\"\ntoken_file = {:?}\n", file),
+                p,
+            )
+            .unwrap()
+            .check_secrets()
+            .map_err(|e| e.to_string())
+        };
+        assert!(from_file(0o644).unwrap_err().contains("chmod 600"));
+        assert!(from_file(0o640).unwrap_err().contains("mode 0640"));
+        assert!(from_file(0o600).is_ok());
+        let key = dir.join("hb.key");
+        std::fs::write(&key, "short\n").unwrap();
+        let health = |mode: u32| {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            ControlConfig::parse(
+                &format!("[auth]\nmode = \"noauth\"\n[health]\nkey_file = {key:?}\n"),
+                p,
+            )
+            .unwrap()
+            .check_secrets()
+            .map_err(|e| e.to_string())
+        };
+        assert!(health(0o600).unwrap_err().contains("at least 16 bytes"));
+        std::fs::write(&key, "a heartbeat key long enough\n").unwrap();
+        assert!(health(0o604).unwrap_err().contains("health.key_file"));
+        assert!(health(0o600).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -26,17 +26,7 @@ use crate::{Controller, StartError};
 const FLUSH: Duration = Duration::from_millis(500);
 
 pub async fn bind(h: &Health) -> Result<(UdpSocket, Vec<u8>), StartError> {
-    let key = std::fs::read(&h.key_file).map_err(|e| StartError::Dir {
-        path: h.key_file.display().to_string(),
-        source: e,
-    })?;
-    let key: Vec<u8> = String::from_utf8_lossy(&key).trim().as_bytes().to_vec();
-    if key.is_empty() {
-        return Err(StartError::Tls(format!(
-            "{}: the heartbeat key file is empty",
-            h.key_file.display()
-        )));
-    }
+    let key = h.bootstrap_key()?;
     let socket = UdpSocket::bind(h.listen)
         .await
         .map_err(|source| StartError::Bind {

@@ -17,9 +17,11 @@ pub mod client;
 pub mod config;
 pub mod distributor;
 pub mod health;
+pub mod log_limit;
 pub mod model;
 pub mod provision;
 pub mod render;
+pub mod serve;
 pub mod store;
 pub mod vip;
 
@@ -123,6 +125,7 @@ impl Handle {
 /// Opens the store, registers configured amphorae, binds the API (and the
 /// heartbeat socket), and starts serving on the current tokio runtime.
 pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
+    config.check_secrets()?;
     let token = config.admin_token()?;
     if let Some(dir) = config
         .database
@@ -204,19 +207,17 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
     )));
 
     let app = api::router(controller.clone());
-    let mut stopped_api = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped_api.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "API server failed");
-        }
-    }));
-    tracing::info!(%addr, "siphon-control API listening");
+    let nofile = serve::raise_nofile();
+    let limits = controller.config.limits.clone();
+    let cap = serve::connection_cap(&limits, nofile);
+    tasks.push(tokio::spawn(serve::serve(
+        listener,
+        app,
+        limits,
+        cap,
+        stopped.clone(),
+    )));
+    tracing::info!(%addr, max_connections = cap, nofile, "siphon-control API listening");
     Ok(Handle {
         addr,
         heartbeat_addr,

@@ -255,7 +255,10 @@ impl World {
         );
         std::fs::write(d.path("amphora-ca.crt"), amphora_ca.pem()).unwrap();
         std::fs::write(d.path("controller-ca.crt"), controller_ca.pem()).unwrap();
-        std::fs::write(d.path("heartbeat.key"), "an active-active heartbeat key\n").unwrap();
+        siphon_testkit::pki::write_secret(
+            &d.path("heartbeat.key"),
+            "an active-active heartbeat key\n",
+        );
         for a in &self.amps {
             amphora_ca.issue_to(&[&a.id], &a.dir.join("agent.crt"), &a.dir.join("agent.key"));
         }

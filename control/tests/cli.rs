@@ -47,7 +47,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
         listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         database: dir.path("control.db"),
         auth: Auth::Token {
-            token: Some("t0ken".into()),
+            token: Some("cli-admin-token-0123".into()),
             token_file: None,
         },
         vip_subnets: vec![VipSubnet {
@@ -63,6 +63,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
         push: Push::default(),
         health: None,
         distributor: Default::default(),
+        limits: Default::default(),
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
     let ep = format!("http://{}", handle.addr);
@@ -72,7 +73,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
 
     let (ok, _, err) = siphon(
         &ep,
-        "t0ken",
+        "cli-admin-token-0123",
         &[
             "loadbalancer",
             "create",
@@ -86,7 +87,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
 
     let (ok, v, err) = siphon(
         &ep,
-        "t0ken",
+        "cli-admin-token-0123",
         &[
             "amphora",
             "register",
@@ -101,7 +102,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
 
     let (ok, v, err) = siphon(
         &ep,
-        "t0ken",
+        "cli-admin-token-0123",
         &[
             "loadbalancer",
             "create",
@@ -119,14 +120,18 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
     assert_eq!(v["loadbalancer"]["description"], "front door");
     let id = v["loadbalancer"]["id"].as_str().unwrap().to_owned();
 
-    let (ok, v, _) = siphon(&ep, "t0ken", &["loadbalancer", "list", "name=web"]);
+    let (ok, v, _) = siphon(
+        &ep,
+        "cli-admin-token-0123",
+        &["loadbalancer", "list", "name=web"],
+    );
     assert!(ok);
     assert_eq!(v["loadbalancers"][0]["id"], id.as_str());
-    let (_, v, _) = siphon(&ep, "t0ken", &["amphora", "show", "amp-1"]);
+    let (_, v, _) = siphon(&ep, "cli-admin-token-0123", &["amphora", "show", "amp-1"]);
     assert_eq!(v["amphora"]["loadbalancer_id"], id.as_str());
     let (ok, _, err) = siphon(
         &ep,
-        "t0ken",
+        "cli-admin-token-0123",
         &[
             "listener",
             "create",
@@ -187,6 +192,7 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
         },
         health: None,
         distributor: Default::default(),
+        limits: Default::default(),
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
     let ep = format!("http://{}", handle.addr);

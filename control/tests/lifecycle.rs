@@ -160,11 +160,10 @@ impl Rig {
             &dir.path("client.key"),
         );
         std::fs::write(dir.path("amphora-ca.crt"), pki.amphora_ca.pem()).unwrap();
-        std::fs::write(
-            dir.path("heartbeat.key"),
+        siphon_testkit::pki::write_secret(
+            &dir.path("heartbeat.key"),
             "a heartbeat key of enough length\n",
-        )
-        .unwrap();
+        );
         // A VIP subnet of its own per rig, inside 127/8 (on loopback).
         let n = (std::process::id() % 200) as u8 + 20;
         let third = free_port() % 250;
@@ -201,6 +200,7 @@ impl Rig {
                 failover_threshold: None,
             }),
             distributor: Default::default(),
+            limits: Default::default(),
         };
         let handle = rt.block_on(siphon_control::start(config.clone())).unwrap();
         let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();

@@ -48,7 +48,7 @@ impl Ca {
     pub fn issue_to(&self, names: &[&str], cert: &std::path::Path, key: &std::path::Path) {
         let (c, k) = self.issue(names, false);
         std::fs::write(cert, c).unwrap();
-        std::fs::write(key, k).unwrap();
+        write_secret(key, &k);
     }
 
     pub fn pem(&self) -> String {
@@ -81,4 +81,19 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Writes a secret (key, token) readable by its owner only, as the
+/// daemons demand.
+pub fn write_secret(path: &std::path::Path, contents: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(contents.as_bytes()).unwrap();
 }

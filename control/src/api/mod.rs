@@ -85,6 +85,18 @@ async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if digest(given).as_ref() != digest(token).as_ref() {
+            static REFUSED: crate::log_limit::LogLimit =
+                crate::log_limit::LogLimit::new(std::time::Duration::from_secs(10));
+            if let Some(held) = REFUSED.hit(std::time::Instant::now()) {
+                let peer = crate::serve::peer(&req);
+                tracing::warn!(
+                    peer = ?peer,
+                    path = %req.uri().path(),
+                    token = if given.is_empty() { "missing" } else { "wrong" },
+                    held_back = held,
+                    "API request refused: bad X-Auth-Token"
+                );
+            }
             return Fault::unauthorized().into_response();
         }
     }

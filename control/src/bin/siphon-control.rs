@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = ControlConfig::load(&cli.config)?;
     if matches!(cli.command, Some(Command::Check)) {
-        config.admin_token()?;
+        config.check_secrets()?;
         println!("{}: OK", cli.config.display());
         return Ok(());
     }
