@@ -237,6 +237,9 @@ impl Push {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
+    pub fn backoff(&self) -> Duration {
+        Duration::from_millis(self.backoff_ms.max(1))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -264,6 +267,22 @@ pub struct Health {
     /// interval must be at most half of `heartbeat_timeout_ms`.
     #[serde(default)]
     pub failover_threshold: Option<usize>,
+    /// How long an amphora that is heard but out of step (an older
+    /// generation, no config kept, no VIP) is re-pushed to before it is
+    /// failed over to a spare.
+    #[serde(default = "default_repair_timeout_ms")]
+    pub repair_timeout_ms: u64,
+    /// The longest wait between two attempts of a repair or of a failed
+    /// change (the first wait is `push.backoff_ms`, doubled each time).
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+fn default_repair_timeout_ms() -> u64 {
+    30_000
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
 }
 
 impl Health {
@@ -285,6 +304,12 @@ impl Health {
         Ok(key.to_vec())
     }
 
+    pub fn repair_timeout(&self) -> Duration {
+        Duration::from_millis(self.repair_timeout_ms)
+    }
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
     }

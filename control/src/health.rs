@@ -79,12 +79,16 @@ pub async fn receive(
                 let Ok((n, from)) = r else { continue };
                 match verifier.verify(&buf[..n], SystemTime::now()) {
                     Ok(beat) => {
-                        ctl.mark_heard(&beat.amphora_id, Instant::now());
+                        let now = Instant::now();
+                        ctl.mark_heard(&beat.amphora_id, now);
+                        ctl.metrics.add(&ctl.metrics.heartbeats_accepted, 1);
+                        record(&ctl, &beat, now);
                         pending.push(beat);
                         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH);
                     }
                     Err(e) => {
                         rejected += 1;
+                        ctl.metrics.add(&ctl.metrics.heartbeats_rejected, 1);
                         // The first and then every 100th: a flood of forged
                         // datagrams must not flood the log too.
                         if rejected % 100 == 1 {
@@ -114,6 +118,32 @@ pub async fn receive(
             _ = stopped.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Keeps what the amphora says it runs, for the repairer.
+fn record(ctl: &Controller, beat: &Heartbeat, now: Instant) {
+    // Only registered amphorae get an entry: a stranger's beats cost
+    // nothing that lasts. (The store's lock before `live`'s, always.)
+    if !ctl.db.read(|s| s.amphorae.contains_key(&beat.amphora_id)) {
+        return;
+    }
+    let mut live = ctl.live.lock().unwrap_or_else(|e| e.into_inner());
+    let l = live.entry(beat.amphora_id.clone()).or_default();
+    l.report = Some(crate::repair::Report {
+        generation: beat.generation,
+        persisted_generation: None,
+        vips: None,
+    });
+    l.received = Some(now);
+}
+
+/// Whether the repairer judged `amphora` out of step.
+fn out_of_step(ctl: &Controller, amphora: &str) -> bool {
+    ctl.live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(amphora)
+        .is_some_and(|l| l.drift.is_some())
 }
 
 /// Folds one heartbeat into `tx`.
@@ -185,7 +215,7 @@ fn apply_beat(
     let short = s.amphorae_of(lb_id).any(|x| {
         x.id != a.id
             && x.status == AmphoraStatus::Allocated
-            && silent(ctl, &x.id, h.heartbeat_timeout())
+            && (silent(ctl, &x.id, h.heartbeat_timeout()) || out_of_step(ctl, &x.id))
     });
     update_statuses(s, tx, lb_id, beat, short);
 }

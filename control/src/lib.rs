@@ -18,9 +18,11 @@ pub mod config;
 pub mod distributor;
 pub mod health;
 pub mod log_limit;
+pub mod metrics;
 pub mod model;
 pub mod provision;
 pub mod render;
+pub mod repair;
 pub mod serve;
 pub mod store;
 pub mod vip;
@@ -56,6 +58,13 @@ pub struct Controller {
     pub heard: Mutex<HashMap<String, Instant>>,
     pub agents: Option<agent_client::AgentClient>,
     pub started: Instant,
+    /// What each amphora last reported and how its repair goes. Lock
+    /// order: the store's lock first, then this one.
+    pub live: Mutex<HashMap<String, repair::Live>>,
+    /// Load balancers (`lb:ID`) and amphorae (`amp:ID`) a task is pushing
+    /// to: one task each at a time.
+    pub busy: Mutex<std::collections::HashSet<String>>,
+    pub metrics: metrics::Metrics,
 }
 
 impl Controller {
@@ -65,6 +74,41 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner())
             .get(amphora)
             .copied()
+    }
+
+    /// Takes `key` for one task; `false` when another holds it.
+    pub fn claim(&self, key: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned())
+    }
+
+    pub fn release(&self, key: &str) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.wake.notify_one();
+    }
+
+    /// The longest wait between two attempts of a repair or retry.
+    pub fn retry_max(&self) -> std::time::Duration {
+        self.config
+            .health
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(30), |h| h.retry_max())
+    }
+
+    /// Records that a push to `amphora` just succeeded: reports sent
+    /// before it are not judged.
+    pub fn pushed(&self, amphora: &str) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(amphora.to_owned())
+            .or_default()
+            .pushed = Some(Instant::now());
     }
 
     pub fn mark_heard(&self, amphora: &str, at: Instant) {
@@ -162,6 +206,9 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
         heard: Mutex::new(HashMap::new()),
         agents,
         started: Instant::now(),
+        live: Mutex::new(HashMap::new()),
+        busy: Mutex::new(Default::default()),
+        metrics: Default::default(),
         config,
     });
     api::amphorae::register_configured(&controller)?;
@@ -202,6 +249,10 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
         stopped.clone(),
     )));
     tasks.push(tokio::spawn(provision::run(
+        controller.clone(),
+        stopped.clone(),
+    )));
+    tasks.push(tokio::spawn(repair::run(
         controller.clone(),
         stopped.clone(),
     )));

@@ -84,6 +84,11 @@ pub struct Common {
     /// rendered; one whose creation failed is not.
     #[serde(default)]
     pub deployed: bool,
+    /// Siphon extension: when the controller next retries what left this
+    /// object in `ERROR` (UTC, Octavia's format); `None` when nothing is
+    /// scheduled.
+    #[serde(default)]
+    pub next_attempt_at: Option<String>,
 }
 
 /// How many amphorae carry a load balancer, and how.
@@ -114,6 +119,20 @@ pub struct LoadBalancer {
     /// group id with `linux-ecmp`), given out once and kept.
     #[serde(default)]
     pub distributor_id: Option<u32>,
+    /// A change of the load balancer itself that failed (a failover, a
+    /// create, an update) and is retried with back-off until it succeeds
+    /// or the load balancer is deleted.
+    #[serde(default)]
+    pub retry: Option<Retry>,
+}
+
+/// A failed change waiting for its next attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// What the load balancer goes back to for the attempt.
+    pub status: ProvisioningStatus,
+    /// Attempts that failed in a row.
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -262,6 +281,10 @@ pub struct Amphora {
     /// given out once and kept.
     #[serde(default)]
     pub distributor_id: Option<u32>,
+    /// Siphon extension: when the controller next tries to bring it in
+    /// line (re-push) after `error` (UTC, Octavia's format).
+    #[serde(default)]
+    pub next_attempt_at: Option<String>,
 }
 
 impl Amphora {

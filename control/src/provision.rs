@@ -13,7 +13,7 @@
 //! again (empty config, VIPs removed) and return to the spare pool.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
@@ -115,7 +115,6 @@ fn needs_push(s: &State, lb: &LoadBalancer) -> bool {
 
 /// Runs until `stopped`.
 pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver<bool>) {
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let mut wipe_tried: std::collections::HashMap<String, Instant> = Default::default();
     loop {
         tokio::select! {
@@ -160,23 +159,17 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
                 })
             }))
         {
-            if !busy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key.clone())
-            {
+            if !ctl.claim(&key) {
                 continue;
             }
             let ctl = ctl.clone();
-            let busy = busy.clone();
             tokio::spawn(async move {
                 match key.split_once(':') {
                     Some(("lb", id)) => converge(&ctl, id).await,
                     Some((_, id)) => wipe(&ctl, id).await,
                     None => {}
                 }
-                busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-                ctl.wake.notify_one();
+                ctl.release(&key);
             });
         }
     }
@@ -190,14 +183,14 @@ async fn push(
     method: Method,
     path: &str,
     body: Vec<u8>,
+    attempts: u32,
 ) -> Result<String, String> {
     let Some(agents) = &ctl.agents else {
         return Err("no agent TLS configured".into());
     };
-    let push = &ctl.config.push;
-    let mut backoff = Duration::from_millis(push.backoff_ms);
+    let mut backoff = ctl.config.push.backoff();
     let mut last = String::new();
-    for attempt in 1..=push.attempts {
+    for attempt in 1..=attempts {
         match agents
             .request(amphora, method.clone(), path, Some(body.clone()))
             .await
@@ -222,7 +215,7 @@ async fn push(
             Err(e) => last = format!("amphora {}: {e}", amphora.id),
         }
         tracing::debug!(amphora = %amphora.id, attempt, error = %last, "push failed; retrying");
-        if attempt < push.attempts {
+        if attempt < attempts {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -237,6 +230,7 @@ async fn push_amphora(
     a: &Amphora,
     config: &siphon_dataplane::Config,
     vip: Option<&str>,
+    attempts: u32,
 ) -> Result<(), String> {
     let remove: Vec<&String> = a.vips.iter().filter(|v| Some(v.as_str()) != vip).collect();
     let vips = serde_json::to_vec(&json!({
@@ -246,12 +240,13 @@ async fn push_amphora(
     }))
     .unwrap_or_default();
     let config = serde_json::to_vec(config).map_err(|e| e.to_string())?;
+    let n = attempts;
     if vip.is_some() {
-        push(ctl, a, Method::PUT, "/v1/vips", vips).await?;
-        push(ctl, a, Method::PUT, "/v1/config", config).await?;
+        push(ctl, a, Method::PUT, "/v1/vips", vips, n).await?;
+        push(ctl, a, Method::PUT, "/v1/config", config, n).await?;
     } else {
-        push(ctl, a, Method::PUT, "/v1/config", config).await?;
-        push(ctl, a, Method::PUT, "/v1/vips", vips).await?;
+        push(ctl, a, Method::PUT, "/v1/config", config, n).await?;
+        push(ctl, a, Method::PUT, "/v1/vips", vips, n).await?;
     }
     Ok(())
 }
@@ -303,12 +298,12 @@ async fn converge(ctl: &Controller, lb_id: &str) {
         });
         match got {
             Ok(ids) => amphorae = ids,
-            Err(f) => return finish(ctl, lb_id, Err(f.message)),
+            Err(f) => return finish(ctl, lb_id, Err(f.message), &[]),
         }
     }
     let amphorae = match next_generations(ctl, &amphorae) {
         Ok(a) => a,
-        Err(e) => return finish(ctl, lb_id, Err(e)),
+        Err(e) => return finish(ctl, lb_id, Err(e), &[]),
     };
     let vip = (!deleting).then(|| lb.vip_address.clone());
     let pushes = amphorae.iter().map(|a| {
@@ -322,18 +317,25 @@ async fn converge(ctl: &Controller, lb_id: &str) {
         });
         let vip = vip.clone();
         async move {
+            let attempts = ctl.config.push.attempts;
             (
                 a.id.clone(),
-                push_amphora(ctl, a, &config, vip.as_deref()).await,
+                push_amphora(ctl, a, &config, vip.as_deref(), attempts).await,
             )
         }
     });
     let results = futures::future::join_all(pushes).await;
     let mut errors = Vec::new();
+    let mut failed = Vec::new();
     for (id, r) in &results {
-        if let Err(e) = r {
-            errors.push(e.clone());
-            tracing::error!(amphora = %id, loadbalancer = %lb_id, error = %e, "push failed");
+        match r {
+            Ok(()) => ctl.pushed(id),
+            Err(e) => {
+                ctl.metrics.add(&ctl.metrics.push_failures, 1);
+                errors.push(e.clone());
+                failed.push(id.clone());
+                tracing::error!(amphora = %id, loadbalancer = %lb_id, error = %e, "push failed");
+            }
         }
     }
     // Record on each amphora what it carries now.
@@ -355,17 +357,60 @@ async fn converge(ctl: &Controller, lb_id: &str) {
             }
             Ok(())
         });
-    let outcome = if errors.is_empty() {
+    let outcome = if errors.is_empty() || deleting {
+        // A delete completes whatever the amphorae said: one that did not
+        // take the empty config is set aside (ERROR) and wiped when it
+        // answers again, like a failed-over one.
         Ok(())
     } else {
         Err(errors.join("; "))
     };
-    finish(ctl, lb_id, outcome);
+    finish(ctl, lb_id, outcome, &failed);
+}
+
+/// Pushes an amphora its load balancer's config (a new generation) and
+/// VIP again, once: the repairer's step, which has its own back-off.
+pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), String> {
+    let mut got = next_generations(ctl, &[amphora.to_owned()])?;
+    let Some(a) = got.pop() else {
+        return Err(format!("amphora {amphora} is gone"));
+    };
+    let Some((config, vip)) = ctl.db.read(|s| {
+        let lb = s.load_balancers.get(a.load_balancer_id.as_deref()?)?;
+        Some((
+            crate::render::config(s, lb, a.generation),
+            lb.vip_address.clone(),
+        ))
+    }) else {
+        return Err(format!("amphora {amphora} carries no load balancer"));
+    };
+    let r = push_amphora(ctl, &a, &config, Some(&vip), 1).await;
+    if r.is_ok() {
+        ctl.pushed(amphora);
+    } else {
+        ctl.metrics.add(&ctl.metrics.push_failures, 1);
+    }
+    let _ = ctl
+        .db
+        .write(|s, tx| -> Result<(), crate::store::StoreError> {
+            if let Some(a) = s.amphorae.get(amphora) {
+                if r.is_ok() {
+                    let mut a = a.clone();
+                    a.vips = vec![vip.clone()];
+                    a.error = None;
+                    a.next_attempt_at = None;
+                    tx.put(a);
+                }
+            }
+            Ok(())
+        });
+    r
 }
 
 /// Settles the statuses of everything under `lb_id` after a push.
-fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
+fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[String]) {
     let no_health = ctl.config.health.is_none();
+    let mut retry_in = None;
     let r = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
         let Some(lb) = s.load_balancers.get(lb_id) else {
             return Ok(());
@@ -429,8 +474,13 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
             for a in s.amphorae_of(lb_id) {
                 let mut a = a.clone();
                 a.load_balancer_id = None;
-                a.status = AmphoraStatus::Ready;
-                a.vips.clear();
+                if failed.contains(&a.id) {
+                    // Still holds the config and VIP: wiped when it answers.
+                    a.status = AmphoraStatus::Error;
+                } else {
+                    a.status = AmphoraStatus::Ready;
+                    a.vips.clear();
+                }
                 tx.put(a);
             }
             tx.delete(Kind::LoadBalancer, lb_id);
@@ -440,7 +490,20 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
         // Octavia: a failed child change leaves the child in ERROR and the
         // load balancer ACTIVE; a failed change of the LB itself, ERROR.
         let lb_ok = ok || (lb.common.provisioning_status == ProvisioningStatus::PendingUpdate && children_pending);
+        let was = lb.common.provisioning_status;
         if settle(&mut lb.common, lb_ok, &reason) {
+            if lb_ok {
+                lb.retry = None;
+                lb.common.next_attempt_at = None;
+            } else {
+                // Its own change failed: tried again after a back-off,
+                // until it succeeds or the load balancer is deleted.
+                let failures = lb.retry.as_ref().map_or(0, |r| r.failures).saturating_add(1);
+                let wait = crate::repair::backoff(failures, ctl.config.push.backoff(), ctl.retry_max());
+                lb.retry = Some(crate::model::Retry { status: was, failures });
+                lb.common.next_attempt_at = Some(crate::repair::at(wait));
+                retry_in = Some(wait);
+            }
             tx.put(lb);
         }
         Ok(())
@@ -451,9 +514,12 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>) {
             tracing::error!(loadbalancer = %lb_id, error = %e, "could not record the push result")
         }
         (Ok(()), Ok(())) => tracing::info!(loadbalancer = %lb_id, "amphorae in step: ACTIVE"),
-        (Err(e), Ok(())) => {
-            tracing::error!(loadbalancer = %lb_id, error = %e, "push failed: ERROR")
-        }
+        (Err(e), Ok(())) => match retry_in {
+            Some(wait) => {
+                tracing::error!(loadbalancer = %lb_id, error = %e, next_attempt_in_ms = wait.as_millis() as u64, "push failed: ERROR; retried after a back-off")
+            }
+            None => tracing::error!(loadbalancer = %lb_id, error = %e, "push failed: ERROR"),
+        },
     }
 }
 
@@ -505,7 +571,7 @@ async fn wipe(ctl: &Controller, id: &str) {
         listeners: Vec::new(),
         pools: Vec::new(),
     };
-    match push_amphora(ctl, &a, &empty, None).await {
+    match push_amphora(ctl, &a, &empty, None, ctl.config.push.attempts).await {
         Ok(()) => {
             let _ = ctl
                 .db

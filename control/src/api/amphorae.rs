@@ -133,6 +133,7 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             last_heartbeat: None,
             vrrp_ip: r.vrrp_ip,
             distributor_id: None,
+            next_attempt_at: None,
         },
     })
 }

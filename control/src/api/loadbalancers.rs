@@ -123,6 +123,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             topology,
             amphora_count,
             distributor_id: None,
+            retry: None,
         };
         tx.put(lb.clone());
         for mut a in spares {

@@ -66,6 +66,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v2/", get(version))
         .route("/v2.0", get(version))
         .route("/v2.0/", get(version))
+        // Counts only, no ids: scraped without a token.
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctl)
@@ -101,6 +103,18 @@ async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+async fn metrics(AxState(ctl): Ctl) -> Response {
+    let page = ctl.db.read(|s| ctl.metrics.render(s));
+    (
+        [(
+            hyper::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        page,
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
@@ -290,6 +304,7 @@ pub fn new_common(
         updated_at: None,
         provisioning_error: None,
         deployed: false,
+        next_attempt_at: None,
     })
 }
 

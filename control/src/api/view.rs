@@ -27,6 +27,9 @@ fn common(c: &Common) -> Map<String, Value> {
     if c.provisioning_error.is_some() {
         m.insert("provisioning_error".into(), json!(c.provisioning_error));
     }
+    if c.next_attempt_at.is_some() {
+        m.insert("next_attempt_at".into(), json!(c.next_attempt_at));
+    }
     m
 }
 
@@ -184,5 +187,6 @@ pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
         "last_heartbeat_ms_ago": last_seen_ms_ago,
         "distributor_id": a.distributor_id,
         "error": a.error,
+        "next_attempt_at": a.next_attempt_at,
     })
 }

@@ -1,0 +1,420 @@
+//! The controller's test rig, on loopback: its API, a real SQLite file,
+//! real agents (mutual TLS, certificates from a test CA) driving real
+//! dataplanes in this process, heartbeats, and a client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // each test file uses part of it
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use serde_json::{json, Value};
+use siphon_control::client::{Answer, Client};
+use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSubnet};
+use siphon_dataplane::api::{Api, ApiOptions};
+use siphon_dataplane::{Config, Options, Server};
+use siphon_testkit::pki::{Ca, TempDir};
+use siphon_testkit::{connect_greeting, free_port, free_udp_port, Backend};
+
+pub const TOKEN: &str = "test-admin-token";
+pub const SUBNET: &str = "5a1c0b4e-1f6c-4a43-9d3c-7a1d2b3c4d5e";
+pub const NETWORK: &str = "0b8e6c1a-2d3f-4e5a-8b7c-9d0e1f2a3b4c";
+
+/// A dataplane in this process, with its control socket.
+pub struct Dataplane {
+    pub server: Arc<Server>,
+    pub _api: Api,
+}
+
+impl Dataplane {
+    pub fn start(socket: &Path) -> Dataplane {
+        let empty = Config {
+            generation: 0,
+            listeners: vec![],
+            pools: vec![],
+        };
+        let server = Arc::new(
+            Server::start(
+                empty,
+                Options {
+                    workers: 1,
+                    ..Options::default()
+                },
+            )
+            .unwrap(),
+        );
+        let opts = ApiOptions {
+            socket: socket.to_owned(),
+            mode: 0o600,
+            metrics: None,
+        };
+        let api = Api::bind(&opts).unwrap().serve(server.clone()).unwrap();
+        Dataplane { server, _api: api }
+    }
+}
+
+/// One amphora: a dataplane and its agent, heartbeating to the
+/// controller.
+pub struct Amphora {
+    pub id: String,
+    pub agent: Option<siphon_agent::Handle>,
+    pub dataplane: Option<Dataplane>,
+    pub cfg: siphon_agent::config::AgentConfig,
+    pub dir: TempDir,
+}
+
+impl Amphora {
+    pub fn start(id: &str, pki: &Pki, heartbeats: SocketAddr, key: &Path) -> Amphora {
+        let dir = TempDir::new(&format!("amp-{id}"));
+        let dataplane = Dataplane::start(&dir.path("dataplane.sock"));
+        pki.amphora_ca
+            .issue_to(&[id], &dir.path("agent.crt"), &dir.path("agent.key"));
+        std::fs::write(dir.path("controller-ca.crt"), pki.controller_ca.pem()).unwrap();
+        let cfg = siphon_agent::config::AgentConfig {
+            amphora_id: id.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            local_socket: dir.path("agent.sock"),
+            dataplane_socket: dir.path("dataplane.sock"),
+            state_dir: dir.path("state"),
+            tls: siphon_agent::config::TlsFiles {
+                cert: dir.path("agent.crt"),
+                key: dir.path("agent.key"),
+                client_ca: dir.path("controller-ca.crt"),
+            },
+            heartbeat: Some(siphon_agent::config::Heartbeat {
+                destinations: vec![heartbeats],
+                interval_ms: 200,
+                key_file: key.to_owned(),
+            }),
+        };
+        let agent = siphon_agent::start(&cfg).unwrap();
+        // Restarts come back on the same port, as the controller knows it.
+        let mut cfg = cfg;
+        cfg.listen = agent.addr;
+        Amphora {
+            id: id.into(),
+            agent: Some(agent),
+            dataplane: Some(dataplane),
+            cfg,
+            dir,
+        }
+    }
+
+    /// Stops the dataplane (its config is gone with it).
+    pub fn stop_dataplane(&mut self) {
+        if let Some(d) = self.dataplane.take() {
+            d.server.shutdown(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts a dataplane with no config on the same socket.
+    pub fn start_dataplane(&mut self) {
+        self.stop_dataplane();
+        self.dataplane = Some(Dataplane::start(&self.cfg.dataplane_socket));
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.stop();
+            a.join();
+        }
+    }
+
+    /// Starts the agent again, on the port it had.
+    pub fn start_agent(&mut self) {
+        self.stop_agent();
+        self.agent = Some(siphon_agent::start(&self.cfg).unwrap());
+    }
+
+    pub fn port(&self) -> u16 {
+        self.agent.as_ref().unwrap().addr.port()
+    }
+
+    /// As if the machine died: no more heartbeats, no more traffic.
+    pub fn kill(&mut self) {
+        self.stop_agent();
+        self.stop_dataplane();
+    }
+}
+
+impl Drop for Amphora {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Pki {
+    pub controller_ca: Ca,
+    pub amphora_ca: Ca,
+}
+
+/// A controller with its files, two amphorae and a client.
+pub struct Rig {
+    pub rt: Arc<tokio::runtime::Runtime>,
+    pub config: ControlConfig,
+    pub handle: Option<siphon_control::Handle>,
+    pub client: Client,
+    pub amphorae: Vec<Amphora>,
+    pub vip_net: String,
+    pub _dir: TempDir,
+}
+
+impl Rig {
+    pub fn new(tag: &str, amphorae: &[&str]) -> Rig {
+        Rig::with_auth(
+            tag,
+            amphorae,
+            Auth::Token {
+                token: Some(TOKEN.into()),
+                token_file: None,
+            },
+        )
+    }
+
+    pub fn with_auth(tag: &str, amphorae: &[&str], auth: Auth) -> Rig {
+        let rt = siphon_testkit::runtime();
+        let dir = TempDir::new(&format!("control-{tag}"));
+        let pki = Pki {
+            controller_ca: Ca::new("controller CA"),
+            amphora_ca: Ca::new("amphora CA"),
+        };
+        pki.controller_ca.issue_to(
+            &["siphon-control"],
+            &dir.path("client.crt"),
+            &dir.path("client.key"),
+        );
+        std::fs::write(dir.path("amphora-ca.crt"), pki.amphora_ca.pem()).unwrap();
+        siphon_testkit::pki::write_secret(
+            &dir.path("heartbeat.key"),
+            "a heartbeat key of enough length\n",
+        );
+        // A VIP subnet of its own per rig, inside 127/8 (on loopback).
+        let n = (std::process::id() % 200) as u8 + 20;
+        let third = free_port() % 250;
+        let vip_net = format!("127.{n}.{third}");
+        let config = ControlConfig {
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            database: dir.path("control.db"),
+            auth,
+            vip_subnets: vec![VipSubnet {
+                id: SUBNET.into(),
+                name: "vips".into(),
+                network_id: NETWORK.into(),
+                network_name: "public".into(),
+                cidr: format!("{vip_net}.0/24").parse().unwrap(),
+                gateway_ip: None,
+            }],
+            amphorae: vec![],
+            agent_tls: Some(AgentTls {
+                cert: dir.path("client.crt"),
+                key: dir.path("client.key"),
+                ca: dir.path("amphora-ca.crt"),
+            }),
+            push: Push {
+                attempts: 3,
+                backoff_ms: 100,
+                timeout_ms: 3_000,
+            },
+            health: Some(Health {
+                listen: format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(),
+                key_file: dir.path("heartbeat.key"),
+                heartbeat_timeout_ms: 1_000,
+                check_interval_ms: 50,
+                clock_window_ms: 30_000,
+                failover_threshold: None,
+                repair_timeout_ms: 5_000,
+                retry_max_ms: 2_000,
+            }),
+            distributor: Default::default(),
+            limits: Default::default(),
+        };
+        let handle = rt.block_on(siphon_control::start(config.clone())).unwrap();
+        let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();
+        let hb = handle.heartbeat_addr.unwrap();
+        let amps: Vec<Amphora> = amphorae
+            .iter()
+            .map(|id| Amphora::start(id, &pki, hb, &dir.path("heartbeat.key")))
+            .collect();
+        let rig = Rig {
+            rt,
+            config,
+            handle: Some(handle),
+            client,
+            amphorae: amps,
+            vip_net,
+            _dir: dir,
+        };
+        for i in 0..rig.amphorae.len() {
+            let (id, port) = (rig.amphorae[i].id.clone(), rig.amphorae[i].port());
+            let a = rig.call(
+                Method::POST,
+                "/v2/octavia/amphorae",
+                Some(json!({"amphora": {"id": id, "lb_network_ip": "127.0.0.1", "agent_port": port}})),
+            );
+            assert_eq!(a.status, 201, "{:?}", a.body);
+        }
+        for a in amphorae {
+            rig.wait_field(
+                &format!("/v2/octavia/amphorae/{a}"),
+                "amphora",
+                "status",
+                "READY",
+                Duration::from_secs(5),
+            );
+        }
+        rig
+    }
+
+    pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.rt
+            .block_on(self.client.call(method, path, body.as_ref()))
+            .unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        self.call(Method::GET, path, None)
+    }
+
+    /// Polls `path` until `key.field == want`; returns how long it took.
+    pub fn wait_field(
+        &self,
+        path: &str,
+        key: &str,
+        field: &str,
+        want: &str,
+        limit: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let a = self.get(path);
+            if a.body[key][field] == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{path}: {field} still {:?} after {limit:?}, want {want}: {}",
+                a.body[key][field],
+                a.body
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_active(&self, lb: &str) {
+        self.wait_field(
+            &format!("/v2/lbaas/loadbalancers/{lb}"),
+            "loadbalancer",
+            "provisioning_status",
+            "ACTIVE",
+            Duration::from_secs(10),
+        );
+    }
+
+    pub fn restart(&mut self) {
+        let h = self.handle.take().unwrap();
+        self.rt.block_on(h.stop());
+        let h = self
+            .rt
+            .block_on(siphon_control::start(self.config.clone()))
+            .unwrap();
+        self.handle = Some(h);
+    }
+
+    /// Creates LB → listener → pool → two members, waiting for each.
+    pub fn build_lb(
+        &self,
+        backends: &[&Backend],
+        port: u16,
+    ) -> (String, String, String, Vec<String>) {
+        let a = self.call(
+            Method::POST,
+            "/v2.0/lbaas/loadbalancers",
+            Some(json!({"loadbalancer": {"name": "web", "vip_subnet_id": SUBNET, "admin_state_up": true}})),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+        let lb = a.body["loadbalancer"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            a.body["loadbalancer"]["provisioning_status"],
+            "PENDING_CREATE"
+        );
+        assert_eq!(a.body["loadbalancer"]["operating_status"], "OFFLINE");
+        assert_eq!(
+            a.body["loadbalancer"]["vip_address"],
+            format!("{}.1", self.vip_net)
+        );
+        self.wait_active(&lb);
+
+        let a = self.call(
+            Method::POST,
+            "/v2/lbaas/listeners",
+            Some(json!({"listener": {"name": "web-80", "protocol": "TCP", "protocol_port": port, "loadbalancer_id": lb}})),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+        let listener = a.body["listener"]["id"].as_str().unwrap().to_owned();
+        // The load balancer is locked while the listener is pushed.
+        let busy = self.call(
+            Method::PUT,
+            &format!("/v2/lbaas/loadbalancers/{lb}"),
+            Some(json!({"loadbalancer": {"admin_state_up": false}})),
+        );
+        if busy.status != 200 {
+            assert_eq!(busy.status, 409, "{}", busy.body);
+            assert!(
+                busy.fault().unwrap().contains("is immutable"),
+                "{}",
+                busy.body
+            );
+        } else {
+            // The push was already done; put it back.
+            self.wait_active(&lb);
+            self.call(
+                Method::PUT,
+                &format!("/v2/lbaas/loadbalancers/{lb}"),
+                Some(json!({"loadbalancer": {"admin_state_up": true}})),
+            );
+        }
+        self.wait_active(&lb);
+
+        let a = self.call(
+            Method::POST,
+            "/v2/lbaas/pools",
+            Some(json!({"pool": {"name": "web-pool", "protocol": "TCP", "lb_algorithm": "ROUND_ROBIN", "listener_id": listener}})),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+        let pool = a.body["pool"]["id"].as_str().unwrap().to_owned();
+        self.wait_active(&lb);
+        let mut members = Vec::new();
+        for b in backends {
+            let a = self.call(
+                Method::POST,
+                &format!("/v2/lbaas/pools/{pool}/members"),
+                Some(json!({"member": {"address": "127.0.0.1", "protocol_port": b.addr.port()}})),
+            );
+            assert_eq!(a.status, 201, "{}", a.body);
+            assert_eq!(a.body["member"]["operating_status"], "NO_MONITOR");
+            members.push(a.body["member"]["id"].as_str().unwrap().to_owned());
+            self.wait_active(&lb);
+        }
+        (lb, listener, pool, members)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.stop());
+        }
+    }
+}
+
+/// Which backends answer `n` connections to `addr`.
+pub fn greetings(addr: SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            connect_greeting(addr)
+                .map(|(_, g)| g)
+                .unwrap_or_else(|e| format!("error: {e}"))
+        })
+        .collect()
+}
