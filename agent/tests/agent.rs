@@ -1166,3 +1166,230 @@ fn a_corrupt_config_file_is_set_aside_and_the_agent_starts_anyway() {
         "b"
     );
 }
+
+/// The real `siphon-agent` binary, with its own file descriptors to count;
+/// killed on drop.
+struct AgentProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn spawn(dir: &TempDir, pki: &Pki, limits: &str) -> AgentProcess {
+        let cfg = agent_config(dir, pki, &dir.path("dp.sock"));
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let toml = format!(
+            "amphora_id = \"amp-1\"\nlisten = \"{addr}\"\nlocal_socket = \"{}\"\n\
+             dataplane_socket = \"{}\"\nstate_dir = \"{}\"\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[limits]\n{limits}\n",
+            cfg.local_socket.display(),
+            cfg.dataplane_socket.display(),
+            cfg.state_dir.display(),
+            cfg.tls.cert.display(),
+            cfg.tls.key.display(),
+            cfg.tls.client_ca.display(),
+        );
+        std::fs::write(dir.path("agent.toml"), toml).unwrap();
+        let log = dir.path("agent.log");
+        let child = Child(
+            std::process::Command::new(env!("CARGO_BIN_EXE_siphon-agent"))
+                .arg("--config")
+                .arg(dir.path("agent.toml"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        AgentProcess { child, addr, log }
+    }
+
+    /// Open file descriptors of the agent process.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.0.id()))
+            .unwrap()
+            .count()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Sends `bytes` on a new connection (over TLS with `tls`), then reads
+/// until the agent closes it: how long that took after sending, and what
+/// came back.
+fn closed_after(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    bytes: &[u8],
+) -> (Duration, String) {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        bytes: &[u8],
+    ) -> (Duration, String) {
+        s.write_all(bytes).await.unwrap();
+        s.flush().await.unwrap();
+        let sent = Instant::now();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "still open after 20 s");
+        (sent.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        match tls {
+            Some(tls) => {
+                let name = ServerName::IpAddress(addr.ip().into());
+                exchange(tls.connect(name, tcp).await.unwrap(), bytes).await
+            }
+            None => exchange(tcp, bytes).await,
+        }
+    })
+}
+
+fn wait_ready(tls: &tokio_rustls::TlsConnector, agent: &AgentProcess) {
+    assert!(
+        eventually(Duration::from_secs(10), || https(
+            tls,
+            agent.addr,
+            Method::GET,
+            "/v1/info",
+            None
+        )
+        .is_ok_and(|(code, _)| code == 200)),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn silent_slow_and_idle_clients_are_closed_after_the_timeouts() {
+    let dir = TempDir::new("timeouts");
+    let pki = Pki::new();
+    let agent = AgentProcess::spawn(
+        &dir,
+        &pki,
+        "header_read_timeout_ms = 500\nidle_timeout_ms = 1500\nmax_connections = 64",
+    );
+    let tls = client_tls(&pki.server_ca, Some(pki.controller.issue(&["c"], false)));
+    wait_ready(&tls, &agent);
+    let around = |what: &str, took: Duration, low_ms: u64, high_ms: u64| {
+        eprintln!("{what}: closed after {took:?}");
+        assert!(
+            took >= Duration::from_millis(low_ms) && took <= Duration::from_millis(high_ms),
+            "{what}: closed after {took:?}"
+        );
+    };
+
+    // A TCP connection that never starts its handshake.
+    let (took, _) = closed_after(agent.addr, None, b"");
+    around("silent TCP", took, 400, 3000);
+    // Half a request head over TLS.
+    let (took, _) = closed_after(
+        agent.addr,
+        Some(&tls),
+        b"GET /v1/info HTTP/1.1\r\nHost: agent\r\n",
+    );
+    around("half a request head", took, 400, 3000);
+    // A kept-alive connection after its request: hyper's header-read clock
+    // runs while it waits for the next request.
+    let (took, reply) = closed_after(
+        agent.addr,
+        Some(&tls),
+        b"GET /v1/info HTTP/1.1\r\nHost: agent\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    around("idle keep-alive", took, 400, 3000);
+    // A request body that stops arriving: the idle timeout, not the
+    // header-read one.
+    let (took, _) = closed_after(
+        agent.addr,
+        Some(&tls),
+        b"PUT /v1/heartbeat-key HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"key_id\": 1,",
+    );
+    around("stalled body", took, 1300, 4500);
+    // None of it got in the controller's way.
+    assert_eq!(
+        https(&tls, agent.addr, Method::GET, "/v1/info", None)
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+#[test]
+fn idle_clients_cannot_exhaust_the_agent_and_the_controller_still_gets_in() {
+    const CAP: usize = 4;
+    const SILENT: usize = 24;
+    let dir = TempDir::new("cap");
+    let pki = Pki::new();
+    let agent = AgentProcess::spawn(
+        &dir,
+        &pki,
+        &format!("header_read_timeout_ms = 500\nidle_timeout_ms = 60000\nmax_connections = {CAP}"),
+    );
+    let tls = client_tls(&pki.server_ca, Some(pki.controller.issue(&["c"], false)));
+    wait_ready(&tls, &agent);
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = agent.fds();
+
+    // Many clients connect and say nothing.
+    let silent: Vec<std::net::TcpStream> = (0..SILENT)
+        .map(|_| std::net::TcpStream::connect(agent.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let held = agent.fds();
+    eprintln!("agent fds: {baseline} at rest, {held} with {SILENT} silent clients (cap {CAP})");
+    assert!(
+        held <= baseline + CAP,
+        "{held} fds with {SILENT} silent clients, {baseline} at rest: the cap of {CAP} does not hold"
+    );
+
+    // The controller asks meanwhile: it waits its turn in the backlog and
+    // gets in once the silent ones ahead of it time out (batches of CAP,
+    // 500 ms each).
+    let t = Instant::now();
+    let (code, _) = https(&tls, agent.addr, Method::GET, "/v1/info", None).unwrap();
+    assert_eq!(code, 200);
+    let took = t.elapsed();
+    eprintln!("controller in after {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Every silent one was closed by the agent (EOF, or a reset).
+    for mut s in silent {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = s.read(&mut [0u8; 16]);
+        assert!(
+            matches!(r, Ok(0))
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+    // Refusals are logged at warn, the first one and then at most one line
+    // per 10 s: one line for this burst.
+    let log = agent.log();
+    assert_eq!(log.matches("TLS handshake refused").count(), 1, "{log}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.fds() <= baseline + 1,
+        "{} fds after, {baseline} before",
+        agent.fds()
+    );
+}
