@@ -1,18 +1,28 @@
 //! The agent's API, served twice: over HTTPS with mutual TLS for the
 //! controller, and over a local Unix socket without TLS for operators.
 //!
-//! - `GET /v1/info`: id, version, hostname, uptime.
-//! - `PUT /v1/config`: a dataplane config (JSON). Applied to the dataplane
-//!   first; only a config the dataplane took is persisted, so a rejected
-//!   one leaves the previous config running and on disk. Idempotent by
-//!   generation: the persisted generation with the same content answers
-//!   200 again (and is re-applied if the dataplane lost it).
+//! - `GET /v1/info`: id, version, hostname, uptime, and the id of the
+//!   heartbeat key in use (`heartbeat_key_id`: 0 for the bootstrap key,
+//!   null for none).
+//! - `PUT /v1/config`: a dataplane config (JSON), generation at most 2^53.
+//!   Applied to the dataplane first; only a config the dataplane took is
+//!   persisted, so a rejected one leaves the previous config running and on
+//!   disk. Idempotent by generation: the persisted generation with the same
+//!   content answers 200 again (and is re-applied if the dataplane lost
+//!   it).
 //! - `GET /v1/config`: the persisted config.
 //! - `GET /v1/status`, `GET /v1/stats`: the dataplane's.
-//! - `PUT /v1/vips`: add/remove VIP addresses on an interface (netlink),
-//!   idempotent.
-//! - `PUT /v1/certificates`: new PEM cert, key and client CA; used from the
-//!   next handshake on, and written over the configured files.
+//! - `PUT /v1/vips`: add/remove VIP addresses on an interface (netlink);
+//!   removes only VIPs this agent added ([`crate::vips`]); idempotent.
+//! - `PUT /v1/certificates`: new PEM cert, key and client CA, checked
+//!   against `tls.server_ca` and `tls.server_name` ([`tls::check_rotation`]);
+//!   used from the next handshake on, and written over the configured files.
+//! - `PUT /v1/heartbeat-key`: `{"key_id": N >= 1, "key": "<64 hex>"}`, this
+//!   amphora's own heartbeat key; persisted, then every later heartbeat is
+//!   signed with it. Idempotent.
+//!
+//! Bodies that do not parse, or break a rule, get 400 with
+//! `{"error": "..."}` and change nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,17 +34,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use hyper::Method;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 use siphon_dataplane::api::client::{request_async, Reply};
 use siphon_dataplane::config::load::Format;
 use siphon_dataplane::Config;
 
-use crate::store::Store;
-use crate::tls::{self, Live, Material};
+use crate::heartbeat::Keys;
+use crate::keys::PushedKey;
+use crate::store::{Store, HEARTBEAT_KEY_FILE};
+use crate::tls::{self, Live, Material, RotationPolicy};
+use crate::vips::Vips;
 
 /// Largest request body (configs with thousands of listeners fit).
 const MAX_BODY: usize = 64 << 20;
+/// The largest generation accepted: JSON clients that read numbers as
+/// doubles (most) keep integers exact up to 2^53.
+pub const MAX_GENERATION: u64 = 1 << 53;
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -48,6 +65,15 @@ pub struct Agent {
     pub tls: Live,
     /// Where rotated TLS material is written (cert, key, client CA).
     pub tls_files: crate::config::TlsFiles,
+    /// What a rotation must pass; `None` without `tls.server_ca`.
+    pub rotation: Option<RotationPolicy>,
+    /// The generation of the persisted config, for heartbeats.
+    pub persisted_generation: tokio::sync::watch::Sender<Option<u64>>,
+    /// The heartbeat key in use (read by the sender).
+    pub keys: Keys,
+    /// The key the controller pushed; pushes are serialised through it.
+    pub pushed_key: tokio::sync::Mutex<Option<PushedKey>>,
+    pub vips: Vips,
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -58,12 +84,18 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/certificates", put(put_certificates))
         .route("/v1/vips", put(put_vips))
+        .route("/v1/heartbeat-key", put(put_heartbeat_key))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
     (code, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// A JSON body, or why not (for a 400).
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("cannot parse: {e}"))
 }
 
 /// The dataplane's answer, passed on as it came.
@@ -95,6 +127,7 @@ async fn info(State(agent): State<Arc<Agent>>) -> Response {
         "api_version": "v1",
         "hostname": hostname,
         "uptime_seconds": agent.started.elapsed().as_secs(),
+        "heartbeat_key_id": agent.keys.key_id(),
     }))
     .into_response()
 }
@@ -142,6 +175,12 @@ async fn put_config(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) ->
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot parse: {e}")),
     };
+    if config.generation > MAX_GENERATION {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "generation must be at most 2^53 so JSON clients keep it exact",
+        );
+    }
     // One push at a time: what is persisted always matches what was applied.
     let mut persisted = agent.persisted.lock().await;
     let reply = match apply(&agent, &config).await {
@@ -159,6 +198,9 @@ async fn put_config(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) ->
             return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
         }
         *persisted = Some(config.clone());
+        agent
+            .persisted_generation
+            .send_replace(Some(config.generation));
         tracing::info!(
             generation = config.generation,
             "config applied and persisted"
@@ -171,8 +213,12 @@ async fn put_config(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) ->
     .into_response()
 }
 
-async fn put_vips(Json(req): Json<crate::vips::VipRequest>) -> Response {
-    match crate::vips::apply(&req).await {
+async fn put_vips(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
+    let req: crate::vips::VipRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match agent.vips.apply(&req).await {
         Ok(r) => {
             if !r.added.is_empty() || !r.removed.is_empty() {
                 tracing::info!(interface = %r.interface, added = ?r.added, removed = ?r.removed, "VIPs changed");
@@ -192,19 +238,30 @@ struct Certificates {
     client_ca: String,
 }
 
-async fn put_certificates(
-    State(agent): State<Arc<Agent>>,
-    Json(c): Json<Certificates>,
-) -> Response {
+async fn put_certificates(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
+    let c: Certificates = match parse_body(&body) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let Some(policy) = &agent.rotation else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "certificate rotation needs tls.server_ca in the agent's config \
+             (the CA the new certificate must chain to)",
+        );
+    };
     let m = Material {
         cert: c.cert.into_bytes(),
         key: c.key.into_bytes(),
         client_ca: c.client_ca.into_bytes(),
     };
     // Checked whole before anything is written or swapped.
-    let config = match tls::server_config(&m) {
+    let config = match tls::check_rotation(&m, policy) {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "certificate rotation refused");
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
     };
     let f = &agent.tls_files;
     for (path, bytes) in [
@@ -212,7 +269,7 @@ async fn put_certificates(
         (&f.key, &m.key),
         (&f.client_ca, &m.client_ca),
     ] {
-        if let Err(e) = write_atomic(path, bytes) {
+        if let Err(e) = crate::store::write_atomic(path, bytes) {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("{}: {e}", path.display()),
@@ -224,18 +281,20 @@ async fn put_certificates(
     Json(json!({ "result": "rotated" })).into_response()
 }
 
-/// Temp file, fsync, rename: a crash leaves the old or the new file.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+async fn put_heartbeat_key(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
+    let key: PushedKey = match parse_body(&body) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let mut pushed = agent.pushed_key.lock().await;
+    if pushed.as_ref() != Some(&key) {
+        if let Err(e) = agent.store.write(HEARTBEAT_KEY_FILE, &key) {
+            tracing::error!(error = %e, "heartbeat key not persisted");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        }
+        agent.keys.replace(key.signing_key());
+        tracing::info!(key_id = key.key_id, "heartbeat key pushed: signing with it");
+        *pushed = Some(key.clone());
+    }
+    Json(json!({ "key_id": key.key_id })).into_response()
 }

@@ -9,9 +9,12 @@
 pub mod api;
 pub mod config;
 pub mod heartbeat;
+pub mod keys;
 pub mod store;
 pub mod tls;
 pub mod vips;
+
+mod conn;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,21 +22,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
-use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::Agent;
-use crate::config::AgentConfig;
-use crate::store::{Store, StoreError};
-use crate::tls::{Live, Material, TlsError};
+use crate::config::{AgentConfig, Limits};
+use crate::heartbeat::Keys;
+use crate::keys::{KeyError, PushedKey};
+use crate::store::{Store, StoreError, HEARTBEAT_KEY_FILE};
+use crate::tls::{Live, Material, RotationPolicy, TlsError};
 
 /// How often the agent asks the dataplane which generation it runs: a
 /// restarted dataplane gets its config back within this (plus one apply).
 const WATCH_EVERY: Duration = Duration::from_millis(200);
-/// A client that does not finish its TLS handshake in this long is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -52,8 +54,13 @@ pub enum StartError {
     Local(#[from] siphon_dataplane::api::ApiError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("heartbeat key {path}: {problem}")]
-    HeartbeatKey { path: PathBuf, problem: String },
+    #[error("heartbeat key: {0}")]
+    HeartbeatKey(#[from] KeyError),
+    #[error("tls.server_ca {path}: {source}")]
+    ServerCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A running agent (its own runtime thread); stops on drop.
@@ -91,27 +98,35 @@ impl Drop for Handle {
 
 /// Starts the agent: reads its TLS material and state, binds both API
 /// sockets (errors are returned here), then serves on a new thread.
+///
+/// State files that do not parse are set aside (`<name>.corrupt`) and the
+/// agent starts without them; see [`store`].
 pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
     let material = Material::read(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
         .map_err(StartError::TlsFiles)?;
     let live = Live::new(tls::server_config(&material)?);
-    let secret: Option<Arc<[u8]>> = match &cfg.heartbeat {
-        Some(hb) => {
-            let bad = |problem: String| StartError::HeartbeatKey {
-                path: hb.key_file.clone(),
-                problem,
-            };
-            let text = std::fs::read(&hb.key_file).map_err(|e| bad(e.to_string()))?;
-            let key = text.trim_ascii();
-            if key.len() < 16 {
-                return Err(bad("shorter than 16 bytes".into()));
-            }
-            Some(key.into())
+    let rotation = match &cfg.tls.server_ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| StartError::ServerCa {
+                path: path.clone(),
+                source,
+            })?;
+            let name = cfg.tls.server_name.as_deref().unwrap_or(&cfg.amphora_id);
+            Some(RotationPolicy::new(&pem, name)?)
         }
         None => None,
     };
+    let bootstrap = match cfg.heartbeat.as_ref().and_then(|h| h.key_file.as_ref()) {
+        Some(path) => Some(keys::bootstrap(path)?),
+        None => None,
+    };
     let store = Store::open(&cfg.state_dir)?;
-    let persisted = store.load()?;
+    let persisted = store.read_or_set_aside::<siphon_dataplane::Config>(store::CONFIG_FILE)?;
+    let pushed = store.read_or_set_aside::<PushedKey>(HEARTBEAT_KEY_FILE)?;
+    let vips = vips::Vips::load(store.clone())?;
+    let keys = Keys::new(pushed.as_ref().map(PushedKey::signing_key).or(bootstrap));
+    let (persisted_generation, persisted_rx) =
+        watch::channel(persisted.as_ref().map(|c| c.generation));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("siphon-agent")
@@ -142,18 +157,27 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
         persisted: tokio::sync::Mutex::new(persisted),
         tls: live.clone(),
         tls_files: cfg.tls.clone(),
+        rotation,
+        persisted_generation,
+        keys: keys.clone(),
+        pushed_key: tokio::sync::Mutex::new(pushed),
+        vips,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let heartbeats = cfg.heartbeat.clone().zip(secret).map(|(hb, secret)| {
+    let heartbeats = cfg.heartbeat.as_ref().map(|hb| {
         heartbeat::run(
-            cfg.amphora_id.clone(),
-            cfg.dataplane_socket.clone(),
-            hb.destinations.clone(),
-            hb.interval(),
-            secret,
+            heartbeat::Sender {
+                amphora_id: cfg.amphora_id.clone(),
+                dataplane: cfg.dataplane_socket.clone(),
+                destinations: hb.destinations.clone(),
+                interval: hb.interval(),
+                keys,
+                persisted: persisted_rx,
+            },
             stop_rx.clone(),
         )
     });
+    let limits = cfg.limits.clone();
     let thread = std::thread::Builder::new()
         .name("siphon-agent-main".into())
         .spawn(move || {
@@ -163,7 +187,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
                 if let Some(h) = heartbeats {
                     tokio::spawn(h);
                 }
-                tokio::spawn(serve_tls(tcp, live, app.clone(), stop_rx.clone()));
+                tokio::spawn(serve_tls(tcp, live, app.clone(), limits, stop_rx.clone()));
                 let mut stop = stop_rx.clone();
                 let local = axum::serve(unix, app).with_graceful_shutdown(async move {
                     stopped(&mut stop).await;
@@ -188,20 +212,36 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(drop);
 }
 
-/// Accepts controller connections: the handshake (client certificate
-/// checked against the CA) with the TLS config current at accept time,
-/// then HTTP/1.1.
+/// Accepts controller connections, at most `limits.max_connections` at
+/// once (when all are taken, accepting waits for one to end: clients queue
+/// in the listen backlog, and the agent's file descriptors stay bounded).
+/// Each gets the TLS handshake (client certificate checked against the
+/// CA) with the TLS config current at accept time, within
+/// `header_read_timeout`, then HTTP/1.1 under [`conn::serve`]'s timeouts.
 async fn serve_tls(
     listener: TcpListener,
     tls: Live,
     app: axum::Router,
+    limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(std::sync::Mutex::new(conn::Throttle::new(
+        conn::REFUSAL_LOG_EVERY,
+    )));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = stopped(&mut stop) => return,
+        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -211,25 +251,24 @@ async fn serve_tls(
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let app = app.clone();
+        let limits = limits.clone();
+        let refusals = refusals.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let _permit = permit;
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout(), acceptor.accept(tcp)).await;
+            let stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    conn::log_refusal(&refusals, peer, &e.to_string());
                     return;
                 }
                 Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out");
+                    conn::log_refusal(&refusals, peer, "handshake timed out");
                     return;
                 }
             };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            conn::serve(stream, peer, app, &limits).await;
         });
     }
 }

@@ -1,15 +1,26 @@
-//! The last good dataplane config, on disk. Written atomically: a temp file
-//! in the same directory, fsynced, renamed over the old one, then the
-//! directory fsynced, so a crash leaves either the old or the new file,
-//! never a torn one.
+//! The agent's state on disk, in its state directory: the last good
+//! dataplane config (`config.json`), the heartbeat key the controller
+//! pushed (`heartbeat-key.json`), and the VIPs this agent added
+//! (`vips.json`).
+//!
+//! Every file is written atomically: a temp file in the same directory
+//! (mode 0600), fsynced, renamed over the old one, then the directory
+//! fsynced, so a crash leaves either the old or the new file, never a torn
+//! one. A file that does not parse at start is moved aside as
+//! `<name>.corrupt` (bytes kept for a human) and the agent goes on without
+//! it: the controller pushes again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use siphon_dataplane::Config;
 use thiserror::Error;
 
-const FILE: &str = "config.json";
+pub const CONFIG_FILE: &str = "config.json";
+pub const HEARTBEAT_KEY_FILE: &str = "heartbeat-key.json";
+pub const VIPS_FILE: &str = "vips.json";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -18,7 +29,12 @@ pub enum StoreError {
         dir: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a config: {message}")]
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} does not parse: {message}")]
     Corrupt { path: PathBuf, message: String },
 }
 
@@ -39,24 +55,35 @@ impl Store {
         })
     }
 
+    /// Where the persisted config is.
     pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
+        self.dir.join(CONFIG_FILE)
     }
 
-    /// The persisted config, if any.
+    /// The file `name` in the state directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The persisted config, if any; a corrupt one is an error.
     pub fn load(&self) -> Result<Option<Config>, StoreError> {
-        let path = self.path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+        self.read(CONFIG_FILE)
+    }
+
+    /// Replaces the persisted config.
+    pub fn save(&self, config: &Config) -> Result<(), StoreError> {
+        self.write(CONFIG_FILE, config)
+    }
+
+    /// `name` parsed as JSON; `None` when there is no such file.
+    pub fn read<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let path = self.file(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    dir: self.dir.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(StoreError::File { path, source }),
         };
-        serde_json::from_str(&text)
+        serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| StoreError::Corrupt {
                 path,
@@ -64,24 +91,106 @@ impl Store {
             })
     }
 
-    /// Replaces the persisted config.
-    pub fn save(&self, config: &Config) -> Result<(), StoreError> {
-        let io = |source| StoreError::Io {
-            dir: self.dir.clone(),
-            source,
-        };
-        let bytes = serde_json::to_vec_pretty(config).map_err(|e| io(std::io::Error::other(e)))?;
-        let tmp = self.dir.join(format!(".{FILE}.{}.tmp", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, self.path())?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    /// Like [`Store::read`], but a file that does not parse is logged,
+    /// moved aside as `<name>.corrupt` and reported as absent. Only a file
+    /// that cannot be read (or moved) is an error.
+    pub fn read_or_set_aside<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match self.read(name) {
+            Err(StoreError::Corrupt { path, message }) => {
+                let aside = self.file(&format!("{name}.corrupt"));
+                std::fs::rename(&path, &aside).map_err(|source| StoreError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+                tracing::error!(
+                    file = %path.display(),
+                    kept_as = %aside.display(),
+                    reason = %message,
+                    "state file does not parse: moved aside, starting without it"
+                );
+                Ok(None)
+            }
+            other => other,
         }
-        result.map_err(io)
+    }
+
+    /// Replaces `name` with `value` as JSON, atomically, mode 0600.
+    pub fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::File {
+            path: self.file(name),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomic(&self.file(name), &bytes).map_err(|source| StoreError::File {
+            path: self.file(name),
+            source,
+        })
+    }
+}
+
+/// Temp file beside `path` (mode 0600), fsync, rename, fsync the
+/// directory: a crash leaves the old or the new file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail by panicking
+    use super::*;
+
+    #[test]
+    fn corrupt_files_are_set_aside_with_their_bytes() {
+        let dir = std::env::temp_dir().join(format!("siphon-agent-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        assert!(store.read::<u32>("x.json").unwrap().is_none());
+        store.write("x.json", &7u32).unwrap();
+        assert_eq!(store.read::<u32>("x.json").unwrap(), Some(7));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(store.file("x.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(store.file("x.json"), b"{garbage").unwrap();
+        assert!(matches!(
+            store.read::<u32>("x.json"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(store.read_or_set_aside::<u32>("x.json").unwrap(), None);
+        assert!(!store.file("x.json").exists());
+        assert_eq!(
+            std::fs::read(store.file("x.json.corrupt")).unwrap(),
+            b"{garbage"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

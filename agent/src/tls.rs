@@ -5,13 +5,24 @@
 //! The current server config sits behind a lock taken once per accepted
 //! connection, so a rotation applies to the next handshake with no
 //! restart and no effect on connections already open.
+//!
+//! A rotation is checked before anything is written or swapped
+//! ([`check_rotation`]): the new certificate must chain to the CA the
+//! controller trusts for agents, be valid now and carry the name the
+//! controller expects (rustls' WebPKI server verifier, exactly what the
+//! controller will run), its key must match it, and the new client CA must
+//! parse. Anything less could lock the controller out.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use thiserror::Error;
 
@@ -23,6 +34,10 @@ pub enum TlsError {
     Empty { what: &'static str },
     #[error("TLS setup: {0}")]
     Rustls(String),
+    #[error("the new certificate would not be trusted as {name:?} by the controller: {reason}")]
+    Untrusted { name: String, reason: String },
+    #[error("the new key does not match the new certificate: {0}")]
+    KeyMismatch(String),
 }
 
 /// PEM texts of the agent's TLS material.
@@ -56,15 +71,75 @@ fn certs(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// A server config requiring client certificates from `client_ca`.
-pub fn server_config(m: &Material) -> Result<ServerConfig, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// The certificates of a PEM CA bundle as trust anchors.
+pub fn roots(pem: &[u8], what: &'static str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in certs(&m.client_ca, "client_ca")? {
+    for ca in certs(pem, what)? {
         roots
             .add(ca)
-            .map_err(|e| TlsError::Rustls(format!("client_ca: {e}")))?;
+            .map_err(|e| TlsError::Rustls(format!("{what}: {e}")))?;
     }
+    Ok(roots)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What a rotation is checked against: the CA the controller trusts for
+/// agents and the name it expects.
+#[derive(Debug, Clone)]
+pub struct RotationPolicy {
+    verifier: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl RotationPolicy {
+    pub fn new(server_ca: &[u8], name: &str) -> Result<RotationPolicy, TlsError> {
+        let roots = roots(server_ca, "server_ca")?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(format!("server_ca: {e}")))?;
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|e| TlsError::Rustls(format!("server name {name:?}: {e}")))?;
+        Ok(RotationPolicy { verifier, name })
+    }
+}
+
+/// Checks new TLS material whole and builds its server config: the
+/// certificate chains to the policy's CA, is valid now and carries its name;
+/// the key matches the certificate; the client CA parses.
+pub fn check_rotation(m: &Material, policy: &RotationPolicy) -> Result<ServerConfig, TlsError> {
+    let chain = certs(&m.cert, "cert")?;
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or(TlsError::Empty { what: "cert" })?;
+    policy
+        .verifier
+        .verify_server_cert(leaf, intermediates, &policy.name, &[], UnixTime::now())
+        .map_err(|e| TlsError::Untrusted {
+            name: policy.name.to_str().into_owned(),
+            reason: e.to_string(),
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(&m.key).map_err(|e| TlsError::Pem {
+        what: "key",
+        message: e.to_string(),
+    })?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::KeyMismatch(e.to_string()))?;
+    // Strict: a key whose public half cannot be compared is refused too.
+    CertifiedKey::new(chain, signing)
+        .keys_match()
+        .map_err(|e| TlsError::KeyMismatch(e.to_string()))?;
+    server_config(m)
+}
+
+/// A server config requiring client certificates from `client_ca`.
+pub fn server_config(m: &Material) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let roots = roots(&m.client_ca, "client_ca")?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
