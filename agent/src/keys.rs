@@ -71,6 +71,19 @@ impl From<PushedKey> for Wire {
 }
 
 impl PushedKey {
+    /// A key as the controller makes it (`key_id` at least 1).
+    pub fn new(key_id: u32, secret: [u8; KEY_LEN]) -> Result<PushedKey, KeyError> {
+        if key_id == BOOTSTRAP_KEY_ID {
+            return Err(KeyError::BootstrapId);
+        }
+        Ok(PushedKey { key_id, secret })
+    }
+
+    /// The HMAC secret.
+    pub fn secret(&self) -> &[u8; KEY_LEN] {
+        &self.secret
+    }
+
     pub fn signing_key(&self) -> SigningKey {
         SigningKey::new(self.key_id, &self.secret)
     }

@@ -113,7 +113,13 @@ fn parse(text: &str) -> Result<IpNet, VipError> {
 /// Why `net` cannot be a VIP, if it cannot.
 pub fn refusal(net: &IpNet) -> Option<&'static str> {
     match net.addr() {
-        IpAddr::V4(a) if a.is_loopback() => Some("a loopback address"),
+        // A host address in 127/8 other than 127.0.0.1 stays possible: a
+        // single-host setup (and the controller's tests) put VIPs on lo.
+        IpAddr::V4(a)
+            if a.is_loopback() && (a.octets() == [127, 0, 0, 1] || net.prefix_len() < 32) =>
+        {
+            Some("127.0.0.1 or a loopback prefix")
+        }
         IpAddr::V4(a) if a.is_multicast() => Some("a multicast address"),
         IpAddr::V4(a) if a.is_unspecified() => Some("the unspecified address"),
         IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),

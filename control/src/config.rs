@@ -248,8 +248,15 @@ pub struct Health {
     /// UDP address heartbeats arrive on.
     #[serde(default = "default_health_listen")]
     pub listen: SocketAddr,
-    /// File holding the shared HMAC key (the agents' `heartbeat.key_file`).
-    pub key_file: PathBuf,
+    /// File holding the fleet's bootstrap HMAC key (the agents'
+    /// `heartbeat.key_file`): it speaks for an amphora only until the
+    /// amphora's agent holds its own key, which the controller pushes.
+    /// Without it, amphorae are heard once their own key is pushed.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// How long a rotated-out heartbeat key is still taken.
+    #[serde(default = "default_key_grace_ms")]
+    pub key_grace_ms: u64,
     /// Silence after which an amphora is failed over.
     #[serde(default = "default_heartbeat_timeout_ms")]
     pub heartbeat_timeout_ms: u64,
@@ -278,6 +285,9 @@ pub struct Health {
     pub retry_max_ms: u64,
 }
 
+fn default_key_grace_ms() -> u64 {
+    60_000
+}
 fn default_repair_timeout_ms() -> u64 {
     30_000
 }
@@ -288,12 +298,15 @@ fn default_retry_max_ms() -> u64 {
 impl Health {
     /// The heartbeat key shared by the fleet (see `key_file`), checked
     /// like every secret.
-    pub fn bootstrap_key(&self) -> Result<Vec<u8>, ConfigError> {
-        let key = read_secret(&self.key_file, "health.key_file")?;
+    pub fn bootstrap_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.key_file else {
+            return Ok(None);
+        };
+        let key = read_secret(path, "health.key_file")?;
         let key = key.trim_ascii();
         if key.len() < MIN_SECRET_LEN {
             return Err(ConfigError::Invalid {
-                path: self.key_file.clone(),
+                path: path.clone(),
                 field: "health.key_file".into(),
                 problem: format!(
                     "the heartbeat key must be at least {MIN_SECRET_LEN} bytes (it has {})",
@@ -301,7 +314,10 @@ impl Health {
                 ),
             });
         }
-        Ok(key.to_vec())
+        Ok(Some(key.to_vec()))
+    }
+    pub fn key_grace(&self) -> Duration {
+        Duration::from_millis(self.key_grace_ms)
     }
 
     pub fn repair_timeout(&self) -> Duration {

@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use siphon_agent::heartbeat::{Heartbeat, Verifier};
+use siphon_agent::heartbeat::Heartbeat;
 use tokio::net::UdpSocket;
 
 use crate::config::Health;
+use crate::heartbeat_keys::{Gate, Refusal};
 use crate::model::{AmphoraStatus, Counters, OperatingStatus, State};
 use crate::store::Tx;
 use crate::{Controller, StartError};
@@ -25,7 +26,7 @@ use crate::{Controller, StartError};
 /// Longest time heartbeat-driven changes wait before they are stored.
 const FLUSH: Duration = Duration::from_millis(500);
 
-pub async fn bind(h: &Health) -> Result<(UdpSocket, Vec<u8>), StartError> {
+pub async fn bind(h: &Health) -> Result<(UdpSocket, Option<Vec<u8>>), StartError> {
     let key = h.bootstrap_key()?;
     let socket = UdpSocket::bind(h.listen)
         .await
@@ -61,14 +62,26 @@ impl Last {
 pub async fn receive(
     ctl: Arc<Controller>,
     socket: UdpSocket,
-    key: Vec<u8>,
+    bootstrap: Option<Vec<u8>>,
     h: Health,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut verifier = Verifier::new(&key, Duration::from_millis(h.clock_window_ms));
+    let seqs = ctl.db.read(|s| {
+        s.amphorae
+            .values()
+            .map(|a| (a.id.clone(), a.heartbeat_seq))
+            .collect()
+    });
+    let started = SystemTime::now() - ctl.started.elapsed();
+    let mut gate = Gate::new(
+        bootstrap,
+        Duration::from_millis(h.clock_window_ms),
+        started,
+        seqs,
+    );
     let mut buf = vec![0u8; 65_536];
     let mut last = Last::default();
-    let mut pending: Vec<Heartbeat> = Vec::new();
+    let mut pending: Vec<(Heartbeat, u32)> = Vec::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     let mut rejected: u64 = 0;
     loop {
@@ -77,13 +90,18 @@ pub async fn receive(
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = r else { continue };
-                match verifier.verify(&buf[..n], SystemTime::now()) {
-                    Ok(beat) => {
+                let checked = ctl.db.read(|s| gate.check(s, &buf[..n], SystemTime::now()));
+                if let Err(Refusal::Bootstrap(id)) = &checked {
+                    // Its agent may have lost its own key: push it again.
+                    crate::keys_push::request_key(&ctl, id);
+                }
+                match checked {
+                    Ok((beat, key_id)) => {
                         let now = Instant::now();
                         ctl.mark_heard(&beat.amphora_id, now);
                         ctl.metrics.add(&ctl.metrics.heartbeats_accepted, 1);
                         record(&ctl, &beat, now);
-                        pending.push(beat);
+                        pending.push((beat, key_id));
                         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH);
                     }
                     Err(e) => {
@@ -104,8 +122,8 @@ pub async fn receive(
                     // Totals move through every beat of the batch, not
                     // from the stored value each time.
                     let mut totals = HashMap::new();
-                    for beat in &beats {
-                        apply_beat(&ctl, &h, s, tx, beat, &mut last, &mut totals);
+                    for (beat, key_id) in &beats {
+                        apply_beat(&ctl, &h, s, tx, beat, *key_id, &mut last, &mut totals);
                     }
                     for ((l, a), c) in totals {
                         tx.stats(&l, &a, c);
@@ -131,7 +149,7 @@ fn record(ctl: &Controller, beat: &Heartbeat, now: Instant) {
     let l = live.entry(beat.amphora_id.clone()).or_default();
     l.report = Some(crate::repair::Report {
         generation: beat.generation,
-        persisted_generation: None,
+        persisted_generation: Some(beat.persisted_generation),
         vips: None,
     });
     l.received = Some(now);
@@ -147,12 +165,14 @@ fn out_of_step(ctl: &Controller, amphora: &str) -> bool {
 }
 
 /// Folds one heartbeat into `tx`.
+#[allow(clippy::too_many_arguments)]
 fn apply_beat(
     ctl: &Controller,
     h: &Health,
     s: &State,
     tx: &mut Tx,
     beat: &Heartbeat,
+    key_id: u32,
     last: &mut Last,
     totals: &mut HashMap<(String, String), Counters>,
 ) {
@@ -162,8 +182,18 @@ fn apply_beat(
     };
     // Last seen, stored; and a spare or a recovered amphora is back in
     // service.
+    // Replay protection across restarts, and proof its agent holds its
+    // own key.
     let mut heard = a.clone();
     heard.last_heartbeat = Some(crate::now());
+    heard.heartbeat_seq = heard.heartbeat_seq.max(beat.seq);
+    if heard
+        .heartbeat_key
+        .as_ref()
+        .is_some_and(|k| k.key_id == key_id)
+    {
+        heard.heartbeat_key_acked = true;
+    }
     let next = match (a.status, &a.load_balancer_id) {
         (AmphoraStatus::Booting, None) => Some(AmphoraStatus::Ready),
         (AmphoraStatus::FailoverStopped, Some(_)) => Some(AmphoraStatus::Allocated),

@@ -17,6 +17,8 @@ pub mod client;
 pub mod config;
 pub mod distributor;
 pub mod health;
+pub mod heartbeat_keys;
+pub mod keys_push;
 pub mod log_limit;
 pub mod metrics;
 pub mod model;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+pub use siphon_agent::keys::PushedKey;
 
 /// Octavia's `provisioning_status` (lifecycle of a change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -285,6 +286,25 @@ pub struct Amphora {
     /// line (re-push) after `error` (UTC, Octavia's format).
     #[serde(default)]
     pub next_attempt_at: Option<String>,
+    /// Its own heartbeat key, pushed to its agent over mutual TLS: no
+    /// other amphora can sign for it.
+    #[serde(default)]
+    pub heartbeat_key: Option<PushedKey>,
+    /// The key before the last rotation, still taken until
+    /// `previous_key_valid_until` so a rotation drops no heartbeat.
+    #[serde(default)]
+    pub previous_heartbeat_key: Option<PushedKey>,
+    #[serde(default)]
+    pub previous_key_valid_until: Option<String>,
+    /// Its agent is known to hold `heartbeat_key` (it took the push, or
+    /// signed with it); from then on the fleet's bootstrap key does not
+    /// speak for it.
+    #[serde(default)]
+    pub heartbeat_key_acked: bool,
+    /// The last heartbeat sequence number taken from it: what replay
+    /// protection starts from after a controller restart.
+    #[serde(default)]
+    pub heartbeat_seq: u64,
 }
 
 impl Amphora {

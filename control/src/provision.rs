@@ -177,7 +177,7 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
 
 /// Pushes `body` to `path` on `amphora`'s agent, retrying what may pass
 /// later (no answer, 5xx) and stopping at a refusal (4xx).
-async fn push(
+pub async fn push(
     ctl: &Controller,
     amphora: &Amphora,
     method: Method,

@@ -54,6 +54,13 @@ pub struct Live {
     /// Repairs that failed in a row, and when the next one may start.
     pub failures: u32,
     pub next_try: Option<Instant>,
+    /// Heartbeat-key pushes that failed in a row, and when the next may
+    /// start.
+    pub key_failures: u32,
+    pub key_next_try: Option<Instant>,
+    /// A heartbeat signed with the bootstrap key came for it although it
+    /// holds its own: its key is pushed again.
+    pub rekey: bool,
 }
 
 impl Live {
@@ -130,7 +137,12 @@ pub fn lb_operating(lb: &LoadBalancer, amphorae: usize, in_step: usize) -> Optio
 
 /// `now + d` in Octavia's timestamp format.
 pub fn at(d: Duration) -> String {
-    let t = time::OffsetDateTime::now_utc() + d;
+    at_time(std::time::SystemTime::now() + d)
+}
+
+/// `t` in Octavia's timestamp format (UTC, no zone).
+pub fn at_time(t: std::time::SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
     let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
     t.format(&format).unwrap_or_default()
 }
@@ -171,6 +183,7 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
         }
         retry_failed_changes(&ctl);
         if ctl.config.health.is_some() {
+            crate::keys_push::provision(&ctl);
             for step in judge(&ctl, Instant::now()) {
                 act(&ctl, step);
             }

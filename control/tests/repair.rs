@@ -40,8 +40,24 @@ fn wait_served(vip: SocketAddr, limit: Duration) -> Duration {
 }
 
 fn metric(rig: &Rig, name: &str) -> f64 {
-    let page = rig
-        .rt
+    find_metric(&scrape(rig), name)
+}
+
+/// A series with one `result` label.
+fn metric_labeled(rig: &Rig, name: &str, result: &str) -> f64 {
+    find_metric(&scrape(rig), &format!("{name}{{result=\"{result}\"}}"))
+}
+
+fn find_metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not on the page:\n{page}"))
+}
+
+fn scrape(rig: &Rig) -> String {
+    rig.rt
         .block_on(async {
             let addr = rig.handle.as_ref().unwrap().addr;
             let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -52,12 +68,7 @@ fn metric(rig: &Rig, name: &str) -> f64 {
             s.read_to_string(&mut out).await?;
             std::io::Result::Ok(out)
         })
-        .unwrap();
-    page.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not on the page:\n{page}"))
+        .unwrap()
 }
 
 #[test]
@@ -250,4 +261,184 @@ fn idle_connections_cannot_freeze_the_api_nor_stop_a_failover() {
         })
         .count();
     assert!(closed > 0, "no idle connection was closed");
+}
+
+/// Waits until every amphora of the rig holds its own heartbeat key.
+fn wait_keys_held(rig: &Rig) {
+    let start = Instant::now();
+    for a in &rig.amphorae {
+        loop {
+            let v = rig.get(&format!("/v2/octavia/amphorae/{}", a.id)).body["amphora"].clone();
+            if v["heartbeat_key_acked"] == true {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn seq_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+#[test]
+fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
+    use siphon_agent::heartbeat::{key, seal, Heartbeat};
+    if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let rig = &mut Rig::new("forge", &["amp-f1", "amp-f2"]);
+    let rt = rig.rt.clone();
+    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
+    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
+    let port = free_port();
+    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
+    wait_keys_held(rig);
+    let (c, s) = carrier_and_spare(rig, &lb);
+    let carrier = rig.amphorae[c].id.clone();
+    // The spare's own key, as its agent keeps it; and the fleet's
+    // bootstrap key.
+    let held: Value = serde_json::from_slice(
+        &std::fs::read(rig.amphorae[s].cfg.state_dir.join("heartbeat-key.json")).unwrap(),
+    )
+    .unwrap();
+    let spare_key_id = held["key_id"].as_u64().unwrap() as u32;
+    let spare_secret: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&held["key"].as_str().unwrap()[i * 2..i * 2 + 2], 16).unwrap())
+        .collect();
+    let bootstrap = std::fs::read_to_string(
+        rig.amphorae[c]
+            .cfg
+            .heartbeat
+            .as_ref()
+            .unwrap()
+            .key_file
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let hb = rig.handle.as_ref().unwrap().heartbeat_addr.unwrap();
+    let before = metric_labeled(rig, "siphon_control_heartbeats_total", "rejected");
+
+    // The carrier dies; the spare's holder (or anyone with the bootstrap
+    // key) tries to keep it "alive".
+    rig.amphorae[c].kill();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let forge = |k: &[u8], id: u32| {
+        let now = std::time::SystemTime::now();
+        let beat = Heartbeat {
+            amphora_id: carrier.clone(),
+            seq: seq_now(),
+            sent_ms: now
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+            generation: Some(u64::MAX / 4),
+            persisted_generation: Some(u64::MAX / 4),
+            listeners: vec![],
+            members: vec![],
+            truncated: false,
+        };
+        sock.send_to(&seal(&key(k), id, &beat), hb).unwrap();
+    };
+    let start = Instant::now();
+    let mut sent = 0;
+    loop {
+        forge(&spare_secret, spare_key_id);
+        forge(bootstrap.as_bytes(), 0);
+        sent += 2;
+        let a = rig.get(&format!("/v2/octavia/amphorae/{carrier}")).body["amphora"].clone();
+        if a["status"] == "ERROR" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "forged heartbeats kept {carrier} alive: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "{carrier} failed over {:?} after its death despite {sent} forged heartbeats",
+        start.elapsed()
+    );
+    let after = metric_labeled(rig, "siphon_control_heartbeats_total", "rejected");
+    assert!(
+        after - before >= sent as f64 - 2.0,
+        "{before} → {after} of {sent}"
+    );
+    rig.wait_active(&lb);
+}
+
+#[test]
+fn a_captured_heartbeat_replayed_after_a_controller_restart_is_refused() {
+    if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let rig = &mut Rig::new("replay", &["amp-r1", "amp-r2"]);
+    let rt = rig.rt.clone();
+    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
+    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
+    let port = free_port();
+    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
+    wait_keys_held(rig);
+    let (c, _) = carrier_and_spare(rig, &lb);
+    let carrier = rig.amphorae[c].id.clone();
+
+    // A copy of every heartbeat the carrier sends, as a listener on the
+    // path would capture it.
+    let capture = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    capture
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let amp = &mut rig.amphorae[c];
+    amp.cfg
+        .heartbeat
+        .as_mut()
+        .unwrap()
+        .destinations
+        .push(capture.local_addr().unwrap());
+    amp.start_agent();
+    let mut captured = Vec::new();
+    let mut buf = [0u8; 65_536];
+    let start = Instant::now();
+    while captured.len() < 10 && start.elapsed() < Duration::from_secs(10) {
+        if let Ok(n) = capture.recv(&mut buf) {
+            captured.push(buf[..n].to_vec());
+        }
+    }
+    assert_eq!(captured.len(), 10);
+
+    // The carrier dies, the controller restarts, and the captured
+    // heartbeats are replayed: none may keep the carrier alive.
+    rig.amphorae[c].kill();
+    rig.restart();
+    let hb = rig.handle.as_ref().unwrap().heartbeat_addr.unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let start = Instant::now();
+    loop {
+        for d in &captured {
+            sock.send_to(d, hb).unwrap();
+        }
+        let a = rig.get(&format!("/v2/octavia/amphorae/{carrier}")).body["amphora"].clone();
+        if a["status"] == "ERROR" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "replayed heartbeats kept {carrier} alive: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "{carrier} failed over {:?} after the restart despite replays",
+        start.elapsed()
+    );
+    assert!(metric_labeled(rig, "siphon_control_heartbeats_total", "rejected") >= 10.0);
+    rig.wait_active(&lb);
 }

@@ -25,6 +25,7 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/octavia/amphorae/{id}/stats", get(stats))
         .route("/octavia/amphorae/{id}/failover", put(failover))
         .route("/octavia/amphorae/{id}/config", put(reconfigure))
+        .route("/octavia/amphorae/{id}/heartbeat_key", put(rotate_key))
 }
 
 fn amphora_view(ctl: &Controller, a: &Amphora) -> Value {
@@ -134,6 +135,11 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             vrrp_ip: r.vrrp_ip,
             distributor_id: None,
             next_attempt_at: None,
+            heartbeat_key: None,
+            previous_heartbeat_key: None,
+            previous_key_valid_until: None,
+            heartbeat_key_acked: false,
+            heartbeat_seq: 0,
         },
     })
 }
@@ -315,4 +321,26 @@ async fn reconfigure(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
     })?;
     ctl.wake.notify_one();
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Siphon extension: gives the amphora a new heartbeat key (pushed to its
+/// agent at once); the current one is still taken for `health.key_grace_ms`,
+/// so no heartbeat is dropped (202, with the new key id).
+async fn rotate_key(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
+    let grace = ctl
+        .config
+        .health
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(60), |h| h.key_grace());
+    let key_id = ctl.db.write(|s, tx| -> Result<u32, Fault> {
+        get_amphora(s, &id)?;
+        crate::keys_push::rotate(s, tx, &id, grace)
+            .map_err(|e| Fault::new(StatusCode::INTERNAL_SERVER_ERROR, e))
+    })?;
+    tracing::info!(amphora = %id, key_id, "heartbeat key rotated");
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "heartbeat_key_id": key_id })),
+    )
+        .into_response())
 }

@@ -188,5 +188,7 @@ pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
         "distributor_id": a.distributor_id,
         "error": a.error,
         "next_attempt_at": a.next_attempt_at,
+        "heartbeat_key_id": a.heartbeat_key.as_ref().map(|k| k.key_id),
+        "heartbeat_key_acked": a.heartbeat_key_acked,
     })
 }

@@ -298,6 +298,11 @@ enum AmphoraCmd {
     Failover {
         id: String,
     },
+    /// A new heartbeat key for the amphora (the old one is taken for
+    /// health.key_grace_ms more).
+    RotateKey {
+        id: String,
+    },
 }
 
 /// `key=value` pairs into a JSON object (values as JSON when they parse).
@@ -674,6 +679,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             AmphoraCmd::Stats { id } => r.get(&format!("{AMPS}/{id}/stats"))?,
             AmphoraCmd::Failover { id } => {
                 drop(r.call(Method::PUT, &format!("{AMPS}/{id}/failover"), None)?)
+            }
+            AmphoraCmd::RotateKey { id } => {
+                drop(r.print(Method::PUT, &format!("{AMPS}/{id}/heartbeat_key"), None)?)
             }
         },
     }

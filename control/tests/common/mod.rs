@@ -81,12 +81,15 @@ impl Amphora {
                 cert: dir.path("agent.crt"),
                 key: dir.path("agent.key"),
                 client_ca: dir.path("controller-ca.crt"),
+                server_ca: None,
+                server_name: None,
             },
             heartbeat: Some(siphon_agent::config::Heartbeat {
                 destinations: vec![heartbeats],
                 interval_ms: 200,
-                key_file: key.to_owned(),
+                key_file: Some(key.to_owned()),
             }),
+            limits: Default::default(),
         };
         let agent = siphon_agent::start(&cfg).unwrap();
         // Restarts come back on the same port, as the controller knows it.
@@ -218,7 +221,8 @@ impl Rig {
             },
             health: Some(Health {
                 listen: format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(),
-                key_file: dir.path("heartbeat.key"),
+                key_file: Some(dir.path("heartbeat.key")),
+                key_grace_ms: 60_000,
                 heartbeat_timeout_ms: 1_000,
                 check_interval_ms: 50,
                 clock_window_ms: 30_000,
