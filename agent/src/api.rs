@@ -264,17 +264,14 @@ async fn put_certificates(State(agent): State<Arc<Agent>>, body: axum::body::Byt
         }
     };
     let f = &agent.tls_files;
-    for (path, bytes) in [
-        (&f.cert, &m.cert),
-        (&f.key, &m.key),
-        (&f.client_ca, &m.client_ca),
-    ] {
-        if let Err(e) = crate::store::write_atomic(path, bytes) {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{}: {e}", path.display()),
-            );
-        }
+    let files = [
+        (f.cert.as_path(), m.cert.as_slice()),
+        (f.key.as_path(), m.key.as_slice()),
+        (f.client_ca.as_path(), m.client_ca.as_slice()),
+    ];
+    if let Err(e) = crate::store::write_all_atomic(&files) {
+        tracing::error!(error = %e, "rotated TLS files not written");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
     agent.tls.replace(config);
     tracing::info!("TLS certificates rotated");

@@ -133,30 +133,61 @@ impl Store {
 /// Temp file beside `path` (mode 0600), fsync, rename, fsync the
 /// directory: a crash leaves the old or the new file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
+    write_all_atomic(&[(path, bytes)])
+}
+
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
+    }
+}
+
+/// Several files replaced together: every temp file is written and
+/// fsynced before the first rename, so a failure to write any of them
+/// (a full disk, a read-only directory) leaves all the old files in place.
+/// Only a crash between the renames can mix old and new.
+pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp_of = |path: &Path| {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        dir_of(path).join(format!(".{name}.{}.tmp", std::process::id()))
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let context = |path: &Path, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    };
+    let mut written = Vec::new();
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        for (path, bytes) in files {
+            let tmp = tmp_of(path);
+            written.push(tmp.clone());
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| context(path, e))?;
+            f.write_all(bytes).map_err(|e| context(path, e))?;
+            f.sync_all().map_err(|e| context(path, e))?;
+        }
+        for (path, _) in files {
+            std::fs::rename(tmp_of(path), path).map_err(|e| context(path, e))?;
+        }
+        for (path, _) in files {
+            std::fs::File::open(dir_of(path))
+                .and_then(|d| d.sync_all())
+                .map_err(|e| context(path, e))?;
+        }
+        Ok(())
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        for tmp in written {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
     result
 }
@@ -191,6 +222,25 @@ mod tests {
             std::fs::read(store.file("x.json.corrupt")).unwrap(),
             b"{garbage"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn files_written_together_are_all_replaced_or_none() {
+        let dir = std::env::temp_dir().join(format!("siphon-agent-pair-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.pem"), dir.join("b.pem"));
+        write_all_atomic(&[(&a, b"a1"), (&b, b"b1")]).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"a1");
+        assert_eq!(std::fs::read(&b).unwrap(), b"b1");
+        // The second cannot be written: the first stays old, no temp left.
+        let nowhere = dir.join("missing/c.pem");
+        let e = write_all_atomic(&[(&a, b"a2"), (&nowhere, b"c2")]).unwrap_err();
+        assert!(e.to_string().contains("missing/c.pem"), "{e}");
+        assert_eq!(std::fs::read(&a).unwrap(), b"a1");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 2, "{left:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
