@@ -1,7 +1,7 @@
 //! `/lbaas/loadbalancers`: CRUD, `status` tree, `stats`, `failover`.
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use axum::Router;
@@ -12,6 +12,7 @@ use super::body::{self, Field};
 use super::fault::Fault;
 use super::{
     lb_for_write, listing, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
+    SelfUrl,
 };
 use crate::model::{
     AmphoraStatus, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
@@ -31,14 +32,14 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/lbaas/loadbalancers/{id}/failover", put(failover))
 }
 
-async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl.db.read(|s| {
         s.load_balancers
             .values()
             .map(|lb| view::load_balancer(s, lb))
             .collect()
     });
-    listing(items, q.as_deref(), "loadbalancers", &headers, &uri)
+    listing(items, q.as_deref(), "loadbalancers", &at)
 }
 
 async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {

@@ -24,7 +24,7 @@ pub mod view;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::{RawQuery, Request, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -67,6 +67,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v2.0", get(version))
         .route("/v2.0/", get(version))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(remember_path))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctl)
 }
@@ -93,6 +94,38 @@ async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
 
 async fn not_found() -> Response {
     Fault::new(StatusCode::NOT_FOUND, "The resource could not be found.").into_response()
+}
+
+/// The path a request was sent to, before nesting took `/v2` or `/v2.0`
+/// off it: what a list's links repeat.
+#[derive(Debug, Clone)]
+struct AskedPath(String);
+
+async fn remember_path(mut req: Request, next: Next) -> Response {
+    let path = AskedPath(req.uri().path().to_owned());
+    req.extensions_mut().insert(path);
+    next.run(req).await
+}
+
+/// The URL a list was asked at (`http://host/v2.0/lbaas/...`, as the
+/// client spelt it), which its `next`/`previous` links point to, as in
+/// Octavia (`request.path_url`).
+#[derive(Debug, Clone)]
+pub struct SelfUrl(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SelfUrl {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<SelfUrl, Self::Rejection> {
+        let path = parts
+            .extensions
+            .get::<AskedPath>()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.0.clone());
+        Ok(SelfUrl(format!("{}{path}", base_url(&parts.headers))))
+    }
 }
 
 fn base_url(headers: &HeaderMap) -> String {
@@ -137,16 +170,16 @@ async fn providers() -> Response {
     .into_response()
 }
 
-async fn no_l7policies() -> Response {
-    Json(json!({ "l7policies": [], "l7policies_links": [] })).into_response()
+async fn no_l7policies(RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
+    listing(Vec::new(), q.as_deref(), "l7policies", &at)
 }
 
-async fn no_flavors() -> Response {
-    Json(json!({ "flavors": [], "flavors_links": [] })).into_response()
+async fn no_flavors(RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
+    listing(Vec::new(), q.as_deref(), "flavors", &at)
 }
 
-async fn no_zones() -> Response {
-    Json(json!({ "availability_zones": [], "availability_zones_links": [] })).into_response()
+async fn no_zones(RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
+    listing(Vec::new(), q.as_deref(), "availability_zones", &at)
 }
 
 /// `{"<key>": value}` with `status`.
@@ -161,12 +194,10 @@ pub fn listing(
     items: Vec<Value>,
     raw_query: Option<&str>,
     plural: &str,
-    headers: &HeaderMap,
-    uri: &axum::http::Uri,
+    at: &SelfUrl,
 ) -> ApiResult {
     let q = query::ListQuery::parse(raw_query)?;
-    let path = format!("{}{}", base_url(headers), uri.path());
-    Ok(Json(query::list(items, &q, plural, &path)?).into_response())
+    Ok(Json(query::list(items, &q, plural, &at.0)?).into_response())
 }
 
 /// A single object answer, `fields` applied.
