@@ -10,6 +10,7 @@
 //! amphora took the new config. A change that does not alter what the
 //! amphorae run (a name, a description, tags) is `ACTIVE` at once.
 
+pub mod absent;
 pub mod amphorae;
 pub mod body;
 pub mod fault;
@@ -24,7 +25,7 @@ pub mod view;
 
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, Request, State as AxState};
+use axum::extract::{Request, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -53,9 +54,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .merge(amphorae::routes())
         .merge(network::routes())
         .route("/lbaas/providers", get(providers))
-        .route("/lbaas/l7policies", get(no_l7policies))
-        .route("/lbaas/flavors", get(no_flavors))
-        .route("/lbaas/availabilityzones", get(no_zones));
+        .merge(absent::routes());
     Router::new()
         .nest("/v2", v2.clone())
         .nest("/v2.0", v2)
@@ -69,6 +68,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn(remember_path))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(fault_bodies))
         .with_state(ctl)
 }
 
@@ -90,6 +90,42 @@ async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Every error answer carries Octavia's fault body. axum's own answers
+/// (405 for a method a path does not take, 413 for a body over the limit,
+/// 400 for a path it cannot decode) come with an empty or plain-text body;
+/// they are rewrapped here, keeping their status (and `Allow`).
+async fn fault_bodies(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let allow = resp.headers().get(hyper::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if status == StatusCode::METHOD_NOT_ALLOWED {
+        format!("The method {method} is not allowed for the resource {path}.")
+    } else if text.is_empty() {
+        format!("{}.", status.canonical_reason().unwrap_or("Error"))
+    } else {
+        text
+    };
+    let mut out = Fault::new(status, message).into_response();
+    if let Some(a) = allow {
+        out.headers_mut().insert(hyper::header::ALLOW, a);
+    }
+    out
 }
 
 async fn not_found() -> Response {
@@ -168,18 +204,6 @@ async fn providers() -> Response {
         "providers_links": [],
     }))
     .into_response()
-}
-
-async fn no_l7policies(RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    listing(Vec::new(), q.as_deref(), "l7policies", &at)
-}
-
-async fn no_flavors(RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    listing(Vec::new(), q.as_deref(), "flavors", &at)
-}
-
-async fn no_zones(RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    listing(Vec::new(), q.as_deref(), "availability_zones", &at)
 }
 
 /// `{"<key>": value}` with `status`.
