@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 //! The controller's API where no amphora is needed, on loopback: what
 //! Octavia answers for what an L4 provider lacks (L7, flavors,
-//! availability zones) and fault bodies on every error.
+//! availability zones), fault bodies on every error, and the load
+//! balancer create checks that come before any amphora is taken.
 
 use hyper::Method;
 use serde_json::{json, Value};
@@ -323,4 +324,39 @@ fn what_siphon_lacks_answers_with_octavias_faults_never_an_empty_body() {
         None,
     );
     assert_eq!(caps.body, json!({"flavor_capabilities": []}));
+}
+
+#[test]
+fn a_load_balancer_in_an_unknown_zone_is_refused() {
+    let api = Api::start("api-create");
+    let lb = |extra: Value| {
+        let mut b = json!({"name": "x", "vip_subnet_id": "vips"});
+        if let (Some(b), Value::Object(e)) = (b.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        Some(json!({ "loadbalancer": b }))
+    };
+    let path = "/v2/lbaas/loadbalancers";
+    expect_faults(
+        &api,
+        vec![
+            (
+                Method::POST,
+                path,
+                lb(json!({"availability_zone": "az1"})),
+                400,
+                "Validation failure: Invalid availability_zone 'az1'",
+            ),
+            // No zone goes on to the next check: no spare amphora here.
+            (
+                Method::POST,
+                path,
+                lb(json!({"availability_zone": null})),
+                503,
+                "No spare amphora",
+            ),
+        ],
+    );
+    let a = api.call(Method::GET, path, None);
+    assert_eq!(a.body["loadbalancers"], json!([]), "{}", a.body);
 }

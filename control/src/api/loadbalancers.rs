@@ -87,6 +87,14 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     };
     let count = b.int("amphora_count", 1, 64)?.set();
     b.finish()?;
+    // Siphon defines no availability zones, so any named one is unknown:
+    // refused as Octavia refuses a zone it has no record of, rather than
+    // stored and shown as if it meant something.
+    if let Some(az) = &availability_zone {
+        return Err(Fault::bad_request(format!(
+            "Validation failure: Invalid availability_zone '{az}': this provider has no availability zones."
+        )));
+    }
     let amphora_count = match (topology, count) {
         (Topology::Single, None | Some(1)) => 1,
         (Topology::Single, Some(n)) => {
