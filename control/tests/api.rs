@@ -327,7 +327,7 @@ fn what_siphon_lacks_answers_with_octavias_faults_never_an_empty_body() {
 }
 
 #[test]
-fn a_load_balancer_in_an_unknown_zone_is_refused() {
+fn a_load_balancer_with_an_unknown_zone_or_a_non_host_vip_is_refused() {
     let api = Api::start("api-create");
     let lb = |extra: Value| {
         let mut b = json!({"name": "x", "vip_subnet_id": "vips"});
@@ -347,11 +347,40 @@ fn a_load_balancer_in_an_unknown_zone_is_refused() {
                 400,
                 "Validation failure: Invalid availability_zone 'az1'",
             ),
-            // No zone goes on to the next check: no spare amphora here.
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.0"})),
+                400,
+                "network or broadcast address of subnet vips",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.255"})),
+                400,
+                "network or broadcast address of subnet vips",
+            ),
+            // What passes these checks goes on to the next: no spare
+            // amphora here.
             (
                 Method::POST,
                 path,
                 lb(json!({"availability_zone": null})),
+                503,
+                "No spare amphora",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.1"})),
+                503,
+                "No spare amphora",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.254"})),
                 503,
                 "No spare amphora",
             ),
