@@ -81,6 +81,16 @@ pub fn allocate(
                     subnet.id, subnet.cidr
                 )));
             }
+            if !is_host(&subnet.cidr, a) {
+                return Err(Fault::invalid(
+                    "vip_address",
+                    a,
+                    &format!(
+                        "It is the network or broadcast address of subnet {} ({}), not a host address",
+                        subnet.id, subnet.cidr
+                    ),
+                ));
+            }
             if used.contains(&a) {
                 return Err(Fault::conflict(format!(
                     "IP address {a} already allocated in subnet {}",
@@ -101,6 +111,20 @@ pub fn allocate(
         subnet: subnet.clone(),
         address,
     })
+}
+
+/// Whether `a` (inside `net`) can be a host's address: not the network
+/// address (IPv6: the Subnet-Router anycast address) nor the IPv4
+/// broadcast address, except on /31 and /32 (and /127, /128), where every
+/// address is a host's (RFC 3021, RFC 6164).
+pub fn is_host(net: &ipnet::IpNet, a: IpAddr) -> bool {
+    match net {
+        ipnet::IpNet::V4(n) if n.prefix_len() < 31 => {
+            a != IpAddr::V4(n.network()) && a != IpAddr::V4(n.broadcast())
+        }
+        ipnet::IpNet::V6(n) if n.prefix_len() < 127 => a != IpAddr::V6(n.network()),
+        _ => true,
+    }
 }
 
 /// The subnet as Neutron shows it (what the CLI reads: id, network_id).
@@ -136,4 +160,49 @@ pub fn network_view(id: &str, subnets: &[VipSubnet]) -> Value {
         "tenant_id": "",
         "tags": [],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet(cidr: &str) -> VipSubnet {
+        VipSubnet {
+            id: "s".into(),
+            name: String::new(),
+            network_id: "n".into(),
+            network_name: String::new(),
+            cidr: cidr.parse().unwrap_or_else(|e| panic!("{cidr}: {e}")),
+            gateway_ip: None,
+        }
+    }
+
+    fn status(cidr: &str, address: &str) -> u16 {
+        match allocate(
+            &[subnet(cidr)],
+            &State::default(),
+            Some("s"),
+            None,
+            Some(address),
+        ) {
+            Ok(_) => 200,
+            Err(f) => f.status.as_u16(),
+        }
+    }
+
+    #[test]
+    fn network_and_broadcast_addresses_are_not_vips() {
+        assert_eq!(status("198.18.7.0/24", "198.18.7.0"), 400);
+        assert_eq!(status("198.18.7.0/24", "198.18.7.255"), 400);
+        assert_eq!(status("198.18.7.0/24", "198.18.7.1"), 200);
+        assert_eq!(status("198.18.7.0/24", "198.18.7.254"), 200);
+        assert_eq!(status("198.18.7.0/31", "198.18.7.0"), 200);
+        assert_eq!(status("198.18.7.9/32", "198.18.7.9"), 200);
+        assert_eq!(status("2001:db8::/64", "2001:db8::"), 400);
+        assert_eq!(
+            status("2001:db8::/64", "2001:db8::ffff:ffff:ffff:ffff"),
+            200
+        );
+        assert_eq!(status("2001:db8::/127", "2001:db8::"), 200);
+    }
 }

@@ -721,3 +721,116 @@ fn the_stock_openstack_cli_and_sdk_drive_it_unchanged() {
     assert_eq!(seen["names"], json!(["sdk-lb"]), "{seen}");
     assert_eq!(seen["deleted"], true, "{seen}");
 }
+
+/// Follows `next` links from `first`; the ids of each page, and the
+/// links seen (every one must point under `prefix`).
+fn follow(rig: &Rig, first: &str, key: &str, prefix: &str) -> (Vec<Vec<String>>, Value) {
+    let origin = format!("http://{}", rig.handle.as_ref().unwrap().addr);
+    let mut pages = Vec::new();
+    let mut path = first.to_owned();
+    loop {
+        let a = rig.get(&path);
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+        let ids: Vec<String> = a.body[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect();
+        pages.push(ids);
+        let last_links = a.body[format!("{key}_links")].clone();
+        for l in last_links.as_array().unwrap() {
+            let href = l["href"].as_str().unwrap();
+            assert!(
+                href.starts_with(&format!("{origin}{prefix}")),
+                "{href} is not under {origin}{prefix}"
+            );
+        }
+        let next = last_links
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["rel"] == "next");
+        match next {
+            Some(l) => path = l["href"].as_str().unwrap()[origin.len()..].to_owned(),
+            None => return (pages, last_links),
+        }
+        assert!(pages.len() < 10, "{first}: more pages than members");
+    }
+}
+
+#[test]
+fn lists_longer_than_a_page_are_followed_to_the_end_by_links_and_the_stock_sdk() {
+    if !root_or_skip("paging (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let venv = stock_clients();
+    let rig = Rig::with_auth("paging", &["amp-p1"], Auth::Noauth);
+    let (lb, _, pool, _) = rig.build_lb(&[], free_port());
+    let batch: Vec<Value> = (0..1200)
+        .map(|i| json!({"address": "127.0.0.1", "protocol_port": 20_000 + i}))
+        .collect();
+    let a = rig.call(
+        Method::PUT,
+        &format!("/v2/lbaas/pools/{pool}/members"),
+        Some(json!({"members": batch})),
+    );
+    assert_eq!(a.status, 202, "{}", a.body);
+    rig.wait_active(&lb);
+    // What the pool says it holds: the truth each way of paging must meet.
+    let p = rig.get(&format!("/v2/lbaas/pools/{pool}")).body;
+    let all: std::collections::BTreeSet<String> = p["pool"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all.len(), 1200);
+    let check = |pages: &[Vec<String>], sizes: &[usize]| {
+        assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), sizes);
+        let seen: Vec<&String> = pages.iter().flatten().collect();
+        let unique: std::collections::BTreeSet<String> =
+            seen.iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen.len(), unique.len(), "a member came twice");
+        assert_eq!(unique, all);
+    };
+
+    // No limit: Octavia's page of 1,000, then a link to the rest, under
+    // the prefix the client used.
+    let v2 = format!("/v2/lbaas/pools/{pool}/members");
+    let (pages, _) = follow(&rig, &v2, "members", &v2);
+    check(&pages, &[1000, 200]);
+    let v20 = format!("/v2.0/lbaas/pools/{pool}/members");
+    let (pages, last) = follow(&rig, &format!("{v20}?limit=500"), "members", &v20);
+    check(&pages, &[500, 500, 200]);
+    // The last page links back to the one before it.
+    let prev = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["rel"] == "previous")
+        .unwrap_or_else(|| panic!("no previous link: {last}"));
+    let origin = format!("http://{}", rig.handle.as_ref().unwrap().addr);
+    let back = rig.get(&prev["href"].as_str().unwrap()[origin.len()..]);
+    let back: Vec<String> = back.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(back, pages[1]);
+
+    // The stock SDK, asked for every member, gets each exactly once.
+    let mut sdk = std::process::Command::new(venv.join("bin/python"));
+    sdk.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/members.py"))
+        .args([&format!("{origin}/v2.0"), &pool]);
+    let seen: Value = serde_json::from_str(stock_output(sdk, "members.py").trim()).unwrap();
+    let ids: Vec<String> = seen["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1200, "the SDK saw {} members", ids.len());
+    check(&[ids], &[1200]);
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use axum::Router;
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::body;
 use super::fault::Fault;
-use super::{listing, showing, view, wrapped, ApiResult, Ctl};
+use super::{listing, showing, view, wrapped, ApiResult, Ctl, SelfUrl};
 use crate::model::{Amphora, AmphoraStatus, ProvisioningStatus, State};
 use crate::store::Kind;
 use crate::{Controller, StartError};
@@ -35,11 +35,11 @@ fn amphora_view(ctl: &Controller, a: &Amphora) -> Value {
     view::amphora(a, ago)
 }
 
-async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl
         .db
         .read(|s| s.amphorae.values().map(|a| amphora_view(&ctl, a)).collect());
-    listing(items, q.as_deref(), "amphorae", &headers, &uri)
+    listing(items, q.as_deref(), "amphorae", &at)
 }
 
 fn get_amphora<'a>(s: &'a State, id: &str) -> Result<&'a Amphora, Fault> {

@@ -60,6 +60,15 @@ impl Fault {
         )
     }
 
+    /// 501: a whole kind of object or action this provider does not
+    /// have (Octavia's `ProviderNotImplementedError`).
+    pub fn not_implemented(action: impl std::fmt::Display) -> Fault {
+        Fault::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("Provider 'siphon' does not support a requested action: {action}"),
+        )
+    }
+
     pub fn unauthorized() -> Fault {
         Fault::new(
             StatusCode::UNAUTHORIZED,

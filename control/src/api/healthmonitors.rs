@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -14,7 +14,7 @@ use super::fault::Fault;
 use super::pools::get_pool;
 use super::{
     lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl,
+    wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{HealthMonitor, OperatingStatus, ProvisioningStatus, State};
 use crate::store::Op;
@@ -43,14 +43,14 @@ pub fn routes() -> Router<Arc<Controller>> {
         )
 }
 
-async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl.db.read(|s| {
         s.health_monitors
             .values()
             .map(view::health_monitor)
             .collect()
     });
-    listing(items, q.as_deref(), "healthmonitors", &headers, &uri)
+    listing(items, q.as_deref(), "healthmonitors", &at)
 }
 
 fn get_monitor<'a>(s: &'a State, id: &str) -> Result<&'a HealthMonitor, Fault> {

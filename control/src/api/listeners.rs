@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -13,7 +13,7 @@ use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::{
     lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl,
+    wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{Listener, OperatingStatus, Pool, Protocol, ProvisioningStatus, State};
 use crate::store::Op;
@@ -58,11 +58,11 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/lbaas/listeners/{id}/stats", get(stats))
 }
 
-async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl
         .db
         .read(|s| s.listeners.values().map(|l| view::listener(s, l)).collect());
-    listing(items, q.as_deref(), "listeners", &headers, &uri)
+    listing(items, q.as_deref(), "listeners", &at)
 }
 
 fn get_listener<'a>(s: &'a State, id: &str) -> Result<&'a Listener, Fault> {

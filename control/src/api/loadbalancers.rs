@@ -1,7 +1,7 @@
 //! `/lbaas/loadbalancers`: CRUD, `status` tree, `stats`, `failover`.
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
 use axum::Router;
@@ -12,6 +12,7 @@ use super::body::{self, Field};
 use super::fault::Fault;
 use super::{
     lb_for_write, listing, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
+    SelfUrl,
 };
 use crate::model::{
     AmphoraStatus, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
@@ -31,14 +32,14 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/lbaas/loadbalancers/{id}/failover", put(failover))
 }
 
-async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl.db.read(|s| {
         s.load_balancers
             .values()
             .map(|lb| view::load_balancer(s, lb))
             .collect()
     });
-    listing(items, q.as_deref(), "loadbalancers", &headers, &uri)
+    listing(items, q.as_deref(), "loadbalancers", &at)
 }
 
 async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
@@ -86,6 +87,14 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     };
     let count = b.int("amphora_count", 1, 64)?.set();
     b.finish()?;
+    // Siphon defines no availability zones, so any named one is unknown:
+    // refused as Octavia refuses a zone it has no record of, rather than
+    // stored and shown as if it meant something.
+    if let Some(az) = &availability_zone {
+        return Err(Fault::bad_request(format!(
+            "Validation failure: Invalid availability_zone '{az}': this provider has no availability zones."
+        )));
+    }
     let amphora_count = match (topology, count) {
         (Topology::Single, None | Some(1)) => 1,
         (Topology::Single, Some(n)) => {

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -15,7 +15,7 @@ use super::fault::Fault;
 use super::pools::get_pool;
 use super::{
     lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl,
+    wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{Member, OperatingStatus, Pool, ProvisioningStatus, State};
 use crate::store::{Op, Tx};
@@ -37,14 +37,13 @@ async fn list(
     ctl: Ctl,
     Path(pool_id): Path<String>,
     RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    uri: Uri,
+    at: SelfUrl,
 ) -> ApiResult {
     let items = ctl.db.read(|s| -> Result<Vec<Value>, Fault> {
         get_pool(s, &pool_id)?;
         Ok(s.members_of(&pool_id).map(view::member).collect())
     })?;
-    listing(items, q.as_deref(), "members", &headers, &uri)
+    listing(items, q.as_deref(), "members", &at)
 }
 
 fn get_member<'a>(s: &'a State, pool: &str, id: &str) -> Result<&'a Member, Fault> {

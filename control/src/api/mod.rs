@@ -10,6 +10,7 @@
 //! amphora took the new config. A change that does not alter what the
 //! amphorae run (a name, a description, tags) is `ACTIVE` at once.
 
+pub mod absent;
 pub mod amphorae;
 pub mod body;
 pub mod fault;
@@ -53,9 +54,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .merge(amphorae::routes())
         .merge(network::routes())
         .route("/lbaas/providers", get(providers))
-        .route("/lbaas/l7policies", get(no_l7policies))
-        .route("/lbaas/flavors", get(no_flavors))
-        .route("/lbaas/availabilityzones", get(no_zones));
+        .merge(absent::routes());
     Router::new()
         .nest("/v2", v2.clone())
         .nest("/v2.0", v2)
@@ -69,7 +68,9 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         // Counts only, no ids: scraped without a token.
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(remember_path))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(fault_bodies))
         .with_state(ctl)
 }
 
@@ -117,8 +118,76 @@ async fn metrics(AxState(ctl): Ctl) -> Response {
         .into_response()
 }
 
+/// Every error answer carries Octavia's fault body. axum's own answers
+/// (405 for a method a path does not take, 413 for a body over the limit,
+/// 400 for a path it cannot decode) come with an empty or plain-text body;
+/// they are rewrapped here, keeping their status (and `Allow`).
+async fn fault_bodies(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let allow = resp.headers().get(hyper::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(resp.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if status == StatusCode::METHOD_NOT_ALLOWED {
+        format!("The method {method} is not allowed for the resource {path}.")
+    } else if text.is_empty() {
+        format!("{}.", status.canonical_reason().unwrap_or("Error"))
+    } else {
+        text
+    };
+    let mut out = Fault::new(status, message).into_response();
+    if let Some(a) = allow {
+        out.headers_mut().insert(hyper::header::ALLOW, a);
+    }
+    out
+}
+
 async fn not_found() -> Response {
     Fault::new(StatusCode::NOT_FOUND, "The resource could not be found.").into_response()
+}
+
+/// The path a request was sent to, before nesting took `/v2` or `/v2.0`
+/// off it: what a list's links repeat.
+#[derive(Debug, Clone)]
+struct AskedPath(String);
+
+async fn remember_path(mut req: Request, next: Next) -> Response {
+    let path = AskedPath(req.uri().path().to_owned());
+    req.extensions_mut().insert(path);
+    next.run(req).await
+}
+
+/// The URL a list was asked at (`http://host/v2.0/lbaas/...`, as the
+/// client spelt it), which its `next`/`previous` links point to, as in
+/// Octavia (`request.path_url`).
+#[derive(Debug, Clone)]
+pub struct SelfUrl(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SelfUrl {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<SelfUrl, Self::Rejection> {
+        let path = parts
+            .extensions
+            .get::<AskedPath>()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.0.clone());
+        Ok(SelfUrl(format!("{}{path}", base_url(&parts.headers))))
+    }
 }
 
 fn base_url(headers: &HeaderMap) -> String {
@@ -163,18 +232,6 @@ async fn providers() -> Response {
     .into_response()
 }
 
-async fn no_l7policies() -> Response {
-    Json(json!({ "l7policies": [], "l7policies_links": [] })).into_response()
-}
-
-async fn no_flavors() -> Response {
-    Json(json!({ "flavors": [], "flavors_links": [] })).into_response()
-}
-
-async fn no_zones() -> Response {
-    Json(json!({ "availability_zones": [], "availability_zones_links": [] })).into_response()
-}
-
 /// `{"<key>": value}` with `status`.
 pub fn wrapped(status: StatusCode, key: &str, value: Value) -> Response {
     let mut m = serde_json::Map::new();
@@ -187,12 +244,10 @@ pub fn listing(
     items: Vec<Value>,
     raw_query: Option<&str>,
     plural: &str,
-    headers: &HeaderMap,
-    uri: &axum::http::Uri,
+    at: &SelfUrl,
 ) -> ApiResult {
     let q = query::ListQuery::parse(raw_query)?;
-    let path = format!("{}{}", base_url(headers), uri.path());
-    Ok(Json(query::list(items, &q, plural, &path)?).into_response())
+    Ok(Json(query::list(items, &q, plural, &at.0)?).into_response())
 }
 
 /// A single object answer, `fields` applied.

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 
 use super::fault::Fault;
-use super::{listing, wrapped, ApiResult, Ctl};
+use super::{listing, wrapped, ApiResult, Ctl, SelfUrl};
 use crate::vip::{network_view, subnet_view};
 use crate::Controller;
 
@@ -22,9 +22,9 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/networks/{id}", get(network))
 }
 
-async fn subnets(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn subnets(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl.config.vip_subnets.iter().map(subnet_view).collect();
-    listing(items, q.as_deref(), "subnets", &headers, &uri)
+    listing(items, q.as_deref(), "subnets", &at)
 }
 
 async fn subnet(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
@@ -48,12 +48,12 @@ fn network_ids(ctl: &Controller) -> Vec<String> {
     ids
 }
 
-async fn networks(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn networks(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = network_ids(&ctl)
         .iter()
         .map(|id| network_view(id, &ctl.config.vip_subnets))
         .collect();
-    listing(items, q.as_deref(), "networks", &headers, &uri)
+    listing(items, q.as_deref(), "networks", &at)
 }
 
 async fn network(ctl: Ctl, Path(id): Path<String>) -> ApiResult {

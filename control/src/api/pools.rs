@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -14,7 +14,7 @@ use super::fault::Fault;
 use super::listeners::parse_protocol;
 use super::{
     lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl,
+    wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{OperatingStatus, Pool, ProvisioningStatus, SessionPersistence, State};
 use crate::store::{Op, Tx};
@@ -48,11 +48,11 @@ pub fn routes() -> Router<Arc<Controller>> {
         .route("/lbaas/pools/{id}", get(show).put(update).delete(delete))
 }
 
-async fn list(ctl: Ctl, RawQuery(q): RawQuery, headers: HeaderMap, uri: Uri) -> ApiResult {
+async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     let items = ctl
         .db
         .read(|s| s.pools.values().map(|p| view::pool(s, p)).collect());
-    listing(items, q.as_deref(), "pools", &headers, &uri)
+    listing(items, q.as_deref(), "pools", &at)
 }
 
 pub fn get_pool<'a>(s: &'a State, id: &str) -> Result<&'a Pool, Fault> {

@@ -248,43 +248,72 @@ pub fn list(
         }
     };
 
-    let mut links = Vec::new();
-    if q.limit.is_some() || q.marker.is_some() {
-        let link = |rel: &str, marker: &str, reverse: bool| {
-            let mut qs = url::form_urlencoded::Serializer::new(String::new());
-            qs.append_pair("limit", &limit.to_string());
-            for (k, dir) in &q.sort {
-                qs.append_pair(
-                    "sort",
-                    &format!("{k}:{}", if *dir { "asc" } else { "desc" }),
-                );
-            }
-            for (k, vs) in &q.filters {
-                for v in vs {
-                    qs.append_pair(k, v);
-                }
-            }
-            qs.append_pair("marker", marker);
-            if reverse {
-                qs.append_pair("page_reverse", "True");
-            }
-            json!({ "rel": rel, "href": format!("{path}?{}", qs.finish()) })
-        };
-        if let (Some(first), Some(last)) = (page.first(), page.last()) {
-            if more_after {
-                links.push(link("next", &id_of(last), false));
-            }
-            if more_before {
-                links.push(link("previous", &id_of(first), true));
-            }
-        }
-    }
-
+    let links = links(q, limit, path, &page, more_after, more_before);
     let page: Vec<Value> = page.into_iter().map(|i| project(i, &q.fields)).collect();
     let mut out = Map::new();
     out.insert(plural.to_owned(), Value::Array(page));
     out.insert(format!("{plural}_links"), Value::Array(links));
     Ok(Value::Object(out))
+}
+
+/// `next` (when more follow the page) and `previous` (when the page
+/// came after a marker and others precede it) links, as Octavia makes
+/// them: on every list, the default page size included, so a client that
+/// asked for no `limit` still pages through everything; each repeats the
+/// page size, the sort, the filters and `fields`, at the URL the list was
+/// asked at.
+fn links(
+    q: &ListQuery,
+    limit: usize,
+    path: &str,
+    page: &[Value],
+    more_after: bool,
+    more_before: bool,
+) -> Vec<Value> {
+    let id_of = |v: &Value| v["id"].as_str().unwrap_or_default().to_owned();
+    let link = |rel: &str, marker: &str, reverse: bool| {
+        let mut qs = url::form_urlencoded::Serializer::new(String::new());
+        qs.append_pair("limit", &limit.to_string());
+        for (k, dir) in &q.sort {
+            qs.append_pair(
+                "sort",
+                &format!("{k}:{}", if *dir { "asc" } else { "desc" }),
+            );
+        }
+        for (k, vs) in &q.filters {
+            for v in vs {
+                qs.append_pair(k, v);
+            }
+        }
+        for (k, vs) in [
+            ("tags", &q.tags_all),
+            ("tags-any", &q.tags_any),
+            ("not-tags", &q.not_tags_all),
+            ("not-tags-any", &q.not_tags_any),
+        ] {
+            if !vs.is_empty() {
+                qs.append_pair(k, &vs.join(","));
+            }
+        }
+        if !q.fields.is_empty() {
+            qs.append_pair("fields", &q.fields.join(","));
+        }
+        qs.append_pair("marker", marker);
+        if reverse {
+            qs.append_pair("page_reverse", "True");
+        }
+        json!({ "rel": rel, "href": format!("{path}?{}", qs.finish()) })
+    };
+    let mut links = Vec::new();
+    if let (Some(first), Some(last)) = (page.first(), page.last()) {
+        if more_after {
+            links.push(link("next", &id_of(last), false));
+        }
+        if more_before {
+            links.push(link("previous", &id_of(first), true));
+        }
+    }
+    links
 }
 
 /// Keeps only `fields` (all when empty).
@@ -405,6 +434,41 @@ mod tests {
         assert_eq!(ids(&p3, "things"), ["id4"]);
         assert_eq!(p3["things_links"].as_array().map(Vec::len), Some(1));
         assert_eq!(run("marker=zz").err().map(|f| f.status.as_u16()), Some(404));
+        Ok(())
+    }
+
+    #[test]
+    fn a_list_longer_than_the_default_page_links_to_the_rest() -> Result<(), Fault> {
+        let many: Vec<Value> = (0..1200)
+            .map(|i| json!({"id": format!("m{i:04}"), "created_at": "2026-01-01T00:00:00", "tags": ["t"]}))
+            .collect();
+        let q = ListQuery::parse(Some("tags=t&fields=id"))?;
+        let p1 = list(
+            many.clone(),
+            &q,
+            "members",
+            "http://h/v2.0/lbaas/pools/p/members",
+        )?;
+        assert_eq!(ids(&p1, "members").len(), MAX_PAGE_SIZE);
+        let links = p1["members_links"].as_array().cloned().unwrap_or_default();
+        assert_eq!(links.len(), 1, "{links:?}");
+        let next = links[0]["href"].as_str().unwrap_or_default();
+        assert!(
+            next.starts_with("http://h/v2.0/lbaas/pools/p/members?limit=1000&")
+                && next.contains("marker=m0999")
+                && next.contains("tags=t")
+                && next.contains("fields=id"),
+            "{next}"
+        );
+        let q2 = ListQuery::parse(next.split_once('?').map(|s| s.1))?;
+        let p2 = list(many, &q2, "members", "http://h/v2.0/lbaas/pools/p/members")?;
+        assert_eq!(ids(&p2, "members").len(), 200);
+        assert_eq!(ids(&p2, "members")[0], "m1000");
+        let rels: Vec<&str> = p2["members_links"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|l| l["rel"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(rels, ["previous"]);
         Ok(())
     }
 }

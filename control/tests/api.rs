@@ -1,0 +1,392 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+//! The controller's API where no amphora is needed, on loopback: what
+//! Octavia answers for what an L4 provider lacks (L7, flavors,
+//! availability zones), fault bodies on every error, and the load
+//! balancer create checks that come before any amphora is taken.
+
+use hyper::Method;
+use serde_json::{json, Value};
+use siphon_control::client::{Answer, Client};
+use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
+use siphon_testkit::free_port;
+use siphon_testkit::pki::TempDir;
+
+const TOKEN: &str = "api-token";
+
+struct Api {
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    handle: Option<siphon_control::Handle>,
+    client: Client,
+    _dir: TempDir,
+}
+
+impl Api {
+    fn start(tag: &str) -> Api {
+        let rt = siphon_testkit::runtime();
+        let dir = TempDir::new(tag);
+        let config = ControlConfig {
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            database: dir.path("control.db"),
+            auth: Auth::Token {
+                token: Some(TOKEN.into()),
+                token_file: None,
+            },
+            vip_subnets: vec![VipSubnet {
+                id: "vips".into(),
+                name: "vips".into(),
+                network_id: "net".into(),
+                network_name: String::new(),
+                cidr: "198.18.7.0/24".parse().unwrap(),
+                gateway_ip: None,
+            }],
+            amphorae: vec![],
+            agent_tls: None,
+            push: Push::default(),
+            health: None,
+            distributor: Default::default(),
+            limits: Default::default(),
+        };
+        let handle = rt.block_on(siphon_control::start(config)).unwrap();
+        let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();
+        Api {
+            rt,
+            handle: Some(handle),
+            client,
+            _dir: dir,
+        }
+    }
+
+    fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.rt
+            .block_on(self.client.call(method, path, body.as_ref()))
+            .unwrap()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.stop());
+        }
+    }
+}
+
+/// `(method, path, body, status, words the faultstring holds)`.
+type Case = (Method, &'static str, Option<Value>, u16, &'static str);
+
+fn expect_faults(api: &Api, cases: Vec<Case>) {
+    for (method, path, body, status, needle) in cases {
+        let a = api.call(method.clone(), path, body.clone());
+        assert_eq!(a.status, status, "{method} {path}: {}", a.body);
+        assert_eq!(
+            a.body["faultcode"],
+            if status >= 500 && status != 501 {
+                "Server"
+            } else {
+                "Client"
+            },
+            "{method} {path}: {}",
+            a.body
+        );
+        let fault = a
+            .fault()
+            .unwrap_or_else(|| panic!("{method} {path}: no fault body: {}", a.body));
+        assert!(
+            fault.contains(needle),
+            "{method} {path}: {fault:?} lacks {needle:?}"
+        );
+        assert_eq!(a.body["debuginfo"], Value::Null, "{method} {path}");
+    }
+}
+
+#[test]
+fn what_siphon_lacks_answers_with_octavias_faults_never_an_empty_body() {
+    let api = Api::start("api-absent");
+    let policy = json!({"l7policy": {"listener_id": "x", "action": "REJECT"}});
+    let rule = json!({"rule": {"type": "PATH", "compare_type": "EQUAL_TO", "value": "/"}});
+    let flavor = json!({"flavor": {"name": "gold", "flavor_profile_id": "p"}});
+    let profile =
+        json!({"flavorprofile": {"name": "p", "provider_name": "siphon", "flavor_data": "{}"}});
+    let zone = json!({"availability_zone": {"name": "az1", "availability_zone_profile_id": "p"}});
+    let zone_profile = json!({"availability_zone_profile": {"name": "p", "provider_name": "siphon", "availability_zone_data": "{}"}});
+    let l7 = "does not support a requested action: L7";
+    let flavors = "does not support a requested action: flavors";
+    let zones = "does not support a requested action: availability zones";
+    expect_faults(
+        &api,
+        vec![
+            // L7: every write is 501; nothing is ever found.
+            (
+                Method::POST,
+                "/v2/lbaas/l7policies",
+                Some(policy.clone()),
+                501,
+                l7,
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/l7policies/p1",
+                Some(policy.clone()),
+                501,
+                l7,
+            ),
+            (Method::DELETE, "/v2.0/lbaas/l7policies/p1", None, 501, l7),
+            (
+                Method::POST,
+                "/v2/lbaas/l7policies/p1/rules",
+                Some(rule.clone()),
+                501,
+                l7,
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/l7policies/p1/rules/r1",
+                Some(rule),
+                501,
+                l7,
+            ),
+            (
+                Method::DELETE,
+                "/v2/lbaas/l7policies/p1/rules/r1",
+                None,
+                501,
+                l7,
+            ),
+            (
+                Method::GET,
+                "/v2/lbaas/l7policies/p1",
+                None,
+                404,
+                "L7 Policy p1",
+            ),
+            (
+                Method::GET,
+                "/v2/lbaas/l7policies/p1/rules",
+                None,
+                404,
+                "L7 Policy p1",
+            ),
+            (
+                Method::GET,
+                "/v2/lbaas/l7policies/p1/rules/r1",
+                None,
+                404,
+                "L7 Policy p1",
+            ),
+            // Flavors, zones and their profiles: creating one is 501,
+            // changing, deleting or showing one that does not exist 404.
+            (
+                Method::POST,
+                "/v2/lbaas/flavors",
+                Some(flavor.clone()),
+                501,
+                flavors,
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/flavors/gold",
+                Some(flavor),
+                404,
+                "Flavor gold",
+            ),
+            (
+                Method::DELETE,
+                "/v2/lbaas/flavors/gold",
+                None,
+                404,
+                "Flavor gold",
+            ),
+            (
+                Method::GET,
+                "/v2/lbaas/flavors/gold",
+                None,
+                404,
+                "Flavor gold",
+            ),
+            (
+                Method::POST,
+                "/v2/lbaas/flavorprofiles",
+                Some(profile.clone()),
+                501,
+                flavors,
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/flavorprofiles/p",
+                Some(profile),
+                404,
+                "Flavor Profile p",
+            ),
+            (
+                Method::DELETE,
+                "/v2.0/lbaas/flavorprofiles/p",
+                None,
+                404,
+                "Flavor Profile p",
+            ),
+            (
+                Method::POST,
+                "/v2/lbaas/availabilityzones",
+                Some(zone.clone()),
+                501,
+                zones,
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/availabilityzones/az1",
+                Some(zone),
+                404,
+                "Availability Zone az1",
+            ),
+            (
+                Method::DELETE,
+                "/v2/lbaas/availabilityzones/az1",
+                None,
+                404,
+                "Availability Zone az1",
+            ),
+            (
+                Method::POST,
+                "/v2/lbaas/availabilityzoneprofiles",
+                Some(zone_profile.clone()),
+                501,
+                zones,
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/availabilityzoneprofiles/p",
+                Some(zone_profile),
+                404,
+                "Availability Zone Profile p",
+            ),
+            (
+                Method::DELETE,
+                "/v2/lbaas/availabilityzoneprofiles/p",
+                None,
+                404,
+                "Availability Zone Profile p",
+            ),
+            // axum's own refusals come with a fault body too.
+            (
+                Method::PATCH,
+                "/v2/lbaas/loadbalancers",
+                None,
+                405,
+                "PATCH is not allowed",
+            ),
+            (
+                Method::PUT,
+                "/v2/lbaas/flavors",
+                None,
+                405,
+                "PUT is not allowed",
+            ),
+            (
+                Method::DELETE,
+                "/v2/lbaas/pools",
+                None,
+                405,
+                "DELETE is not allowed",
+            ),
+            (
+                Method::GET,
+                "/v2/lbaas/quotas",
+                None,
+                404,
+                "could not be found",
+            ),
+            (Method::GET, "/v3", None, 404, "could not be found"),
+        ],
+    );
+    // The lists are there, empty.
+    for (path, key) in [
+        ("/v2/lbaas/l7policies", "l7policies"),
+        ("/v2/lbaas/flavors", "flavors"),
+        ("/v2/lbaas/flavorprofiles", "flavorprofiles"),
+        ("/v2.0/lbaas/availabilityzones", "availability_zones"),
+        (
+            "/v2/lbaas/availabilityzoneprofiles",
+            "availability_zone_profiles",
+        ),
+    ] {
+        let a = api.call(Method::GET, path, None);
+        assert_eq!(a.status, 200, "{path}: {}", a.body);
+        assert_eq!(a.body[key], json!([]), "{path}: {}", a.body);
+        assert_eq!(
+            a.body[format!("{key}_links")],
+            json!([]),
+            "{path}: {}",
+            a.body
+        );
+    }
+    let caps = api.call(
+        Method::GET,
+        "/v2/lbaas/providers/siphon/flavor_capabilities",
+        None,
+    );
+    assert_eq!(caps.body, json!({"flavor_capabilities": []}));
+}
+
+#[test]
+fn a_load_balancer_with_an_unknown_zone_or_a_non_host_vip_is_refused() {
+    let api = Api::start("api-create");
+    let lb = |extra: Value| {
+        let mut b = json!({"name": "x", "vip_subnet_id": "vips"});
+        if let (Some(b), Value::Object(e)) = (b.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        Some(json!({ "loadbalancer": b }))
+    };
+    let path = "/v2/lbaas/loadbalancers";
+    expect_faults(
+        &api,
+        vec![
+            (
+                Method::POST,
+                path,
+                lb(json!({"availability_zone": "az1"})),
+                400,
+                "Validation failure: Invalid availability_zone 'az1'",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.0"})),
+                400,
+                "network or broadcast address of subnet vips",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.255"})),
+                400,
+                "network or broadcast address of subnet vips",
+            ),
+            // What passes these checks goes on to the next: no spare
+            // amphora here.
+            (
+                Method::POST,
+                path,
+                lb(json!({"availability_zone": null})),
+                503,
+                "No spare amphora",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.1"})),
+                503,
+                "No spare amphora",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!({"vip_address": "198.18.7.254"})),
+                503,
+                "No spare amphora",
+            ),
+        ],
+    );
+    let a = api.call(Method::GET, path, None);
+    assert_eq!(a.body["loadbalancers"], json!([]), "{}", a.body);
+}
