@@ -2,7 +2,7 @@
 //! its own JSON document (see [`crate::store`]); what the API shows is built
 //! from it by [`crate::api::view`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 pub use siphon_agent::keys::PushedKey;
@@ -341,74 +341,251 @@ impl Counters {
     }
 }
 
+/// What a [`Table`] indexes an object by.
+pub trait Row {
+    /// Whether the object has a `name` (an amphora has none).
+    const NAMED: bool = true;
+    fn id(&self) -> &str;
+    fn created_at(&self) -> &str;
+    fn name(&self) -> &str {
+        ""
+    }
+    /// The load balancer it belongs to (an amphora: the one it carries).
+    fn load_balancer(&self) -> Option<&str> {
+        None
+    }
+    /// The pool it belongs to (a member, a health monitor) or, for a
+    /// listener, its default pool.
+    fn pool(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The secondary indexes of a [`Table`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum By {
+    Name,
+    LoadBalancer,
+    Pool,
+}
+
+/// Key → ids of the objects with that key.
+type Postings = HashMap<String, BTreeSet<String>>;
+
+/// One kind of object by id, with the indexes that lists and relationship
+/// lookups go through, so that they cost what they return rather than
+/// what the store holds. Read it as the `BTreeMap` it derefs to; it
+/// changes only through [`Table::insert`] and [`Table::remove`], which
+/// keep every index in step (so nothing can update the map and forget an
+/// index).
+#[derive(Debug, Clone)]
+pub struct Table<T> {
+    rows: BTreeMap<String, T>,
+    /// (created_at, id): Octavia's default list order.
+    created: BTreeSet<(String, String)>,
+    by_name: Postings,
+    by_lb: Postings,
+    by_pool: Postings,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Table<T> {
+        Table {
+            rows: BTreeMap::new(),
+            created: BTreeSet::new(),
+            by_name: HashMap::new(),
+            by_lb: HashMap::new(),
+            by_pool: HashMap::new(),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Table<T> {
+    type Target = BTreeMap<String, T>;
+
+    fn deref(&self) -> &BTreeMap<String, T> {
+        &self.rows
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Table<T> {
+    type Item = (&'a String, &'a T);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.rows.iter()
+    }
+}
+
+fn link(p: &mut Postings, key: Option<&str>, id: &str) {
+    if let Some(k) = key {
+        p.entry(k.to_owned()).or_default().insert(id.to_owned());
+    }
+}
+
+fn unlink(p: &mut Postings, key: Option<&str>, id: &str) {
+    if let Some(k) = key {
+        if let Some(ids) = p.get_mut(k) {
+            ids.remove(id);
+            if ids.is_empty() {
+                p.remove(k);
+            }
+        }
+    }
+}
+
+impl<T: Row> Table<T> {
+    /// Adds or replaces the object with `v`'s id; the one replaced.
+    pub fn insert(&mut self, v: T) -> Option<T> {
+        let id = v.id().to_owned();
+        let old = self.remove(&id);
+        self.created.insert((v.created_at().to_owned(), id.clone()));
+        if T::NAMED {
+            link(&mut self.by_name, Some(v.name()), &id);
+        }
+        link(&mut self.by_lb, v.load_balancer(), &id);
+        link(&mut self.by_pool, v.pool(), &id);
+        self.rows.insert(id, v);
+        old
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<T> {
+        let old = self.rows.remove(id)?;
+        self.created
+            .remove(&(old.created_at().to_owned(), id.to_owned()));
+        if T::NAMED {
+            unlink(&mut self.by_name, Some(old.name()), id);
+        }
+        unlink(&mut self.by_lb, old.load_balancer(), id);
+        unlink(&mut self.by_pool, old.pool(), id);
+        Some(old)
+    }
+
+    /// Every (created_at, id), in order: Octavia's default list order.
+    pub fn by_created(&self) -> &BTreeSet<(String, String)> {
+        &self.created
+    }
+
+    /// The ids an index holds under `key`.
+    pub fn ids(&self, by: By, key: &str) -> Option<&BTreeSet<String>> {
+        match by {
+            By::Name => &self.by_name,
+            By::LoadBalancer => &self.by_lb,
+            By::Pool => &self.by_pool,
+        }
+        .get(key)
+    }
+
+    /// The objects an index holds under `key`, by id.
+    pub fn with<'a>(&'a self, by: By, key: &str) -> impl Iterator<Item = &'a T> + 'a {
+        self.ids(by, key)
+            .into_iter()
+            .flatten()
+            .filter_map(move |id| self.rows.get(id))
+    }
+}
+
+macro_rules! row {
+    ($t:ty, |$s:ident| lb: $lb:expr, pool: $pool:expr) => {
+        impl Row for $t {
+            fn id(&self) -> &str {
+                &self.common.id
+            }
+            fn created_at(&self) -> &str {
+                &self.common.created_at
+            }
+            fn name(&self) -> &str {
+                &self.common.name
+            }
+            #[allow(unused_variables)]
+            fn load_balancer(&self) -> Option<&str> {
+                let $s = self;
+                $lb
+            }
+            #[allow(unused_variables)]
+            fn pool(&self) -> Option<&str> {
+                let $s = self;
+                $pool
+            }
+        }
+    };
+}
+
+row!(LoadBalancer, |_lb| lb: None, pool: None);
+row!(Listener, |l| lb: Some(l.load_balancer_id.as_str()), pool: l.default_pool_id.as_deref());
+row!(Pool, |p| lb: Some(p.load_balancer_id.as_str()), pool: None);
+row!(Member, |m| lb: Some(m.load_balancer_id.as_str()), pool: Some(m.pool_id.as_str()));
+row!(HealthMonitor, |h| lb: Some(h.load_balancer_id.as_str()), pool: Some(h.pool_id.as_str()));
+
+impl Row for Amphora {
+    const NAMED: bool = false;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn created_at(&self) -> &str {
+        &self.created_at
+    }
+    fn load_balancer(&self) -> Option<&str> {
+        self.load_balancer_id.as_deref()
+    }
+}
+
 /// Everything the controller knows, as loaded from the store.
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    pub load_balancers: BTreeMap<String, LoadBalancer>,
-    pub listeners: BTreeMap<String, Listener>,
-    pub pools: BTreeMap<String, Pool>,
-    pub members: BTreeMap<String, Member>,
-    pub health_monitors: BTreeMap<String, HealthMonitor>,
-    pub amphorae: BTreeMap<String, Amphora>,
+    pub load_balancers: Table<LoadBalancer>,
+    pub listeners: Table<Listener>,
+    pub pools: Table<Pool>,
+    pub members: Table<Member>,
+    pub health_monitors: Table<HealthMonitor>,
+    pub amphorae: Table<Amphora>,
     /// (listener id, amphora id) → counters.
     pub stats: BTreeMap<(String, String), Counters>,
 }
 
 impl State {
-    pub fn listeners_of<'a>(&'a self, lb: &'a str) -> impl Iterator<Item = &'a Listener> + 'a {
-        self.listeners
-            .values()
-            .filter(move |l| l.load_balancer_id == lb)
+    pub fn listeners_of<'a>(&'a self, lb: &str) -> impl Iterator<Item = &'a Listener> + 'a {
+        self.listeners.with(By::LoadBalancer, lb)
     }
 
-    pub fn pools_of<'a>(&'a self, lb: &'a str) -> impl Iterator<Item = &'a Pool> + 'a {
-        self.pools
-            .values()
-            .filter(move |p| p.load_balancer_id == lb)
+    pub fn pools_of<'a>(&'a self, lb: &str) -> impl Iterator<Item = &'a Pool> + 'a {
+        self.pools.with(By::LoadBalancer, lb)
     }
 
-    pub fn members_of<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
-        self.members.values().filter(move |m| m.pool_id == pool)
+    pub fn members_of<'a>(&'a self, pool: &str) -> impl Iterator<Item = &'a Member> + 'a {
+        self.members.with(By::Pool, pool)
     }
 
     pub fn monitor_of(&self, pool: &str) -> Option<&HealthMonitor> {
-        self.health_monitors.values().find(|h| h.pool_id == pool)
+        self.health_monitors.with(By::Pool, pool).next()
     }
 
-    pub fn amphorae_of<'a>(&'a self, lb: &'a str) -> impl Iterator<Item = &'a Amphora> + 'a {
-        self.amphorae
-            .values()
-            .filter(move |a| a.load_balancer_id.as_deref() == Some(lb))
+    pub fn amphorae_of<'a>(&'a self, lb: &str) -> impl Iterator<Item = &'a Amphora> + 'a {
+        self.amphorae.with(By::LoadBalancer, lb)
     }
 
     /// Listeners whose `default_pool_id` is `pool`.
-    pub fn listeners_using<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a Listener> + 'a {
-        self.listeners
-            .values()
-            .filter(move |l| l.default_pool_id.as_deref() == Some(pool))
+    pub fn listeners_using<'a>(&'a self, pool: &str) -> impl Iterator<Item = &'a Listener> + 'a {
+        self.listeners.with(By::Pool, pool)
     }
 
     /// A copy of one load balancer and everything under it.
     pub fn subset(&self, lb: &str) -> State {
         let mut s = State::default();
         if let Some(v) = self.load_balancers.get(lb) {
-            s.load_balancers.insert(lb.to_owned(), v.clone());
+            s.load_balancers.insert(v.clone());
         }
         for v in self.listeners_of(lb) {
-            s.listeners.insert(v.common.id.clone(), v.clone());
+            s.listeners.insert(v.clone());
         }
         for v in self.pools_of(lb) {
-            s.pools.insert(v.common.id.clone(), v.clone());
+            s.pools.insert(v.clone());
         }
-        for v in self.members.values().filter(|m| m.load_balancer_id == lb) {
-            s.members.insert(v.common.id.clone(), v.clone());
+        for v in self.members.with(By::LoadBalancer, lb) {
+            s.members.insert(v.clone());
         }
-        for v in self
-            .health_monitors
-            .values()
-            .filter(|h| h.load_balancer_id == lb)
-        {
-            s.health_monitors.insert(v.common.id.clone(), v.clone());
+        for v in self.health_monitors.with(By::LoadBalancer, lb) {
+            s.health_monitors.insert(v.clone());
         }
         s
     }
@@ -416,11 +593,83 @@ impl State {
     /// Summed counters of one listener over its amphorae.
     pub fn listener_counters(&self, listener: &str) -> Counters {
         let mut c = Counters::default();
-        for ((l, _), v) in &self.stats {
-            if l == listener {
-                c.add(v);
-            }
+        for (_, v) in self.stats_of(listener) {
+            c.add(v);
         }
         c
+    }
+
+    /// The counters of one listener, per amphora.
+    pub fn stats_of<'a>(
+        &'a self,
+        listener: &'a str,
+    ) -> impl Iterator<Item = (&'a (String, String), &'a Counters)> + 'a {
+        self.stats
+            .range((listener.to_owned(), String::new())..)
+            .take_while(move |((l, _), _)| l == listener)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(id: &str, lb: &str, pool: Option<&str>) -> Listener {
+        Listener {
+            common: Common {
+                id: id.into(),
+                name: format!("name-{id}"),
+                description: String::new(),
+                project_id: String::new(),
+                admin_state_up: true,
+                provisioning_status: ProvisioningStatus::Active,
+                operating_status: OperatingStatus::Online,
+                tags: vec![],
+                created_at: "2026-01-01T00:00:00".into(),
+                updated_at: None,
+                provisioning_error: None,
+                deployed: true,
+            },
+            load_balancer_id: lb.into(),
+            protocol: Protocol::Tcp,
+            protocol_port: 80,
+            connection_limit: -1,
+            default_pool_id: pool.map(Into::into),
+            timeout_client_data: 0,
+            timeout_member_connect: 0,
+            timeout_member_data: 0,
+            timeout_tcp_inspect: 0,
+            allowed_cidrs: vec![],
+        }
+    }
+
+    fn ids<'a>(it: impl Iterator<Item = &'a Listener>) -> Vec<&'a str> {
+        it.map(|l| l.common.id.as_str()).collect()
+    }
+
+    #[test]
+    fn indexes_follow_replacements_and_removals() {
+        let mut s = State::default();
+        s.listeners.insert(listener("l1", "lb1", Some("p1")));
+        s.listeners.insert(listener("l2", "lb1", None));
+        s.listeners.insert(listener("l3", "lb2", Some("p1")));
+        assert_eq!(ids(s.listeners_of("lb1")), ["l1", "l2"]);
+        assert_eq!(ids(s.listeners_using("p1")), ["l1", "l3"]);
+        // l1 changes its default pool and is renamed; l3 goes.
+        let mut l1 = listener("l1", "lb1", Some("p2"));
+        l1.common.name = "renamed".into();
+        s.listeners.insert(l1);
+        s.listeners.remove("l3");
+        assert_eq!(ids(s.listeners_using("p1")), Vec::<&str>::new());
+        assert_eq!(ids(s.listeners_using("p2")), ["l1"]);
+        assert_eq!(ids(s.listeners.with(By::Name, "renamed")), ["l1"]);
+        assert_eq!(s.listeners.ids(By::Name, "name-l1"), None);
+        assert_eq!(ids(s.listeners_of("lb2")), Vec::<&str>::new());
+        assert_eq!(s.listeners.ids(By::LoadBalancer, "lb2"), None);
+        assert_eq!(s.listeners.by_created().len(), 2);
+        // A subset carries its indexes.
+        let sub = s.subset("lb1");
+        assert_eq!(ids(sub.listeners_of("lb1")), ["l1", "l2"]);
+        assert_eq!(ids(sub.listeners_using("p2")), ["l1"]);
     }
 }

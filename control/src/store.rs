@@ -141,22 +141,22 @@ impl Store {
     pub fn load(&self) -> Result<State, StoreError> {
         let mut s = State::default();
         for lb in self.docs::<LoadBalancer>(Kind::LoadBalancer)? {
-            s.load_balancers.insert(lb.common.id.clone(), lb);
+            s.load_balancers.insert(lb);
         }
         for l in self.docs::<Listener>(Kind::Listener)? {
-            s.listeners.insert(l.common.id.clone(), l);
+            s.listeners.insert(l);
         }
         for p in self.docs::<Pool>(Kind::Pool)? {
-            s.pools.insert(p.common.id.clone(), p);
+            s.pools.insert(p);
         }
         for m in self.docs::<Member>(Kind::Member)? {
-            s.members.insert(m.common.id.clone(), m);
+            s.members.insert(m);
         }
         for h in self.docs::<HealthMonitor>(Kind::HealthMonitor)? {
-            s.health_monitors.insert(h.common.id.clone(), h);
+            s.health_monitors.insert(h);
         }
         for a in self.docs::<Amphora>(Kind::Amphora)? {
-            s.amphorae.insert(a.id.clone(), a);
+            s.amphorae.insert(a);
         }
         let mut stmt = self.conn.prepare(
             "SELECT listener_id, amphora_id, bytes_in, bytes_out, active_connections, \
@@ -296,22 +296,22 @@ pub fn apply(state: &mut State, ops: Vec<Op>) {
         match op {
             Op::Put(o) => match *o {
                 Object::LoadBalancer(v) => {
-                    state.load_balancers.insert(v.common.id.clone(), v);
+                    state.load_balancers.insert(v);
                 }
                 Object::Listener(v) => {
-                    state.listeners.insert(v.common.id.clone(), v);
+                    state.listeners.insert(v);
                 }
                 Object::Pool(v) => {
-                    state.pools.insert(v.common.id.clone(), v);
+                    state.pools.insert(v);
                 }
                 Object::Member(v) => {
-                    state.members.insert(v.common.id.clone(), v);
+                    state.members.insert(v);
                 }
                 Object::HealthMonitor(v) => {
-                    state.health_monitors.insert(v.common.id.clone(), v);
+                    state.health_monitors.insert(v);
                 }
                 Object::Amphora(v) => {
-                    state.amphorae.insert(v.id.clone(), v);
+                    state.amphorae.insert(v);
                 }
             },
             Op::Delete(kind, id) => match kind {
@@ -320,7 +320,11 @@ pub fn apply(state: &mut State, ops: Vec<Op>) {
                 }
                 Kind::Listener => {
                     state.listeners.remove(&id);
-                    state.stats.retain(|(l, _), _| *l != id);
+                    let gone: Vec<(String, String)> =
+                        state.stats_of(&id).map(|(k, _)| k.clone()).collect();
+                    for k in gone {
+                        state.stats.remove(&k);
+                    }
                 }
                 Kind::Pool => {
                     state.pools.remove(&id);

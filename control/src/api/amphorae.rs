@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 
 use super::body;
 use super::fault::Fault;
-use super::{listing, showing, view, wrapped, ApiResult, Ctl, SelfUrl};
-use crate::model::{Amphora, AmphoraStatus, ProvisioningStatus, State};
+use super::query::{list_rows, Rows};
+use super::{listing_state, showing, view, wrapped, ApiResult, Ctl, SelfUrl};
+use crate::model::{Amphora, AmphoraStatus, By, ProvisioningStatus, State};
 use crate::store::Kind;
 use crate::{Controller, StartError};
 
@@ -36,10 +37,17 @@ fn amphora_view(ctl: &Controller, a: &Amphora) -> Value {
 }
 
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    let items = ctl
-        .db
-        .read(|s| s.amphorae.values().map(|a| amphora_view(&ctl, a)).collect());
-    listing(items, q.as_deref(), "amphorae", &at)
+    listing_state(&ctl, q.as_deref(), |s, q| {
+        let rows = Rows::of(
+            &s.amphorae,
+            q,
+            &[
+                ("loadbalancer_id", By::LoadBalancer),
+                ("load_balancer_id", By::LoadBalancer),
+            ],
+        );
+        list_rows(rows, |a| amphora_view(&ctl, a), q, "amphorae", &at.0)
+    })
 }
 
 fn get_amphora<'a>(s: &'a State, id: &str) -> Result<&'a Amphora, Fault> {

@@ -12,11 +12,12 @@ use serde_json::Value;
 use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::pools::get_pool;
+use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
-use crate::model::{HealthMonitor, OperatingStatus, ProvisioningStatus, State};
+use crate::model::{By, HealthMonitor, OperatingStatus, ProvisioningStatus, State};
 use crate::store::Op;
 use crate::Controller;
 
@@ -44,13 +45,14 @@ pub fn routes() -> Router<Arc<Controller>> {
 }
 
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    let items = ctl.db.read(|s| {
-        s.health_monitors
-            .values()
-            .map(view::health_monitor)
-            .collect()
-    });
-    listing(items, q.as_deref(), "healthmonitors", &at)
+    listing_state(&ctl, q.as_deref(), |s, q| {
+        let rows = Rows::of(
+            &s.health_monitors,
+            q,
+            &[("pool_id", By::Pool), ("pools", By::Pool)],
+        );
+        list_rows(rows, view::health_monitor, q, "healthmonitors", &at.0)
+    })
 }
 
 fn get_monitor<'a>(s: &'a State, id: &str) -> Result<&'a HealthMonitor, Fault> {

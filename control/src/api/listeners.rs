@@ -11,11 +11,12 @@ use serde_json::Value;
 
 use super::body::{self, Body, Field};
 use super::fault::Fault;
+use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
-use crate::model::{Listener, OperatingStatus, Pool, Protocol, ProvisioningStatus, State};
+use crate::model::{By, Listener, OperatingStatus, Pool, Protocol, ProvisioningStatus, State};
 use crate::store::Op;
 use crate::Controller;
 
@@ -48,6 +49,14 @@ const UNSUPPORTED: &[&str] = &[
     "hsts_preload",
 ];
 
+/// Filters a listener list through an index.
+const INDEXED: &[(&str, By)] = &[
+    ("loadbalancer_id", By::LoadBalancer),
+    ("load_balancer_id", By::LoadBalancer),
+    ("loadbalancers", By::LoadBalancer),
+    ("default_pool_id", By::Pool),
+];
+
 pub fn routes() -> Router<Arc<Controller>> {
     Router::new()
         .route("/lbaas/listeners", get(list).post(create))
@@ -59,10 +68,10 @@ pub fn routes() -> Router<Arc<Controller>> {
 }
 
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    let items = ctl
-        .db
-        .read(|s| s.listeners.values().map(|l| view::listener(s, l)).collect());
-    listing(items, q.as_deref(), "listeners", &at)
+    listing_state(&ctl, q.as_deref(), |s, q| {
+        let rows = Rows::of(&s.listeners, q, INDEXED);
+        list_rows(rows, |l| view::listener(s, l), q, "listeners", &at.0)
+    })
 }
 
 fn get_listener<'a>(s: &'a State, id: &str) -> Result<&'a Listener, Fault> {

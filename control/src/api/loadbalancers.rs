@@ -10,12 +10,13 @@ use std::sync::Arc;
 
 use super::body::{self, Field};
 use super::fault::Fault;
+use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
+    lb_for_write, listing_state, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
     SelfUrl,
 };
 use crate::model::{
-    AmphoraStatus, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
+    AmphoraStatus, By, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
 };
 use crate::Controller;
 
@@ -33,13 +34,16 @@ pub fn routes() -> Router<Arc<Controller>> {
 }
 
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    let items = ctl.db.read(|s| {
-        s.load_balancers
-            .values()
-            .map(|lb| view::load_balancer(s, lb))
-            .collect()
-    });
-    listing(items, q.as_deref(), "loadbalancers", &at)
+    listing_state(&ctl, q.as_deref(), |s, q| {
+        let rows = Rows::of(&s.load_balancers, q, &[]);
+        list_rows(
+            rows,
+            |lb| view::load_balancer(s, lb),
+            q,
+            "loadbalancers",
+            &at.0,
+        )
+    })
 }
 
 async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
@@ -253,16 +257,12 @@ async fn delete(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiR
 /// Everything of `lb` goes `PENDING_DELETE`.
 fn mark_deleted(s: &State, tx: &mut crate::store::Tx, lb: &str) {
     let pd = ProvisioningStatus::PendingDelete;
-    for m in s.members.values().filter(|m| m.load_balancer_id == lb) {
+    for m in s.members.with(By::LoadBalancer, lb) {
         let mut m = m.clone();
         m.common.provisioning_status = pd;
         tx.put(m);
     }
-    for h in s
-        .health_monitors
-        .values()
-        .filter(|h| h.load_balancer_id == lb)
-    {
+    for h in s.health_monitors.with(By::LoadBalancer, lb) {
         let mut h = h.clone();
         h.common.provisioning_status = pd;
         tx.put(h);

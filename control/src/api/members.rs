@@ -13,8 +13,9 @@ use serde_json::Value;
 use super::body::{self, Body};
 use super::fault::Fault;
 use super::pools::get_pool;
+use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{Member, OperatingStatus, Pool, ProvisioningStatus, State};
@@ -39,11 +40,11 @@ async fn list(
     RawQuery(q): RawQuery,
     at: SelfUrl,
 ) -> ApiResult {
-    let items = ctl.db.read(|s| -> Result<Vec<Value>, Fault> {
+    listing_state(&ctl, q.as_deref(), |s, q| {
         get_pool(s, &pool_id)?;
-        Ok(s.members_of(&pool_id).map(view::member).collect())
-    })?;
-    listing(items, q.as_deref(), "members", &at)
+        let rows = Rows::only(&s.members, s.members_of(&pool_id).collect());
+        list_rows(rows, view::member, q, "members", &at.0)
+    })
 }
 
 fn get_member<'a>(s: &'a State, pool: &str, id: &str) -> Result<&'a Member, Fault> {

@@ -250,6 +250,19 @@ pub fn listing(
     Ok(Json(query::list(items, &q, plural, &at.0)?).into_response())
 }
 
+/// A list answer drawn from the state: `list` runs under the read lock
+/// with the parsed query and answers the page; its JSON is written once
+/// the lock is released.
+pub fn listing_state(
+    ctl: &Controller,
+    raw_query: Option<&str>,
+    list: impl FnOnce(&State, &query::ListQuery) -> Result<Value, Fault>,
+) -> ApiResult {
+    let q = query::ListQuery::parse(raw_query)?;
+    let v = ctl.db.read(|s| list(s, &q))?;
+    Ok(Json(v).into_response())
+}
+
 /// A single object answer, `fields` applied.
 pub fn showing(key: &str, item: Value, raw_query: Option<&str>) -> ApiResult {
     let q = query::ListQuery::parse(raw_query)?;

@@ -12,11 +12,12 @@ use serde_json::Value;
 use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::listeners::parse_protocol;
+use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing, lock, mutable, new_common, proposed, showing, update_common, view,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
-use crate::model::{OperatingStatus, Pool, ProvisioningStatus, SessionPersistence, State};
+use crate::model::{By, OperatingStatus, Pool, ProvisioningStatus, SessionPersistence, State};
 use crate::store::{Op, Tx};
 use crate::Controller;
 
@@ -42,6 +43,13 @@ const UNSUPPORTED: &[&str] = &[
     "alpn_protocols",
 ];
 
+/// Filters a pool list through an index.
+const INDEXED: &[(&str, By)] = &[
+    ("loadbalancer_id", By::LoadBalancer),
+    ("load_balancer_id", By::LoadBalancer),
+    ("loadbalancers", By::LoadBalancer),
+];
+
 pub fn routes() -> Router<Arc<Controller>> {
     Router::new()
         .route("/lbaas/pools", get(list).post(create))
@@ -49,10 +57,10 @@ pub fn routes() -> Router<Arc<Controller>> {
 }
 
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
-    let items = ctl
-        .db
-        .read(|s| s.pools.values().map(|p| view::pool(s, p)).collect());
-    listing(items, q.as_deref(), "pools", &at)
+    listing_state(&ctl, q.as_deref(), |s, q| {
+        let rows = Rows::of(&s.pools, q, INDEXED);
+        list_rows(rows, |p| view::pool(s, p), q, "pools", &at.0)
+    })
 }
 
 pub fn get_pool<'a>(s: &'a State, id: &str) -> Result<&'a Pool, Fault> {

@@ -4,9 +4,13 @@
 
 use std::cmp::Ordering;
 
+use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
+
 use serde_json::{json, Map, Value};
 
 use super::fault::Fault;
+use crate::model::{By, Row, Table};
 
 /// Octavia's page size when `limit` is not given, and the largest allowed.
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -166,33 +170,56 @@ fn compare(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// Filters, sorts, pages and projects `items` (API views), answering
-/// `{"<plural>": [...], "<plural>_links": [...]}`. `path` is the request
-/// path the links repeat.
-pub fn list(
-    mut items: Vec<Value>,
+/// Whether a view passes the query's filters and tags.
+fn wanted(item: &Value, q: &ListQuery) -> Result<bool, Fault> {
+    for (key, wanted) in &q.filters {
+        if !matches(item, key, wanted)? {
+            return Ok(false);
+        }
+    }
+    let t = tags(item);
+    Ok(q.tags_all.iter().all(|w| t.contains(&w.as_str()))
+        && (q.tags_any.is_empty() || q.tags_any.iter().any(|w| t.contains(&w.as_str())))
+        && (q.not_tags_all.is_empty() || !q.not_tags_all.iter().all(|w| t.contains(&w.as_str())))
+        && !q.not_tags_any.iter().any(|w| t.contains(&w.as_str())))
+}
+
+impl ListQuery {
+    /// Whether anything filters the list (attributes or tags).
+    fn filtering(&self) -> bool {
+        !self.filters.is_empty()
+            || !self.tags_all.is_empty()
+            || !self.tags_any.is_empty()
+            || !self.not_tags_all.is_empty()
+            || !self.not_tags_any.is_empty()
+    }
+
+    /// The one value wanted for `key`, when exactly one non-empty value is.
+    fn only(&self, key: &str) -> Option<&str> {
+        match self.filters.iter().find(|(k, _)| k == key) {
+            Some((_, v)) if v.len() == 1 && !v[0].is_empty() => Some(&v[0]),
+            _ => None,
+        }
+    }
+}
+
+/// A page: its items, and whether more follow it and precede it.
+type Page = (Vec<Value>, bool, bool);
+
+/// Filters, sorts and pages `items`: the general way, for any sort.
+/// `marker` is the view of the object the page starts after (before, with
+/// `page_reverse`), which need not pass the filters itself.
+fn page_sorted(
+    items: Vec<Value>,
+    marker: Option<&Value>,
     q: &ListQuery,
-    plural: &str,
-    path: &str,
-) -> Result<Value, Fault> {
-    // Filters.
+    limit: usize,
+) -> Result<Page, Fault> {
     let mut kept = Vec::with_capacity(items.len());
-    'items: for item in items.drain(..) {
-        for (key, wanted) in &q.filters {
-            if !matches(&item, key, wanted)? {
-                continue 'items;
-            }
+    for item in items {
+        if wanted(&item, q)? {
+            kept.push(item);
         }
-        let t = tags(&item);
-        if !q.tags_all.iter().all(|w| t.contains(&w.as_str()))
-            || (!q.tags_any.is_empty() && !q.tags_any.iter().any(|w| t.contains(&w.as_str())))
-            || (!q.not_tags_all.is_empty()
-                && q.not_tags_all.iter().all(|w| t.contains(&w.as_str())))
-            || q.not_tags_any.iter().any(|w| t.contains(&w.as_str()))
-        {
-            continue;
-        }
-        kept.push(item);
     }
     let mut items = kept;
 
@@ -212,7 +239,7 @@ pub fn list(
             }
         }
     }
-    items.sort_by(|a, b| {
+    let order = |a: &Value, b: &Value| {
         for (k, asc) in &keys {
             let o = compare(&a[k.as_str()], &b[k.as_str()]);
             let o = if *asc { o } else { o.reverse() };
@@ -221,39 +248,257 @@ pub fn list(
             }
         }
         Ordering::Equal
-    });
+    };
+    items.sort_by(order);
 
-    // Page: `marker` is the id of the last item of the previous page
-    // (the first of the next one when paging in reverse).
-    let id_of = |v: &Value| v["id"].as_str().unwrap_or_default().to_owned();
-    let limit = q.limit.unwrap_or(MAX_PAGE_SIZE);
-    let (page, more_after, more_before): (Vec<Value>, bool, bool) = match &q.marker {
+    // Page: `marker` is the last item of the previous page (the first of
+    // the next one when paging in reverse).
+    Ok(match marker {
         None => {
             let more = items.len() > limit;
-            (items.into_iter().take(limit).collect(), more, false)
+            items.truncate(limit);
+            (items, more, false)
         }
-        Some(marker) => {
-            let Some(pos) = items.iter().position(|i| id_of(i) == *marker) else {
-                return Err(Fault::not_found("Marker", marker));
-            };
-            if q.page_reverse {
-                let start = pos.saturating_sub(limit);
-                let page: Vec<Value> = items[start..pos].to_vec();
-                (page, true, start > 0)
-            } else {
-                let rest = &items[pos + 1..];
-                let more = rest.len() > limit;
-                (rest.iter().take(limit).cloned().collect(), more, true)
-            }
+        Some(m) if q.page_reverse => {
+            let end = items.partition_point(|i| order(i, m) == Ordering::Less);
+            let start = end.saturating_sub(limit);
+            items.truncate(end);
+            (items.split_off(start), true, start > 0)
         }
-    };
+        Some(m) => {
+            let from = items.partition_point(|i| order(i, m) != Ordering::Greater);
+            let mut rest = items.split_off(from);
+            let more = rest.len() > limit;
+            rest.truncate(limit);
+            (rest, more, true)
+        }
+    })
+}
 
+/// `{"<plural>": [...], "<plural>_links": [...]}` for a page.
+fn answer(page: Page, q: &ListQuery, limit: usize, plural: &str, path: &str) -> Value {
+    let (page, more_after, more_before) = page;
     let links = links(q, limit, path, &page, more_after, more_before);
     let page: Vec<Value> = page.into_iter().map(|i| project(i, &q.fields)).collect();
     let mut out = Map::new();
     out.insert(plural.to_owned(), Value::Array(page));
     out.insert(format!("{plural}_links"), Value::Array(links));
-    Ok(Value::Object(out))
+    Value::Object(out)
+}
+
+/// Filters, sorts, pages and projects `items` (API views of objects held
+/// outside the store, such as the configured subnets), answering
+/// `{"<plural>": [...], "<plural>_links": [...]}`. `path` is the URL the
+/// links repeat.
+pub fn list(items: Vec<Value>, q: &ListQuery, plural: &str, path: &str) -> Result<Value, Fault> {
+    let marker = match &q.marker {
+        Some(m) => Some(
+            items
+                .iter()
+                .find(|i| i["id"].as_str() == Some(m.as_str()))
+                .cloned()
+                .ok_or_else(|| Fault::not_found("Marker", m))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(MAX_PAGE_SIZE);
+    let page = page_sorted(items, marker.as_ref(), q, limit)?;
+    Ok(answer(page, q, limit, plural, path))
+}
+
+/// An order a [`Table`] keeps, so a page is walked to, not sorted out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// (created_at, id): Octavia's default.
+    Created,
+    Id,
+}
+
+/// The kept order (and whether ascending) the query's sort amounts to.
+fn kept_order(sort: &[(String, bool)]) -> Option<(Order, bool)> {
+    match sort {
+        [] => Some((Order::Created, true)),
+        // id is unique: whatever follows it does not matter.
+        [(k, asc), ..] if k == "id" => Some((Order::Id, *asc)),
+        // created_at ascending is followed by the default id ascending.
+        [(k, true)] if k == "created_at" => Some((Order::Created, true)),
+        [(k1, a1), (k2, a2), ..] if k1 == "created_at" && k2 == "id" && a1 == a2 => {
+            Some((Order::Created, *a1))
+        }
+        _ => None,
+    }
+}
+
+fn order_key<T: Row>(order: Order, t: &T) -> (&str, &str) {
+    match order {
+        Order::Created => (t.created_at(), t.id()),
+        Order::Id => ("", t.id()),
+    }
+}
+
+/// The objects a list is drawn from: a whole table, or the few that an
+/// index (or a parent: the members of one pool) names.
+#[derive(Debug)]
+pub struct Rows<'a, T> {
+    table: &'a Table<T>,
+    only: Option<Vec<&'a T>>,
+}
+
+impl<'a, T: Row> Rows<'a, T> {
+    /// The table, narrowed through an index when the query wants one
+    /// value of `id`, `name` or a key of `indexed` (the filters are still
+    /// applied to what the index gives).
+    pub fn of(table: &'a Table<T>, q: &ListQuery, indexed: &[(&str, By)]) -> Rows<'a, T> {
+        let only = if let Some(id) = q.only("id") {
+            Some(table.get(id).into_iter().collect())
+        } else if let Some(name) = q.only("name").filter(|_| T::NAMED) {
+            Some(table.with(By::Name, name).collect())
+        } else {
+            indexed
+                .iter()
+                .find_map(|(key, by)| q.only(key).map(|v| table.with(*by, v).collect()))
+        };
+        Rows { table, only }
+    }
+
+    /// Only `items` of the table (the members of one pool).
+    pub fn only(table: &'a Table<T>, items: Vec<&'a T>) -> Rows<'a, T> {
+        Rows {
+            table,
+            only: Some(items),
+        }
+    }
+
+    fn all(&self) -> Box<dyn Iterator<Item = &'a T> + '_> {
+        match &self.only {
+            Some(v) => Box::new(v.iter().copied()),
+            None => Box::new(self.table.values()),
+        }
+    }
+
+    /// The objects strictly after `marker` (all, without one) in `order`
+    /// when `up`; else strictly before it, walking down.
+    fn walk(
+        self,
+        order: Order,
+        marker: Option<&'a T>,
+        up: bool,
+    ) -> Box<dyn Iterator<Item = &'a T> + 'a> {
+        let table = self.table;
+        if let Some(mut v) = self.only {
+            v.sort_by(|a, b| order_key(order, *a).cmp(&order_key(order, *b)));
+            let at = marker.map(|m| order_key(order, m));
+            return if up {
+                let from = at.map_or(0, |k| v.partition_point(|t| order_key(order, *t) <= k));
+                Box::new(v.into_iter().skip(from))
+            } else {
+                let to = at.map_or(v.len(), |k| v.partition_point(|t| order_key(order, *t) < k));
+                v.truncate(to);
+                Box::new(v.into_iter().rev())
+            };
+        }
+        match order {
+            Order::Created => {
+                let set = table.by_created();
+                let get = move |(_, id): &'a (String, String)| table.get(id);
+                match (
+                    marker.map(|m| (m.created_at().to_owned(), m.id().to_owned())),
+                    up,
+                ) {
+                    (None, true) => Box::new(set.iter().filter_map(get)),
+                    (None, false) => Box::new(set.iter().rev().filter_map(get)),
+                    (Some(k), true) => {
+                        Box::new(set.range((Excluded(k), Unbounded)).filter_map(get))
+                    }
+                    (Some(k), false) => {
+                        Box::new(set.range((Unbounded, Excluded(k))).rev().filter_map(get))
+                    }
+                }
+            }
+            Order::Id => {
+                let rows: &'a BTreeMap<String, T> = table;
+                match (marker.map(Row::id), up) {
+                    (None, true) => Box::new(rows.values()),
+                    (None, false) => Box::new(rows.values().rev()),
+                    (Some(m), true) => Box::new(
+                        rows.range::<str, _>((Excluded(m), Unbounded))
+                            .map(|(_, v)| v),
+                    ),
+                    (Some(m), false) => Box::new(
+                        rows.range::<str, _>((Unbounded, Excluded(m)))
+                            .rev()
+                            .map(|(_, v)| v),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Lists objects of the store: filters, sorts, pages and projects as
+/// [`list`] does, at a cost in proportion to the page. In the orders a
+/// table keeps (Octavia's default, created_at then id, or id), the table
+/// is walked from the marker and the walk stops once the page is full;
+/// only the objects filtered and the page get a view built. Any other
+/// sort builds and sorts the views of every candidate.
+pub fn list_rows<'a, T: Row>(
+    rows: Rows<'a, T>,
+    view: impl Fn(&'a T) -> Value,
+    q: &ListQuery,
+    plural: &str,
+    path: &str,
+) -> Result<Value, Fault> {
+    let marker = match &q.marker {
+        Some(m) => Some(
+            rows.table
+                .get(m.as_str())
+                .ok_or_else(|| Fault::not_found("Marker", m))?,
+        ),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(MAX_PAGE_SIZE);
+    let Some((order, asc)) = kept_order(&q.sort) else {
+        let items = rows.all().map(&view).collect();
+        let page = page_sorted(items, marker.map(&view).as_ref(), q, limit)?;
+        return Ok(answer(page, q, limit, plural, path));
+    };
+    let filtering = q.filtering();
+    if filtering {
+        // A filter on what the object does not have is refused, whether
+        // or not anything is left to filter.
+        if let Some(probe) = rows.table.values().next() {
+            let v = view(probe);
+            for (key, wanted) in &q.filters {
+                matches(&v, key, wanted)?;
+            }
+        }
+    }
+    let reverse = q.page_reverse && marker.is_some();
+    let mut page = Vec::new();
+    let mut more = false;
+    for t in rows.walk(order, marker, asc != reverse) {
+        let v = if filtering {
+            let v = view(t);
+            if !wanted(&v, q)? {
+                continue;
+            }
+            Some(v)
+        } else {
+            None
+        };
+        if page.len() == limit {
+            more = true;
+            break;
+        }
+        page.push(v.unwrap_or_else(|| view(t)));
+    }
+    let page = if reverse {
+        page.reverse();
+        (page, true, more)
+    } else {
+        (page, more, marker.is_some())
+    };
+    Ok(answer(page, q, limit, plural, path))
 }
 
 /// `next` (when more follow the page) and `previous` (when the page
@@ -434,6 +679,96 @@ mod tests {
         assert_eq!(ids(&p3, "things"), ["id4"]);
         assert_eq!(p3["things_links"].as_array().map(Vec::len), Some(1));
         assert_eq!(run("marker=zz").err().map(|f| f.status.as_u16()), Some(404));
+        Ok(())
+    }
+
+    /// Members with creation times that tie and ids that do not follow
+    /// creation order.
+    fn table(n: usize) -> crate::model::Table<crate::model::Member> {
+        let mut t = crate::model::Table::default();
+        for i in 0..n {
+            t.insert(crate::model::Member {
+                common: crate::model::Common {
+                    id: format!("m{:03}", (i * 37) % 101),
+                    name: if i % 2 == 0 { "even" } else { "odd" }.into(),
+                    description: String::new(),
+                    project_id: String::new(),
+                    admin_state_up: true,
+                    provisioning_status: crate::model::ProvisioningStatus::Active,
+                    operating_status: crate::model::OperatingStatus::NoMonitor,
+                    tags: if i % 3 == 0 { vec!["b".into()] } else { vec![] },
+                    created_at: format!("2026-01-01T00:00:{:02}", i / 3),
+                    updated_at: None,
+                    provisioning_error: None,
+                    deployed: true,
+                },
+                load_balancer_id: "lb".into(),
+                pool_id: "p".into(),
+                address: format!("10.0.0.{i}"),
+                protocol_port: 80,
+                weight: (i % 5) as i64,
+                backup: false,
+                subnet_id: None,
+                monitor_address: None,
+                monitor_port: None,
+            });
+        }
+        t
+    }
+
+    #[test]
+    fn walking_the_indexes_pages_as_sorting_every_view_does() -> Result<(), Fault> {
+        let t = table(40);
+        let views: Vec<Value> = t.values().map(crate::api::view::member).collect();
+        let id = |i: usize| format!("m{:03}", (i * 37) % 101);
+        let (odd, some) = (id(7), id(20));
+        let queries = [
+            String::new(),
+            "limit=3".into(),
+            format!("limit=3&marker={some}"),
+            format!("limit=3&marker={some}&page_reverse=True"),
+            format!("limit=30&marker={some}&page_reverse=True"),
+            "sort=id:desc&limit=4".into(),
+            format!("sort=id:desc&limit=4&marker={some}"),
+            format!("sort=id&limit=4&marker={some}&page_reverse=True"),
+            format!("sort=created_at:desc,id:desc&limit=5&marker={some}"),
+            format!("sort_key=created_at&limit=5&marker={some}&page_reverse=1"),
+            format!("sort=weight:asc&limit=4&marker={some}"),
+            format!("sort=created_at:desc&limit=4&marker={some}"),
+            "name=odd&limit=2".into(),
+            format!("name=odd&limit=2&marker={odd}"),
+            format!("name=odd&limit=2&marker={odd}&page_reverse=True"),
+            "tags=b&limit=2".into(),
+            "not-tags=b&weight=3".into(),
+            "fields=id,name&limit=2".into(),
+            format!("id={odd}"),
+            format!("id={odd}&name=even"),
+            "limit=1000&marker=m000".into(),
+        ];
+        for qs in &queries {
+            let q = ListQuery::parse(Some(qs))?;
+            let sorted = list(views.clone(), &q, "members", "/m")?;
+            let walked = list_rows(
+                Rows::of(&t, &q, &[]),
+                crate::api::view::member,
+                &q,
+                "members",
+                "/m",
+            )?;
+            assert_eq!(walked, sorted, "{qs}");
+            let scoped = list_rows(
+                Rows::only(&t, t.values().collect()),
+                crate::api::view::member,
+                &q,
+                "members",
+                "/m",
+            )?;
+            assert_eq!(scoped, sorted, "{qs} (scoped)");
+        }
+        // A filter on what a member does not have is refused either way.
+        let q = ListQuery::parse(Some("colour=red"))?;
+        let rows = Rows::of(&t, &q, &[]);
+        assert!(list_rows(rows, crate::api::view::member, &q, "m", "/m").is_err());
         Ok(())
     }
 

@@ -1,0 +1,370 @@
+//! `siphon-control`'s API at scale, over loopback HTTP: a controller whose
+//! store holds `LBS` load balancers (10,000 by default), each with two
+//! listeners, two pools (a health monitor each) and four members, written
+//! straight into SQLite in one transaction and loaded by the real
+//! controller (`siphon_control::start`), then:
+//!
+//! - `get_one`: `GET /v2/lbaas/loadbalancers/{id}` (a different load
+//!   balancer each time), one keep-alive connection;
+//! - `list_100`: `GET /v2/lbaas/loadbalancers?limit=100&marker=...` (a page
+//!   somewhere in the store each time);
+//! - throughput: `CLIENTS` (8) keep-alive clients on their own threads for
+//!   `SECONDS` (5) each, on `get_one` and on `list_100`.
+//!
+//! Criterion times each request; the p50/p99 printed in the summary are
+//! over every request criterion made. Run with
+//! `cargo bench -p siphon-benches --bench controller_api`; environment:
+//! `LBS`, `CLIENTS`, `SECONDS`, `MEASURE_S` (criterion's measurement time,
+//! 5).
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a bench stops on a broken fixture
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode};
+use serde_json::{json, Value};
+use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
+use siphon_control::store::{Object, Op, Store};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A deterministic UUID-shaped id (ids sort like random UUIDs would:
+/// not in creation order).
+fn id(kind: u32, i: usize) -> String {
+    let h = (i as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .rotate_left(17)
+        ^ u64::from(kind);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (h >> 32) as u32,
+        (h >> 16) as u16,
+        h as u16 & 0xfff,
+        kind,
+        i
+    )
+}
+
+fn common(id: &str, name: String, created: &str) -> Value {
+    json!({
+        "id": id, "name": name, "description": "", "project_id": "bench",
+        "admin_state_up": true, "provisioning_status": "ACTIVE",
+        "operating_status": "ONLINE", "tags": [], "created_at": created,
+        "updated_at": null, "deployed": true,
+    })
+}
+
+fn with(mut base: Value, extra: Value) -> Value {
+    if let (Value::Object(b), Value::Object(e)) = (&mut base, extra) {
+        b.extend(e);
+    }
+    base
+}
+
+fn object<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("fixture matches the model")
+}
+
+/// Every object of `n` load balancers, in parent-first order.
+fn fixture(n: usize) -> Vec<Op> {
+    let mut ops = Vec::with_capacity(n * 11);
+    for i in 0..n {
+        // One created a second, as if over a few hours.
+        let t = 1_700_000_000 + i as i64;
+        let created = time_of(t);
+        let lb = id(1, i);
+        ops.push(Op::Put(Box::new(Object::LoadBalancer(object(with(
+            common(&lb, format!("lb-{i}"), &created),
+            json!({
+                "vip_address": format!("198.18.{}.{}", i / 250, i % 250 + 1),
+                "vip_subnet_id": "bench-subnet", "vip_network_id": "bench-net",
+                "vip_port_id": id(9, i), "vip_qos_policy_id": null, "provider": "siphon",
+                "flavor_id": "", "availability_zone": null, "topology": "SINGLE",
+                "amphora_count": 1,
+            }),
+        ))))));
+        for k in 0..2 {
+            let pool = id(3, i * 2 + k);
+            ops.push(Op::Put(Box::new(Object::Pool(object(with(
+                common(&pool, format!("pool-{i}-{k}"), &created),
+                json!({"load_balancer_id": lb, "protocol": "TCP", "lb_algorithm": "ROUND_ROBIN",
+                       "session_persistence": null}),
+            ))))));
+            ops.push(Op::Put(Box::new(Object::Listener(object(with(
+                common(&id(2, i * 2 + k), format!("listener-{i}-{k}"), &created),
+                json!({"load_balancer_id": lb, "protocol": "TCP", "protocol_port": 80 + k,
+                       "connection_limit": -1, "default_pool_id": pool,
+                       "timeout_client_data": 50000, "timeout_member_connect": 5000,
+                       "timeout_member_data": 50000, "timeout_tcp_inspect": 0,
+                       "allowed_cidrs": []}),
+            ))))));
+            ops.push(Op::Put(Box::new(Object::HealthMonitor(object(with(
+                common(&id(5, i * 2 + k), String::new(), &created),
+                json!({"load_balancer_id": lb, "pool_id": pool, "type": "TCP", "delay": 5,
+                       "timeout": 5, "max_retries": 3, "max_retries_down": 3,
+                       "http_method": null, "url_path": null, "expected_codes": null,
+                       "http_version": null, "domain_name": null}),
+            ))))));
+            for m in 0..2 {
+                ops.push(Op::Put(Box::new(Object::Member(object(with(
+                    common(&id(4, i * 4 + k * 2 + m), String::new(), &created),
+                    json!({"load_balancer_id": lb, "pool_id": pool,
+                           "address": format!("10.{}.{}.{}", i / 250 % 250, i % 250, m + 10),
+                           "protocol_port": 8080, "weight": 1, "backup": false,
+                           "subnet_id": null, "monitor_address": null, "monitor_port": null}),
+                ))))));
+            }
+        }
+    }
+    ops
+}
+
+/// Octavia's timestamp format for a Unix time.
+fn time_of(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        Conn {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        }
+    }
+
+    /// GETs `path`; the status and the body's length.
+    fn get(&mut self, path: &str) -> (u16, usize) {
+        write!(self.writer, "GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").expect("send");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("header");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.reader.read_exact(&mut body).expect("body");
+        (status, length)
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The path of the `i`-th request of a kind.
+fn path(kind: &str, ids: &[String], i: usize) -> String {
+    // Spread over the store, not in id order.
+    let k = (i.wrapping_mul(7919)) % ids.len();
+    match kind {
+        "get_one" => format!("/v2/lbaas/loadbalancers/{}", ids[k]),
+        _ => format!("/v2/lbaas/loadbalancers?limit=100&marker={}", ids[k]),
+    }
+}
+
+/// `clients` keep-alive clients for `seconds`: requests/s.
+fn throughput(
+    addr: SocketAddr,
+    kind: &'static str,
+    ids: &Arc<Vec<String>>,
+    clients: usize,
+    seconds: u64,
+) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (stop, done, ids) = (stop.clone(), done.clone(), ids.clone());
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(addr);
+                let mut i = c * 1_000_003;
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, _) = conn.get(&path(kind, &ids, i));
+                    assert_eq!(status, 200);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let n = done.load(Ordering::Relaxed);
+    let wall = t.elapsed().as_secs_f64();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    n as f64 / wall
+}
+
+fn main() {
+    let n = env("LBS", 10_000);
+    let clients = env("CLIENTS", 8);
+    let seconds = env("SECONDS", 5) as u64;
+    let measure = env("MEASURE_S", 5) as u64;
+
+    let dir = std::env::temp_dir().join(format!("siphon-api-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let db = dir.join("control.db");
+    let t = Instant::now();
+    let ops = fixture(n);
+    let objects = ops.len();
+    Store::open(&db)
+        .expect("store")
+        .commit(&ops)
+        .expect("fixture stored");
+    drop(ops);
+    let stored = t.elapsed();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = ControlConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        database: db.clone(),
+        auth: Auth::Noauth,
+        vip_subnets: vec![VipSubnet {
+            id: "bench-subnet".into(),
+            name: "bench".into(),
+            network_id: "bench-net".into(),
+            network_name: String::new(),
+            cidr: "198.18.0.0/15".parse().expect("cidr"),
+            gateway_ip: None,
+        }],
+        amphorae: vec![],
+        agent_tls: None,
+        push: Push::default(),
+        health: None,
+        distributor: Default::default(),
+    };
+    let t = Instant::now();
+    let handle = rt
+        .block_on(siphon_control::start(config))
+        .expect("controller");
+    let loaded = t.elapsed();
+    let addr = handle.addr;
+    let ids: Arc<Vec<String>> = Arc::new((0..n).map(|i| id(1, i)).collect());
+
+    let mut conn = Conn::open(addr);
+    let (status, len) = conn.get(&path("list_100", &ids, 1));
+    assert_eq!(status, 200, "list answered {status}");
+    let (status, _) = conn.get(&path("get_one", &ids, 1));
+    assert_eq!(status, 200, "get answered {status}");
+
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(measure));
+    let mut latencies = Vec::new();
+    for kind in ["get_one", "list_100"] {
+        let samples: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let mut i = 0usize;
+        let mut g = c.benchmark_group(format!("controller_api_{n}_lbs"));
+        // Flat: the same number of requests per sample, so that a slow
+        // controller (the 'before' figures) still finishes in minutes.
+        g.sampling_mode(SamplingMode::Flat);
+        g.bench_function(kind, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut mine = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let p = path(kind, &ids, i);
+                    i += 1;
+                    let t = Instant::now();
+                    let (status, _) = conn.get(&p);
+                    let d = t.elapsed();
+                    assert_eq!(status, 200);
+                    total += d;
+                    mine.push(d);
+                }
+                samples.lock().expect("samples").extend(mine);
+                total
+            })
+        });
+        g.finish();
+        let mut s = std::mem::take(&mut *samples.lock().expect("samples"));
+        s.sort();
+        latencies.push((kind, s));
+    }
+    let rates: Vec<(&str, f64)> = ["get_one", "list_100"]
+        .into_iter()
+        .map(|kind| (kind, throughput(addr, kind, &ids, clients, seconds)))
+        .collect();
+    c.final_summary();
+
+    println!("\n## siphon-control API, {n} load balancers ({objects} objects)\n");
+    println!(
+        "stored in {:.1} s, loaded by the controller in {:.1} s; a page of 100: {len} bytes\n",
+        stored.as_secs_f64(),
+        loaded.as_secs_f64()
+    );
+    println!(
+        "| request | p50 | p99 | requests | {clients} clients, req/s |\n|---|---:|---:|---:|---:|"
+    );
+    for ((kind, s), (_, rate)) in latencies.iter().zip(&rates) {
+        println!(
+            "| {kind} | {:.2} ms | {:.2} ms | {} | {rate:.0} |",
+            ms(percentile(s, 0.5)),
+            ms(percentile(s, 0.99)),
+            s.len()
+        );
+    }
+    rt.block_on(handle.stop());
+    let _ = std::fs::remove_dir_all(&dir);
+}
