@@ -291,6 +291,7 @@ fn main() {
         push: Push::default(),
         health: None,
         distributor: Default::default(),
+        limits: Default::default(),
     };
     let t = Instant::now();
     let handle = rt

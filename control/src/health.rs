@@ -1,8 +1,9 @@
 //! The health manager: heartbeats in, statuses and stats out, failover.
 //!
-//! - [`receive`] verifies each datagram with the agent crate's
-//!   [`Verifier`] (HMAC, clock window, replayed sequence numbers), records
-//!   when the amphora was heard, and folds its report into operating
+//! - [`receive`] checks each datagram ([`Gate`]: the sender's own key,
+//!   clock window, sequence numbers kept across restarts), records when
+//!   the amphora was heard and what it runs (for the repairer), and folds
+//!   its report into operating
 //!   statuses and counters, written in batches (at most once per
 //!   [`FLUSH`]) so a fleet of sub-second heartbeats is not a write each.
 //! - [`watch`] looks for amphorae silent for `heartbeat_timeout` and

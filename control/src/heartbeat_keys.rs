@@ -215,10 +215,8 @@ mod tests {
         let k1 = generate(1).unwrap();
         let k2 = generate(7).unwrap();
         let mut s = State::default();
-        s.amphorae
-            .insert("a1".into(), amphora("a1", Some(k1.clone())));
-        s.amphorae
-            .insert("a2".into(), amphora("a2", Some(k2.clone())));
+        s.amphorae.insert(amphora("a1", Some(k1.clone())));
+        s.amphorae.insert(amphora("a2", Some(k2.clone())));
         let boot = b"a bootstrap key of the fleet".to_vec();
         let mut gate = Gate::new(
             Some(boot.clone()),
@@ -255,7 +253,9 @@ mod tests {
         // The bootstrap key speaks for a1 only until its key is held.
         let boot_signed = heartbeat::seal(&heartbeat::key(&boot), 0, &beat("a1", seq + 3, now));
         assert!(gate.check(&s, &boot_signed, now).is_ok());
-        s.amphorae.get_mut("a1").unwrap().heartbeat_key_acked = true;
+        let mut held = s.amphorae["a1"].clone();
+        held.heartbeat_key_acked = true;
+        s.amphorae.insert(held);
         let boot_signed = heartbeat::seal(&heartbeat::key(&boot), 0, &beat("a1", seq + 4, now));
         assert!(matches!(
             gate.check(&s, &boot_signed, now),
@@ -278,7 +278,7 @@ mod tests {
         let mut s = State::default();
         let mut a = amphora("a1", Some(k.clone()));
         a.heartbeat_seq = seq;
-        s.amphorae.insert("a1".into(), a);
+        s.amphorae.insert(a);
         let sign = |b: &Heartbeat| heartbeat::seal(&heartbeat::key(k.secret()), 2, b);
         // A fresh controller: the stored number holds.
         let mut gate = Gate::new(None, Duration::from_secs(30), now, HashMap::new());
@@ -308,7 +308,7 @@ mod tests {
         let mut a = amphora("a1", Some(new));
         a.previous_heartbeat_key = Some(old.clone());
         a.previous_key_valid_until = Some(crate::repair::at_time(now + Duration::from_secs(60)));
-        s.amphorae.insert("a1".into(), a);
+        s.amphorae.insert(a);
         let mut gate = Gate::new(None, Duration::from_secs(30), now, HashMap::new());
         let b = heartbeat::seal(&heartbeat::key(old.secret()), 1, &beat("a1", seq, now));
         assert!(gate.check(&s, &b, now).is_ok());

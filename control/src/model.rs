@@ -629,6 +629,7 @@ mod tests {
                 updated_at: None,
                 provisioning_error: None,
                 deployed: true,
+                next_attempt_at: None,
             },
             load_balancer_id: lb.into(),
             protocol: Protocol::Tcp,

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::api::fault::Fault;
 use crate::model::{
-    Amphora, AmphoraStatus, LoadBalancer, OperatingStatus, ProvisioningStatus, State,
+    Amphora, AmphoraStatus, By, LoadBalancer, OperatingStatus, ProvisioningStatus, State,
 };
 use crate::store::{Kind, Tx};
 use crate::Controller;
@@ -441,7 +441,7 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[
         let reason = outcome.as_ref().err().cloned();
         let deleting = |c: &crate::model::Common| c.provisioning_status == ProvisioningStatus::PendingDelete;
         // Children first (deletes must precede their parents').
-        for m in s.members.values().filter(|m| m.load_balancer_id == lb_id) {
+        for m in s.members.with(By::LoadBalancer, lb_id) {
             if ok && deleting(&m.common) {
                 tx.delete(Kind::Member, &m.common.id);
             } else {
@@ -457,7 +457,7 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[
         }
         settle_all(
             tx,
-            s.health_monitors.values().filter(|h| h.load_balancer_id == lb_id),
+            s.health_monitors.with(By::LoadBalancer, lb_id),
             Kind::HealthMonitor,
             |h| &mut h.common,
             ok,
@@ -551,11 +551,11 @@ fn needs_child_push(s: &State, id: &str) -> bool {
         || s.pools_of(id)
             .any(|p| p.common.provisioning_status.is_pending())
         || s.members
-            .values()
-            .any(|m| m.load_balancer_id == id && m.common.provisioning_status.is_pending())
+            .with(By::LoadBalancer, id)
+            .any(|m| m.common.provisioning_status.is_pending())
         || s.health_monitors
-            .values()
-            .any(|h| h.load_balancer_id == id && h.common.provisioning_status.is_pending())
+            .with(By::LoadBalancer, id)
+            .any(|h| h.common.provisioning_status.is_pending())
 }
 
 /// Empties a failed-over amphora (config and VIPs) and makes it a spare.

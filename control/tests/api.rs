@@ -11,7 +11,7 @@ use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
 use siphon_testkit::free_port;
 use siphon_testkit::pki::TempDir;
 
-const TOKEN: &str = "api-token";
+const TOKEN: &str = "api-test-admin-token";
 
 struct Api {
     rt: std::sync::Arc<tokio::runtime::Runtime>,
