@@ -113,13 +113,7 @@ fn parse(text: &str) -> Result<IpNet, VipError> {
 /// Why `net` cannot be a VIP, if it cannot.
 pub fn refusal(net: &IpNet) -> Option<&'static str> {
     match net.addr() {
-        // A host address in 127/8 other than 127.0.0.1 stays possible: a
-        // single-host setup (and the controller's tests) put VIPs on lo.
-        IpAddr::V4(a)
-            if a.is_loopback() && (a.octets() == [127, 0, 0, 1] || net.prefix_len() < 32) =>
-        {
-            Some("127.0.0.1 or a loopback prefix")
-        }
+        IpAddr::V4(a) if a.is_loopback() => Some("a loopback address"),
         IpAddr::V4(a) if a.is_multicast() => Some("a multicast address"),
         IpAddr::V4(a) if a.is_unspecified() => Some("the unspecified address"),
         IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
@@ -158,7 +152,13 @@ pub fn plan(req: &VipRequest) -> Result<Plan, VipError> {
         .map(|a| parse(a))
         .collect::<Result<_, _>>()?;
     for net in &add {
-        if let Some(reason) = refusal(net) {
+        // On `lo` itself a host address in 127/8 (not 127.0.0.1) stays
+        // possible: a single-host setup, and the controller's tests, put
+        // VIPs there.
+        let on_lo = name == "lo"
+            && matches!(net.addr(), IpAddr::V4(a) if a.is_loopback() && a.octets() != [127, 0, 0, 1])
+            && net.prefix_len() == 32;
+        if let Some(reason) = refusal(net).filter(|_| !on_lo) {
             return Err(VipError::Refused {
                 addr: net.to_string(),
                 reason,

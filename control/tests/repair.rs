@@ -22,8 +22,33 @@ fn carrier_and_spare(rig: &Rig, lb: &str) -> (usize, usize) {
     (c, 1 - c)
 }
 
-fn vip(rig: &Rig, port: u16) -> SocketAddr {
-    format!("{}.1:{port}", rig.vip_net).parse().unwrap()
+/// A rig whose load balancer serves two backends through its VIP.
+struct Served {
+    rig: Rig,
+    lb: String,
+    vip: SocketAddr,
+    _backends: [Backend; 2],
+}
+
+impl Served {
+    fn new(tag: &str, amphorae: &[&str]) -> Served {
+        let rig = Rig::new(tag, amphorae);
+        let rt = rig.rt.clone();
+        let backends = [
+            Backend::start(&rt, "b1", "127.0.0.1"),
+            Backend::start(&rt, "b2", "127.0.0.1"),
+        ];
+        let port = free_port();
+        let (lb, ..) = rig.build_lb(&[&backends[0], &backends[1]], port);
+        let vip = format!("{}.1:{port}", rig.vip_net).parse().unwrap();
+        wait_served(vip, Duration::from_secs(5));
+        Served {
+            rig,
+            lb,
+            vip,
+            _backends: backends,
+        }
+    }
 }
 
 /// Waits until connections to `vip` reach both backends.
@@ -76,14 +101,8 @@ fn a_spare_whose_dataplane_was_down_during_failover_is_healed_without_a_call() {
     if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
         return;
     }
-    let rig = &mut Rig::new("heal", &["amp-h1", "amp-h2"]);
-    let rt = rig.rt.clone();
-    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
-    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
-    let port = free_port();
-    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
-    let vip = vip(rig, port);
-    wait_served(vip, Duration::from_secs(5));
+    let mut served = Served::new("heal", &["amp-h1", "amp-h2"]);
+    let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
     let (c, s) = carrier_and_spare(rig, &lb);
     let spare = rig.amphorae[s].id.clone();
 
@@ -155,14 +174,8 @@ fn a_dataplane_restarted_empty_with_its_agent_state_deleted_is_repaired_by_a_re_
     if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
         return;
     }
-    let rig = &mut Rig::new("lost", &["amp-l1", "amp-l2"]);
-    let rt = rig.rt.clone();
-    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
-    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
-    let port = free_port();
-    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
-    let vip = vip(rig, port);
-    wait_served(vip, Duration::from_secs(5));
+    let mut served = Served::new("lost", &["amp-l1", "amp-l2"]);
+    let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
     let (c, s) = carrier_and_spare(rig, &lb);
     let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
     let path = format!("/v2/lbaas/loadbalancers/{lb}");
@@ -209,14 +222,8 @@ fn idle_connections_cannot_freeze_the_api_nor_stop_a_failover() {
     if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
         return;
     }
-    let rig = &mut Rig::new("idle", &["amp-i1", "amp-i2"]);
-    let rt = rig.rt.clone();
-    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
-    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
-    let port = free_port();
-    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
-    let vip = vip(rig, port);
-    wait_served(vip, Duration::from_secs(5));
+    let mut served = Served::new("idle", &["amp-i1", "amp-i2"]);
+    let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
     let api = rig.handle.as_ref().unwrap().addr;
 
     // 1,100 connections that never send a byte: more than the API's cap
@@ -291,12 +298,8 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
     if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
         return;
     }
-    let rig = &mut Rig::new("forge", &["amp-f1", "amp-f2"]);
-    let rt = rig.rt.clone();
-    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
-    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
-    let port = free_port();
-    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
+    let mut served = Served::new("forge", &["amp-f1", "amp-f2"]);
+    let (rig, lb) = (&mut served.rig, served.lb.clone());
     wait_keys_held(rig);
     let (c, s) = carrier_and_spare(rig, &lb);
     let carrier = rig.amphorae[c].id.clone();
@@ -380,12 +383,8 @@ fn a_captured_heartbeat_replayed_after_a_controller_restart_is_refused() {
     if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
         return;
     }
-    let rig = &mut Rig::new("replay", &["amp-r1", "amp-r2"]);
-    let rt = rig.rt.clone();
-    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
-    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
-    let port = free_port();
-    let (lb, ..) = rig.build_lb(&[&b1, &b2], port);
+    let mut served = Served::new("replay", &["amp-r1", "amp-r2"]);
+    let (rig, lb) = (&mut served.rig, served.lb.clone());
     wait_keys_held(rig);
     let (c, _) = carrier_and_spare(rig, &lb);
     let carrier = rig.amphorae[c].id.clone();
@@ -441,4 +440,47 @@ fn a_captured_heartbeat_replayed_after_a_controller_restart_is_refused() {
     );
     assert!(metric_labeled(rig, "siphon_control_heartbeats_total", "rejected") >= 10.0);
     rig.wait_active(&lb);
+}
+
+#[test]
+fn a_corrupt_agent_state_file_leaves_the_agent_up_and_the_amphora_repaired_without_failover() {
+    if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let mut served = Served::new("corrupt", &["amp-c1", "amp-c2"]);
+    let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
+    let (c, s) = carrier_and_spare(rig, &lb);
+    let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
+    let repairs = metric(rig, "siphon_control_repairs_total");
+
+    // The agent restarts over a config file that does not parse.
+    let amp = &mut rig.amphorae[c];
+    let state = amp.cfg.state_dir.clone();
+    amp.stop_agent();
+    std::fs::write(state.join("config.json"), b"{ half a config").unwrap();
+    amp.start_agent();
+    assert_eq!(
+        std::fs::read(state.join("config.json.corrupt")).unwrap(),
+        b"{ half a config",
+        "the bad file is kept aside"
+    );
+    // It reports that it keeps no config; the controller pushes it again.
+    let start = Instant::now();
+    while metric(rig, "siphon_control_repairs_total") <= repairs
+        || siphon_dataplane::Config::load(&state.join("config.json")).is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not repaired: the agent keeps no config"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("corrupt agent state repaired in {:?}", start.elapsed());
+    wait_served(vip, Duration::from_secs(5));
+    let a = rig.get(&format!("/v2/octavia/amphorae/{carrier}")).body["amphora"].clone();
+    assert_eq!(a["status"], "ALLOCATED", "{a}");
+    assert_eq!(a["loadbalancer_id"], Value::from(lb.clone()), "{a}");
+    let sp = rig.get(&format!("/v2/octavia/amphorae/{spare}")).body["amphora"].clone();
+    assert_eq!(sp["status"], "READY", "{sp}");
+    assert_eq!(metric(rig, "siphon_control_failovers_total"), 0.0);
 }

@@ -138,6 +138,26 @@ impl Amphora {
     pub fn kill(&mut self) {
         self.stop_agent();
         self.stop_dataplane();
+        // A dead machine's addresses die with it. Here every amphora
+        // shares `lo`, so the VIPs this one's agent added are taken off
+        // by hand (a spare that adds one still there would find it
+        // present and, rightly, never own it).
+        let owned: Value = std::fs::read(self.cfg.state_dir.join("vips.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for (dev, addrs) in owned.as_object().into_iter().flatten() {
+            for a in addrs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let _ = std::process::Command::new("ip")
+                    .args(["addr", "del", a, "dev", dev])
+                    .status();
+            }
+        }
     }
 }
 
