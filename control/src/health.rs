@@ -141,11 +141,8 @@ pub async fn receive(
 
 /// Keeps what the amphora says it runs, for the repairer.
 fn record(ctl: &Controller, beat: &Heartbeat, now: Instant) {
-    // Only registered amphorae get an entry: a stranger's beats cost
-    // nothing that lasts. (The store's lock before `live`'s, always.)
-    if !ctl.db.read(|s| s.amphorae.contains_key(&beat.amphora_id)) {
-        return;
-    }
+    // `Gate` took it only from a registered amphora: a stranger's beats
+    // never get here.
     let mut live = ctl.live.lock().unwrap_or_else(|e| e.into_inner());
     let l = live.entry(beat.amphora_id.clone()).or_default();
     l.report = Some(crate::repair::Report {

@@ -39,14 +39,6 @@ pub enum Refusal {
     Bootstrap(String),
     #[error("signed with the bootstrap key, and none is configured")]
     NoBootstrap,
-    #[error("sent {age_ms} ms away from now, outside the {window_ms} ms window")]
-    Stale { age_ms: i128, window_ms: u128 },
-    #[error("sequence {seq} from {amphora} is not newer than {last}: replayed or reordered")]
-    Replayed {
-        amphora: String,
-        seq: u64,
-        last: u64,
-    },
     #[error("sequence {seq} from {amphora} is ahead of the clock")]
     Implausible { amphora: String, seq: u64 },
     #[error("sent before this controller started: a replay")]
@@ -143,10 +135,11 @@ impl Gate {
         let now_ms = millis(now);
         let age_ms = now_ms as i128 - i128::from(beat.sent_ms);
         if age_ms.unsigned_abs() > self.window.as_millis() {
-            return Err(Refusal::Stale {
+            return Err(HeartbeatError::Stale {
                 age_ms,
                 window_ms: self.window.as_millis(),
-            });
+            }
+            .into());
         }
         let last = self
             .seqs
@@ -155,11 +148,12 @@ impl Gate {
             .unwrap_or(a.heartbeat_seq)
             .max(a.heartbeat_seq);
         if beat.seq <= last {
-            return Err(Refusal::Replayed {
+            return Err(HeartbeatError::Replayed {
                 amphora: a.id.clone(),
                 seq: beat.seq,
                 last,
-            });
+            }
+            .into());
         }
         let ahead = (now_ms + self.window.as_millis()).saturating_mul(1_000);
         if u128::from(beat.seq) > ahead {
@@ -239,7 +233,7 @@ mod tests {
         // Replayed, and a number ahead of the clock.
         assert!(matches!(
             gate.check(&s, &ok, now),
-            Err(Refusal::Replayed { .. })
+            Err(Refusal::Format(HeartbeatError::Replayed { .. }))
         ));
         let huge = sign(&k1, &beat("a1", u64::MAX - 1, now));
         assert!(matches!(
@@ -285,7 +279,7 @@ mod tests {
         let old = sign(&beat("a1", seq, now - Duration::from_secs(3)));
         assert!(matches!(
             gate.check(&s, &old, now),
-            Err(Refusal::Replayed { .. })
+            Err(Refusal::Format(HeartbeatError::Replayed { .. }))
         ));
         // Taken after the last store, but sent before the start: refused.
         let unstored = sign(&beat("a1", seq + 1, now - Duration::from_secs(3)));

@@ -285,6 +285,24 @@ fn wait_keys_held(rig: &Rig) {
     }
 }
 
+/// Calls `send` until `amphora` is failed over (at most 10 s); how long
+/// that took.
+fn failed_over_despite(rig: &Rig, amphora: &str, what: &str, mut send: impl FnMut()) -> Duration {
+    let start = Instant::now();
+    loop {
+        send();
+        let a = rig.get(&format!("/v2/octavia/amphorae/{amphora}")).body["amphora"].clone();
+        if a["status"] == "ERROR" {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what} kept {amphora} alive: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn seq_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -350,26 +368,13 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
         };
         sock.send_to(&seal(&key(k), id, &beat), hb).unwrap();
     };
-    let start = Instant::now();
     let mut sent = 0;
-    loop {
+    let took = failed_over_despite(rig, &carrier, "forged heartbeats", || {
         forge(&spare_secret, spare_key_id);
         forge(bootstrap.as_bytes(), 0);
         sent += 2;
-        let a = rig.get(&format!("/v2/octavia/amphorae/{carrier}")).body["amphora"].clone();
-        if a["status"] == "ERROR" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "forged heartbeats kept {carrier} alive: {a}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!(
-        "{carrier} failed over {:?} after its death despite {sent} forged heartbeats",
-        start.elapsed()
-    );
+    });
+    println!("{carrier} failed over {took:?} after its death despite {sent} forged heartbeats");
     let after = metric_labeled(rig, "siphon_control_heartbeats_total", "rejected");
     assert!(
         after - before >= sent as f64 - 2.0,
@@ -419,25 +424,12 @@ fn a_captured_heartbeat_replayed_after_a_controller_restart_is_refused() {
     rig.restart();
     let hb = rig.handle.as_ref().unwrap().heartbeat_addr.unwrap();
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let start = Instant::now();
-    loop {
+    let took = failed_over_despite(rig, &carrier, "replayed heartbeats", || {
         for d in &captured {
             sock.send_to(d, hb).unwrap();
         }
-        let a = rig.get(&format!("/v2/octavia/amphorae/{carrier}")).body["amphora"].clone();
-        if a["status"] == "ERROR" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "replayed heartbeats kept {carrier} alive: {a}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    println!(
-        "{carrier} failed over {:?} after the restart despite replays",
-        start.elapsed()
-    );
+    });
+    println!("{carrier} failed over {took:?} after the restart despite replays");
     assert!(metric_labeled(rig, "siphon_control_heartbeats_total", "rejected") >= 10.0);
     rig.wait_active(&lb);
 }
