@@ -214,14 +214,44 @@ fn path(kind: &str, ids: &[String], i: usize) -> String {
     }
 }
 
-/// `clients` keep-alive clients for `seconds`: requests/s.
+/// CPU time the controller's runtime threads (`tokio-rt-worker`) have
+/// used, from `/proc/self/task/*/stat` (utime + stime, in clock ticks of
+/// 10 ms): the clients share the machine, so this says what the
+/// controller itself costs per request.
+fn server_cpu() -> Duration {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "tokio-rt-worker" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the `(comm)`: state is the 3rd field, utime the 14th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        ticks += f.iter().sum::<u64>();
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// `clients` keep-alive clients for `seconds`: requests/s, and the
+/// controller's CPU time per request.
 fn throughput(
     addr: SocketAddr,
     kind: &'static str,
     ids: &Arc<Vec<String>>,
     clients: usize,
     seconds: u64,
-) -> f64 {
+) -> (f64, Duration) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..clients)
@@ -240,14 +270,16 @@ fn throughput(
         })
         .collect();
     let t = Instant::now();
+    let cpu = server_cpu();
     std::thread::sleep(Duration::from_secs(seconds));
     stop.store(true, Ordering::Relaxed);
     let n = done.load(Ordering::Relaxed);
+    let cpu = server_cpu().saturating_sub(cpu);
     let wall = t.elapsed().as_secs_f64();
     for t in threads {
         t.join().expect("client thread");
     }
-    n as f64 / wall
+    (n as f64 / wall, cpu / n.max(1) as u32)
 }
 
 fn main() {
@@ -343,7 +375,7 @@ fn main() {
         s.sort();
         latencies.push((kind, s));
     }
-    let rates: Vec<(&str, f64)> = ["get_one", "list_100"]
+    let rates: Vec<(&str, (f64, Duration))> = ["get_one", "list_100"]
         .into_iter()
         .map(|kind| (kind, throughput(addr, kind, &ids, clients, seconds)))
         .collect();
@@ -356,14 +388,16 @@ fn main() {
         loaded.as_secs_f64()
     );
     println!(
-        "| request | p50 | p99 | requests | {clients} clients, req/s |\n|---|---:|---:|---:|---:|"
+        "| request | p50 | p99 | requests | {clients} clients, req/s | controller CPU/request | req/s per 2 cores of controller CPU |\n|---|---:|---:|---:|---:|---:|---:|"
     );
-    for ((kind, s), (_, rate)) in latencies.iter().zip(&rates) {
+    for ((kind, s), (_, (rate, cpu))) in latencies.iter().zip(&rates) {
         println!(
-            "| {kind} | {:.2} ms | {:.2} ms | {} | {rate:.0} |",
+            "| {kind} | {:.2} ms | {:.2} ms | {} | {rate:.0} | {:.3} ms | {:.0} |",
             ms(percentile(s, 0.5)),
             ms(percentile(s, 0.99)),
-            s.len()
+            s.len(),
+            ms(*cpu),
+            2.0 / cpu.as_secs_f64().max(1e-9)
         );
     }
     rt.block_on(handle.stop());

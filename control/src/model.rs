@@ -2,7 +2,11 @@
 //! its own JSON document (see [`crate::store`]); what the API shows is built
 //! from it by [`crate::api::view`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+// hashbrown's default hasher (foldhash, seeded per process) costs a fraction of
+// SipHash on the 36-byte ids every relationship lookup hashes.
+use hashbrown::HashMap;
 
 use serde::{Deserialize, Serialize};
 pub use siphon_agent::keys::PushedKey;

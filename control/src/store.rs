@@ -7,7 +7,7 @@
 //! in order and recorded in SQLite's `user_version`.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
@@ -396,15 +396,23 @@ macro_rules! object_from {
 object_from!(LoadBalancer, Listener, Pool, Member, HealthMonitor, Amphora);
 
 /// The store and the state it holds, kept in step.
+///
+/// Readers share the state (an `RwLock`), so lists and gets, which write
+/// their JSON while they read, run on every core at once; writers take
+/// the store in turn (a `Mutex`: one SQLite connection), build their
+/// change against the state, commit it, and only then hold the state
+/// exclusively, for the apply alone.
 #[derive(Debug)]
 pub struct Db {
-    inner: Mutex<Inner>,
+    store: Mutex<Store>,
+    state: RwLock<State>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    store: Store,
-    state: State,
+// A panic while holding a lock cannot leave the state half applied
+// (commit happens first, then a plain apply), so a poisoned lock is used
+// as it is.
+fn unpoisoned<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
+    r.unwrap_or_else(|e| e.into_inner())
 }
 
 impl Db {
@@ -412,19 +420,15 @@ impl Db {
         let store = Store::open(path)?;
         let state = store.load()?;
         Ok(Db {
-            inner: Mutex::new(Inner { store, state }),
+            store: Mutex::new(store),
+            state: RwLock::new(state),
         })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the state half
-        // applied (commit happens first, then a plain apply), so go on.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the current state.
     pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
-        f(&self.lock().state)
+        let state = unpoisoned(self.state.read());
+        f(&state)
     }
 
     /// Runs `f` on the current state; the ops it records are committed
@@ -433,17 +437,23 @@ impl Db {
         &self,
         f: impl FnOnce(&State, &mut Tx) -> Result<R, E>,
     ) -> Result<R, E> {
-        let mut inner = self.lock();
+        // Writers go one at a time, so the state `f` saw is still the
+        // state when its ops are applied.
+        let mut store = unpoisoned(self.store.lock());
         let mut tx = Tx::default();
-        let r = f(&inner.state, &mut tx)?;
+        let r = {
+            let state = unpoisoned(self.state.read());
+            f(&state, &mut tx)?
+        };
         if !tx.ops.is_empty() {
-            inner.store.commit(&tx.ops)?;
-            apply(&mut inner.state, tx.ops);
+            store.commit(&tx.ops)?;
+            let mut state = unpoisoned(self.state.write());
+            apply(&mut state, tx.ops);
         }
         Ok(r)
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.lock().store.schema_version()
+        unpoisoned(self.store.lock()).schema_version()
     }
 }

@@ -46,7 +46,7 @@ async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
                 ("load_balancer_id", By::LoadBalancer),
             ],
         );
-        list_rows(rows, |a| amphora_view(&ctl, a), q, "amphorae", &at.0)
+        list_rows(rows, |a| amphora_view(&ctl, a), q, "amphorae", &at.0)?.json()
     })
 }
 

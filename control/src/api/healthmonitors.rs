@@ -51,7 +51,7 @@ async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
             q,
             &[("pool_id", By::Pool), ("pools", By::Pool)],
         );
-        list_rows(rows, view::health_monitor, q, "healthmonitors", &at.0)
+        list_rows(rows, view::health_monitor, q, "healthmonitors", &at.0)?.json()
     })
 }
 
@@ -64,7 +64,7 @@ fn get_monitor<'a>(s: &'a State, id: &str) -> Result<&'a HealthMonitor, Fault> {
 async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
     let v = ctl
         .db
-        .read(|s| get_monitor(s, &id).map(view::health_monitor))?;
+        .read(|s| get_monitor(s, &id).map(|h| view::value(&view::health_monitor(h))))?;
     showing("healthmonitor", v, q.as_deref())
 }
 
@@ -193,7 +193,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         lock(tx, s, &pool.load_balancer_id);
         tx.put(h.clone());
         proposed(s, tx.ops(), &pool.load_balancer_id)?;
-        Ok(view::health_monitor(&h))
+        Ok(view::value(&view::health_monitor(&h)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::CREATED, "healthmonitor", v))
@@ -227,7 +227,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
             lock(tx, s, &lb);
         }
         tx.put(h.clone());
-        Ok(view::health_monitor(&h))
+        Ok(view::value(&view::health_monitor(&h)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "healthmonitor", v))

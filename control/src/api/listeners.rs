@@ -70,7 +70,7 @@ pub fn routes() -> Router<Arc<Controller>> {
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     listing_state(&ctl, q.as_deref(), |s, q| {
         let rows = Rows::of(&s.listeners, q, INDEXED);
-        list_rows(rows, |l| view::listener(s, l), q, "listeners", &at.0)
+        list_rows(rows, |l| view::listener(s, l), q, "listeners", &at.0)?.json()
     })
 }
 
@@ -83,7 +83,7 @@ fn get_listener<'a>(s: &'a State, id: &str) -> Result<&'a Listener, Fault> {
 async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
     let v = ctl
         .db
-        .read(|s| get_listener(s, &id).map(|l| view::listener(s, l)))?;
+        .read(|s| get_listener(s, &id).map(|l| view::value(&view::listener(s, l))))?;
     showing("listener", v, q.as_deref())
 }
 
@@ -227,7 +227,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         lock(tx, s, &lb_id);
         tx.put(l.clone());
         let after = proposed(s, tx.ops(), &lb_id)?;
-        Ok(view::listener(&after, &l))
+        Ok(view::value(&view::listener(&after, &l)))
     })?;
     ctl.wake.notify_one();
     tracing::info!(listener = %id, "listener created");
@@ -276,7 +276,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
             lock(tx, s, &lb);
         }
         tx.put(l.clone());
-        Ok(view::listener(&after, &l))
+        Ok(view::value(&view::listener(&after, &l)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "listener", v))

@@ -42,7 +42,8 @@ async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
             q,
             "loadbalancers",
             &at.0,
-        )
+        )?
+        .json()
     })
 }
 
@@ -50,7 +51,7 @@ async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiRes
     let v = ctl.db.read(|s| {
         s.load_balancers
             .get(&id)
-            .map(|lb| view::load_balancer(s, lb))
+            .map(|lb| view::value(&view::load_balancer(s, lb)))
             .ok_or_else(|| Fault::not_found("Load Balancer", &id))
     })?;
     showing("loadbalancer", v, q.as_deref())
@@ -145,7 +146,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             a.updated_at = Some(crate::now());
             tx.put(a);
         }
-        Ok(view::load_balancer(s, &lb))
+        Ok(view::value(&view::load_balancer(s, &lb)))
     })?;
     ctl.wake.notify_one();
     tracing::info!(loadbalancer = %id, "load balancer created");
@@ -171,7 +172,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
             rescale(&ctl, s, tx, &mut lb, n)?;
         }
         tx.put(lb.clone());
-        Ok(view::load_balancer(s, &lb))
+        Ok(view::value(&view::load_balancer(s, &lb)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "loadbalancer", v))

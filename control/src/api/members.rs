@@ -43,7 +43,7 @@ async fn list(
     listing_state(&ctl, q.as_deref(), |s, q| {
         get_pool(s, &pool_id)?;
         let rows = Rows::only(&s.members, s.members_of(&pool_id).collect());
-        list_rows(rows, view::member, q, "members", &at.0)
+        list_rows(rows, view::member, q, "members", &at.0)?.json()
     })
 }
 
@@ -62,7 +62,7 @@ async fn show(
 ) -> ApiResult {
     let v = ctl
         .db
-        .read(|s| get_member(s, &pool_id, &id).map(view::member))?;
+        .read(|s| get_member(s, &pool_id, &id).map(|m| view::value(&view::member(m))))?;
     showing("member", v, q.as_deref())
 }
 
@@ -177,7 +177,7 @@ async fn create(ctl: Ctl, Path(pool_id): Path<String>, bytes: axum::body::Bytes)
         lock(tx, s, &pool.load_balancer_id);
         tx.put(m.clone());
         proposed(s, tx.ops(), &pool.load_balancer_id)?;
-        Ok(view::member(&m))
+        Ok(view::value(&view::member(&m)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::CREATED, "member", v))
@@ -202,7 +202,7 @@ async fn update(
             lock(tx, s, &lb);
         }
         tx.put(m.clone());
-        Ok(view::member(&m))
+        Ok(view::value(&view::member(&m)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "member", v))

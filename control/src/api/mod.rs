@@ -251,16 +251,24 @@ pub fn listing(
 }
 
 /// A list answer drawn from the state: `list` runs under the read lock
-/// with the parsed query and answers the page; its JSON is written once
-/// the lock is released.
+/// with the parsed query and answers the page's JSON
+/// ([`query::Listing::json`]), written there as its views borrow from the
+/// state.
 pub fn listing_state(
     ctl: &Controller,
     raw_query: Option<&str>,
-    list: impl FnOnce(&State, &query::ListQuery) -> Result<Value, Fault>,
+    list: impl FnOnce(&State, &query::ListQuery) -> Result<Vec<u8>, Fault>,
 ) -> ApiResult {
     let q = query::ListQuery::parse(raw_query)?;
-    let v = ctl.db.read(|s| list(s, &q))?;
-    Ok(Json(v).into_response())
+    let body = ctl.db.read(|s| list(s, &q))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// A single object answer, `fields` applied.

@@ -59,7 +59,7 @@ pub fn routes() -> Router<Arc<Controller>> {
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {
     listing_state(&ctl, q.as_deref(), |s, q| {
         let rows = Rows::of(&s.pools, q, INDEXED);
-        list_rows(rows, |p| view::pool(s, p), q, "pools", &at.0)
+        list_rows(rows, |p| view::pool(s, p), q, "pools", &at.0)?.json()
     })
 }
 
@@ -70,7 +70,7 @@ pub fn get_pool<'a>(s: &'a State, id: &str) -> Result<&'a Pool, Fault> {
 async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
     let v = ctl
         .db
-        .read(|s| get_pool(s, &id).map(|p| view::pool(s, p)))?;
+        .read(|s| get_pool(s, &id).map(|p| view::value(&view::pool(s, p))))?;
     showing("pool", v, q.as_deref())
 }
 
@@ -186,7 +186,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             tx.put(l);
         }
         let after = proposed(s, tx.ops(), &lb_id)?;
-        Ok(view::pool(&after, &p))
+        Ok(view::value(&view::pool(&after, &p)))
     })?;
     ctl.wake.notify_one();
     tracing::info!(pool = %id, "pool created");
@@ -218,7 +218,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
             lock(tx, s, &lb);
         }
         tx.put(p.clone());
-        Ok(view::pool(&after, &p))
+        Ok(view::value(&view::pool(&after, &p)))
     })?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "pool", v))

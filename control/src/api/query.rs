@@ -7,6 +7,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{json, Map, Value};
 
 use super::fault::Fault;
@@ -275,22 +276,92 @@ fn page_sorted(
     })
 }
 
-/// `{"<plural>": [...], "<plural>_links": [...]}` for a page.
-fn answer(page: Page, q: &ListQuery, limit: usize, plural: &str, path: &str) -> Value {
+/// A page as the API answers it: `{"<plural>": [...], "<plural>_links":
+/// [...]}`, written straight from the typed views when nothing needs a
+/// JSON tree of them.
+#[derive(Debug)]
+pub struct Listing<V> {
+    plural: String,
+    items: Vec<Item<V>>,
+    links: Vec<Value>,
+}
+
+/// An object of a page: its typed view, or the tree `fields` or a
+/// filter made of it.
+#[derive(Debug)]
+enum Item<V> {
+    View(V),
+    Tree(Value),
+}
+
+impl<V: Serialize> Serialize for Item<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Item::View(v) => v.serialize(s),
+            Item::Tree(t) => t.serialize(s),
+        }
+    }
+}
+
+impl<V: Serialize> Serialize for Listing<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry(&self.plural, &self.items)?;
+        m.serialize_entry(&format!("{}_links", self.plural), &self.links)?;
+        m.end()
+    }
+}
+
+impl<V: Serialize> Listing<V> {
+    /// The answer's JSON.
+    pub fn json(&self) -> Result<Vec<u8>, Fault> {
+        // Sized for the page up front (objects run to about 1 KB), not
+        // grown by doubling and copying.
+        let mut out = Vec::with_capacity(256 + self.items.len() * 1024);
+        serde_json::to_writer(&mut out, self)
+            .map_err(|e| Fault::internal(format!("list not written: {e}")))?;
+        Ok(out)
+    }
+
+    /// The answer as a JSON tree.
+    pub fn value(&self) -> Value {
+        crate::api::view::value(self)
+    }
+}
+
+/// The listing of a page of trees.
+fn answer<V>(page: Page, q: &ListQuery, limit: usize, plural: &str, path: &str) -> Listing<V> {
     let (page, more_after, more_before) = page;
-    let links = links(q, limit, path, &page, more_after, more_before);
-    let page: Vec<Value> = page.into_iter().map(|i| project(i, &q.fields)).collect();
-    let mut out = Map::new();
-    out.insert(plural.to_owned(), Value::Array(page));
-    out.insert(format!("{plural}_links"), Value::Array(links));
-    Value::Object(out)
+    let id_of = |v: &Value| v["id"].as_str().unwrap_or_default().to_owned();
+    let links = links(
+        q,
+        limit,
+        path,
+        page.first().map(id_of).as_deref(),
+        page.last().map(id_of).as_deref(),
+        more_after,
+        more_before,
+    );
+    Listing {
+        plural: plural.to_owned(),
+        items: page
+            .into_iter()
+            .map(|i| Item::Tree(project(i, &q.fields)))
+            .collect(),
+        links,
+    }
 }
 
 /// Filters, sorts, pages and projects `items` (API views of objects held
 /// outside the store, such as the configured subnets), answering
 /// `{"<plural>": [...], "<plural>_links": [...]}`. `path` is the URL the
 /// links repeat.
-pub fn list(items: Vec<Value>, q: &ListQuery, plural: &str, path: &str) -> Result<Value, Fault> {
+pub fn list(
+    items: Vec<Value>,
+    q: &ListQuery,
+    plural: &str,
+    path: &str,
+) -> Result<Listing<Value>, Fault> {
     let marker = match &q.marker {
         Some(m) => Some(
             items
@@ -441,13 +512,14 @@ impl<'a, T: Row> Rows<'a, T> {
 /// is walked from the marker and the walk stops once the page is full;
 /// only the objects filtered and the page get a view built. Any other
 /// sort builds and sorts the views of every candidate.
-pub fn list_rows<'a, T: Row>(
+pub fn list_rows<'a, T: Row, V: Serialize>(
     rows: Rows<'a, T>,
-    view: impl Fn(&'a T) -> Value,
+    view: impl Fn(&'a T) -> V,
     q: &ListQuery,
     plural: &str,
     path: &str,
-) -> Result<Value, Fault> {
+) -> Result<Listing<V>, Fault> {
+    let tree = |t: &'a T| crate::api::view::value(&view(t));
     let marker = match &q.marker {
         Some(m) => Some(
             rows.table
@@ -458,8 +530,8 @@ pub fn list_rows<'a, T: Row>(
     };
     let limit = q.limit.unwrap_or(MAX_PAGE_SIZE);
     let Some((order, asc)) = kept_order(&q.sort) else {
-        let items = rows.all().map(&view).collect();
-        let page = page_sorted(items, marker.map(&view).as_ref(), q, limit)?;
+        let items = rows.all().map(tree).collect();
+        let page = page_sorted(items, marker.map(tree).as_ref(), q, limit)?;
         return Ok(answer(page, q, limit, plural, path));
     };
     let filtering = q.filtering();
@@ -467,18 +539,18 @@ pub fn list_rows<'a, T: Row>(
         // A filter on what the object does not have is refused, whether
         // or not anything is left to filter.
         if let Some(probe) = rows.table.values().next() {
-            let v = view(probe);
+            let v = tree(probe);
             for (key, wanted) in &q.filters {
                 matches(&v, key, wanted)?;
             }
         }
     }
     let reverse = q.page_reverse && marker.is_some();
-    let mut page = Vec::new();
+    let mut page: Vec<(&'a T, Item<V>)> = Vec::new();
     let mut more = false;
     for t in rows.walk(order, marker, asc != reverse) {
-        let v = if filtering {
-            let v = view(t);
+        let filtered = if filtering {
+            let v = tree(t);
             if !wanted(&v, q)? {
                 continue;
             }
@@ -490,15 +562,33 @@ pub fn list_rows<'a, T: Row>(
             more = true;
             break;
         }
-        page.push(v.unwrap_or_else(|| view(t)));
+        let item = match filtered {
+            Some(v) => Item::Tree(project(v, &q.fields)),
+            None if !q.fields.is_empty() => Item::Tree(project(tree(t), &q.fields)),
+            None => Item::View(view(t)),
+        };
+        page.push((t, item));
     }
-    let page = if reverse {
+    let (more_after, more_before) = if reverse {
         page.reverse();
-        (page, true, more)
+        (true, more)
     } else {
-        (page, more, marker.is_some())
+        (more, marker.is_some())
     };
-    Ok(answer(page, q, limit, plural, path))
+    let links = links(
+        q,
+        limit,
+        path,
+        page.first().map(|(t, _)| t.id()),
+        page.last().map(|(t, _)| t.id()),
+        more_after,
+        more_before,
+    );
+    Ok(Listing {
+        plural: plural.to_owned(),
+        items: page.into_iter().map(|(_, i)| i).collect(),
+        links,
+    })
 }
 
 /// `next` (when more follow the page) and `previous` (when the page
@@ -511,11 +601,11 @@ fn links(
     q: &ListQuery,
     limit: usize,
     path: &str,
-    page: &[Value],
+    first: Option<&str>,
+    last: Option<&str>,
     more_after: bool,
     more_before: bool,
 ) -> Vec<Value> {
-    let id_of = |v: &Value| v["id"].as_str().unwrap_or_default().to_owned();
     let link = |rel: &str, marker: &str, reverse: bool| {
         let mut qs = url::form_urlencoded::Serializer::new(String::new());
         qs.append_pair("limit", &limit.to_string());
@@ -550,12 +640,12 @@ fn links(
         json!({ "rel": rel, "href": format!("{path}?{}", qs.finish()) })
     };
     let mut links = Vec::new();
-    if let (Some(first), Some(last)) = (page.first(), page.last()) {
+    if let (Some(first), Some(last)) = (first, last) {
         if more_after {
-            links.push(link("next", &id_of(last), false));
+            links.push(link("next", last, false));
         }
         if more_before {
-            links.push(link("previous", &id_of(first), true));
+            links.push(link("previous", first, true));
         }
     }
     links
@@ -618,6 +708,7 @@ mod tests {
             "things",
             "/v2/things",
         )
+        .map(|l| l.value())
     }
 
     #[test]
@@ -720,7 +811,10 @@ mod tests {
     #[test]
     fn walking_the_indexes_pages_as_sorting_every_view_does() -> Result<(), Fault> {
         let t = table(40);
-        let views: Vec<Value> = t.values().map(crate::api::view::member).collect();
+        let views: Vec<Value> = t
+            .values()
+            .map(|m| crate::api::view::value(&crate::api::view::member(m)))
+            .collect();
         let id = |i: usize| format!("m{:03}", (i * 37) % 101);
         let (odd, some) = (id(7), id(20));
         let queries = [
@@ -748,14 +842,15 @@ mod tests {
         ];
         for qs in &queries {
             let q = ListQuery::parse(Some(qs))?;
-            let sorted = list(views.clone(), &q, "members", "/m")?;
+            let sorted = list(views.clone(), &q, "members", "/m")?.value();
             let walked = list_rows(
                 Rows::of(&t, &q, &[]),
                 crate::api::view::member,
                 &q,
                 "members",
                 "/m",
-            )?;
+            )?
+            .value();
             assert_eq!(walked, sorted, "{qs}");
             let scoped = list_rows(
                 Rows::only(&t, t.values().collect()),
@@ -763,7 +858,8 @@ mod tests {
                 &q,
                 "members",
                 "/m",
-            )?;
+            )?
+            .value();
             assert_eq!(scoped, sorted, "{qs} (scoped)");
         }
         // A filter on what a member does not have is refused either way.
@@ -784,7 +880,8 @@ mod tests {
             &q,
             "members",
             "http://h/v2.0/lbaas/pools/p/members",
-        )?;
+        )?
+        .value();
         assert_eq!(ids(&p1, "members").len(), MAX_PAGE_SIZE);
         let links = p1["members_links"].as_array().cloned().unwrap_or_default();
         assert_eq!(links.len(), 1, "{links:?}");
@@ -797,7 +894,7 @@ mod tests {
             "{next}"
         );
         let q2 = ListQuery::parse(next.split_once('?').map(|s| s.1))?;
-        let p2 = list(many, &q2, "members", "http://h/v2.0/lbaas/pools/p/members")?;
+        let p2 = list(many, &q2, "members", "http://h/v2.0/lbaas/pools/p/members")?.value();
         assert_eq!(ids(&p2, "members").len(), 200);
         assert_eq!(ids(&p2, "members")[0], "m1000");
         let rels: Vec<&str> = p2["members_links"]
