@@ -7,7 +7,7 @@
 use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
-use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
+use siphon_control::config::{Auth, ControlConfig, Limits, Push, VipSubnet};
 use siphon_testkit::free_port;
 use siphon_testkit::pki::TempDir;
 
@@ -22,6 +22,10 @@ struct Api {
 
 impl Api {
     fn start(tag: &str) -> Api {
+        Api::start_with(tag, Limits::default())
+    }
+
+    fn start_with(tag: &str, limits: Limits) -> Api {
         let rt = siphon_testkit::runtime();
         let dir = TempDir::new(tag);
         let config = ControlConfig {
@@ -44,7 +48,7 @@ impl Api {
             push: Push::default(),
             health: None,
             distributor: Default::default(),
-            limits: Default::default(),
+            limits,
         };
         let handle = rt.block_on(siphon_control::start(config)).unwrap();
         let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();
@@ -389,4 +393,135 @@ fn a_load_balancer_with_an_unknown_zone_or_a_non_host_vip_is_refused() {
     );
     let a = api.call(Method::GET, path, None);
     assert_eq!(a.body["loadbalancers"], json!([]), "{}", a.body);
+}
+
+/// How long until the server closes `conn` (reads give end of file or an
+/// error), at most `limit`; `None` if it is still open then.
+fn closed_after(
+    conn: &mut std::net::TcpStream,
+    limit: std::time::Duration,
+) -> Option<std::time::Duration> {
+    use std::io::Read;
+    let t = std::time::Instant::now();
+    conn.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while t.elapsed() < limit {
+        match conn.read(&mut buf) {
+            Ok(0) => return Some(t.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(t.elapsed()),
+        }
+    }
+    None
+}
+
+#[test]
+fn slow_stalled_and_idle_clients_are_cut_off_while_the_api_keeps_answering() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let (head, idle) = (Duration::from_millis(400), Duration::from_millis(800));
+    let api = Api::start_with(
+        "api-slow",
+        Limits {
+            header_read_timeout_ms: head.as_millis() as u64,
+            idle_timeout_ms: idle.as_millis() as u64,
+            ..Limits::default()
+        },
+    );
+    let addr = api.handle.as_ref().unwrap().addr;
+    let limit = Duration::from_secs(5);
+
+    // Half a request head, then nothing.
+    let half = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /v2/lbaas/loadbalancers HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        closed_after(&mut c, limit)
+    });
+    // A head trickled a byte every 50 ms: bytes keep moving, so only the
+    // head's own deadline can end it.
+    let trickle = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        let head = format!(
+            "GET /v2/lbaas/loadbalancers HTTP/1.1\r\nX-Auth-Token: {TOKEN}\r\nX-Pad: {}",
+            "a".repeat(200)
+        );
+        for b in head.bytes() {
+            if c.write_all(&[b]).is_err() || t.elapsed() > limit {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    });
+    // A whole head promising 1,000 bytes of body, 10 sent, then nothing.
+    let stalled = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        let req = format!(
+            "POST /v2/lbaas/loadbalancers HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"loadbala"
+        );
+        c.write_all(req.as_bytes()).unwrap();
+        closed_after(&mut c, limit)
+    });
+    // One request answered, then the kept-alive connection sits idle.
+    let kept = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        let req = format!(
+            "GET /v2/lbaas/loadbalancers HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {TOKEN}\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = std::io::Read::read(&mut c, &mut buf).unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        closed_after(&mut c, limit)
+    });
+
+    // Meanwhile the API answers as ever.
+    for _ in 0..5 {
+        let a = api.call(Method::GET, "/v2/lbaas/loadbalancers", None);
+        assert_eq!(a.status, 200, "{}", a.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let half = half
+        .join()
+        .unwrap()
+        .expect("a half-sent head is never cut off");
+    let trickle = trickle
+        .join()
+        .unwrap()
+        .expect("a trickled head is never cut off");
+    let stalled = stalled
+        .join()
+        .unwrap()
+        .expect("a stalled body is never cut off");
+    let kept = kept
+        .join()
+        .unwrap()
+        .expect("an idle kept-alive connection is never closed");
+    // Cut off near their deadlines, not at once and not much later.
+    for (what, took, deadline) in [
+        ("half head", half, head),
+        ("trickled head", trickle, head),
+        ("stalled body", stalled, idle),
+        ("idle keep-alive", kept, head),
+    ] {
+        assert!(
+            took >= deadline.mul_f32(0.8) && took < deadline * 3,
+            "{what}: closed after {took:?}, deadline {deadline:?}"
+        );
+    }
 }
