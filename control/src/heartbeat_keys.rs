@@ -265,6 +265,48 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_heartbeat_is_taken_and_the_largest_junk_refused() {
+        let now = SystemTime::now();
+        let seq = (millis(now) * 1_000) as u64;
+        let k = generate(3).unwrap();
+        let mut s = State::default();
+        s.amphorae.insert(amphora("a1", Some(k.clone())));
+        let mut gate = Gate::new(None, Duration::from_secs(30), now, HashMap::new());
+        let sign = |b: &Heartbeat| heartbeat::seal(&heartbeat::key(k.secret()), 3, b);
+        // As many members as fit the largest datagram an agent sends.
+        let mut big = beat("a1", seq, now);
+        let mut i = 0;
+        loop {
+            big.members.push(heartbeat::MemberBeat {
+                pool_id: format!("{i:036}"),
+                id: format!("{:036}", i + 1),
+                operating_status: "ONLINE".into(),
+            });
+            if sign(&big).len() > heartbeat::MAX_DATAGRAM {
+                big.members.pop();
+                break;
+            }
+            i += 1;
+        }
+        let datagram = sign(&big);
+        assert!(datagram.len() > heartbeat::MAX_DATAGRAM - 200);
+        let (taken, _) = gate.check(&s, &datagram, now).unwrap();
+        assert_eq!(taken.members.len(), big.members.len());
+        // The largest UDP payload of junk, and of a known amphora's
+        // envelope with a forged MAC: typed refusals, nothing kept.
+        let junk = vec![0xa5u8; 65_507];
+        assert!(matches!(
+            gate.check(&s, &junk, now),
+            Err(Refusal::Format(_))
+        ));
+        let mut forged = sign(&beat("a1", seq + 1, now));
+        let pad = 65_507 - forged.len();
+        forged.extend(std::iter::repeat_n(b' ', pad));
+        assert!(gate.check(&s, &forged, now).is_err());
+        assert_eq!(gate.seqs.get("a1"), Some(&seq));
+    }
+
+    #[test]
     fn replay_protection_survives_a_restart() {
         let now = SystemTime::now();
         let seq = (millis(now) * 1_000) as u64;
