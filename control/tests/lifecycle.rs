@@ -834,3 +834,78 @@ fn lists_longer_than_a_page_are_followed_to_the_end_by_links_and_the_stock_sdk()
     assert_eq!(ids.len(), 1200, "the SDK saw {} members", ids.len());
     check(&[ids], &[1200]);
 }
+
+#[test]
+fn a_controller_killed_mid_push_finishes_the_change_after_its_restart() {
+    if !root_or_skip("controller crash (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let rig = &mut Rig::new("crash", &["amp-k1", "amp-k2"]);
+    let rt = rig.rt.clone();
+    let b1 = Backend::start(&rt, "b1", "127.0.0.1");
+    let b2 = Backend::start(&rt, "b2", "127.0.0.1");
+    let b3 = Backend::start(&rt, "b3", "127.0.0.1");
+    let port = free_port();
+    let (lb, _listener, pool, _members) = rig.build_lb(&[&b1, &b2], port);
+    let vip: SocketAddr = format!("{}.1:{port}", rig.vip_net).parse().unwrap();
+    let mut control = rig.controller_process();
+
+    // The carrier's dataplane is down, so the next change's push can only
+    // fail and be retried: the controller is mid-push when it is killed.
+    let a = rig.get(&format!("/v2/octavia/amphorae?loadbalancer_id={lb}"));
+    let carrier_id = a.body["amphorae"][0]["id"].as_str().unwrap().to_owned();
+    let carrier = rig
+        .amphorae
+        .iter()
+        .position(|x| x.id == carrier_id)
+        .unwrap();
+    rig.amphorae[carrier].stop_dataplane();
+    let a = rig.call(
+        Method::POST,
+        &format!("/v2/lbaas/pools/{pool}/members"),
+        Some(json!({"member": {"address": "127.0.0.1", "protocol_port": b3.addr.port()}})),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let member = a.body["member"]["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let a = rig.get(&format!("/v2/lbaas/loadbalancers/{lb}"));
+    assert_ne!(
+        a.body["loadbalancer"]["provisioning_status"], "ACTIVE",
+        "the push finished before the kill: {}",
+        a.body
+    );
+    control.kill();
+
+    // The amphora recovers while no controller runs; the controller comes
+    // back on the same store and finishes what it was doing, unasked.
+    rig.amphorae[carrier].start_dataplane();
+    control.start(rig);
+    let started = Instant::now();
+    rig.wait_field(
+        &format!("/v2/lbaas/pools/{pool}/members/{member}"),
+        "member",
+        "provisioning_status",
+        "ACTIVE",
+        Duration::from_secs(30),
+    );
+    rig.wait_active(&lb);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = greetings(vip, 9);
+        if ["b1", "b2", "b3"]
+            .iter()
+            .all(|b| got.iter().any(|g| g == b))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new member is not served after the restart: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "after SIGKILL mid-push: change finished and served {:.1} s after the restart",
+        started.elapsed().as_secs_f64()
+    );
+}

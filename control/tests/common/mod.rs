@@ -345,6 +345,74 @@ impl Rig {
         self.handle = Some(h);
     }
 
+    /// Stops the in-process controller and runs the real `siphon-control`
+    /// binary on the same config (store, API and heartbeat ports): a
+    /// process a test can kill with SIGKILL.
+    pub fn controller_process(&mut self) -> ControllerProcess {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.stop());
+        }
+        let c = &self.config;
+        let h = c.health.as_ref().unwrap();
+        let tls = c.agent_tls.as_ref().unwrap();
+        let subnet = &c.vip_subnets[0];
+        let toml = format!(
+            r#"listen = "{listen}"
+database = "{db}"
+[auth]
+mode = "token"
+token = "{TOKEN}"
+[[vip_subnets]]
+id = "{sid}"
+name = "{sname}"
+network_id = "{net}"
+cidr = "{cidr}"
+[agent_tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+[push]
+attempts = {attempts}
+backoff_ms = {backoff}
+timeout_ms = {timeout}
+[health]
+listen = "{hb}"
+key_file = "{hb_key}"
+heartbeat_timeout_ms = {hb_timeout}
+check_interval_ms = {check}
+repair_timeout_ms = {repair}
+retry_max_ms = {retry}
+"#,
+            listen = c.listen,
+            db = c.database.display(),
+            sid = subnet.id,
+            sname = subnet.name,
+            net = subnet.network_id,
+            cidr = subnet.cidr,
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+            ca = tls.ca.display(),
+            attempts = c.push.attempts,
+            backoff = c.push.backoff_ms,
+            timeout = c.push.timeout_ms,
+            hb = h.listen,
+            hb_key = h.key_file.as_ref().unwrap().display(),
+            hb_timeout = h.heartbeat_timeout_ms,
+            check = h.check_interval_ms,
+            repair = h.repair_timeout_ms,
+            retry = h.retry_max_ms,
+        );
+        let path = self._dir.path("control.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut p = ControllerProcess {
+            config: path,
+            log: self._dir.path("control.log"),
+            child: None,
+        };
+        p.start(self);
+        p
+    }
+
     /// Creates LB → listener → pool → two members, waiting for each.
     pub fn build_lb(
         &self,
@@ -441,4 +509,60 @@ pub fn greetings(addr: SocketAddr, n: usize) -> Vec<String> {
                 .unwrap_or_else(|e| format!("error: {e}"))
         })
         .collect()
+}
+
+/// `siphon-control` run as its own process (see
+/// [`Rig::controller_process`]); killed with SIGKILL on drop.
+pub struct ControllerProcess {
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl ControllerProcess {
+    /// Starts it and waits until its API answers.
+    pub fn start(&mut self, rig: &Rig) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-control"))
+            .args(["--config", self.config.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = rig
+                .rt
+                .block_on(rig.client.call(Method::GET, "/v2/octavia/amphorae", None))
+                .is_ok_and(|a| a.status == 200);
+            if up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "siphon-control did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
