@@ -199,6 +199,7 @@ mod tests {
             listeners: vec![],
             members: vec![],
             truncated: false,
+            vips: None,
         }
     }
 

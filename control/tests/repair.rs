@@ -365,6 +365,7 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
             listeners: vec![],
             members: vec![],
             truncated: false,
+            vips: None,
         };
         sock.send_to(&seal(&key(k), id, &beat), hb).unwrap();
     };
