@@ -477,3 +477,130 @@ fn a_corrupt_agent_state_file_leaves_the_agent_up_and_the_amphora_repaired_witho
     assert_eq!(sp["status"], "READY", "{sp}");
     assert_eq!(metric(rig, "siphon_control_failovers_total"), 0.0);
 }
+
+/// Whether `ip` is on `lo` (as a host address or with any prefix).
+fn on_lo(ip: std::net::IpAddr) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "dev", "lo"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/"))
+}
+
+/// Polls until `f` says yes; panics with `what` after `limit`. How long it
+/// took.
+fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_failover() {
+    if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let mut served = Served::new("vipgone", &["amp-v1", "amp-v2"]);
+    let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
+    let (c, s) = carrier_and_spare(rig, &lb);
+    let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
+    let path = format!("/v2/lbaas/loadbalancers/{lb}");
+    let amp_path = format!("/v2/octavia/amphorae/{carrier}");
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    assert!(on_lo(vip.ip()), "the VIP is plumbed on lo");
+    let failovers = metric(rig, "siphon_control_failovers_total");
+    let in_place = |rig: &Rig| {
+        let a = rig.get(&amp_path).body["amphora"].clone();
+        assert_eq!(a["status"], "ALLOCATED", "{a}");
+        assert_eq!(a["loadbalancer_id"], Value::from(lb.clone()), "{a}");
+        let sp = rig.get(&format!("/v2/octavia/amphorae/{spare}")).body["amphora"].clone();
+        assert_eq!(sp["status"], "READY", "{sp}");
+        assert!(sp["loadbalancer_id"].is_null(), "{sp}");
+        assert_eq!(metric(rig, "siphon_control_failovers_total"), failovers);
+    };
+    let delete = || {
+        let st = std::process::Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", vip.ip()), "dev", "lo"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(!on_lo(vip.ip()));
+    };
+
+    // 1. Someone deletes the VIP from the amphora's interface: its next
+    // heartbeat says so, and the controller pushes it again, in place.
+    let repairs = metric(rig, "siphon_control_repairs_total");
+    delete();
+    let back = until(Duration::from_secs(5), "the VIP put back on lo", || {
+        on_lo(vip.ip())
+    });
+    let served_in = wait_served(vip, Duration::from_secs(5));
+    println!("VIP deleted by hand → back on lo in {back:?}, served {served_in:?} later");
+    assert!(metric(rig, "siphon_control_repairs_total") > repairs);
+    in_place(rig);
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    until(Duration::from_secs(5), "in step again", || {
+        metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
+            && rig.get(&amp_path).body["amphora"]["error"].is_null()
+    });
+
+    // 2. Again, while every connection slot of its agent is taken, so the
+    // re-push waits: meanwhile the amphora says what is wrong, it counts
+    // as out of step, and its load balancer's VIP is not served.
+    let agent = SocketAddr::from(([127, 0, 0, 1], rig.amphorae[c].port()));
+    let slots: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(agent).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let repairs = metric(rig, "siphon_control_repairs_total");
+    delete();
+    until(Duration::from_secs(3), "the reason shown", || {
+        rig.get(&amp_path).body["amphora"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("does not hold the VIP {}", vip.ip())))
+    });
+    until(Duration::from_secs(2), "counted out of step", || {
+        metric(rig, "siphon_control_amphorae_out_of_step") == 1.0
+    });
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ERROR",
+        Duration::from_secs(2),
+    );
+    drop(slots);
+    let back = until(Duration::from_secs(5), "the VIP put back on lo", || {
+        on_lo(vip.ip())
+    });
+    println!("agent free again → VIP back on lo in {back:?}");
+    wait_served(vip, Duration::from_secs(5));
+    assert!(metric(rig, "siphon_control_repairs_total") > repairs);
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    until(Duration::from_secs(5), "in step again", || {
+        metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
+            && rig.get(&amp_path).body["amphora"]["error"].is_null()
+    });
+    in_place(rig);
+}
