@@ -538,6 +538,8 @@ fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_fa
 
     // 1. Someone deletes the VIP from the amphora's interface: its next
     // heartbeat says so, and the controller pushes it again, in place.
+    // (Past the second after the last push, when reports are judged.)
+    std::thread::sleep(Duration::from_millis(1_200));
     let repairs = metric(rig, "siphon_control_repairs_total");
     delete();
     let back = until(Duration::from_secs(5), "the VIP put back on lo", || {
