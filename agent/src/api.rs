@@ -73,7 +73,7 @@ pub struct Agent {
     pub keys: Keys,
     /// The key the controller pushed; pushes are serialised through it.
     pub pushed_key: tokio::sync::Mutex<Option<PushedKey>>,
-    pub vips: Vips,
+    pub vips: Arc<Vips>,
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {

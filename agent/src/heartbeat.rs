@@ -46,6 +46,14 @@ const HEADER: usize = 12;
 const MAC: usize = 32;
 /// Largest datagram sent: what fits a UDP datagram over IPv4 and IPv6.
 pub const MAX_DATAGRAM: usize = 65_000;
+/// Most VIPs a heartbeat lists; room for them is kept in every datagram.
+pub const MAX_VIPS: usize = 64;
+/// The longest VIP as listed (`ffff:…:255.255.255.255/128`).
+const MAX_VIP_LEN: usize = 49;
+/// Room kept for `"vips":[...]` with [`MAX_VIPS`] of the longest: quotes
+/// and a comma each, plus the key, and the persisted generation set after
+/// [`from_dataplane`] (a few bytes: 64 are kept).
+const RESERVED: usize = MAX_VIPS * (MAX_VIP_LEN + 3) + 16 + 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -66,6 +74,13 @@ pub struct Heartbeat {
     /// Details were left out to fit the datagram.
     #[serde(default)]
     pub truncated: bool,
+    /// The VIPs the agent holds: of those the controller asked it to add
+    /// (the ones it added, kept in `vips.json`, and the ones it found
+    /// there already), those on their interface now (`address/prefix`).
+    /// `None`: not said (an older agent, or the address dump failed).
+    /// At most [`MAX_VIPS`]; a longer list is cut and `truncated` set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vips: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +347,7 @@ pub fn from_dataplane(
         listeners: Vec::new(),
         members: Vec::new(),
         truncated: false,
+        vips: None,
     };
     let Some(status) = status else {
         return beat;
@@ -369,9 +385,10 @@ pub fn from_dataplane(
         }
     }
     // Members first, then listeners, go when the datagram would not fit.
-    // (The persisted generation, set later, is a few bytes: 64 are kept.)
+    // (Room is kept for what is set later: the persisted generation and
+    // the VIPs, see `set_vips`.)
     let size = |b: &Heartbeat| {
-        serde_json::to_vec(b).map_or(0, |v| v.len()) + HEADER + amphora_id.len() + MAC + 64
+        serde_json::to_vec(b).map_or(0, |v| v.len()) + HEADER + amphora_id.len() + MAC + RESERVED
     };
     if size(&beat) > MAX_DATAGRAM {
         beat.members.clear();
@@ -381,6 +398,26 @@ pub fn from_dataplane(
         beat.listeners.clear();
     }
     beat
+}
+
+/// Sets the VIPs the agent holds on a payload from [`from_dataplane`]:
+/// at most [`MAX_VIPS`] (then `truncated`), any longer than a VIP can be
+/// left out (then `truncated` too), so they always fit the room kept.
+pub fn set_vips(beat: &mut Heartbeat, vips: Option<Vec<String>>) {
+    beat.vips = vips.map(|mut v| {
+        let n = v.len();
+        // What JSON would escape is not an address either.
+        v.retain(|a| {
+            a.len() <= MAX_VIP_LEN
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":./".contains(&b))
+        });
+        if v.len() > MAX_VIPS || v.len() != n {
+            v.truncate(MAX_VIPS);
+            beat.truncated = true;
+        }
+        v
+    });
 }
 
 /// What the sender needs.
@@ -395,6 +432,59 @@ pub struct Sender {
     pub keys: Keys,
     /// The generation of the persisted config.
     pub persisted: tokio::sync::watch::Receiver<Option<u64>>,
+    /// The agent's VIPs, listed in every heartbeat as present on their
+    /// interface (`None`: none are listed).
+    pub vips: Option<Arc<crate::vips::Vips>>,
+}
+
+/// How long a heartbeat waits for the address dump before it goes without
+/// VIPs (`vips: None`).
+const DUMP_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A netlink connection kept across heartbeats (remade after a failure).
+#[derive(Default)]
+struct Netlink(Option<(rtnetlink::Handle, tokio::task::JoinHandle<()>)>);
+
+impl Netlink {
+    /// The VIPs `vips` holds now, or `None` when netlink did not say
+    /// within `limit`.
+    async fn held(&mut self, vips: &crate::vips::Vips, limit: Duration) -> Option<Vec<String>> {
+        if self.0.is_none() {
+            match rtnetlink::new_connection() {
+                Ok((conn, handle, _)) => self.0 = Some((handle, tokio::spawn(conn))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no netlink socket: heartbeat without VIPs");
+                    return None;
+                }
+            }
+        }
+        let (handle, _) = self.0.as_ref()?;
+        match tokio::time::timeout(limit, vips.held(handle)).await {
+            Ok(Ok(held)) => Some(held),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "address dump failed: heartbeat without VIPs");
+                self.close();
+                None
+            }
+            Err(_) => {
+                tracing::debug!("address dump timed out: heartbeat without VIPs");
+                self.close();
+                None
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some((_, driver)) = self.0.take() {
+            driver.abort();
+        }
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// Sends heartbeats until `stop` says so. With no key yet, sends nothing
@@ -410,6 +500,7 @@ pub async fn run(sender: Sender, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(sender.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keyless_noted = false;
+    let mut netlink = Netlink::default();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -441,7 +532,14 @@ pub async fn run(sender: Sender, mut stop: tokio::sync::watch::Receiver<bool>) {
                 serde_json::from_str::<serde_json::Value>(&r.body).ok()
             }
         };
-        let (status, stats) = tokio::join!(get("/v1/status"), get("/v1/stats"));
+        let limit = DUMP_TIMEOUT.min(sender.interval);
+        let held = async {
+            match &sender.vips {
+                Some(v) => netlink.held(v, limit).await,
+                None => None,
+            }
+        };
+        let (status, stats, held) = tokio::join!(get("/v1/status"), get("/v1/stats"), held);
         seq += 1;
         let mut beat = from_dataplane(
             &sender.amphora_id,
@@ -451,6 +549,7 @@ pub async fn run(sender: Sender, mut stop: tokio::sync::watch::Receiver<bool>) {
             stats.as_ref(),
         );
         beat.persisted_generation = *sender.persisted.borrow();
+        set_vips(&mut beat, held);
         let datagram = seal(&signing.key, signing.key_id, &beat);
         for d in &sender.destinations {
             let sock = if d.is_ipv6() { &v6 } else { &v4 };
@@ -481,6 +580,7 @@ mod tests {
             listeners: vec![],
             members: vec![],
             truncated: false,
+            vips: Some(vec!["198.18.0.7/32".into()]),
         }
     }
 
@@ -527,8 +627,11 @@ mod tests {
         // A payload without persisted_generation (an older agent) reads as None.
         let mut old = serde_json::to_value(&b).unwrap();
         old.as_object_mut().unwrap().remove("persisted_generation");
+        old.as_object_mut().unwrap().remove("vips");
         let old: Heartbeat = serde_json::from_value(old).unwrap();
         assert_eq!(old.persisted_generation, None);
+        // Nor VIPs: not said.
+        assert_eq!(old.vips, None);
     }
 
     #[test]
@@ -660,6 +763,64 @@ mod tests {
         assert!(b.members.is_empty());
         assert_eq!(b.listeners.len(), 1);
         b.persisted_generation = Some(u64::MAX);
+        set_vips(&mut b, Some(longest_vips(MAX_VIPS)));
         assert!(seal(&key(b"k"), u32::MAX, &b).len() <= MAX_DATAGRAM);
+    }
+
+    /// `n` VIPs of the longest form.
+    fn longest_vips(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "ffff:ffff:ffff:ffff:ffff:ffff:255.255.{:03}.{:03}/128",
+                    i / 256,
+                    i % 256
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vips_never_make_a_datagram_too_big() {
+        assert_eq!(longest_vips(1)[0].len(), MAX_VIP_LEN);
+        // Statuses that fill the datagram right up to the room kept, with
+        // the longest id, generation and key id, then the most VIPs.
+        let id = "a".repeat(255);
+        let mut cut = 0;
+        for n in (850..1000).step_by(3) {
+            let members: Vec<serde_json::Value> = (0..n)
+                .map(|i| serde_json::json!({"id": format!("member-{i:05}"), "operating_status": "ONLINE"}))
+                .collect();
+            let status = serde_json::json!({"generation": u64::MAX, "listeners": [{"id": "l", "operating_status": "ONLINE"}],
+                                            "pools": [{"id": "p", "members": members}]});
+            let mut b = from_dataplane(&id, u64::MAX, SystemTime::now(), Some(&status), None);
+            cut += usize::from(b.truncated);
+            b.persisted_generation = Some(u64::MAX);
+            set_vips(&mut b, Some(longest_vips(MAX_VIPS + 5)));
+            assert!(b.truncated);
+            assert_eq!(b.vips.as_ref().unwrap().len(), MAX_VIPS);
+            let d = seal(&key(b"k"), u32::MAX, &b);
+            assert!(d.len() <= MAX_DATAGRAM, "{n} members: {} bytes", d.len());
+        }
+        // Some of those fitted whole, some were cut: the edge was crossed.
+        assert!(cut > 0 && cut < 50, "{cut}");
+        // A short list is kept whole and does not set `truncated`; none
+        // said stays none, and is left out of the JSON (older controllers).
+        let mut b = beat(1, 1);
+        set_vips(
+            &mut b,
+            Some(vec!["198.18.0.7/32".into(), "2001:db8::7/128".into()]),
+        );
+        assert!(!b.truncated);
+        assert_eq!(b.vips.as_ref().unwrap().len(), 2);
+        // Anything that is not an address is left out, and says so.
+        set_vips(&mut b, Some(vec!["198.18.0.7/32".into(), "\"x\"".into()]));
+        assert!(b.truncated);
+        assert_eq!(b.vips, Some(vec!["198.18.0.7/32".to_owned()]));
+        let mut b = beat(1, 1);
+        set_vips(&mut b, None);
+        assert!(!serde_json::to_string(&b).unwrap().contains("vips"));
+        let back: Heartbeat = serde_json::from_slice(&serde_json::to_vec(&b).unwrap()).unwrap();
+        assert_eq!(back.vips, None);
     }
 }

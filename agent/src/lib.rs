@@ -123,7 +123,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
     let store = Store::open(&cfg.state_dir)?;
     let persisted = store.read_or_set_aside::<siphon_dataplane::Config>(store::CONFIG_FILE)?;
     let pushed = store.read_or_set_aside::<PushedKey>(HEARTBEAT_KEY_FILE)?;
-    let vips = vips::Vips::load(store.clone())?;
+    let vips = Arc::new(vips::Vips::load(store.clone())?);
     let keys = Keys::new(pushed.as_ref().map(PushedKey::signing_key).or(bootstrap));
     let (persisted_generation, persisted_rx) =
         watch::channel(persisted.as_ref().map(|c| c.generation));
@@ -161,7 +161,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
         persisted_generation,
         keys: keys.clone(),
         pushed_key: tokio::sync::Mutex::new(pushed),
-        vips,
+        vips: vips.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let heartbeats = cfg.heartbeat.as_ref().map(|hb| {
@@ -173,6 +173,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
                 interval: hb.interval(),
                 keys,
                 persisted: persisted_rx,
+                vips: Some(vips),
             },
             stop_rx.clone(),
         )

@@ -219,6 +219,17 @@ pub struct Vips {
     store: Store,
     /// Requests are serialised through it.
     owned: tokio::sync::Mutex<Owned>,
+    /// What the controller wants held, read by heartbeats without waiting
+    /// for a request in progress: `owned` as of the last request, and
+    /// the addresses asked for that were on their interface already (not
+    /// ours, so not on disk: known since this agent started).
+    wanted: std::sync::Mutex<Wanted>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Wanted {
+    owned: Owned,
+    found: Owned,
 }
 
 impl Vips {
@@ -230,6 +241,10 @@ impl Vips {
             .unwrap_or_default();
         Ok(Vips {
             store,
+            wanted: std::sync::Mutex::new(Wanted {
+                owned: owned.clone(),
+                found: Owned::default(),
+            }),
             owned: tokio::sync::Mutex::new(owned),
         })
     }
@@ -237,6 +252,82 @@ impl Vips {
     /// What this agent added.
     pub async fn owned(&self) -> Owned {
         self.owned.lock().await.clone()
+    }
+
+    /// The VIPs the controller wants on this node, per interface: those
+    /// this agent added (`vips.json`) and those it was asked to add and
+    /// found there already (since it started). Never waits for a request
+    /// in progress: as of the last one finished.
+    pub fn wanted(&self) -> Owned {
+        let w = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = w.owned.clone();
+        for (interface, nets) in &w.found.0 {
+            for net in nets {
+                all.insert(interface, *net);
+            }
+        }
+        all
+    }
+
+    /// The VIPs of [`Vips::wanted`] that are on their interface now, as
+    /// netlink lists the addresses (`address/prefix`, sorted by interface
+    /// then address). An interface that is gone holds none.
+    pub async fn held(&self, handle: &rtnetlink::Handle) -> Result<Vec<String>, VipError> {
+        let nl = |e: rtnetlink::Error| VipError::Netlink(e.to_string());
+        let mut out = Vec::new();
+        for (name, nets) in &self.wanted().0 {
+            let link = handle
+                .link()
+                .get()
+                .match_name(name.clone())
+                .execute()
+                .try_next()
+                .await;
+            let index = match link {
+                Ok(Some(l)) => l.header.index,
+                Ok(None) => continue,
+                Err(e) if code(&e) == Some(ENODEV) => continue,
+                Err(e) => return Err(nl(e)),
+            };
+            let present: Vec<IpNet> = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect::<Vec<AddressMessage>>()
+                .await
+                .map_err(nl)?
+                .iter()
+                .filter_map(net_of)
+                .collect();
+            out.extend(
+                nets.iter()
+                    .filter(|n| present.iter().any(|p| p.addr() == n.addr()))
+                    .map(IpNet::to_string),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records, after a request, what is wanted now.
+    fn publish(&self, owned: &Owned, interface: &str, result: &Result<VipResult, VipError>) {
+        let mut w = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        w.owned = owned.clone();
+        let Ok(r) = result else { return };
+        for net in r.already_present.iter().filter_map(|a| parse(a).ok()) {
+            if !owned.has(interface, &net) {
+                w.found.insert(interface, net);
+            }
+        }
+        for net in r
+            .added
+            .iter()
+            .chain(&r.removed)
+            .chain(&r.absent)
+            .filter_map(|a| parse(a).ok())
+        {
+            w.found.forget(interface, &net);
+        }
     }
 
     /// Applies `req`: checked whole first, then added, then removed.
@@ -356,6 +447,7 @@ impl Vips {
         }
         .await;
         driver.abort();
+        self.publish(&owned, &name, &result);
         result
     }
 }

@@ -837,6 +837,127 @@ fn vips_are_plumbed_through_netlink_and_only_the_agents_own_are_removed() {
     drop(agent);
 }
 
+/// The VIPs listed in the next heartbeat on `manager` that `until`
+/// accepts (checked with `verifier`); panics after 5 s.
+fn vips_reported(
+    manager: &std::net::UdpSocket,
+    verifier: &mut siphon_agent::heartbeat::Verifier,
+    what: &str,
+    mut until: impl FnMut(&Option<Vec<String>>) -> bool,
+) -> Option<Vec<String>> {
+    let mut last = None;
+    let ok = receive_until(manager, Duration::from_secs(5), |d| {
+        let beat = verifier.verify(d, std::time::SystemTime::now()).unwrap();
+        last = beat.vips;
+        until(&last)
+    });
+    assert!(ok, "{what}: the heartbeats said {last:?}");
+    last
+}
+
+#[test]
+fn heartbeats_list_the_vips_held_and_a_vip_deleted_by_hand_is_added_again() {
+    let test = "heartbeats_list_the_vips_held_and_a_vip_deleted_by_hand_is_added_again";
+    if !siphon_testkit::root_or_skip(test) {
+        return;
+    }
+    let ns = siphon_testkit::netns::Netns::create("vipr").unwrap();
+    let outside = format!("sphr{}", std::process::id() % 100_000);
+    ns.veth(&outside, "198.18.9.1/24", "vip0", "198.18.9.2/24", 1500)
+        .unwrap();
+    let dir = TempDir::new("vipr");
+    let pki = Pki::new();
+    // The health manager, inside the namespace with the agent.
+    let manager = ns
+        .enter(|| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let secret = "a shared heartbeat key, 32 bytes";
+    std::fs::write(dir.path("hb.key"), format!("{secret}\n")).unwrap();
+    let mut cfg = agent_config(&dir, &pki, &dir.path("dp.sock"));
+    cfg.heartbeat = Some(siphon_agent::config::Heartbeat {
+        destinations: vec![manager.local_addr().unwrap()],
+        interval_ms: 50,
+        key_file: Some(dir.path("hb.key")),
+    });
+    let agent = ns.enter(|| siphon_agent::start(&cfg).unwrap()).unwrap();
+    let mut verifier =
+        siphon_agent::heartbeat::Verifier::new(secret.as_bytes(), Duration::from_secs(5));
+    let put = |body: Value| {
+        let r = siphon_dataplane::api::client::request(
+            &agent.local_socket,
+            Method::PUT,
+            "/v1/vips",
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str::<Value>(&r.body).unwrap()
+    };
+
+    // Nothing asked for: an empty list (said, and empty), even with no
+    // dataplane to answer.
+    vips_reported(&manager, &mut verifier, "no VIPs", |v| {
+        v.as_deref() == Some(&[])
+    });
+    // Two VIPs added, and the management address asked for (there
+    // already: held, though never the agent's).
+    put(serde_json::json!({"interface": "vip0",
+                           "add": ["198.18.10.10", "2001:db8:a::10/128", "198.18.9.2/24"]}));
+    let all = vec![
+        "198.18.9.2/24".to_owned(),
+        "198.18.10.10/32".to_owned(),
+        "2001:db8:a::10/128".to_owned(),
+    ];
+    vips_reported(&manager, &mut verifier, "three VIPs", |v| {
+        v.as_ref() == Some(&all)
+    });
+
+    // Someone deletes one by hand: the next heartbeats leave it out.
+    ns.ip(&["addr", "del", "198.18.10.10/32", "dev", "vip0"])
+        .unwrap();
+    assert!(!addresses(&ns, "vip0").contains("198.18.10.10"));
+    vips_reported(&manager, &mut verifier, "the VIP deleted", |v| {
+        v.as_deref() == Some(&[all[0].clone(), all[2].clone()])
+    });
+    // Still the agent's (vips.json), and asked for again it is added
+    // again, not skipped.
+    let owned: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("state/vips.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        owned,
+        serde_json::json!({"vip0": ["198.18.10.10/32", "2001:db8:a::10/128"]})
+    );
+    let body = put(serde_json::json!({"interface": "vip0", "add": ["198.18.10.10"]}));
+    assert_eq!(
+        body["added"],
+        serde_json::json!(["198.18.10.10/32"]),
+        "{body}"
+    );
+    assert_eq!(body["already_present"], serde_json::json!([]), "{body}");
+    assert!(addresses(&ns, "vip0").contains("198.18.10.10/32"));
+    vips_reported(&manager, &mut verifier, "the VIP back", |v| {
+        v.as_ref() == Some(&all)
+    });
+    // Once more: there, so left alone.
+    let body = put(serde_json::json!({"interface": "vip0", "add": ["198.18.10.10"]}));
+    assert_eq!(
+        body["already_present"],
+        serde_json::json!(["198.18.10.10/32"]),
+        "{body}"
+    );
+
+    // The interface gone: none held.
+    ns.ip(&["link", "del", "vip0"]).unwrap();
+    vips_reported(&manager, &mut verifier, "the interface gone", |v| {
+        v.as_deref() == Some(&[])
+    });
+    drop(agent);
+}
+
 /// The `siphon-dataplane` binary of this build (`cargo test --workspace`
 /// builds it next to this test's directory).
 fn dataplane_binary() -> PathBuf {

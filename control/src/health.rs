@@ -148,9 +148,18 @@ fn record(ctl: &Controller, beat: &Heartbeat, now: Instant) {
     l.report = Some(crate::repair::Report {
         generation: beat.generation,
         persisted_generation: Some(beat.persisted_generation),
-        vips: None,
+        vips: reported_vips(beat),
     });
     l.received = Some(now);
+}
+
+/// The VIPs a heartbeat says its agent holds; `None` when it does not
+/// say, or its list was cut to fit the datagram (a VIP left out is not a
+/// VIP missing).
+fn reported_vips(beat: &Heartbeat) -> Option<Vec<String>> {
+    beat.vips
+        .clone()
+        .filter(|v| !(beat.truncated && v.len() >= siphon_agent::heartbeat::MAX_VIPS))
 }
 
 /// Whether the repairer judged `amphora` out of step.
@@ -235,7 +244,13 @@ fn apply_beat(
     let Some(lb) = s.load_balancers.get(lb_id) else {
         return;
     };
-    if beat.generation != Some(a.generation) || lb.common.provisioning_status.is_pending() {
+    // Nor from one the repairer judged out of step (it lost its config
+    // or its VIP): the repairer's `ERROR`/`DEGRADED` stands until it is
+    // in step again.
+    if beat.generation != Some(a.generation)
+        || lb.common.provisioning_status.is_pending()
+        || out_of_step(ctl, &a.id)
+    {
         return;
     }
     // Another amphora of it gone silent (active-active): it serves, but

@@ -72,9 +72,20 @@ fn key_for<'a>(
         .previous_key_valid_until
         .as_deref()
         .is_some_and(|until| until > now_utc);
-    match a.previous_heartbeat_key.as_ref() {
-        Some(k) if k.key_id == key_id && grace => Ok(k.secret()),
-        _ => Err(Refusal::WrongKey {
+    if let Some(k) = a
+        .previous_heartbeat_key
+        .as_ref()
+        .filter(|k| k.key_id == key_id && grace)
+    {
+        return Ok(k.secret());
+    }
+    match a
+        .older_heartbeat_keys
+        .iter()
+        .find(|r| r.key.key_id == key_id && r.valid_until.as_str() > now_utc)
+    {
+        Some(r) => Ok(r.key.secret()),
+        None => Err(Refusal::WrongKey {
             amphora: a.id.clone(),
             key_id,
         }),
@@ -129,7 +140,7 @@ impl Gate {
         let now_utc = crate::repair::at_time(now);
         let secret = key_for(a, env.key_id, self.bootstrap.as_deref(), &now_utc)?;
         let beat = heartbeat::open(datagram, &heartbeat::key(secret))?;
-        if env.key_id == BOOTSTRAP_KEY_ID && a.heartbeat_key_acked {
+        if env.key_id == BOOTSTRAP_KEY_ID && a.bootstrap_refused() {
             return Err(Refusal::Bootstrap(a.id.clone()));
         }
         let now_ms = millis(now);
@@ -199,6 +210,7 @@ mod tests {
             listeners: vec![],
             members: vec![],
             truncated: false,
+            vips: None,
         }
     }
 
@@ -332,6 +344,83 @@ mod tests {
         assert!(gate
             .check(&s, &sign(&beat("a1", seq + 2, now)), now)
             .is_ok());
+    }
+
+    /// Rotates `id` in `s` as the API does.
+    fn rotate(s: &mut State, id: &str, grace: Duration) -> u32 {
+        let mut tx = crate::store::Tx::default();
+        let key_id = crate::keys_push::rotate(s, &mut tx, id, grace).unwrap();
+        crate::store::apply(s, tx.ops().to_vec());
+        key_id
+    }
+
+    #[test]
+    fn rotations_faster_than_the_agent_takes_them_leave_its_key_taken() {
+        let now = SystemTime::now();
+        let seq = (millis(now) * 1_000) as u64;
+        let held = generate(1).unwrap();
+        let mut s = State::default();
+        let mut a = amphora("a1", Some(held.clone()));
+        a.heartbeat_key_acked = true;
+        s.amphorae.insert(a);
+        let boot = b"a bootstrap key of the fleet".to_vec();
+        let mut gate = Gate::new(
+            Some(boot.clone()),
+            Duration::from_secs(30),
+            now - Duration::from_secs(5),
+            HashMap::new(),
+        );
+        let grace = Duration::from_secs(60);
+        // Three rotations before the agent took any: it still signs with
+        // key 1, which is taken; so would it with 2 or 3 had one of those
+        // pushes landed.
+        assert_eq!(rotate(&mut s, "a1", grace), 2);
+        let two = s.amphorae["a1"].heartbeat_key.clone().unwrap();
+        assert_eq!(rotate(&mut s, "a1", grace), 3);
+        let three = s.amphorae["a1"].heartbeat_key.clone().unwrap();
+        assert_eq!(rotate(&mut s, "a1", grace), 4);
+        let four = s.amphorae["a1"].heartbeat_key.clone().unwrap();
+        for (i, k) in [&held, &two, &three, &four].into_iter().enumerate() {
+            let b = heartbeat::seal(
+                &heartbeat::key(k.secret()),
+                k.key_id,
+                &beat("a1", seq + i as u64, now),
+            );
+            assert_eq!(gate.check(&s, &b, now).unwrap().1, k.key_id);
+        }
+        // While it takes the new key, the bootstrap key still does not
+        // speak for it.
+        assert!(!s.amphorae["a1"].heartbeat_key_acked);
+        let boot_signed = heartbeat::seal(&heartbeat::key(&boot), 0, &beat("a1", seq + 9, now));
+        assert!(matches!(
+            gate.check(&s, &boot_signed, now),
+            Err(Refusal::Bootstrap(_))
+        ));
+        // Past their grace, the retired keys are refused; and no more than
+        // MAX_OLDER_KEYS are ever kept.
+        let later = now + Duration::from_secs(61);
+        let b = heartbeat::seal(
+            &heartbeat::key(held.secret()),
+            1,
+            &beat("a1", seq + 10, later),
+        );
+        assert!(matches!(
+            gate.check(&s, &b, later),
+            Err(Refusal::WrongKey { .. })
+        ));
+        for _ in 0..20 {
+            rotate(&mut s, "a1", grace);
+        }
+        assert_eq!(
+            s.amphorae["a1"].older_heartbeat_keys.len(),
+            crate::model::MAX_OLDER_KEYS
+        );
+        // An amphora whose agent never held a key of its own is still
+        // spoken for by the bootstrap key after a rotation.
+        s.amphorae.insert(amphora("a2", Some(generate(1).unwrap())));
+        rotate(&mut s, "a2", grace);
+        let boot_signed = heartbeat::seal(&heartbeat::key(&boot), 0, &beat("a2", seq, now));
+        assert!(gate.check(&s, &boot_signed, now).is_ok());
     }
 
     #[test]

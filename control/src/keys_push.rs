@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 
-use crate::model::AmphoraStatus;
+use crate::model::{AmphoraStatus, RetiredKey, MAX_OLDER_KEYS};
 use crate::Controller;
 
 /// Makes keys for amphorae without one, and starts a push for each whose
@@ -129,7 +129,10 @@ pub fn request_key(ctl: &Controller, id: &str) {
     }
 }
 
-/// A new key for `id`; the current one stays valid for `grace`.
+/// A new key for `id`; the current one stays valid for `grace`, and so do
+/// the ones retired before it that are still in their own grace window (a
+/// rotation faster than the agent took the last key must not leave the
+/// key it signs with behind).
 pub fn rotate(
     s: &crate::model::State,
     tx: &mut crate::store::Tx,
@@ -146,12 +149,23 @@ pub fn rotate(
         .map_or(1, |k| k.key_id.saturating_add(1));
     let key = crate::heartbeat_keys::generate(next)?;
     let mut a = a.clone();
+    let now = crate::now();
+    if let (Some(key), Some(valid_until)) = (
+        a.previous_heartbeat_key.take(),
+        a.previous_key_valid_until.take(),
+    ) {
+        a.older_heartbeat_keys.push(RetiredKey { key, valid_until });
+    }
+    a.older_heartbeat_keys.retain(|k| k.valid_until > now);
+    let extra = a.older_heartbeat_keys.len().saturating_sub(MAX_OLDER_KEYS);
+    a.older_heartbeat_keys.drain(..extra);
     a.previous_heartbeat_key = a.heartbeat_key.take();
     a.previous_key_valid_until = a
         .previous_heartbeat_key
         .as_ref()
         .map(|_| crate::repair::at(grace));
     a.heartbeat_key = Some(key);
+    a.own_key_held |= a.heartbeat_key_acked;
     a.heartbeat_key_acked = false;
     a.updated_at = Some(crate::now());
     tx.put(a);

@@ -300,18 +300,45 @@ pub struct Amphora {
     pub previous_heartbeat_key: Option<PushedKey>,
     #[serde(default)]
     pub previous_key_valid_until: Option<String>,
+    /// Keys retired before `previous_heartbeat_key` and still in their
+    /// grace window, oldest first (at most [`MAX_OLDER_KEYS`]): rotated
+    /// again before its agent took the last key, it still signs with one
+    /// of these.
+    #[serde(default)]
+    pub older_heartbeat_keys: Vec<RetiredKey>,
     /// Its agent is known to hold `heartbeat_key` (it took the push, or
     /// signed with it); from then on the fleet's bootstrap key does not
     /// speak for it.
     #[serde(default)]
     pub heartbeat_key_acked: bool,
+    /// Its agent held a key of its own before the last rotation: the
+    /// bootstrap key does not speak for it while it takes the new one.
+    #[serde(default)]
+    pub own_key_held: bool,
     /// The last heartbeat sequence number taken from it: what replay
     /// protection starts from after a controller restart.
     #[serde(default)]
     pub heartbeat_seq: u64,
 }
 
+/// Most keys kept in `Amphora::older_heartbeat_keys`.
+pub const MAX_OLDER_KEYS: usize = 8;
+
+/// A heartbeat key taken out of use by a rotation, still taken until
+/// `valid_until` (UTC, Octavia's format).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredKey {
+    pub key: PushedKey,
+    pub valid_until: String,
+}
+
 impl Amphora {
+    /// Whether the fleet's bootstrap key is refused for it: its agent
+    /// holds (or held, before a rotation) a key of its own.
+    pub fn bootstrap_refused(&self) -> bool {
+        self.heartbeat_key_acked || self.own_key_held
+    }
+
     /// Where a distributor sends its VIP traffic.
     pub fn data_address(&self) -> Option<std::net::IpAddr> {
         self.vrrp_ip

@@ -100,14 +100,25 @@ pub fn drift(want_generation: u64, vip: Option<&str>, r: &Report) -> Option<Stri
         }
     }
     if let (Some(vip), Some(held)) = (vip, &r.vips) {
-        if !held
-            .iter()
-            .any(|v| v == vip || v.split('/').next() == Some(vip))
-        {
-            return Some(format!("its agent does not hold the VIP {vip}"));
+        if !holds(held, vip) {
+            return Some(format!(
+                "its agent does not hold the VIP {vip} (missing from its interface)"
+            ));
         }
     }
     None
+}
+
+/// Whether `held` (addresses, with or without a prefix) has `vip`: the
+/// same text, or the same address however it is written.
+fn holds(held: &[String], vip: &str) -> bool {
+    let want = vip.parse::<std::net::IpAddr>().ok();
+    held.iter().any(|v| {
+        let addr = v.split('/').next().unwrap_or(v);
+        v == vip
+            || addr == vip
+            || want.is_some_and(|w| addr.parse::<std::net::IpAddr>().ok() == Some(w))
+    })
 }
 
 /// The wait after `failures` failed attempts in a row: `first`, doubled
@@ -286,6 +297,13 @@ fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
                     if l.drift.as_deref() != Some(reason.as_str()) {
                         tracing::warn!(amphora = %a.id, loadbalancer = %lb_id, %reason, "amphora out of step; repairing");
                         l.drift = Some(reason.clone());
+                    }
+                    // Its `error` says what is wrong (a failed repair adds
+                    // why it failed).
+                    if !a.error.as_deref().is_some_and(|e| e.starts_with(reason.as_str())) {
+                        let mut a = a.clone();
+                        a.error = Some(reason.clone());
+                        tx.put(a);
                     }
                     if now.duration_since(since) > timeout {
                         steps.push(Step::FailOver {
@@ -489,6 +507,28 @@ mod tests {
             .unwrap()
             .contains("VIP 198.18.0.7"));
         assert_eq!(drift(5, Some("198.18.0.9"), &no_vip), None);
+        // As agents list them: with a prefix, IPv6 however written.
+        let listed = Report {
+            vips: Some(vec!["198.18.0.9/32".into(), "2001:db8::9/128".into()]),
+            ..no_vip.clone()
+        };
+        assert_eq!(drift(5, Some("198.18.0.9"), &listed), None);
+        assert_eq!(drift(5, Some("2001:db8::9"), &listed), None);
+        assert_eq!(drift(5, Some("2001:DB8:0::9"), &listed), None);
+        assert!(drift(5, Some("198.18.0.90"), &listed).is_some());
+        // None listed: missing; not said: not judged.
+        let none = Report {
+            vips: Some(vec![]),
+            ..no_vip.clone()
+        };
+        assert!(drift(5, Some("198.18.0.9"), &none)
+            .unwrap()
+            .contains("missing"));
+        let unsaid = Report {
+            vips: None,
+            ..no_vip
+        };
+        assert_eq!(drift(5, Some("198.18.0.9"), &unsaid), None);
     }
 
     #[test]

@@ -365,6 +365,7 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
             listeners: vec![],
             members: vec![],
             truncated: false,
+            vips: None,
         };
         sock.send_to(&seal(&key(k), id, &beat), hb).unwrap();
     };
@@ -475,4 +476,274 @@ fn a_corrupt_agent_state_file_leaves_the_agent_up_and_the_amphora_repaired_witho
     let sp = rig.get(&format!("/v2/octavia/amphorae/{spare}")).body["amphora"].clone();
     assert_eq!(sp["status"], "READY", "{sp}");
     assert_eq!(metric(rig, "siphon_control_failovers_total"), 0.0);
+}
+
+/// Whether `ip` is on `lo` (as a host address or with any prefix).
+fn on_lo(ip: std::net::IpAddr) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "dev", "lo"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/"))
+}
+
+/// Polls until `f` says yes; panics with `what` after `limit`. How long it
+/// took.
+fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_failover() {
+    if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let mut served = Served::new("vipgone", &["amp-v1", "amp-v2"]);
+    let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
+    let (c, s) = carrier_and_spare(rig, &lb);
+    let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
+    let path = format!("/v2/lbaas/loadbalancers/{lb}");
+    let amp_path = format!("/v2/octavia/amphorae/{carrier}");
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    assert!(on_lo(vip.ip()), "the VIP is plumbed on lo");
+    let failovers = metric(rig, "siphon_control_failovers_total");
+    let in_place = |rig: &Rig| {
+        let a = rig.get(&amp_path).body["amphora"].clone();
+        assert_eq!(a["status"], "ALLOCATED", "{a}");
+        assert_eq!(a["loadbalancer_id"], Value::from(lb.clone()), "{a}");
+        let sp = rig.get(&format!("/v2/octavia/amphorae/{spare}")).body["amphora"].clone();
+        assert_eq!(sp["status"], "READY", "{sp}");
+        assert!(sp["loadbalancer_id"].is_null(), "{sp}");
+        assert_eq!(metric(rig, "siphon_control_failovers_total"), failovers);
+    };
+    let delete = || {
+        let st = std::process::Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", vip.ip()), "dev", "lo"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(!on_lo(vip.ip()));
+    };
+
+    // 1. Someone deletes the VIP from the amphora's interface: its next
+    // heartbeat says so, and the controller pushes it again, in place.
+    // (Past the second after the last push, when reports are judged.)
+    std::thread::sleep(Duration::from_millis(1_200));
+    let repairs = metric(rig, "siphon_control_repairs_total");
+    delete();
+    let back = until(Duration::from_secs(5), "the VIP put back on lo", || {
+        on_lo(vip.ip())
+    });
+    let served_in = wait_served(vip, Duration::from_secs(5));
+    println!("VIP deleted by hand → back on lo in {back:?}, served {served_in:?} later");
+    assert!(metric(rig, "siphon_control_repairs_total") > repairs);
+    in_place(rig);
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    until(Duration::from_secs(5), "in step again", || {
+        metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
+            && rig.get(&amp_path).body["amphora"]["error"].is_null()
+    });
+
+    // 2. Again, while every connection slot of its agent is taken, so the
+    // re-push waits: meanwhile the amphora says what is wrong, it counts
+    // as out of step, and its load balancer's VIP is not served.
+    let agent = SocketAddr::from(([127, 0, 0, 1], rig.amphorae[c].port()));
+    let slots: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(agent).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let repairs = metric(rig, "siphon_control_repairs_total");
+    delete();
+    until(Duration::from_secs(3), "the reason shown", || {
+        rig.get(&amp_path).body["amphora"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("does not hold the VIP {}", vip.ip())))
+    });
+    until(Duration::from_secs(2), "counted out of step", || {
+        metric(rig, "siphon_control_amphorae_out_of_step") == 1.0
+    });
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ERROR",
+        Duration::from_secs(2),
+    );
+    drop(slots);
+    let back = until(Duration::from_secs(5), "the VIP put back on lo", || {
+        on_lo(vip.ip())
+    });
+    println!("agent free again → VIP back on lo in {back:?}");
+    wait_served(vip, Duration::from_secs(5));
+    assert!(metric(rig, "siphon_control_repairs_total") > repairs);
+    rig.wait_field(
+        &path,
+        "loadbalancer",
+        "operating_status",
+        "ONLINE",
+        Duration::from_secs(5),
+    );
+    until(Duration::from_secs(5), "in step again", || {
+        metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
+            && rig.get(&amp_path).body["amphora"]["error"].is_null()
+    });
+    in_place(rig);
+}
+
+/// The amphora as the API shows it.
+fn amphora(rig: &Rig, id: &str) -> Value {
+    rig.get(&format!("/v2/octavia/amphorae/{id}")).body["amphora"].clone()
+}
+
+/// Rotates `id`'s heartbeat key through the API; the new key id.
+fn rotate(rig: &Rig, id: &str) -> u64 {
+    let a = rig.call(
+        hyper::Method::PUT,
+        &format!("/v2/octavia/amphorae/{id}/heartbeat_key"),
+        None,
+    );
+    assert_eq!(a.status, 202, "{}", a.body);
+    a.body["heartbeat_key_id"].as_u64().unwrap()
+}
+
+/// Watches an amphora for `d`, or until `done` says so: it must stay heard
+/// (its last heartbeat under three intervals old), allocated to its load
+/// balancer, and no heartbeat may be refused.
+struct Heard<'a> {
+    rig: &'a Rig,
+    id: String,
+    rejected: f64,
+    /// The oldest `last_heartbeat_ms_ago` seen.
+    worst: u64,
+}
+
+impl Heard<'_> {
+    fn watch(&mut self, limit: Duration, what: &str, mut done: impl FnMut(&Value) -> bool) {
+        let start = Instant::now();
+        loop {
+            let a = amphora(self.rig, &self.id);
+            let ago = a["last_heartbeat_ms_ago"].as_u64().unwrap();
+            self.worst = self.worst.max(ago);
+            assert!(ago < 600, "{what}: {} unheard for {ago} ms: {a}", self.id);
+            assert_eq!(a["status"], "ALLOCATED", "{what}: {a}");
+            let rejected = metric_labeled(self.rig, "siphon_control_heartbeats_total", "rejected");
+            assert_eq!(rejected, self.rejected, "{what}: heartbeats refused");
+            if done(&a) {
+                return;
+            }
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}: {a}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn heartbeat_keys_rotated_under_live_heartbeats_drop_none() {
+    if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
+        return;
+    }
+    let served = Served::new("rotate", &["amp-k1", "amp-k2"]);
+    let (rig, lb, vip) = (&served.rig, served.lb.clone(), served.vip);
+    wait_keys_held(rig);
+    let (c, _) = carrier_and_spare(rig, &lb);
+    let carrier = rig.amphorae[c].id.clone();
+    let held_key = |rig: &Rig| -> u64 {
+        let held: Value = serde_json::from_slice(
+            &std::fs::read(rig.amphorae[c].cfg.state_dir.join("heartbeat-key.json")).unwrap(),
+        )
+        .unwrap();
+        held["key_id"].as_u64().unwrap()
+    };
+    let failovers = metric(rig, "siphon_control_failovers_total");
+    let mut heard = Heard {
+        rig,
+        id: carrier.clone(),
+        rejected: metric_labeled(rig, "siphon_control_heartbeats_total", "rejected"),
+        worst: 0,
+    };
+    let mut key_id = amphora(heard.rig, &carrier)["heartbeat_key_id"]
+        .as_u64()
+        .unwrap();
+
+    // Three rotations, each once the last one is held, heartbeats going on
+    // every 200 ms throughout.
+    for round in 1..=3 {
+        let next = rotate(heard.rig, &carrier);
+        assert_eq!(next, key_id + 1, "round {round}");
+        key_id = next;
+        let a = amphora(heard.rig, &carrier);
+        assert_eq!(a["heartbeat_key_id"], key_id, "{a}");
+        heard.watch(Duration::from_secs(5), "the new key held", |a| {
+            a["heartbeat_key_acked"] == true
+        });
+        assert_eq!(held_key(heard.rig), key_id);
+        // A few heartbeats under the new key.
+        let until = Instant::now() + Duration::from_millis(700);
+        heard.watch(
+            Duration::from_secs(1),
+            "heartbeats under the new key",
+            |_| Instant::now() >= until,
+        );
+        assert_eq!(greetings(vip, 4).len(), 4);
+        wait_served(vip, Duration::from_secs(2));
+    }
+
+    // Two more, back to back, while the agent cannot be reached to take
+    // either (every connection slot of it taken), for longer than the
+    // heartbeat timeout: it keeps signing with the key it holds, which
+    // must still be taken.
+    let agent = SocketAddr::from(([127, 0, 0, 1], heard.rig.amphorae[c].port()));
+    let slots: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(agent).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = held_key(heard.rig);
+    assert_eq!(rotate(heard.rig, &carrier), key_id + 1);
+    assert_eq!(rotate(heard.rig, &carrier), key_id + 2);
+    key_id += 2;
+    let until = Instant::now() + Duration::from_millis(1_500);
+    heard.watch(Duration::from_secs(3), "two rotations not held yet", |a| {
+        assert_eq!(a["heartbeat_key_acked"], false, "{a}");
+        Instant::now() >= until
+    });
+    assert_eq!(
+        held_key(heard.rig),
+        before,
+        "the agent could not be reached"
+    );
+    drop(slots);
+    heard.watch(Duration::from_secs(10), "the last key held", |a| {
+        a["heartbeat_key_acked"] == true && a["heartbeat_key_id"] == key_id
+    });
+    assert_eq!(held_key(heard.rig), key_id);
+    let until = Instant::now() + Duration::from_millis(700);
+    heard.watch(
+        Duration::from_secs(1),
+        "heartbeats under the last key",
+        |_| Instant::now() >= until,
+    );
+    let worst = heard.worst;
+    let rig = heard.rig;
+    println!("5 rotations: no heartbeat refused, heard at most {worst} ms ago");
+    assert_eq!(metric(rig, "siphon_control_failovers_total"), failovers);
+    let a = amphora(rig, &carrier);
+    assert_eq!(a["loadbalancer_id"], Value::from(lb.clone()), "{a}");
+    wait_served(vip, Duration::from_secs(2));
 }

@@ -146,7 +146,9 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
             heartbeat_key: None,
             previous_heartbeat_key: None,
             previous_key_valid_until: None,
+            older_heartbeat_keys: Vec::new(),
             heartbeat_key_acked: false,
+            own_key_held: false,
             heartbeat_seq: 0,
         },
     })
