@@ -193,6 +193,23 @@ pub fn check_removals(plan: &Plan, owned: &Owned, present: &[IpNet]) -> Result<(
     Ok(())
 }
 
+/// The index of the interface called `name`; `None` when there is none.
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, VipError> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await;
+    match link {
+        Ok(Some(l)) => Ok(Some(l.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if code(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(VipError::Netlink(e.to_string())),
+    }
+}
+
 fn code(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
@@ -276,18 +293,8 @@ impl Vips {
         let nl = |e: rtnetlink::Error| VipError::Netlink(e.to_string());
         let mut out = Vec::new();
         for (name, nets) in &self.wanted().0 {
-            let link = handle
-                .link()
-                .get()
-                .match_name(name.clone())
-                .execute()
-                .try_next()
-                .await;
-            let index = match link {
-                Ok(Some(l)) => l.header.index,
-                Ok(None) => continue,
-                Err(e) if code(&e) == Some(ENODEV) => continue,
-                Err(e) => return Err(nl(e)),
+            let Some(index) = link_index(handle, name).await? else {
+                continue;
             };
             let present: Vec<IpNet> = handle
                 .address()
@@ -340,21 +347,9 @@ impl Vips {
             rtnetlink::new_connection().map_err(|e| VipError::Netlink(e.to_string()))?;
         let driver = tokio::spawn(conn);
         let result = async {
-            let link = handle
-                .link()
-                .get()
-                .match_name(name.clone())
-                .execute()
-                .try_next()
-                .await;
-            let index = match link {
-                Ok(Some(l)) => l.header.index,
-                Ok(None) => return Err(VipError::NoInterface(name.clone())),
-                Err(e) if code(&e) == Some(ENODEV) => {
-                    return Err(VipError::NoInterface(name.clone()))
-                }
-                Err(e) => return Err(nl(e)),
-            };
+            let index = link_index(&handle, &name)
+                .await?
+                .ok_or_else(|| VipError::NoInterface(name.clone()))?;
             let present: Vec<AddressMessage> = handle
                 .address()
                 .get()

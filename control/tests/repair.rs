@@ -51,6 +51,26 @@ impl Served {
     }
 }
 
+impl Served {
+    /// Once the load balancer is `ONLINE`: the index and id of the
+    /// amphora carrying it, and the spare's id.
+    fn online_pair(&self) -> (usize, String, String) {
+        self.rig.wait_field(
+            &format!("/v2/lbaas/loadbalancers/{}", self.lb),
+            "loadbalancer",
+            "operating_status",
+            "ONLINE",
+            Duration::from_secs(5),
+        );
+        let (c, s) = carrier_and_spare(&self.rig, &self.lb);
+        let ids = (
+            self.rig.amphorae[c].id.clone(),
+            self.rig.amphorae[s].id.clone(),
+        );
+        (c, ids.0, ids.1)
+    }
+}
+
 /// Waits until connections to `vip` reach both backends.
 fn wait_served(vip: SocketAddr, limit: Duration) -> Duration {
     let start = Instant::now();
@@ -175,17 +195,9 @@ fn a_dataplane_restarted_empty_with_its_agent_state_deleted_is_repaired_by_a_re_
         return;
     }
     let mut served = Served::new("lost", &["amp-l1", "amp-l2"]);
+    let (c, carrier, spare) = served.online_pair();
     let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
-    let (c, s) = carrier_and_spare(rig, &lb);
-    let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
     let path = format!("/v2/lbaas/loadbalancers/{lb}");
-    rig.wait_field(
-        &path,
-        "loadbalancer",
-        "operating_status",
-        "ONLINE",
-        Duration::from_secs(5),
-    );
     let repairs = metric(rig, "siphon_control_repairs_total");
 
     // Everything the amphora knew is gone; the agent comes back empty.
@@ -441,9 +453,8 @@ fn a_corrupt_agent_state_file_leaves_the_agent_up_and_the_amphora_repaired_witho
         return;
     }
     let mut served = Served::new("corrupt", &["amp-c1", "amp-c2"]);
+    let (c, carrier, spare) = served.online_pair();
     let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
-    let (c, s) = carrier_and_spare(rig, &lb);
-    let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
     let repairs = metric(rig, "siphon_control_repairs_total");
 
     // The agent restarts over a config file that does not parse.
@@ -504,18 +515,10 @@ fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_fa
         return;
     }
     let mut served = Served::new("vipgone", &["amp-v1", "amp-v2"]);
+    let (c, carrier, spare) = served.online_pair();
     let (rig, lb, vip) = (&mut served.rig, served.lb.clone(), served.vip);
-    let (c, s) = carrier_and_spare(rig, &lb);
-    let (carrier, spare) = (rig.amphorae[c].id.clone(), rig.amphorae[s].id.clone());
     let path = format!("/v2/lbaas/loadbalancers/{lb}");
     let amp_path = format!("/v2/octavia/amphorae/{carrier}");
-    rig.wait_field(
-        &path,
-        "loadbalancer",
-        "operating_status",
-        "ONLINE",
-        Duration::from_secs(5),
-    );
     assert!(on_lo(vip.ip()), "the VIP is plumbed on lo");
     let failovers = metric(rig, "siphon_control_failovers_total");
     let in_place = |rig: &Rig| {
