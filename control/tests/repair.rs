@@ -521,6 +521,20 @@ fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_fa
     let amp_path = format!("/v2/octavia/amphorae/{carrier}");
     assert!(on_lo(vip.ip()), "the VIP is plumbed on lo");
     let failovers = metric(rig, "siphon_control_failovers_total");
+    // Back ONLINE, counted in step, and the amphora's error cleared.
+    let in_step_again = |rig: &Rig| {
+        rig.wait_field(
+            &path,
+            "loadbalancer",
+            "operating_status",
+            "ONLINE",
+            Duration::from_secs(5),
+        );
+        until(Duration::from_secs(5), "in step again", || {
+            metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
+                && rig.get(&amp_path).body["amphora"]["error"].is_null()
+        });
+    };
     let in_place = |rig: &Rig| {
         let a = rig.get(&amp_path).body["amphora"].clone();
         assert_eq!(a["status"], "ALLOCATED", "{a}");
@@ -552,17 +566,7 @@ fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_fa
     println!("VIP deleted by hand → back on lo in {back:?}, served {served_in:?} later");
     assert!(metric(rig, "siphon_control_repairs_total") > repairs);
     in_place(rig);
-    rig.wait_field(
-        &path,
-        "loadbalancer",
-        "operating_status",
-        "ONLINE",
-        Duration::from_secs(5),
-    );
-    until(Duration::from_secs(5), "in step again", || {
-        metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
-            && rig.get(&amp_path).body["amphora"]["error"].is_null()
-    });
+    in_step_again(rig);
 
     // 2. Again, while every connection slot of its agent is taken, so the
     // re-push waits: meanwhile the amphora says what is wrong, it counts
@@ -596,17 +600,7 @@ fn a_vip_deleted_from_the_amphoras_interface_is_put_back_by_a_re_push_without_fa
     println!("agent free again → VIP back on lo in {back:?}");
     wait_served(vip, Duration::from_secs(5));
     assert!(metric(rig, "siphon_control_repairs_total") > repairs);
-    rig.wait_field(
-        &path,
-        "loadbalancer",
-        "operating_status",
-        "ONLINE",
-        Duration::from_secs(5),
-    );
-    until(Duration::from_secs(5), "in step again", || {
-        metric(rig, "siphon_control_amphorae_out_of_step") == 0.0
-            && rig.get(&amp_path).body["amphora"]["error"].is_null()
-    });
+    in_step_again(rig);
     in_place(rig);
 }
 
