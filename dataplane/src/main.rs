@@ -125,10 +125,19 @@ struct Tuning {
     /// Seconds established connections get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
-    /// Take a member out after this many connect failures in a row
-    /// (0: never).
+    /// Take a member out after this many refused (or reset, unreachable)
+    /// connects in a row (0: never). Failures on the proxy's own side
+    /// (descriptors, memory, local ports) never count.
     #[arg(long, default_value_t = 5)]
     eject_after: u32,
+    /// Take a member out after this many timed-out connects in a row
+    /// (0: never); more than refusals, since a slow member may be only busy.
+    #[arg(long, default_value_t = 15)]
+    eject_after_timeouts: u32,
+    /// Never have more than this percentage of a pool's members ejected at
+    /// once (0-100); the last member that is up is never ejected.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    max_ejection_percent: u32,
     /// Seconds an ejected member without a health monitor stays out (doubling
     /// on repeated ejections, up to 32 times).
     #[arg(long, default_value_t = 10)]
@@ -149,6 +158,8 @@ impl Tuning {
         o.udp_offload = !self.no_udp_offload;
         o.spread = !self.no_spread;
         o.eject_after = self.eject_after;
+        o.eject_after_timeouts = self.eject_after_timeouts;
+        o.max_ejection_percent = self.max_ejection_percent;
         o.eject_backoff = Duration::from_secs(self.eject_backoff.max(1));
         o
     }

@@ -9,7 +9,7 @@
 use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-use crate::stats::StatsReport;
+use crate::stats::{HistogramReport, StatsReport};
 use crate::status::{OperatingStatus, StatusReport};
 
 const STATUSES: [(OperatingStatus, &str); 6] = [
@@ -43,10 +43,12 @@ pub fn render(stats: &StatsReport, status: &StatusReport, workers: &[usize]) -> 
             c("siphon_listener_packets_out_total", l.packets_out);
             c("siphon_listener_idle_timeouts_total", l.timeouts);
             c("siphon_listener_flows_evicted_total", l.flows_evicted);
+            c("siphon_listener_accept_pauses_total", l.accept_pauses);
             for (reason, v) in [
                 ("acl", l.refused_acl),
                 ("limit", l.refused_limit),
                 ("no_member", l.no_member),
+                ("local_resources", l.local_errors),
             ] {
                 counter!("siphon_listener_refused_total", "listener" => id.clone(), "reason" => reason)
                     .absolute(v);
@@ -70,6 +72,21 @@ pub fn render(stats: &StatsReport, status: &StatusReport, workers: &[usize]) -> 
             counter!("siphon_member_bytes_out_total", &labels).absolute(m.bytes_out);
             counter!("siphon_member_connections_total", &labels).absolute(m.total_connections);
             counter!("siphon_member_connect_errors_total", &labels).absolute(m.connect_errors);
+            counter!("siphon_member_connect_timeouts_total", &labels).absolute(m.connect_timeouts);
+            for (reason, v) in [
+                ("refused", m.ejected_refused),
+                ("timed_out", m.ejected_timed_out),
+            ] {
+                counter!(
+                    "siphon_member_ejections_total",
+                    "pool" => m.pool_id.clone(),
+                    "member" => m.id.clone(),
+                    "reason" => reason
+                )
+                .absolute(v);
+            }
+            counter!("siphon_member_ejections_held_back_total", &labels)
+                .absolute(m.ejections_held_back);
             counter!("siphon_member_packets_in_total", &labels).absolute(m.packets_in);
             counter!("siphon_member_packets_out_total", &labels).absolute(m.packets_out);
             counter!("siphon_member_unreachable_total", &labels).absolute(m.unreachable);
@@ -91,7 +108,83 @@ pub fn render(stats: &StatsReport, status: &StatusReport, workers: &[usize]) -> 
             }
         }
     });
-    handle.render()
+    let mut page = handle.render();
+    histograms(&mut page, stats);
+    page
+}
+
+const HISTOGRAMS: [(&str, &str); 3] = [
+    (
+        "siphon_listener_session_seconds",
+        "How long TCP sessions lasted, accept to close",
+    ),
+    (
+        "siphon_member_connect_seconds",
+        "How long connects to the member took",
+    ),
+    (
+        "siphon_member_check_seconds",
+        "How long the member's passing health checks took",
+    ),
+];
+
+/// The latency histograms, written out directly: the workers bucket them
+/// as they go (the `metrics` crate's histograms would want every sample).
+fn histograms(page: &mut String, stats: &StatsReport) {
+    use std::fmt::Write;
+    let [sessions, connects, checks] = HISTOGRAMS;
+    let head = |page: &mut String, (name, help): (&str, &str)| {
+        let _ = writeln!(page, "# HELP {name} {help}\n# TYPE {name} histogram");
+    };
+    head(page, sessions);
+    for l in &stats.listeners {
+        histogram(page, sessions.0, &[("listener", &l.id)], &l.sessions);
+    }
+    head(page, connects);
+    for m in &stats.members {
+        let labels = [("pool", m.pool_id.as_str()), ("member", m.id.as_str())];
+        histogram(page, connects.0, &labels, &m.connect_time);
+    }
+    head(page, checks);
+    for m in &stats.members {
+        let labels = [("pool", m.pool_id.as_str()), ("member", m.id.as_str())];
+        histogram(page, checks.0, &labels, &m.check_latency);
+    }
+}
+
+/// Appends one histogram series in Prometheus text format (cumulative
+/// buckets, `le` in seconds). The `metrics` crate's histograms take raw
+/// samples; these are already bucketed by the workers, so they are written
+/// out directly.
+fn histogram(out: &mut String, name: &str, labels: &[(&str, &str)], h: &HistogramReport) {
+    use std::fmt::Write;
+    let mut base = String::new();
+    for (k, v) in labels {
+        let _ = write!(base, "{k}=\"{}\",", escape(v));
+    }
+    let mut cumulative = 0;
+    for (i, c) in h.counts.iter().enumerate() {
+        cumulative += c;
+        let le = h
+            .bounds
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), |us| seconds(*us));
+        let _ = writeln!(out, "{name}_bucket{{{base}le=\"{le}\"}} {cumulative}");
+    }
+    let labels = base.trim_end_matches(',');
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", seconds(h.sum_us));
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+}
+
+fn seconds(us: u64) -> String {
+    format!("{}", us as f64 / 1e6)
+}
+
+/// A label value as Prometheus' text format wants it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn describe() {
@@ -140,9 +233,14 @@ fn describe() {
             "UDP flows evicted under max_flows",
         ),
         (
+            "siphon_listener_accept_pauses_total",
+            Unit::Count,
+            "Times accepting paused because the process ran short of descriptors or memory",
+        ),
+        (
             "siphon_listener_refused_total",
             Unit::Count,
-            "Connections refused or closed, by reason",
+            "Connections refused or reset, by reason (local_resources: this process ran short of descriptors, memory or ports)",
         ),
         (
             "siphon_listener_dropped_packets_total",
@@ -167,7 +265,22 @@ fn describe() {
         (
             "siphon_member_connect_errors_total",
             Unit::Count,
-            "Failed connects to the member",
+            "Failed connects to the member (refused, reset, unreachable or timed out)",
+        ),
+        (
+            "siphon_member_connect_timeouts_total",
+            Unit::Count,
+            "Connects to the member that timed out",
+        ),
+        (
+            "siphon_member_ejections_total",
+            Unit::Count,
+            "Passive ejections, by reason (refused or timed_out connects in a row)",
+        ),
+        (
+            "siphon_member_ejections_held_back_total",
+            Unit::Count,
+            "Ejections not done because the pool could not spare the member",
         ),
         (
             "siphon_member_packets_in_total",

@@ -18,12 +18,12 @@ use mio::Waker;
 use thiserror::Error;
 
 use crate::config::{Config, ConfigErrors};
-use crate::health::monitor::{EjectBackoff, Input, Monitor};
-use crate::health::{Book, Change, Ejector};
+use crate::health::monitor::{EjectPolicy, Input, Monitor};
+use crate::health::{Book, Change, Ejector, MemberKey, Target};
 use crate::listen;
 use crate::snapshot::{self, Endpoint, Snapshot};
 use crate::spread::Spread;
-use crate::stats::{Registry, StatsReport};
+use crate::stats::{MemberStats, Registry, StatsReport};
 use crate::status::StatusReport;
 use crate::worker::{Bound, Command, Update, Worker, WorkerOptions};
 
@@ -40,9 +40,15 @@ pub struct Options {
     pub pipe_size: usize,
     /// UDP segmentation offloads: GRO on receive, GSO on send.
     pub udp_offload: bool,
-    /// Passive ejection: a member out after this many connect failures in
+    /// Passive ejection: a member out after this many refused connects in
     /// a row (0 = never).
     pub eject_after: u32,
+    /// ... or after this many timed-out connects in a row (0 = never):
+    /// timeouts may be only overload, so they take more.
+    pub eject_after_timeouts: u32,
+    /// At most this percentage of a pool ejected at once (the last member
+    /// up never is).
+    pub max_ejection_percent: u32,
     /// How long an ejected member without a monitor stays out the first
     /// time; repeated ejections double it, up to 32 times.
     pub eject_backoff: Duration,
@@ -61,6 +67,8 @@ impl Default for Options {
             pipe_size: 1 << 20,
             udp_offload: true,
             eject_after: 5,
+            eject_after_timeouts: 15,
+            max_ejection_percent: 50,
             eject_backoff: Duration::from_secs(10),
             spread: true,
         }
@@ -159,17 +167,19 @@ impl Server {
     pub fn start(config: Config, opts: Options) -> Result<Server, ApplyError> {
         let n = opts.workers.max(1);
         let (changes_tx, changes_rx) = mpsc::channel::<Change>();
-        let backoff = EjectBackoff {
+        let policy = EjectPolicy {
             base: opts.eject_backoff,
             max: opts.eject_backoff.saturating_mul(32),
+            max_percent: opts.max_ejection_percent.min(100),
         };
-        let monitor = Monitor::spawn(changes_tx, backoff).map_err(ApplyError::Health)?;
+        let monitor = Monitor::spawn(changes_tx, policy).map_err(ApplyError::Health)?;
         let wopts = WorkerOptions {
             splice: opts.splice,
             pipe_size: opts.pipe_size,
             udp_offload: opts.udp_offload,
             ejector: Ejector {
                 after: opts.eject_after,
+                after_timeouts: opts.eject_after_timeouts,
                 tx: Some(monitor.sender()),
             },
         };
@@ -320,6 +330,24 @@ impl Drop for Threads {
     }
 }
 
+/// What the health thread watches: every member of the book, with its
+/// counters (for the check-latency histogram).
+fn plan(book: &Book, snapshot: &Snapshot) -> Vec<(Target, Arc<MemberStats>)> {
+    let mut plan = Vec::new();
+    for p in &snapshot.pools {
+        for m in &p.members {
+            let key = MemberKey {
+                pool: p.id.clone(),
+                member: m.id.clone(),
+            };
+            if let Some(r) = book.get(&key) {
+                plan.push((r.target.clone(), m.stats.clone()));
+            }
+        }
+    }
+    plan
+}
+
 /// The control side survives a panic elsewhere while holding the lock:
 /// the state it guards is replaced whole by every apply.
 fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
@@ -349,6 +377,20 @@ impl Core {
         let snapshot = Arc::new(Snapshot::build(config, &mut self.registry, &|p, m| {
             book.is_up(p, m)
         })?);
+        // A member whose record started over (new address or check) counts
+        // its connect failures afresh too.
+        for p in &snapshot.pools {
+            for m in &p.members {
+                let key = MemberKey {
+                    pool: p.id.clone(),
+                    member: m.id.clone(),
+                };
+                let id = |b: &Book| b.get(&key).map(|r| r.target.check_id);
+                if id(&book) != id(&self.book) {
+                    Ejector::reset(&m.stats);
+                }
+            }
+        }
         let wanted: HashMap<Endpoint, &str> = snapshot
             .endpoints()
             .map(|(e, l)| (e, l.id.as_str()))
@@ -409,7 +451,9 @@ impl Core {
         self.bound = wanted.keys().copied().collect();
         self.current = snapshot;
         self.book = book;
-        let _ = self.monitor.send(Input::Plan(self.book.targets()));
+        let _ = self
+            .monitor
+            .send(Input::Plan(plan(&self.book, &self.current)));
         self.prune_registry();
         let deadline = Instant::now() + ACK_TIMEOUT;
         let mut acked = vec![false; self.workers.len()];
@@ -458,9 +502,7 @@ impl Core {
             // A re-admitted member starts counting connect failures afresh
             // (connections in flight at its ejection may have added some).
             if let Some(m) = pool.members.iter().find(|m| m.id == member_id) {
-                m.stats
-                    .failures_in_row
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                Ejector::reset(&m.stats);
             }
         }
         let book = &self.book;

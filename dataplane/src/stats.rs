@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 use serde::Serialize;
@@ -35,6 +36,76 @@ impl Counter {
     }
 }
 
+/// Upper bounds (µs) of latency buckets: connects and health checks.
+pub const LATENCY_BOUNDS_US: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+/// Upper bounds (µs) of TCP session duration buckets: 10 ms to 4 h.
+pub const SESSION_BOUNDS_US: &[u64] = &[
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    60_000_000,
+    300_000_000,
+    1_800_000_000,
+    3_600_000_000,
+    14_400_000_000,
+];
+/// Buckets a histogram can have (the longest bounds list, plus +Inf).
+const BUCKETS: usize = 17;
+
+/// A latency histogram with one writer (a worker, or the health thread):
+/// counts per bucket and the sum, summed over writers on scrape. An
+/// observation is a scan of at most 16 bounds and two plain stores.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [Counter; BUCKETS],
+    sum_us: Counter,
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe(&self, bounds: &[u64], d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = bounds.iter().position(|&b| us <= b).unwrap_or(bounds.len());
+        if let Some(c) = self.counts.get(i) {
+            c.add(1);
+        }
+        self.sum_us.add(us);
+    }
+}
+
+/// A histogram read out: per-bucket counts (not cumulative; the last one
+/// is above every bound) and the sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistogramReport {
+    pub bounds: &'static [u64],
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+impl HistogramReport {
+    fn sum<'a>(bounds: &'static [u64], hs: impl Iterator<Item = &'a Histogram>) -> HistogramReport {
+        let mut r = HistogramReport {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum_us: 0,
+        };
+        for h in hs {
+            for (acc, c) in r.counts.iter_mut().zip(&h.counts) {
+                *acc += c.get();
+            }
+            r.sum_us += h.sum_us.get();
+        }
+        r
+    }
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
 /// One worker's counters for a listener.
 #[derive(Debug, Default)]
 pub struct ListenerCounters {
@@ -47,6 +118,12 @@ pub struct ListenerCounters {
     pub refused_limit: Counter,
     /// Connections closed because no member could take them.
     pub no_member: Counter,
+    /// Connections refused because this process ran short of descriptors,
+    /// memory or local ports: the proxy's problem, never the member's.
+    pub local_errors: Counter,
+    /// Times accepting paused because the process ran short (the clients
+    /// meanwhile wait in the kernel's backlog).
+    pub accept_pauses: Counter,
     /// Connections or UDP flows ended by an idle timeout.
     pub timeouts: Counter,
     /// UDP: datagrams from clients, and replies sent to them.
@@ -63,6 +140,8 @@ pub struct ListenerCounters {
     pub dropped_to_client: Counter,
     /// UDP flows ended to make room under `max_flows`.
     pub flows_evicted: Counter,
+    /// How long TCP sessions lasted, accept to close (established ones).
+    pub sessions: Histogram,
 }
 
 #[derive(Debug)]
@@ -99,12 +178,17 @@ pub struct MemberCounters {
     pub bytes_out: Counter,
     pub active_connections: Counter,
     pub total_connections: Counter,
+    /// Failed connects (refused, unreachable, reset or timed out).
     pub connect_errors: Counter,
+    /// Of those, the ones that timed out.
+    pub connect_timeouts: Counter,
     /// UDP: datagrams received from and sent to the member.
     pub packets_in: Counter,
     pub packets_out: Counter,
     /// UDP: ICMP errors the member's flows got (port unreachable and such).
     pub unreachable: Counter,
+    /// How long connects to the member took, start to established.
+    pub connect_time: Histogram,
 }
 
 #[derive(Debug)]
@@ -115,7 +199,23 @@ pub struct MemberStats {
     /// workers (passive ejection). Written only on failures and on the
     /// first success after one, so the forwarding path just reads it.
     pub failures_in_row: AtomicU32,
+    /// The same for connects that timed out, counted apart: a slow but
+    /// working member (overload) is not a refusing one.
+    pub timeouts_in_row: AtomicU32,
+    /// Written by the health thread only.
+    pub ejections: Ejections,
+    /// How long the member's passing health checks took (health thread).
+    pub check_latency: Histogram,
     workers: Box<[CachePadded<MemberCounters>]>,
+}
+
+/// Passive ejections of one member, by reason, and those held back because
+/// the pool could not spare the member.
+#[derive(Debug, Default)]
+pub struct Ejections {
+    pub refused: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub held_back: AtomicU64,
 }
 
 impl MemberStats {
@@ -124,6 +224,9 @@ impl MemberStats {
             pool_id: pool_id.to_owned(),
             id: id.to_owned(),
             failures_in_row: AtomicU32::new(0),
+            timeouts_in_row: AtomicU32::new(0),
+            ejections: Ejections::default(),
+            check_latency: Histogram::default(),
             workers: (0..workers).map(|_| CachePadded::default()).collect(),
         }
     }
@@ -193,6 +296,8 @@ impl Registry {
                 refused_acl: l.sum(|c| &c.refused_acl),
                 refused_limit: l.sum(|c| &c.refused_limit),
                 no_member: l.sum(|c| &c.no_member),
+                local_errors: l.sum(|c| &c.local_errors),
+                accept_pauses: l.sum(|c| &c.accept_pauses),
                 timeouts: l.sum(|c| &c.timeouts),
                 packets_in: l.sum(|c| &c.packets_in),
                 packets_out: l.sum(|c| &c.packets_out),
@@ -202,6 +307,10 @@ impl Registry {
                 dropped_to_member: l.sum(|c| &c.dropped_to_member),
                 dropped_to_client: l.sum(|c| &c.dropped_to_client),
                 flows_evicted: l.sum(|c| &c.flows_evicted),
+                sessions: HistogramReport::sum(
+                    SESSION_BOUNDS_US,
+                    l.workers.iter().map(|c| &c.sessions),
+                ),
             })
             .collect();
         listeners.sort_by(|a, b| a.id.cmp(&b.id));
@@ -216,9 +325,21 @@ impl Registry {
                 bytes_in: m.sum(|c| &c.bytes_in),
                 bytes_out: m.sum(|c| &c.bytes_out),
                 connect_errors: m.sum(|c| &c.connect_errors),
+                connect_timeouts: m.sum(|c| &c.connect_timeouts),
+                ejected_refused: m.ejections.refused.load(Relaxed),
+                ejected_timed_out: m.ejections.timed_out.load(Relaxed),
+                ejections_held_back: m.ejections.held_back.load(Relaxed),
                 packets_in: m.sum(|c| &c.packets_in),
                 packets_out: m.sum(|c| &c.packets_out),
                 unreachable: m.sum(|c| &c.unreachable),
+                connect_time: HistogramReport::sum(
+                    LATENCY_BOUNDS_US,
+                    m.workers.iter().map(|c| &c.connect_time),
+                ),
+                check_latency: HistogramReport::sum(
+                    LATENCY_BOUNDS_US,
+                    std::iter::once(&m.check_latency),
+                ),
             })
             .collect();
         members.sort_by(|a, b| (&a.pool_id, &a.id).cmp(&(&b.pool_id, &b.id)));
@@ -248,6 +369,8 @@ pub struct ListenerReport {
     pub refused_acl: u64,
     pub refused_limit: u64,
     pub no_member: u64,
+    pub local_errors: u64,
+    pub accept_pauses: u64,
     pub timeouts: u64,
     pub packets_in: u64,
     pub packets_out: u64,
@@ -257,6 +380,9 @@ pub struct ListenerReport {
     pub dropped_to_member: u64,
     pub dropped_to_client: u64,
     pub flows_evicted: u64,
+    /// Prometheus only: too bulky for every status poll.
+    #[serde(skip)]
+    pub sessions: HistogramReport,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -268,9 +394,19 @@ pub struct MemberReport {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connect_errors: u64,
+    pub connect_timeouts: u64,
+    /// Passive ejections after refused connects, after timed-out ones, and
+    /// ejections not done because the pool could not spare the member.
+    pub ejected_refused: u64,
+    pub ejected_timed_out: u64,
+    pub ejections_held_back: u64,
     pub packets_in: u64,
     pub packets_out: u64,
     pub unreachable: u64,
+    #[serde(skip)]
+    pub connect_time: HistogramReport,
+    #[serde(skip)]
+    pub check_latency: HistogramReport,
 }
 
 impl StatsReport {

@@ -17,14 +17,14 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::balance::{Balancer, Flow};
 use crate::config::{LbAlgorithm, PoolProtocol};
-use crate::health::Ejector;
+use crate::health::{ConnectFailure, Ejector};
 use crate::live::LivePools;
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
 use crate::relay::{Half, Ready, Shared};
 use crate::snapshot::{Endpoint, ListenerRt, PoolRt, Snapshot};
 use crate::spread::{self, Spread};
-use crate::stats::MemberStats;
+use crate::stats::{MemberStats, LATENCY_BOUNDS_US, SESSION_BOUNDS_US};
 use crate::timer::{Expired, TimerWheel};
 use crate::udp::{self, UdpPlane};
 
@@ -38,7 +38,9 @@ const CLIENT: usize = 0;
 const MEMBER: usize = 1;
 /// Connections accepted per listener wake-up before serving others.
 const ACCEPT_BATCH: usize = 64;
-/// Pause after the process ran out of file descriptors or memory.
+/// Longest pause of accepting after the process ran out of file
+/// descriptors, memory or local ports; a connection of this worker closing
+/// (a descriptor freed) ends it sooner.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The worker's one copy buffer, lent to whichever connection is pumped.
 const SCRATCH: usize = 64 * 1024;
@@ -125,7 +127,10 @@ struct Conn {
     m2c: Half,
     client_io: Ready,
     member_io: Ready,
+    /// For the session-duration histogram.
+    accepted: Instant,
     last_client: Instant,
+    /// While connecting: when the current attempt started.
     last_member: Instant,
     connect_deadline: Option<Instant>,
     /// Tick of this connection's one live timer entry.
@@ -153,6 +158,11 @@ pub struct Worker {
     /// Listeners with accepting paused, and until when: the rare case is
     /// kept apart so the loop never scans every listener.
     paused: Vec<(Instant, usize)>,
+    /// A connection closed since accepting was paused: descriptors may be
+    /// free again.
+    freed: bool,
+    /// When a local shortage was last logged (at most one line a second).
+    shortage_logged: Option<Instant>,
     udp: UdpPlane,
     drain: Option<Instant>,
     spread: Arc<Spread>,
@@ -211,6 +221,8 @@ impl Worker {
                 accept_again: Vec::new(),
                 spare: Vec::new(),
                 paused: Vec::new(),
+                freed: false,
+                shortage_logged: None,
                 udp: UdpPlane::new(
                     id,
                     workers,
@@ -302,8 +314,16 @@ impl Worker {
                         open = self.conns.len(),
                         "drain timeout: closing remaining connections"
                     );
+                    // A reset, not a FIN: a transfer cut short must not
+                    // look complete to either side.
                     let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     for k in keys {
+                        if let Some(c) = self.conns.get(k) {
+                            refuse(&c.client);
+                            if let Some(up) = &c.member {
+                                refuse(&up.stream);
+                            }
+                        }
                         self.close(k);
                     }
                     return;
@@ -421,9 +441,10 @@ impl Worker {
             return;
         }
         let now = self.now;
+        let freed = std::mem::take(&mut self.freed);
         let mut due = Vec::new();
         self.paused.retain(|&(until, k)| {
-            let resume = now >= until;
+            let resume = freed || now >= until;
             if resume {
                 due.push(k);
             }
@@ -450,12 +471,14 @@ impl Worker {
                 Ok((stream, peer)) => self.on_accept(addr, stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if resource_exhausted(&e) => {
+                Err(e) if local_shortage(&e) => {
                     // Spinning on EMFILE would burn the core; the pending
                     // connections wait in the backlog meanwhile.
-                    tracing::warn!(worker = self.id, %addr, error = %e, "accept paused");
-                    l.paused = true;
-                    self.paused.push((self.now + ACCEPT_BACKOFF, lkey));
+                    self.log_shortage(&e);
+                    if let Some(l) = self.snapshot.tcp_by_addr.get(&addr) {
+                        l.stats.worker(self.id).accept_pauses.add(1);
+                    }
+                    self.pause_accepting();
                     return;
                 }
                 Err(e) => {
@@ -464,6 +487,49 @@ impl Worker {
             }
         }
         self.accept_again.push(lkey);
+    }
+
+    /// Stops accepting on every listener of this worker until a connection
+    /// closes or `ACCEPT_BACKOFF` passes: with no descriptor (or memory)
+    /// to spare, new clients wait in the kernel's backlog instead of being
+    /// accepted only to be dropped.
+    fn pause_accepting(&mut self) {
+        let until = self.now + ACCEPT_BACKOFF;
+        self.freed = false;
+        for (k, l) in self.listeners.iter_mut() {
+            if !l.paused {
+                l.paused = true;
+                self.paused.push((until, k));
+            }
+        }
+    }
+
+    /// The proxy itself ran short (descriptors, memory, local ports) while
+    /// taking connection `key` in: the client is refused with a reset, no
+    /// member is blamed, and accepting pauses.
+    fn local_shortage(&mut self, key: usize, e: &io::Error) {
+        self.log_shortage(e);
+        if let Some(c) = self.conns.get(key) {
+            c.listener.stats.worker(self.id).local_errors.add(1);
+            refuse(&c.client);
+        }
+        self.close(key);
+        self.pause_accepting();
+    }
+
+    /// At most one line a second: a shortage repeats at every resume.
+    fn log_shortage(&mut self, e: &io::Error) {
+        let quiet = self
+            .shortage_logged
+            .is_some_and(|t| self.now.saturating_duration_since(t) < Duration::from_secs(1));
+        if !quiet {
+            self.shortage_logged = Some(self.now);
+            tracing::warn!(
+                worker = self.id,
+                error = %e,
+                "out of local resources: accepting paused (see local_errors, accept_pauses)"
+            );
+        }
     }
 
     fn on_accept(&mut self, local: SocketAddr, client: TcpStream, peer: SocketAddr) {
@@ -535,6 +601,7 @@ impl Worker {
                 closing: false,
             },
             member_io: Ready::default(),
+            accepted: self.now,
             last_client: self.now,
             last_member: self.now,
             connect_deadline: None,
@@ -545,11 +612,15 @@ impl Worker {
             Token(key << 1 | CLIENT),
             Interest::READABLE | Interest::WRITABLE,
         ) {
+            // epoll could not take it (memory, max_user_watches): ours.
             tracing::warn!(worker = self.id, error = %e, "cannot register client");
+            conn.listener.stats.worker(self.id).local_errors.add(1);
+            refuse(&conn.client);
             conn.listener
                 .stats
                 .active
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.pause_accepting();
             return;
         }
         entry.insert(conn);
@@ -565,6 +636,7 @@ impl Worker {
             };
             if c.tried.len() > c.listener.connect_retries as usize {
                 c.listener.stats.worker(self.id).no_member.add(1);
+                refuse(&c.client);
                 self.close(key);
                 return;
             }
@@ -578,6 +650,7 @@ impl Worker {
             let choice = self.live.choose(&pool, &flow, &c.tried);
             let Some(index) = choice else {
                 c.listener.stats.worker(self.id).no_member.add(1);
+                refuse(&c.client);
                 self.close(key);
                 return;
             };
@@ -590,8 +663,7 @@ impl Worker {
                         Token(key << 1 | MEMBER),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        tracing::warn!(error = %e, "cannot register member socket");
-                        self.close(key);
+                        self.local_shortage(key, &e);
                         return;
                     }
                     c.member = Some(Upstream {
@@ -600,15 +672,23 @@ impl Worker {
                     });
                     c.phase = Phase::Connecting;
                     c.member_io = Ready::default();
+                    c.last_member = self.now;
                     c.connect_deadline = c.listener.timeout_member_connect.map(|t| self.now + t);
                     if let Some(d) = c.connect_deadline {
                         c.timer = self.timers.schedule(d, key);
                     }
                     return;
                 }
+                Err(e) if local_shortage(&e) => {
+                    // Try no other member: they would fail alike.
+                    self.local_shortage(key, &e);
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(member = %member.addr, error = %e, "connect failed");
-                    self.opts.ejector.failed(&member.stats, self.id);
+                    self.opts
+                        .ejector
+                        .failed(&member.stats, self.id, ConnectFailure::Refused);
                 }
             }
         }
@@ -640,10 +720,18 @@ impl Worker {
         if !c.member_io.write {
             return;
         }
-        let failed = c.member_io.closing && !matches!(up.stream.take_error(), Ok(None));
-        if failed {
-            self.connect_failed(key);
-            return;
+        if c.member_io.closing {
+            match up.stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) if local_shortage(&e) => {
+                    self.local_shortage(key, &e);
+                    return;
+                }
+                Ok(Some(_)) | Err(_) => {
+                    self.connect_failed(key, ConnectFailure::Refused);
+                    return;
+                }
+            }
         }
         c.phase = Phase::Established;
         c.connect_deadline = None;
@@ -651,6 +739,10 @@ impl Worker {
         let w = up.stats.worker(self.id);
         w.active_connections.add(1);
         w.total_connections.add(1);
+        w.connect_time.observe(
+            LATENCY_BOUNDS_US,
+            self.now.saturating_duration_since(c.last_member),
+        );
         let header = match c.pool.protocol {
             PoolProtocol::Proxy | PoolProtocol::ProxyV2 => {
                 let local = c.client.local_addr().unwrap_or(c.peer);
@@ -671,12 +763,12 @@ impl Worker {
         self.pump(key);
     }
 
-    fn connect_failed(&mut self, key: usize) {
+    fn connect_failed(&mut self, key: usize, why: ConnectFailure) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
         if let Some(mut up) = c.member.take() {
-            self.opts.ejector.failed(&up.stats, self.id);
+            self.opts.ejector.failed(&up.stats, self.id, why);
             let _ = self.poll.registry().deregister(&mut up.stream);
         }
         self.connect_next(key);
@@ -770,7 +862,7 @@ impl Worker {
             Phase::Connecting => match c.connect_deadline {
                 Some(d) if self.now >= d => {
                     tracing::debug!(peer = %c.peer, "member connect timed out");
-                    self.connect_failed(e.key);
+                    self.connect_failed(e.key, ConnectFailure::TimedOut);
                 }
                 Some(d) => c.timer = self.timers.schedule(d, e.key),
                 None => {}
@@ -791,6 +883,7 @@ impl Worker {
             return;
         }
         let c = self.conns.remove(key);
+        self.freed = true;
         c.listener
             .stats
             .active
@@ -798,6 +891,10 @@ impl Worker {
         if let Some(up) = &c.member {
             if c.phase == Phase::Established {
                 up.stats.worker(self.id).active_connections.sub(1);
+                c.listener.stats.worker(self.id).sessions.observe(
+                    SESSION_BOUNDS_US,
+                    self.now.saturating_duration_since(c.accepted),
+                );
             }
         }
         // Dropping the streams closes them (and removes them from epoll).
@@ -822,16 +919,26 @@ fn needs_local(pool: &PoolRt) -> bool {
     pool.algorithm() == LbAlgorithm::Maglev
 }
 
-/// Closes a refused client with a reset, so it sees a clear refusal rather
-/// than an accepted connection that ends.
+/// Makes the coming close a reset (`SO_LINGER` 0), so the peer sees a
+/// clear refusal or a cut rather than a connection that ended cleanly.
 fn refuse(client: &TcpStream) {
     let _ = SockRef::from(client).set_linger(Some(Duration::ZERO));
 }
 
-fn resource_exhausted(e: &io::Error) -> bool {
+/// Errors that say this process or host ran short, not that a peer
+/// failed: descriptors, memory, buffers, local ports (`EADDRNOTAVAIL` on
+/// connect), epoll watches (`ENOSPC`).
+fn local_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::ENOSPC
+        )
     )
 }
 

@@ -340,3 +340,248 @@ fn status_shows_admin_down_draining_and_keeps_health_across_reloads() {
     assert_eq!(s.member("p", "dead").unwrap().since, since);
     server.shutdown(Duration::from_secs(1));
 }
+
+/// Connects once; true if a backend greeted, false if the proxy refused
+/// or cut the connection.
+fn served(port: u16) -> bool {
+    connect_greeting(addr(port)).is_ok()
+}
+
+#[test]
+fn the_last_member_up_is_never_ejected_and_at_most_half_a_pool_is() {
+    // One member, refusing every connect: ejecting it would turn "failing"
+    // into "no member at all" and, with the doubling back-off, keep the
+    // pool dark long after the member recovers.
+    let lone = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (port, cfg) = one_pool(&[member("lone", lone, 1, "")], "");
+    let opts = || Options {
+        eject_after: 2,
+        ..options(1)
+    };
+    let server = start_with(cfg, opts());
+    for _ in 0..12 {
+        assert!(!served(port), "nothing listens behind the proxy");
+    }
+    let stats = server.stats();
+    let m = stats.member("p", "lone").unwrap();
+    assert!(m.connect_errors >= 12, "{m:?}");
+    assert!(m.ejections_held_back >= 5, "{m:?}");
+    assert_eq!(m.ejected_refused, 0, "{m:?}");
+    assert_eq!(status_of(&server, "p", "lone"), NoMonitor);
+    // It comes back: served at once, no back-off to sit out.
+    let rt = siphon_testkit::runtime();
+    let back = Backend::start_at(&rt, "lone", lone);
+    assert!(served(port));
+    drop(back);
+    server.shutdown(Duration::from_secs(1));
+
+    // Four members, three refusing: only two may be out at once (50 %).
+    let rt = siphon_testkit::runtime();
+    let good = Backend::start(&rt, "good", "127.0.0.1");
+    let dead: Vec<SocketAddr> = (0..3)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let mut members = vec![member("good", good.addr, 1, "")];
+    members.extend((0..3).map(|i| member(&format!("d{i}"), dead[i], 1, "")));
+    let (port, cfg) = one_pool(&members, "");
+    let server = start_with(cfg, opts());
+    let ejected = |server: &Server| {
+        (0..3)
+            .filter(|i| status_of(server, "p", &format!("d{i}")) == Error)
+            .count()
+    };
+    for _ in 0..60 {
+        // A refused connect moves on to the next member (3 retries).
+        assert!(served(port));
+    }
+    assert_eq!(ejected(&server), 2, "{:?}", server.status());
+    let stats = server.stats();
+    let held: u64 = (0..3)
+        .map(|i| {
+            stats
+                .member("p", &format!("d{i}"))
+                .unwrap()
+                .ejections_held_back
+        })
+        .sum();
+    assert!(held > 0, "the third ejection was held back: {stats:?}");
+    let metrics = siphon_dataplane::metrics::render(&stats, &server.status(), &[]);
+    assert!(
+        metrics.contains("siphon_member_ejections_total{pool=\"p\",member=\"d")
+            && metrics.contains("reason=\"refused\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("siphon_member_ejections_held_back_total"));
+    server.shutdown(Duration::from_secs(1));
+}
+
+/// A listener that completes no handshake once its accept queue is full:
+/// later SYNs are dropped, so connects to it time out (an overloaded host).
+fn unresponsive() -> (std::net::TcpListener, Vec<std::net::TcpStream>, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let a = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.bind(&a.into()).unwrap();
+    s.listen(0).unwrap();
+    let l: std::net::TcpListener = s.into();
+    let at = l.local_addr().unwrap();
+    // Fill the accept queue (a backlog of 0 holds one).
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        if let Ok(c) = std::net::TcpStream::connect_timeout(&at, Duration::from_millis(200)) {
+            fillers.push(c);
+        }
+    }
+    (l, fillers, at)
+}
+
+#[test]
+fn connect_timeouts_are_counted_apart_and_take_more_to_eject() {
+    let rt = siphon_testkit::runtime();
+    let good = Backend::start(&rt, "good", "127.0.0.1");
+    let (_slow, _fillers, slow) = unresponsive();
+    let port = free_port();
+    let cfg = config(
+        1,
+        &[
+            listener("l", "127.0.0.1", port, "p", "timeout_member_connect = 100"),
+            pool(
+                "p",
+                "TCP",
+                "ROUND_ROBIN",
+                &[
+                    member("good", good.addr, 1, ""),
+                    member("slow", slow, 1, ""),
+                ],
+            ),
+        ],
+    );
+    let server = start_with(
+        cfg,
+        Options {
+            eject_after: 2,
+            eject_after_timeouts: 4,
+            ..options(1)
+        },
+    );
+    let timeouts = |server: &Server| server.stats().member("p", "slow").unwrap().connect_timeouts;
+    let mut n = 0;
+    while status_of(&server, "p", "slow") != Error && n < 40 {
+        // Each connection reaches the good member, at worst after one
+        // timed-out try of the slow one.
+        assert_eq!(connect_greeting(addr(port)).unwrap().1, "good");
+        n += 1;
+    }
+    let stats = server.stats();
+    let m = stats.member("p", "slow").unwrap();
+    assert_eq!(status_of(&server, "p", "slow"), Error, "{m:?}");
+    // Two timeouts did not eject it (two refusals would have); four did.
+    assert!((4..=5).contains(&timeouts(&server)), "{m:?}");
+    assert_eq!((m.ejected_timed_out, m.ejected_refused), (1, 0), "{m:?}");
+    let reason = server.status().member("p", "slow").unwrap().reason.clone();
+    assert!(reason.unwrap().contains("timeouts"));
+    server.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn an_ejected_member_pointed_at_a_new_address_serves_at_once() {
+    let rt = siphon_testkit::runtime();
+    let good = Backend::start(&rt, "good", "127.0.0.1");
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (port, cfg) = one_pool(
+        &[member("good", good.addr, 1, ""), member("m", dead, 1, "")],
+        "",
+    );
+    let server = start_with(
+        cfg,
+        Options {
+            eject_after: 2,
+            // Long enough that only the address change can bring it back.
+            eject_backoff: Duration::from_secs(300),
+            ..options(1)
+        },
+    );
+    for _ in 0..20 {
+        if status_of(&server, "p", "m") == Error {
+            break;
+        }
+        assert!(served(port));
+    }
+    assert_eq!(status_of(&server, "p", "m"), Error);
+    // Re-point "m" at a live backend.
+    let moved = Backend::start(&rt, "moved", "127.0.0.1");
+    let cfg = config(
+        2,
+        &[
+            listener("l", "127.0.0.1", port, "p", ""),
+            pool(
+                "p",
+                "TCP",
+                "ROUND_ROBIN",
+                &[
+                    member("good", good.addr, 1, ""),
+                    member("m", moved.addr, 1, ""),
+                ],
+            ),
+        ],
+    );
+    server.apply(cfg).unwrap();
+    assert_eq!(status_of(&server, "p", "m"), NoMonitor);
+    let names: Vec<String> = (0..4)
+        .map(|_| connect_greeting(addr(port)).unwrap().1)
+        .collect();
+    assert!(names.iter().any(|n| n == "moved"), "{names:?}");
+    assert_eq!(server.stats().member("p", "m").unwrap().ejected_refused, 1);
+    server.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn latency_histograms_count_every_connect_session_and_passing_check() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let (port, cfg) = one_pool(
+        &[member("b", b.addr, 1, "")],
+        &monitor("TCP", 1, 1, 1, 1, ""),
+    );
+    let server = start_with(cfg, options(2));
+    for _ in 0..5 {
+        let (mut s, _) = connect_greeting(addr(port)).unwrap();
+        siphon_testkit::roundtrip(&mut s, b"hi").unwrap();
+    }
+    let checks = |server: &Server| {
+        server
+            .stats()
+            .member("p", "b")
+            .unwrap()
+            .check_latency
+            .count()
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        server.stats().listener("l").unwrap().active_connections == 0 && checks(&server) >= 1
+    }));
+    let page = siphon_dataplane::metrics::render(&server.stats(), &server.status(), &[]);
+    let scrape = prometheus_parse::Scrape::parse(page.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let buckets = |name: &str, label: (&str, &str)| -> Vec<f64> {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+            .unwrap_or_else(|| panic!("no {name} in\n{page}"));
+        let prometheus_parse::Value::Histogram(h) = &s.value else {
+            panic!("{name} is not a histogram: {s:?}");
+        };
+        h.iter().map(|c| c.count).collect()
+    };
+    for (name, label, want) in [
+        ("siphon_member_connect_seconds", ("member", "b"), 5.0),
+        ("siphon_listener_session_seconds", ("listener", "l"), 5.0),
+    ] {
+        let counts = buckets(name, label);
+        assert!(
+            counts.windows(2).all(|w| w[0] <= w[1]),
+            "cumulative: {counts:?}"
+        );
+        assert_eq!(counts.last(), Some(&want), "{name}: {counts:?}");
+    }
+    assert!(buckets("siphon_member_check_seconds", ("member", "b")).last() >= Some(&1.0));
+    server.shutdown(Duration::from_secs(1));
+}

@@ -15,6 +15,7 @@ pub mod track;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -36,6 +37,9 @@ pub struct MemberKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub key: MemberKey,
+    /// Where the member's connections go. Its health belongs to this
+    /// address: re-pointing a member starts it over, up.
+    pub addr: Option<SocketAddr>,
     /// Changes when anything below changes: results of an older check are
     /// then ignored, and the member starts over (up, counts at zero).
     pub check_id: u64,
@@ -50,8 +54,14 @@ pub struct Target {
 
 impl Target {
     fn same_check(&self, other: &Target) -> bool {
-        (&self.check, self.delay, self.rise, self.fall)
-            == (&other.check, other.delay, other.rise, other.fall)
+        (self.addr, &self.check, self.delay, self.rise, self.fall)
+            == (
+                other.addr,
+                &other.check,
+                other.delay,
+                other.rise,
+                other.fall,
+            )
     }
 }
 
@@ -83,8 +93,9 @@ pub struct Book {
 }
 
 impl Book {
-    /// The records for `config`: a member whose check is unchanged keeps its
-    /// state; a new member, or one whose check changed, starts up.
+    /// The records for `config`: a member whose address and check are
+    /// unchanged keeps its state; a new member, or one whose address or
+    /// check changed, starts up.
     /// `config` must be valid.
     pub fn plan(&self, config: &Config, now: SystemTime) -> Book {
         let mut next_id = self.next_id;
@@ -126,10 +137,6 @@ impl Book {
 
     pub fn get(&self, key: &MemberKey) -> Option<&Record> {
         self.records.get(key)
-    }
-
-    pub fn targets(&self) -> Vec<Target> {
-        self.records.values().map(|r| r.target.clone()).collect()
     }
 
     /// Records a change; false if it is stale (an older check) or says
@@ -178,8 +185,17 @@ fn target(pool: &Pool, m: &Member, key: MemberKey) -> Target {
             http,
         })
     });
+    let o = Object::Member {
+        pool: pool.id.clone(),
+        member: m.id.clone(),
+    };
+    let addr = parse_ip(&o, "address", &m.address)
+        .ok()
+        .zip(u16::try_from(m.protocol_port).ok())
+        .map(|(ip, port)| SocketAddr::new(ip, port));
     Target {
         key,
+        addr,
         check_id: 0,
         check,
         delay: hm.map_or(Duration::ZERO, |h| secs(h.delay)),
@@ -188,28 +204,49 @@ fn target(pool: &Pool, m: &Member, key: MemberKey) -> Target {
     }
 }
 
-/// How workers report connect failures in a row: every `after` of them
-/// (0 = never) sends one ejection to the health thread.
+/// Why a connect to a member failed, as far as the member is to blame.
+/// Failures on the proxy's own side (descriptors, memory, local ports) are
+/// not reported at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Refused, reset or unreachable: the member (or its host) said no.
+    Refused,
+    /// No answer within `timeout_member_connect`: possibly only overload.
+    TimedOut,
+}
+
+/// How workers report connect failures in a row: every `after` refusals
+/// (or `after_timeouts` timeouts) in a row send one ejection to the health
+/// thread, which decides whether the pool can spare the member. 0 = never.
 #[derive(Debug, Clone, Default)]
 pub struct Ejector {
     pub after: u32,
+    pub after_timeouts: u32,
     pub tx: Option<UnboundedSender<Input>>,
 }
 
 impl Ejector {
-    /// A connect to the member failed (refused, unreachable or timed out).
-    pub fn failed(&self, stats: &MemberStats, worker: usize) {
-        stats.worker(worker).connect_errors.add(1);
-        let n = stats.failures_in_row.fetch_add(1, Relaxed).wrapping_add(1);
-        if self.after == 0 || n % self.after != 0 {
+    /// A connect to the member failed for a reason of the member's.
+    pub fn failed(&self, stats: &Arc<MemberStats>, worker: usize, why: ConnectFailure) {
+        let counters = stats.worker(worker);
+        counters.connect_errors.add(1);
+        let (row, after) = match why {
+            ConnectFailure::Refused => (&stats.failures_in_row, self.after),
+            ConnectFailure::TimedOut => {
+                counters.connect_timeouts.add(1);
+                (&stats.timeouts_in_row, self.after_timeouts)
+            }
+        };
+        let n = row.fetch_add(1, Relaxed).wrapping_add(1);
+        if after == 0 || n % after != 0 {
             return;
         }
         if let Some(tx) = &self.tx {
-            let key = MemberKey {
-                pool: stats.pool_id.clone(),
-                member: stats.id.clone(),
-            };
-            let _ = tx.send(Input::Eject { key, failures: n });
+            let _ = tx.send(Input::Eject {
+                stats: stats.clone(),
+                failures: n,
+                why,
+            });
         }
     }
 
@@ -219,5 +256,14 @@ impl Ejector {
         if stats.failures_in_row.load(Relaxed) != 0 {
             stats.failures_in_row.store(0, Relaxed);
         }
+        if stats.timeouts_in_row.load(Relaxed) != 0 {
+            stats.timeouts_in_row.store(0, Relaxed);
+        }
+    }
+
+    /// Starts both counts over (re-admission, a new address).
+    pub fn reset(stats: &MemberStats) {
+        stats.failures_in_row.store(0, Relaxed);
+        stats.timeouts_in_row.store(0, Relaxed);
     }
 }

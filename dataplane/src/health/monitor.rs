@@ -4,12 +4,17 @@
 //! control side, which rebuilds only that member's pool.
 //!
 //! Workers report passive ejections here too (after
-//! `Options::eject_after` connect failures in a row). An ejected member
-//! with a monitor comes back after `max_retries` good checks; one without
-//! comes back after a [`Backoff`].
+//! `Options::eject_after` refused or `eject_after_timeouts` timed-out
+//! connects in a row). One is carried out only if the pool can spare the
+//! member: never its last member that is up, and never more than
+//! `max_percent` of its members ejected at once (Envoy's
+//! `max_ejection_percent`), so an overloaded pool slows down rather than
+//! going dark. An ejected member with a monitor comes back after
+//! `max_retries` good checks; one without comes back after a [`Backoff`].
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,26 +24,33 @@ use tokio_rustls::TlsConnector;
 
 use super::probe::{self, Check};
 use super::track::{Backoff, Tracker};
-use super::{Change, MemberKey, Target};
+use super::{Change, ConnectFailure, MemberKey, Target};
+use crate::stats::{MemberStats, LATENCY_BOUNDS_US};
 
 /// What the control side and the workers tell the health thread.
 #[derive(Debug)]
 pub enum Input {
-    /// The members of the new generation (replaces the previous plan).
-    Plan(Vec<Target>),
-    /// A worker saw `failures` connect failures in a row.
+    /// The members of the new generation (replaces the previous plan),
+    /// with their counters.
+    Plan(Vec<(Target, Arc<MemberStats>)>),
+    /// A worker saw `failures` connect failures of one kind in a row.
     Eject {
-        key: MemberKey,
+        stats: Arc<MemberStats>,
         failures: u32,
+        why: ConnectFailure,
     },
     Stop,
 }
 
-/// Back-off of ejected members that have no monitor.
+/// How passive ejection is bounded: the back-off of ejected members that
+/// have no monitor, and the share of a pool that may be out at once.
 #[derive(Debug, Clone, Copy)]
-pub struct EjectBackoff {
+pub struct EjectPolicy {
     pub base: Duration,
     pub max: Duration,
+    /// At most this percentage of a pool's members ejected at once; the
+    /// last member that is up is never ejected, whatever the share.
+    pub max_percent: u32,
 }
 
 /// The running health thread.
@@ -50,7 +62,7 @@ pub struct Monitor {
 
 impl Monitor {
     /// Starts the thread; state changes are sent to `changes`.
-    pub fn spawn(changes: mpsc::Sender<Change>, backoff: EjectBackoff) -> std::io::Result<Monitor> {
+    pub fn spawn(changes: mpsc::Sender<Change>, policy: EjectPolicy) -> std::io::Result<Monitor> {
         let (tx, rx) = unbounded_channel();
         let tls = probe::tls_connector().map_err(std::io::Error::other)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -62,7 +74,7 @@ impl Monitor {
                 let state = State {
                     entries: HashMap::new(),
                     changes,
-                    backoff,
+                    policy,
                     tls,
                 };
                 runtime.block_on(state.run(rx));
@@ -113,6 +125,8 @@ struct Report {
 struct Entry {
     target: Target,
     tracker: Tracker,
+    /// Down by passive ejection (not by a check), until it is up again.
+    ejected: bool,
     backoff: Backoff,
     /// The check loop, or the pending re-admission.
     task: Option<AbortHandle>,
@@ -129,7 +143,7 @@ impl Drop for Entry {
 struct State {
     entries: HashMap<MemberKey, Entry>,
     changes: mpsc::Sender<Change>,
-    backoff: EjectBackoff,
+    policy: EjectPolicy,
     tls: TlsConnector,
 }
 
@@ -141,16 +155,22 @@ impl State {
                 input = rx.recv() => match input {
                     None | Some(Input::Stop) => return,
                     Some(Input::Plan(targets)) => self.plan(targets, &report_tx),
-                    Some(Input::Eject { key, failures }) => self.eject(key, failures, &report_tx),
+                    Some(Input::Eject { stats, failures, why }) => {
+                        self.eject(&stats, failures, why, &report_tx);
+                    }
                 },
                 Some(r) = reports.recv() => self.report(r),
             }
         }
     }
 
-    fn plan(&mut self, targets: Vec<Target>, reports: &UnboundedSender<Report>) {
+    fn plan(
+        &mut self,
+        targets: Vec<(Target, Arc<MemberStats>)>,
+        reports: &UnboundedSender<Report>,
+    ) {
         let mut next = HashMap::with_capacity(targets.len());
-        for t in targets {
+        for (t, stats) in targets {
             let key = t.key.clone();
             let kept = self
                 .entries
@@ -160,23 +180,17 @@ impl State {
                 Some(e) => e,
                 None => {
                     let task = t.check.clone().map(|check| {
-                        let delay = t.delay;
-                        let offset = spread(&key, delay);
-                        tokio::spawn(check_loop(
-                            key.clone(),
-                            t.check_id,
-                            check,
-                            delay,
-                            offset,
-                            self.tls.clone(),
-                            reports.clone(),
-                        ))
-                        .abort_handle()
+                        let offset = spread(&key, t.delay);
+                        let target = t.clone();
+                        let (tls, reports) = (self.tls.clone(), reports.clone());
+                        tokio::spawn(check_loop(target, check, offset, tls, stats, reports))
+                            .abort_handle()
                     });
                     Entry {
                         target: t,
                         tracker: Tracker::default(),
-                        backoff: Backoff::new(self.backoff.base, self.backoff.max),
+                        ejected: false,
+                        backoff: Backoff::new(self.policy.base, self.policy.max),
                         task,
                     }
                 }
@@ -188,14 +202,46 @@ impl State {
         self.entries = next;
     }
 
-    fn eject(&mut self, key: MemberKey, failures: u32, reports: &UnboundedSender<Report>) {
+    fn eject(
+        &mut self,
+        stats: &Arc<MemberStats>,
+        failures: u32,
+        why: ConnectFailure,
+        reports: &UnboundedSender<Report>,
+    ) {
+        let key = MemberKey {
+            pool: stats.pool_id.clone(),
+            member: stats.id.clone(),
+        };
+        match self.entries.get(&key) {
+            Some(e) if e.tracker.is_up() => {}
+            _ => return,
+        }
+        if !self.can_spare(&key.pool) {
+            stats.ejections.held_back.fetch_add(1, Relaxed);
+            tracing::debug!(
+                pool = %key.pool,
+                member = %key.member,
+                failures,
+                "ejection held back: the pool cannot spare the member"
+            );
+            return;
+        }
         let Some(e) = self.entries.get_mut(&key) else {
             return;
         };
-        if !e.tracker.eject() {
-            return;
-        }
-        let reason = format!("ejected after {failures} connect failures in a row");
+        e.tracker.eject();
+        e.ejected = true;
+        let reason = match why {
+            ConnectFailure::Refused => {
+                stats.ejections.refused.fetch_add(1, Relaxed);
+                format!("ejected after {failures} refused connects in a row")
+            }
+            ConnectFailure::TimedOut => {
+                stats.ejections.timed_out.fetch_add(1, Relaxed);
+                format!("ejected after {failures} connect timeouts in a row")
+            }
+        };
         tracing::warn!(pool = %key.pool, member = %key.member, "{reason}");
         if e.target.check.is_none() {
             let wait = e.backoff.eject(Instant::now());
@@ -214,6 +260,20 @@ impl State {
         }
         let check_id = e.target.check_id;
         self.emit(key, check_id, false, reason);
+    }
+
+    /// Whether one more member of `pool` may be ejected: one other member
+    /// stays up, and the ejected share stays within the policy.
+    fn can_spare(&self, pool: &str) -> bool {
+        let (mut total, mut up, mut ejected) = (0u64, 0u64, 0u64);
+        for (k, e) in &self.entries {
+            if k.pool == pool {
+                total += 1;
+                up += u64::from(e.tracker.is_up());
+                ejected += u64::from(e.ejected);
+            }
+        }
+        up > 1 && (ejected + 1) * 100 <= u64::from(self.policy.max_percent) * total
     }
 
     fn report(&mut self, r: Report) {
@@ -243,6 +303,7 @@ impl State {
             }
         };
         if up {
+            e.ejected = false;
             tracing::info!(pool = %r.key.pool, member = %r.key.member, %reason, "member up");
         } else {
             tracing::warn!(pool = %r.key.pool, member = %r.key.member, %reason, "member down");
@@ -269,21 +330,35 @@ fn spread(key: &MemberKey, delay: Duration) -> Duration {
     Duration::from_nanos((u128::from(h) % nanos) as u64)
 }
 
+/// Checks `target` (whose monitor is `check`) every `delay`, `offset` into
+/// each interval, until aborted.
 async fn check_loop(
-    key: MemberKey,
-    check_id: u64,
+    target: Target,
     check: Check,
-    delay: Duration,
     offset: Duration,
     tls: TlsConnector,
+    stats: Arc<MemberStats>,
     reports: UnboundedSender<Report>,
 ) {
+    let Target {
+        key,
+        check_id,
+        delay,
+        ..
+    } = target;
     let start = tokio::time::Instant::now() + offset;
     let mut ticks = tokio::time::interval_at(start, delay.max(Duration::from_millis(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        let started = tokio::time::Instant::now();
         let result = probe::run(&check, &tls).await.map_err(|e| e.to_string());
+        if result.is_ok() {
+            // Only this loop writes its member's histogram.
+            stats
+                .check_latency
+                .observe(LATENCY_BOUNDS_US, started.elapsed());
+        }
         let report = Report {
             key: key.clone(),
             check_id,
