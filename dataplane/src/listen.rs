@@ -52,7 +52,8 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
 
 /// Binds `count` UDP sockets on `addr`, all in one reuseport group. On a
 /// wildcard address each datagram carries the local address it was sent
-/// to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`), so the reply can leave from it.
+/// to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`), so the reply can leave from it;
+/// every datagram carries the socket's kernel drop count (`SO_RXQ_OVFL`).
 /// With `gro`, trains of datagrams from one client arrive coalesced.
 pub fn bind_udp(addr: SocketAddr, count: usize, gro: bool) -> io::Result<Vec<std::net::UdpSocket>> {
     (0..count)
@@ -62,6 +63,7 @@ pub fn bind_udp(addr: SocketAddr, count: usize, gro: bool) -> io::Result<Vec<std
                 set_pktinfo(&s, addr.is_ipv6())?;
             }
             size_buffers(&s);
+            count_drops(&s);
             if gro {
                 enable_gro(&s);
             }
@@ -75,6 +77,15 @@ pub fn bind_udp(addr: SocketAddr, count: usize, gro: bool) -> io::Result<Vec<std
 pub fn enable_gro(s: &impl std::os::fd::AsFd) {
     use nix::sys::socket::{setsockopt, sockopt};
     let _ = setsockopt(s, sockopt::UdpGroSegment, &true);
+}
+
+/// Asks the kernel to attach the socket's count of dropped datagrams to
+/// each one received (`SO_RXQ_OVFL`), which the worker turns into the
+/// listener's `dropped_kernel` counter. Without it forwarding still works,
+/// so a failure is not an error.
+fn count_drops(s: &Socket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::RxqOvfl, &1);
 }
 
 fn set_pktinfo(s: &Socket, v6: bool) -> io::Result<()> {

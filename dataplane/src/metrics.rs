@@ -59,6 +59,7 @@ pub fn render(stats: &StatsReport, status: &StatusReport, workers: &[usize]) -> 
                 ("no_member", l.dropped_no_member),
                 ("to_member", l.dropped_to_member),
                 ("to_client", l.dropped_to_client),
+                ("kernel", l.dropped_kernel),
             ] {
                 counter!("siphon_listener_dropped_packets_total", "listener" => id.clone(), "reason" => reason)
                     .absolute(v);

@@ -37,9 +37,9 @@ pub const MAX_PAYLOAD: usize = 65_507;
 pub const MAX_SEGMENTS: usize = 64;
 /// Messages (and iovecs) per `sendmmsg` call.
 const MSGS: usize = 64;
-/// Control bytes per message: an `in6_pktinfo` (`CMSG_SPACE(20)` = 40)
-/// plus a `UDP_SEGMENT`/`UDP_GRO` value (`CMSG_SPACE(4)` = 24), with room
-/// to spare.
+/// Control bytes per message: an `in6_pktinfo` (`CMSG_SPACE(20)` = 40),
+/// a `UDP_SEGMENT`/`UDP_GRO` value (`CMSG_SPACE(4)` = 24) and an
+/// `SO_RXQ_OVFL` count (`CMSG_SPACE(4)` = 16), with room to spare.
 const CTRL: usize = 96;
 
 #[derive(Clone, Copy)]
@@ -47,9 +47,10 @@ const CTRL: usize = 96;
 struct Ctrl([u8; CTRL]);
 
 /// A receive buffer of [`SLOTS`] slots with their source addresses,
-/// destinations (`*_PKTINFO`) and GRO segment sizes. A slot holds one
-/// datagram, or on a `UDP_GRO` socket a train of datagrams of one sender,
-/// all `segment` bytes long but the last.
+/// destinations (`*_PKTINFO`), GRO segment sizes and the socket's kernel
+/// drop count (`SO_RXQ_OVFL`). A slot holds one datagram, or on a
+/// `UDP_GRO` socket a train of datagrams of one sender, all `segment`
+/// bytes long but the last.
 pub struct RecvBatch {
     buf: Box<[u8]>,
     names: Box<[libc::sockaddr_storage]>,
@@ -58,6 +59,9 @@ pub struct RecvBatch {
     lens: [usize; SLOTS],
     dsts: [Option<IpAddr>; SLOTS],
     segs: [usize; SLOTS],
+    /// The `SO_RXQ_OVFL` count of the last receive's latest slot that
+    /// carried one.
+    drops: Option<u32>,
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -83,6 +87,7 @@ impl RecvBatch {
             lens: [0; SLOTS],
             dsts: [None; SLOTS],
             segs: [0; SLOTS],
+            drops: None,
         }
     }
 
@@ -126,18 +131,23 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = usize::try_from(n).unwrap_or(0).min(SLOTS);
+        self.drops = None;
         for (i, h) in hdrs.iter().take(n).enumerate() {
             let len = (h.msg_len as usize).min(SLOT);
             self.lens[i] = len;
             self.namelens[i] = h.msg_hdr.msg_namelen;
-            let (dst, seg) = if h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0 {
-                (None, 0)
+            let c = if h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+                Control::default()
             } else {
                 parse_control(&self.ctrl[i], h.msg_hdr.msg_controllen.min(CTRL))
             };
-            self.dsts[i] = dst;
+            self.dsts[i] = c.dst;
             // A "train" no longer than its segment is one datagram.
-            self.segs[i] = if seg < len { seg } else { 0 };
+            self.segs[i] = if c.seg < len { c.seg } else { 0 };
+            // Slots come in queue order, so the last count is the newest.
+            if c.drops.is_some() {
+                self.drops = c.drops;
+            }
         }
         Ok(n)
     }
@@ -171,6 +181,15 @@ impl RecvBatch {
         self.segs[i]
     }
 
+    /// The receiving socket's cumulative count of datagrams the kernel
+    /// dropped (receive queue full, mostly), as of the newest datagram of
+    /// the last receive that reported one: only a socket with
+    /// `SO_RXQ_OVFL` set gets it, and the kernel leaves it out while the
+    /// count is 0. A `u32` that wraps around.
+    pub fn kernel_drops(&self) -> Option<u32> {
+        self.drops
+    }
+
     /// How many datagrams slot `i` holds.
     pub fn datagrams(&self, i: usize) -> u64 {
         match self.segs[i] {
@@ -180,12 +199,23 @@ impl RecvBatch {
     }
 }
 
-/// The destination address and GRO segment size in `len` bytes of
-/// control data the kernel wrote into `ctrl`.
-fn parse_control(ctrl: &Ctrl, len: usize) -> (Option<IpAddr>, usize) {
-    let (mut dst, mut seg) = (None, 0);
+/// What the control messages of one received slot said.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Control {
+    /// `*_PKTINFO`: the local address the datagram was sent to.
+    dst: Option<IpAddr>,
+    /// `UDP_GRO`: the segment size of a coalesced train (0: none).
+    seg: usize,
+    /// `SO_RXQ_OVFL`: the socket's drop count when the datagram was queued.
+    drops: Option<u32>,
+}
+
+/// The control messages in `len` bytes of control data the kernel wrote
+/// into `ctrl`.
+fn parse_control(ctrl: &Ctrl, len: usize) -> Control {
+    let mut out = Control::default();
     if len == 0 {
-        return (dst, seg);
+        return out;
     }
     // SAFETY: a msghdr describing only the control buffer the kernel
     // filled (`len` bytes); the CMSG_* macros stay inside it.
@@ -200,22 +230,25 @@ fn parse_control(ctrl: &Ctrl, len: usize) -> (Option<IpAddr>, usize) {
                 (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                     let info: libc::in_pktinfo = ptr::read_unaligned(data.cast());
                     let ip = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
-                    dst = Some(IpAddr::V4(ip));
+                    out.dst = Some(IpAddr::V4(ip));
                 }
                 (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
                     let info: libc::in6_pktinfo = ptr::read_unaligned(data.cast());
-                    dst = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                    out.dst = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
                 }
                 (libc::SOL_UDP, libc::UDP_GRO) => {
                     let v: libc::c_int = ptr::read_unaligned(data.cast());
-                    seg = usize::try_from(v).unwrap_or(0);
+                    out.seg = usize::try_from(v).unwrap_or(0);
+                }
+                (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                    out.drops = Some(ptr::read_unaligned(data.cast::<u32>()));
                 }
                 _ => {}
             }
             c = libc::CMSG_NXTHDR(&m, c);
         }
     }
-    (dst, seg)
+    out
 }
 
 /// One slot of a [`RecvBatch`] to send on: where to (None on a connected
@@ -650,6 +683,44 @@ mod tests {
 
     fn sizes_of(msgs: &[Msg]) -> Vec<(usize, u64, usize)> {
         msgs.iter().map(|m| (m.pieces, m.bytes, m.seg)).collect()
+    }
+
+    /// The kernel's drop count rides on the datagrams queued after the
+    /// drops, and only on a socket that asked for it.
+    #[test]
+    fn the_kernel_drop_count_comes_with_later_datagrams() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let (a, b) = pair();
+        let to = b.local_addr().unwrap();
+        // The smallest buffer the kernel allows holds a few datagrams.
+        setsockopt(&b, sockopt::RcvBuf, &1).unwrap();
+        let mut batch = RecvBatch::new();
+        a.send_to(b"before", to).unwrap();
+        assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 1);
+        assert_eq!(batch.kernel_drops(), None, "option not set");
+        setsockopt(&b, sockopt::RxqOvfl, &1).unwrap();
+        a.send_to(b"no drops yet", to).unwrap();
+        assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 1);
+        assert_eq!(batch.kernel_drops(), None, "left out while 0");
+
+        let sent = 200;
+        for _ in 0..sent {
+            a.send_to(&[1u8; 1000], to).unwrap();
+        }
+        let mut queued = 0;
+        loop {
+            match batch.recv(b.as_raw_fd()) {
+                Ok(n) => queued += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(queued < sent, "the buffer overflowed");
+        // Datagrams queued before the drops do not know of them; the next
+        // one does.
+        a.send_to(b"after", to).unwrap();
+        assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 1);
+        assert_eq!(batch.kernel_drops(), Some((sent - queued) as u32));
     }
 
     #[test]

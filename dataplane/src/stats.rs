@@ -138,6 +138,10 @@ pub struct ListenerCounters {
     pub dropped_no_member: Counter,
     pub dropped_to_member: Counter,
     pub dropped_to_client: Counter,
+    /// UDP datagrams the kernel dropped on the listener's sockets before
+    /// the worker read them (receive queue full, mostly): the sum of the
+    /// increases of each socket's `SO_RXQ_OVFL` count that this worker saw.
+    pub dropped_kernel: Counter,
     /// UDP flows ended to make room under `max_flows`.
     pub flows_evicted: Counter,
     /// How long TCP sessions lasted, accept to close (established ones).
@@ -306,6 +310,7 @@ impl Registry {
                 dropped_no_member: l.sum(|c| &c.dropped_no_member),
                 dropped_to_member: l.sum(|c| &c.dropped_to_member),
                 dropped_to_client: l.sum(|c| &c.dropped_to_client),
+                dropped_kernel: l.sum(|c| &c.dropped_kernel),
                 flows_evicted: l.sum(|c| &c.flows_evicted),
                 sessions: HistogramReport::sum(
                     SESSION_BOUNDS_US,
@@ -379,6 +384,7 @@ pub struct ListenerReport {
     pub dropped_no_member: u64,
     pub dropped_to_member: u64,
     pub dropped_to_client: u64,
+    pub dropped_kernel: u64,
     pub flows_evicted: u64,
     /// Prometheus only: too bulky for every status poll.
     #[serde(skip)]

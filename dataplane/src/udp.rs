@@ -65,6 +65,10 @@ struct ListenSock {
     wildcard: bool,
     group: usize,
     gso: Gso,
+    /// The socket's kernel drop count (`SO_RXQ_OVFL`) last seen. Each
+    /// reuseport socket has its own, and sockets are always new to the
+    /// process, so counting starts from 0.
+    drops: u32,
 }
 
 /// The flows of one listener in this worker, least recently used last.
@@ -190,6 +194,7 @@ impl UdpPlane {
                 wildcard: addr.ip().is_unspecified(),
                 group: NIL,
                 gso: self.gso,
+                drops: 0,
             });
             self.by_addr.insert(addr, key);
             // Datagrams may have queued before registration.
@@ -361,12 +366,37 @@ impl UdpPlane {
                     return;
                 }
             };
+            self.count_kernel_drops(k, ctx);
             self.forward_to_members(k, n, ctx);
             if n < SLOTS {
                 return; // drained; the next datagram raises a new edge
             }
         }
         self.again.push(k | self.tokens.udp | self.tokens.listener);
+    }
+
+    /// Adds what the kernel dropped on socket `k` since its last report to
+    /// the listener's counter. The count is the socket's since it was
+    /// made, a `u32` that wraps: the increase is a wrapping difference.
+    fn count_kernel_drops(&mut self, k: usize, ctx: &Ctx<'_>) {
+        let Some(count) = self.batch.kernel_drops() else {
+            return;
+        };
+        let Some(s) = self.socks.get_mut(k) else {
+            return;
+        };
+        let new = drops_since(s.drops, count);
+        s.drops = count;
+        if new == 0 {
+            return;
+        }
+        // Drops are rare, so the lookup is off the common path.
+        if let Some(l) = ctx.snapshot.udp_by_addr.get(&s.addr) {
+            l.stats
+                .worker(self.worker)
+                .dropped_kernel
+                .add(u64::from(new));
+        }
     }
 
     /// Sends the `n` datagrams just received on socket `k` on their flows'
@@ -674,6 +704,12 @@ impl UdpPlane {
     }
 }
 
+/// Datagrams dropped between two readings of a socket's `u32` drop count,
+/// across a wraparound too (fewer than 2^32 drops between readings).
+fn drops_since(last: u32, now: u32) -> u32 {
+    now.wrapping_sub(last)
+}
+
 fn is_unreachable(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -698,4 +734,17 @@ fn connect(member: SocketAddr, gro: bool) -> io::Result<UdpSocket> {
     }
     s.connect(&member.into())?;
     Ok(UdpSocket::from_std(s.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_counts_wrap_around() {
+        assert_eq!(drops_since(0, 0), 0);
+        assert_eq!(drops_since(10, 25), 15);
+        assert_eq!(drops_since(u32::MAX - 2, 4), 7);
+        assert_eq!(drops_since(u32::MAX, 0), 1);
+    }
 }

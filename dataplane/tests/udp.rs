@@ -677,3 +677,149 @@ fn datagrams_larger_than_the_path_mtu_still_pass() {
     assert_eq!(l.dropped_to_member, 0);
     server.shutdown(Duration::from_secs(1));
 }
+
+/// The kernel's own drop counts (`drops`, the last column of
+/// /proc/net/udp) and receive queues of the sockets bound to
+/// 127.0.0.1:`port`, one entry per socket.
+fn kernel_udp_sockets(port: u16) -> Vec<(u64, u64)> {
+    let table = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(1) != Some(&local.as_str()) {
+                return None;
+            }
+            let rx_queue = cols.get(4)?.split(':').nth(1)?;
+            let rx_queue = u64::from_str_radix(rx_queue, 16).ok()?;
+            let drops = cols.last()?.parse().ok()?;
+            Some((drops, rx_queue))
+        })
+        .collect()
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Datagrams the kernel drops on a listener's sockets while its workers
+/// cannot read (the whole dataplane is stopped with SIGSTOP, so the
+/// receive queues fill and overflow) are counted as `dropped_kernel`, equal
+/// to what the kernel itself says for those sockets summed (two workers:
+/// two sockets, each with its own count), and on the Prometheus page.
+#[test]
+fn datagrams_the_kernel_drops_on_a_stalled_listener_are_counted() {
+    use nix::sys::signal::Signal;
+    use siphon_dataplane::api::client;
+
+    let (_rt, bs) = backends(1);
+    let port = free_udp_port();
+    let dir = TempDir::new("udp-kernel-drops");
+    let file = dir.path("siphon.toml");
+    let doc = toml(
+        1,
+        &[
+            udp_listener("u", "127.0.0.1", port, "p", ""),
+            pool("p", "UDP", "ROUND_ROBIN", &members(&bs)),
+        ],
+    );
+    std::fs::write(&file, doc).expect("write config");
+    let socket = dir.path("ctl.sock");
+    let (f, s) = (file.to_str().unwrap(), socket.to_str().unwrap());
+    let proc = Proc::spawn(
+        &["run", "--config", f, "--socket", s, "--workers", "2"],
+        &dir.path("log"),
+    );
+    assert!(
+        proc.wait_log("siphon-dataplane running", 1, Duration::from_secs(10)),
+        "{}",
+        proc.log_text()
+    );
+    assert_eq!(kernel_udp_sockets(port).len(), 2, "one socket per worker");
+    let dropped_kernel = || {
+        let reply = client::request(&socket, hyper::Method::GET, "/v1/stats", None).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        let l = &report["listeners"][0];
+        assert_eq!(l["id"], "u");
+        l["dropped_kernel"].as_u64().expect("dropped_kernel")
+    };
+    // Clients on many ports, so the reuseport hash spreads them over both
+    // sockets; each one's flow is set up before the stall.
+    let clients: Vec<_> = (0..16).map(|_| udp_client("127.0.0.1:0")).collect();
+    for c in &clients {
+        assert_eq!(udp_who(c, addr(port)).expect("who"), "b0");
+    }
+    assert_eq!(dropped_kernel(), 0);
+
+    let pid = proc.child.id();
+    proc.signal(Signal::SIGSTOP);
+    assert!(eventually(Duration::from_secs(5), || all_stopped(pid)));
+    // 16 × 200 datagrams of 8,000 bytes (25.6 MB) against two receive
+    // buffers of 8 MiB: about half of them cannot be queued.
+    let payload = vec![0x5au8; 8000];
+    std::thread::scope(|scope| {
+        for group in clients.chunks(4) {
+            let payload = &payload;
+            scope.spawn(move || {
+                for _ in 0..200 {
+                    for c in group {
+                        c.send_to(payload, addr(port)).expect("send");
+                    }
+                }
+            });
+        }
+    });
+    let during: u64 = kernel_udp_sockets(port).iter().map(|s| s.0).sum();
+    assert!(
+        during > 0,
+        "the kernel dropped nothing: {:?}",
+        kernel_udp_sockets(port)
+    );
+    proc.signal(Signal::SIGCONT);
+
+    // The count rides on datagrams queued after the drops: once the queues
+    // are read empty, one more datagram from every client brings it in.
+    assert!(
+        eventually(Duration::from_secs(10), || kernel_udp_sockets(port)
+            .iter()
+            .all(|s| s.1 == 0)),
+        "{:?}",
+        kernel_udp_sockets(port)
+    );
+    for c in &clients {
+        c.send_to(b"after", addr(port)).expect("send");
+    }
+    let kernel = || kernel_udp_sockets(port).iter().map(|s| s.0).sum::<u64>();
+    assert!(
+        eventually(Duration::from_secs(10), || dropped_kernel() == kernel()),
+        "stats say {}, the kernel {:?}",
+        dropped_kernel(),
+        kernel_udp_sockets(port)
+    );
+    let dropped = dropped_kernel();
+    assert_eq!(dropped, during, "no drops after the stall");
+
+    let page = client::request(&socket, hyper::Method::GET, "/metrics", None).unwrap();
+    let line = format!(
+        "siphon_listener_dropped_packets_total{{listener=\"u\",reason=\"kernel\"}} {dropped}"
+    );
+    assert!(
+        page.body.lines().any(|l| l == line),
+        "{line} not in\n{}",
+        page.body
+    );
+}

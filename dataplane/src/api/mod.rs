@@ -391,3 +391,10 @@ async fn put_config(
         }
     }
 }
+
+/// The control API's router for `server`, to drive it in-process (the
+/// fuzz targets in `dataplane/fuzz`); not part of the supported API.
+#[doc(hidden)]
+pub fn router_for(server: Arc<Server>) -> Router {
+    router(server)
+}
