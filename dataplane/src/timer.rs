@@ -24,6 +24,11 @@ pub struct TimerWheel {
     done: u64,
     slots: Vec<Vec<Expired>>,
     len: usize,
+    /// No entry is due before this tick (a lower bound: the first
+    /// non-empty slot ahead may hold only a later lap's entries). The loop
+    /// sleeps until then, so a worker whose connections have long idle
+    /// timers does not wake every tick.
+    next: u64,
 }
 
 impl TimerWheel {
@@ -33,6 +38,7 @@ impl TimerWheel {
             done: 0,
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             len: 0,
+            next: u64::MAX,
         }
     }
 
@@ -48,6 +54,7 @@ impl TimerWheel {
         let tick = self.tick_of(at).max(self.done + 1);
         self.slots[(tick % SLOTS as u64) as usize].push(Expired { key, tick });
         self.len += 1;
+        self.next = self.next.min(tick);
         tick
     }
 
@@ -73,14 +80,28 @@ impl TimerWheel {
             }
         }
         self.done = now_tick;
+        if self.next <= now_tick {
+            self.next = self.first_pending();
+        }
     }
 
-    /// How long the event loop may sleep before the next tick is due.
+    /// The tick of the first non-empty slot after `done`, one lap at most.
+    fn first_pending(&self) -> u64 {
+        if self.len == 0 {
+            return u64::MAX;
+        }
+        (self.done + 1..=self.done + SLOTS as u64)
+            .find(|t| !self.slots[(t % SLOTS as u64) as usize].is_empty())
+            .unwrap_or(u64::MAX)
+    }
+
+    /// How long the event loop may sleep before an entry may be due.
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
         if self.len == 0 {
             return None;
         }
-        let next = self.start + TICK * u32::try_from(self.done + 1).unwrap_or(u32::MAX);
+        let tick = self.next.max(self.done + 1);
+        let next = self.start + TICK * u32::try_from(tick).unwrap_or(u32::MAX);
         Some(next.saturating_duration_since(now))
     }
 
@@ -108,6 +129,36 @@ mod tests {
         w.expire(t0 + Duration::from_millis(40), &mut out);
         assert_eq!(out, vec![Expired { key: 7, tick }]);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn the_loop_sleeps_until_the_first_entry_not_every_tick() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        assert_eq!(w.next_timeout(t0), None);
+        w.schedule(t0 + Duration::from_secs(5), 1);
+        assert_eq!(w.next_timeout(t0), Some(Duration::from_secs(5)));
+        w.schedule(t0 + Duration::from_millis(200), 2);
+        assert_eq!(w.next_timeout(t0), Some(Duration::from_millis(200)));
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_millis(200), &mut out);
+        assert_eq!(out.len(), 1);
+        let now = t0 + Duration::from_millis(200);
+        assert_eq!(w.next_timeout(now), Some(Duration::from_millis(4800)));
+        // Beyond one lap (10.24 s) the wait is a lower bound: woken once a
+        // lap, nothing fires early.
+        w.schedule(t0 + Duration::from_secs(30), 3);
+        w.expire(t0 + Duration::from_secs(5), &mut out);
+        assert_eq!(out.len(), 2);
+        let now = t0 + Duration::from_secs(5);
+        let wait = w.next_timeout(now).unwrap();
+        assert!(wait > Duration::from_secs(1), "{wait:?}");
+        w.expire(now + wait, &mut out);
+        assert_eq!(out.len(), 2, "nothing due yet");
+        let now = now + wait;
+        let wait = w.next_timeout(now).unwrap();
+        // One lap on, still not past the entry.
+        assert!(wait >= Duration::from_secs(10) && now + wait <= t0 + Duration::from_secs(30));
     }
 
     #[test]
