@@ -569,7 +569,12 @@ impl UdpPlane {
             Err(e) => {
                 tracing::debug!(member = %maddr, error = %e, "cannot open a UDP flow socket");
                 listener.stats.active.fetch_sub(1, Relaxed);
-                lc.dropped_to_member.add(1);
+                if crate::worker::local_shortage(&e) {
+                    // Out of descriptors or memory: ours, not the member's.
+                    lc.local_errors.add(1);
+                } else {
+                    lc.dropped_to_member.add(1);
+                }
                 return None;
             }
         };
@@ -581,7 +586,7 @@ impl UdpPlane {
         {
             tracing::warn!(error = %e, "cannot register a UDP flow socket");
             listener.stats.active.fetch_sub(1, Relaxed);
-            lc.dropped_to_member.add(1);
+            lc.local_errors.add(1);
             return None;
         }
         lc.total_connections.add(1);

@@ -928,7 +928,7 @@ fn refuse(client: &TcpStream) {
 /// Errors that say this process or host ran short, not that a peer
 /// failed: descriptors, memory, buffers, local ports (`EADDRNOTAVAIL` on
 /// connect), epoll watches (`ENOSPC`).
-fn local_shortage(e: &io::Error) -> bool {
+pub(crate) fn local_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
