@@ -28,7 +28,45 @@ pub const HASH_VERSION: u32 = 1;
 const SEED_OFFSET: u64 = 0x5349_5048_4f4e_0001;
 const SEED_SKIP: u64 = 0x5349_5048_4f4e_0002;
 const SEED_FLOW: u64 = 0x5349_5048_4f4e_0003;
-const EMPTY: u32 = u32::MAX;
+/// `a mod d` for a fixed divisor without a division instruction (Lemire,
+/// Kaser and Kurz, "Faster Remainder by Direct Computation", 2019): with
+/// `m = ceil(2^128 / d)`, the remainder is the high 64 bits of
+/// `(m * a mod 2^128) * d / 2^64`, exact for every 64-bit `a` and every
+/// `d` up to 2^32. A lookup takes a remainder per flow; a 64-bit `div`
+/// costs several times these four multiplications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastMod {
+    m: u128,
+    d: u64,
+}
+
+impl FastMod {
+    /// The reciprocal of `d`; `d` = 0 is taken as 1 (the remainder is 0),
+    /// so a caller's bad divisor can never make a lookup panic.
+    pub fn new(d: u32) -> FastMod {
+        let d = u64::from(d.max(1));
+        // For d = 1 the sum wraps to 0, and 0 * a gives the right answer 0.
+        let m = (u128::MAX / u128::from(d)).wrapping_add(1);
+        FastMod { m, d }
+    }
+
+    /// The divisor.
+    #[inline]
+    pub fn divisor(&self) -> u64 {
+        self.d
+    }
+
+    /// `a % d`.
+    #[inline]
+    pub fn rem(&self, a: u64) -> u64 {
+        let low = self.m.wrapping_mul(u128::from(a));
+        // High 64 bits of the 192-bit product low * d, in two halves
+        // (d < 2^33, so neither half overflows 128 bits).
+        let bottom = (u128::from(low as u64) * u128::from(self.d)) >> 64;
+        let top = (low >> 64) * u128::from(self.d);
+        ((bottom + top) >> 64) as u64
+    }
+}
 
 /// One member as the table sees it.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +79,17 @@ pub struct Backend<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaglevTable {
     slots: Box<[u16]>,
+    modulo: FastMod,
+}
+
+/// A member's place in the build: its preference list as a position and a
+/// step (both below M, so a step is an add and at most one subtract).
+struct Turn {
+    pos: u64,
+    skip: u64,
+    weight: u32,
+    credit: u32,
+    member: u16,
 }
 
 impl MaglevTable {
@@ -58,30 +107,29 @@ impl MaglevTable {
         order.sort_by(|&a, &b| backends[a].id.as_bytes().cmp(backends[b].id.as_bytes()));
         let max_weight = order.iter().map(|&i| backends[i].weight).max().unwrap_or(1);
 
-        struct Turn {
-            member: u16,
-            weight: u32,
-            credit: u32,
-            pos: u64,
-            skip: u64,
-        }
         let mut turns: Vec<Turn> = order
             .iter()
             .map(|&i| {
                 let id = backends[i].id.as_bytes();
                 Turn {
-                    member: i as u16,
-                    weight: backends[i].weight,
-                    credit: 0,
                     pos: xxh3_64_with_seed(id, SEED_OFFSET) % m,
                     skip: xxh3_64_with_seed(id, SEED_SKIP) % (m - 1) + 1,
+                    weight: backends[i].weight,
+                    credit: 0,
+                    // The table stores positions as u16 (as version 1 always
+                    // did: positions past 65,535 wrap, which no pool reaches).
+                    member: i as u16,
                 }
             })
             .collect();
 
-        let mut slots = vec![EMPTY; size as usize];
+        let size = size as usize;
+        let mut slots = vec![0u16; size].into_boxed_slice();
+        // Which slots are taken: M bits (8 KiB at M = 65537) stay in L1,
+        // where the slot array itself (128 KiB) would not.
+        let mut taken = vec![0u64; size.div_ceil(64)].into_boxed_slice();
         let mut filled = 0u64;
-        while filled < m {
+        'fill: loop {
             for t in turns.iter_mut() {
                 t.credit += t.weight;
                 if t.credit < max_weight {
@@ -92,33 +140,51 @@ impl MaglevTable {
                 // skip is coprime with the prime m, so the walk visits all.
                 loop {
                     let slot = t.pos as usize;
-                    t.pos = (t.pos + t.skip) % m;
-                    if slots[slot] == EMPTY {
-                        slots[slot] = u32::from(t.member);
+                    t.pos += t.skip;
+                    if t.pos >= m {
+                        t.pos -= m;
+                    }
+                    let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+                    // slot < m: both indexes are in range.
+                    if taken[word] & bit == 0 {
+                        taken[word] |= bit;
+                        slots[slot] = t.member;
                         break;
                     }
                 }
                 filled += 1;
                 if filled == m {
-                    break;
+                    break 'fill;
                 }
             }
         }
         Some(MaglevTable {
-            slots: slots.into_iter().map(|s| s as u16).collect(),
+            modulo: FastMod::new(size as u32),
+            slots,
         })
+    }
+
+    /// The same table with every member position `p` replaced by `f(p)`
+    /// (a balancer stores pool positions instead of group positions, so a
+    /// lookup needs no second indirection).
+    pub fn map_members(&self, f: impl Fn(u16) -> u16) -> MaglevTable {
+        MaglevTable {
+            slots: self.slots.iter().map(|&s| f(s)).collect(),
+            modulo: self.modulo,
+        }
     }
 
     /// The member position for a flow hash.
     #[inline]
     pub fn lookup(&self, hash: u64) -> u16 {
-        self.slots[(hash % self.slots.len() as u64) as usize]
+        // slot_of is below len: the fallback is never taken.
+        self.slots.get(self.slot_of(hash)).copied().unwrap_or(0)
     }
 
     /// The slot a hash lands in, for walking on to other members.
     #[inline]
     pub fn slot_of(&self, hash: u64) -> usize {
-        (hash % self.slots.len() as u64) as usize
+        self.modulo.rem(hash) as usize
     }
 
     #[inline]
@@ -268,8 +334,38 @@ mod tests {
         assert!(MaglevTable::build(&b, 251).is_none());
     }
 
+    #[test]
+    fn fast_remainder_matches_division_at_the_edges() {
+        for d in [1u32, 2, 3, 13, 251, 4099, 65521, 65537, 1 << 31, u32::MAX] {
+            let f = FastMod::new(d);
+            for a in [0u64, 1, 2, u64::from(d) - 1, u64::from(d), u64::from(d) + 1] {
+                assert_eq!(f.rem(a), a % u64::from(d), "{a} mod {d}");
+            }
+            for a in [u64::MAX, u64::MAX - 1, 1 << 63, (1 << 32) - 1, 1 << 32] {
+                assert_eq!(f.rem(a), a % u64::from(d), "{a} mod {d}");
+            }
+        }
+        assert_eq!(FastMod::new(0).rem(12345), 0);
+        // And a million pseudo-random pairs (xorshift), every divisor size.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let d = ((x >> 32) as u32) >> (x % 32);
+            let d = d.max(1);
+            assert_eq!(FastMod::new(d).rem(x), x % u64::from(d), "{x} mod {d}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The multiplicative remainder equals `%` for any 64-bit hash.
+        #[test]
+        fn fast_remainder_matches_division(a in any::<u64>(), d in 1u32..) {
+            prop_assert_eq!(FastMod::new(d).rem(a), a % u64::from(d));
+        }
 
         /// Same members in any order give the same table (by member id).
         #[test]
