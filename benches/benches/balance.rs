@@ -1,4 +1,6 @@
-//! Backend choice per algorithm for a 100-member pool (one new flow each).
+//! Backend choice per algorithm (one new flow each) for pools of 10, 1,000
+//! and 10,000 members with weights 1..=4. `LEAST_CONNECTIONS` sees fixed
+//! active counts, so every pick does the same work as the last.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -7,42 +9,48 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use siphon_dataplane::balance::{Balancer, Candidate, Flow, PickState};
 use siphon_dataplane::config::LbAlgorithm;
 
-fn choose(c: &mut Criterion) {
-    let members: Vec<Candidate> = (0..100)
+fn members(n: usize) -> Vec<Candidate> {
+    (0..n)
         .map(|i| Candidate {
-            id: format!("member-{i:03}"),
-            weight: 1 + (i % 4),
+            id: format!("member-{i:05}"),
+            weight: 1 + (i as u32 % 4),
             backup: false,
             usable: true,
         })
-        .collect();
-    let active: Vec<u64> = (0..100).map(|i| (i * 7 % 13) as u64).collect();
-    let mut g = c.benchmark_group("choose_100_members");
-    for algo in [
-        LbAlgorithm::RoundRobin,
-        LbAlgorithm::LeastConnections,
-        LbAlgorithm::SourceIp,
-        LbAlgorithm::SourceIpPort,
-        LbAlgorithm::Maglev,
-    ] {
-        let balancer = Balancer::new(&members, algo, 65537);
-        let mut state = PickState::default();
-        let mut port = 1024u16;
-        g.bench_function(BenchmarkId::from_parameter(format!("{algo:?}")), |b| {
-            b.iter(|| {
-                port = port.wrapping_add(1).max(1024);
-                let flow = Flow {
-                    src: SocketAddr::from(([198, 18, 0, 1], port)),
-                    dst: SocketAddr::from(([198, 19, 0, 1], 443)),
-                };
-                balancer.choose(
-                    black_box(&flow),
-                    &mut state,
-                    &|i| active[usize::from(i)],
-                    &[],
-                )
-            })
-        });
+        .collect()
+}
+
+fn choose(c: &mut Criterion) {
+    let mut g = c.benchmark_group("choose");
+    for n in [10usize, 1000, 10_000] {
+        let members = members(n);
+        let active: Vec<u64> = (0..n).map(|i| (i * 7 % 13) as u64).collect();
+        for algo in [
+            LbAlgorithm::RoundRobin,
+            LbAlgorithm::LeastConnections,
+            LbAlgorithm::SourceIp,
+            LbAlgorithm::SourceIpPort,
+            LbAlgorithm::Maglev,
+        ] {
+            let balancer = Balancer::new(&members, algo, 65537);
+            let mut state = PickState::default();
+            let mut port = 1024u16;
+            g.bench_function(BenchmarkId::new(format!("{algo:?}"), n), |b| {
+                b.iter(|| {
+                    port = port.wrapping_add(1).max(1024);
+                    let flow = Flow {
+                        src: SocketAddr::from(([198, 18, 0, 1], port)),
+                        dst: SocketAddr::from(([198, 19, 0, 1], 443)),
+                    };
+                    balancer.choose(
+                        black_box(&flow),
+                        &mut state,
+                        &|i| active.get(usize::from(i)).copied().unwrap_or(0),
+                        &[],
+                    )
+                })
+            });
+        }
     }
     g.finish();
 }

@@ -1,6 +1,7 @@
 //! A worker's live view of the current generation's pools: each pool's
 //! balancer as the health thread last published it, and the worker's own
-//! pick state (round-robin weights, least-connections cursor).
+//! pick state (the least-connections heaps; the round-robin position is
+//! in the balancer, shared by all workers).
 //!
 //! A health change replaces one pool's balancer by message, so the
 //! forwarding path reads it without a lock. Connections of an older
@@ -43,7 +44,7 @@ impl LivePools {
     pub fn set_balancer(&mut self, pool: &Arc<PoolRt>, balancer: Arc<Balancer>) {
         if let Some(l) = self.current(pool) {
             l.balancer = balancer;
-            // Positions and weights may have changed under the pick state.
+            // Positions and weights may have changed under the heaps.
             l.pick = PickState::default();
         }
     }

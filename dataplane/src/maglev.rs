@@ -28,7 +28,45 @@ pub const HASH_VERSION: u32 = 1;
 const SEED_OFFSET: u64 = 0x5349_5048_4f4e_0001;
 const SEED_SKIP: u64 = 0x5349_5048_4f4e_0002;
 const SEED_FLOW: u64 = 0x5349_5048_4f4e_0003;
-const EMPTY: u32 = u32::MAX;
+/// `a mod d` for a fixed divisor without a division instruction (Lemire,
+/// Kaser and Kurz, "Faster Remainder by Direct Computation", 2019): with
+/// `m = ceil(2^128 / d)`, the remainder is the high 64 bits of
+/// `(m * a mod 2^128) * d / 2^64`, exact for every 64-bit `a` and every
+/// `d` up to 2^32. A lookup takes a remainder per flow; a 64-bit `div`
+/// costs several times these four multiplications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastMod {
+    m: u128,
+    d: u64,
+}
+
+impl FastMod {
+    /// The reciprocal of `d`; `d` = 0 is taken as 1 (the remainder is 0),
+    /// so a caller's bad divisor can never make a lookup panic.
+    pub fn new(d: u32) -> FastMod {
+        let d = u64::from(d.max(1));
+        // For d = 1 the sum wraps to 0, and 0 * a gives the right answer 0.
+        let m = (u128::MAX / u128::from(d)).wrapping_add(1);
+        FastMod { m, d }
+    }
+
+    /// The divisor.
+    #[inline]
+    pub fn divisor(&self) -> u64 {
+        self.d
+    }
+
+    /// `a % d`.
+    #[inline]
+    pub fn rem(&self, a: u64) -> u64 {
+        let low = self.m.wrapping_mul(u128::from(a));
+        // High 64 bits of the 192-bit product low * d, in two halves
+        // (d < 2^33, so neither half overflows 128 bits).
+        let bottom = (u128::from(low as u64) * u128::from(self.d)) >> 64;
+        let top = (low >> 64) * u128::from(self.d);
+        ((bottom + top) >> 64) as u64
+    }
+}
 
 /// One member as the table sees it.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +79,17 @@ pub struct Backend<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaglevTable {
     slots: Box<[u16]>,
+    modulo: FastMod,
+}
+
+/// A member's place in the build: its preference list as a position and a
+/// step (both below M, so a step is an add and at most one subtract).
+struct Turn {
+    pos: u64,
+    skip: u64,
+    weight: u32,
+    credit: u32,
+    member: u16,
 }
 
 impl MaglevTable {
@@ -58,30 +107,29 @@ impl MaglevTable {
         order.sort_by(|&a, &b| backends[a].id.as_bytes().cmp(backends[b].id.as_bytes()));
         let max_weight = order.iter().map(|&i| backends[i].weight).max().unwrap_or(1);
 
-        struct Turn {
-            member: u16,
-            weight: u32,
-            credit: u32,
-            pos: u64,
-            skip: u64,
-        }
         let mut turns: Vec<Turn> = order
             .iter()
             .map(|&i| {
                 let id = backends[i].id.as_bytes();
                 Turn {
-                    member: i as u16,
-                    weight: backends[i].weight,
-                    credit: 0,
                     pos: xxh3_64_with_seed(id, SEED_OFFSET) % m,
                     skip: xxh3_64_with_seed(id, SEED_SKIP) % (m - 1) + 1,
+                    weight: backends[i].weight,
+                    credit: 0,
+                    // The table stores positions as u16 (as version 1 always
+                    // did: positions past 65,535 wrap, which no pool reaches).
+                    member: i as u16,
                 }
             })
             .collect();
 
-        let mut slots = vec![EMPTY; size as usize];
+        let size = size as usize;
+        let mut slots = vec![0u16; size].into_boxed_slice();
+        // Which slots are taken: M bits (8 KiB at M = 65537) stay in L1,
+        // where the slot array itself (128 KiB) would not.
+        let mut taken = vec![0u64; size.div_ceil(64)].into_boxed_slice();
         let mut filled = 0u64;
-        while filled < m {
+        'fill: loop {
             for t in turns.iter_mut() {
                 t.credit += t.weight;
                 if t.credit < max_weight {
@@ -90,35 +138,59 @@ impl MaglevTable {
                 t.credit -= max_weight;
                 // Walk this member's preference list to its next free slot;
                 // skip is coprime with the prime m, so the walk visits all.
+                // The position stays in a register for the walk, and wraps
+                // with a select rather than a branch.
+                let (mut pos, skip) = (t.pos, t.skip);
                 loop {
-                    let slot = t.pos as usize;
-                    t.pos = (t.pos + t.skip) % m;
-                    if slots[slot] == EMPTY {
-                        slots[slot] = u32::from(t.member);
+                    let slot = pos as usize;
+                    let next = pos + skip;
+                    pos = if next >= m { next - m } else { next };
+                    let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+                    // slot < m, so word < taken.len() and slot < slots.len():
+                    // the fallbacks are never taken.
+                    let w = taken.get(word).copied().unwrap_or(u64::MAX);
+                    if w & bit == 0 {
+                        if let (Some(tw), Some(s)) = (taken.get_mut(word), slots.get_mut(slot)) {
+                            *tw = w | bit;
+                            *s = t.member;
+                        }
                         break;
                     }
                 }
+                t.pos = pos;
                 filled += 1;
                 if filled == m {
-                    break;
+                    break 'fill;
                 }
             }
         }
         Some(MaglevTable {
-            slots: slots.into_iter().map(|s| s as u16).collect(),
+            modulo: FastMod::new(size as u32),
+            slots,
         })
+    }
+
+    /// The same table with every member position `p` replaced by `f(p)`
+    /// (a balancer stores pool positions instead of group positions, so a
+    /// lookup needs no second indirection).
+    pub fn map_members(&self, f: impl Fn(u16) -> u16) -> MaglevTable {
+        MaglevTable {
+            slots: self.slots.iter().map(|&s| f(s)).collect(),
+            modulo: self.modulo,
+        }
     }
 
     /// The member position for a flow hash.
     #[inline]
     pub fn lookup(&self, hash: u64) -> u16 {
-        self.slots[(hash % self.slots.len() as u64) as usize]
+        // slot_of is below len: the fallback is never taken.
+        self.slots.get(self.slot_of(hash)).copied().unwrap_or(0)
     }
 
     /// The slot a hash lands in, for walking on to other members.
     #[inline]
     pub fn slot_of(&self, hash: u64) -> usize {
-        (hash % self.slots.len() as u64) as usize
+        self.modulo.rem(hash) as usize
     }
 
     #[inline]
@@ -140,39 +212,115 @@ impl MaglevTable {
     }
 }
 
-fn put_ip(buf: &mut [u8; 36], at: usize, ip: IpAddr) -> usize {
-    let v6 = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
+// The flow hashes are XXH3-64 with a seed over the byte strings in the
+// module doc, written out for their three fixed lengths (16, 18 and 36
+// bytes) on the address and port as integers. Going through a byte buffer
+// costs more than the hash: the stores of address and port, then XXH3's
+// 8-byte loads straddling them, defeat store-to-load forwarding. The tests
+// check every function against `xxh3_64_with_seed` on the same bytes.
+
+/// XXH3's default secret, bytes 0..64 (the only part inputs up to 64
+/// bytes use), as little-endian words.
+const SECRET: [u64; 8] = [
+    0xbe4b_a423_396c_feb8,
+    0x1cad_21f7_2c81_017c,
+    0xdb97_9083_e96d_d4de,
+    0x1f67_b3b7_a4a4_4072,
+    0x78e5_c0cc_4ee6_79cb,
+    0x2172_ffcc_7dd0_5a82,
+    0x8e24_43f7_7446_08b8,
+    0x4c26_3a81_e690_35e0,
+];
+const PRIME64_1: u64 = 0x9e37_79b1_85eb_ca87;
+
+#[inline(always)]
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+#[inline(always)]
+fn avalanche(mut h: u64) -> u64 {
+    h ^= h >> 37;
+    h = h.wrapping_mul(0x1656_6791_9e37_79f9);
+    h ^ (h >> 32)
+}
+
+/// XXH3's 16-byte mix: two input words (as read little-endian from the
+/// bytes), against secret words `s` and `s + 1`.
+#[inline(always)]
+fn mix16(lo: u64, hi: u64, s: usize, seed: u64) -> u64 {
+    fold_mul(
+        lo ^ SECRET[s].wrapping_add(seed),
+        hi ^ SECRET[s + 1].wrapping_sub(seed),
+    )
+}
+
+/// An address as two big-endian words (bytes 0..8 and 8..16, IPv4 as
+/// IPv4-mapped IPv6).
+#[inline(always)]
+fn ip_words(ip: IpAddr) -> (u64, u64) {
+    let bits = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().to_bits(),
+        IpAddr::V6(v6) => v6.to_bits(),
     };
-    buf[at..at + 16].copy_from_slice(&v6.octets());
-    at + 16
+    ((bits >> 64) as u64, bits as u64)
 }
 
-/// Hash of a client source address only (`SOURCE_IP`).
+// A big-endian word `w` of the byte string, read little-endian as XXH3
+// reads its input, is `w.swap_bytes()`; words at other offsets are put
+// together from the neighbouring fields with shifts.
+
+/// Hash of a client source address only (`SOURCE_IP`): XXH3 of 16 bytes.
+#[inline]
 pub fn hash_source_ip(src: IpAddr) -> u64 {
-    let mut buf = [0u8; 36];
-    let n = put_ip(&mut buf, 0, src);
-    xxh3_64_with_seed(&buf[..n], SEED_FLOW)
+    let (a, b) = ip_words(src);
+    let lo = a.swap_bytes() ^ (SECRET[3] ^ SECRET[4]).wrapping_add(SEED_FLOW);
+    let hi = b.swap_bytes() ^ (SECRET[5] ^ SECRET[6]).wrapping_sub(SEED_FLOW);
+    let acc = 16u64
+        .wrapping_add(lo.swap_bytes())
+        .wrapping_add(hi)
+        .wrapping_add(fold_mul(lo, hi));
+    avalanche(acc)
 }
 
-/// Hash of a client address and port (`SOURCE_IP_PORT`).
+/// Hash of a client address and port (`SOURCE_IP_PORT`): XXH3 of 18
+/// bytes (address, port big-endian).
+#[inline]
 pub fn hash_source(src: SocketAddr) -> u64 {
-    let mut buf = [0u8; 36];
-    let n = put_ip(&mut buf, 0, src.ip());
-    buf[n..n + 2].copy_from_slice(&src.port().to_be_bytes());
-    xxh3_64_with_seed(&buf[..n + 2], SEED_FLOW)
+    let (a, b) = ip_words(src.ip());
+    let p = u64::from(src.port());
+    let mut acc = 18u64.wrapping_mul(PRIME64_1);
+    // bytes 0..16, and the last 16 (2..18)
+    acc = acc.wrapping_add(mix16(a.swap_bytes(), b.swap_bytes(), 0, SEED_FLOW));
+    let w2 = (a << 16) | (b >> 48);
+    let w10 = (b << 16) | p;
+    acc = acc.wrapping_add(mix16(w2.swap_bytes(), w10.swap_bytes(), 2, SEED_FLOW));
+    avalanche(acc)
 }
 
 /// Hash of the flow's both ends (`MAGLEV`): client address and port, then
-/// the listener address and port the client connected to.
+/// the listener address and port the client connected to (XXH3 of 36
+/// bytes).
+#[inline]
 pub fn hash_flow(src: SocketAddr, dst: SocketAddr) -> u64 {
-    let mut buf = [0u8; 36];
-    let mut n = put_ip(&mut buf, 0, src.ip());
-    buf[n..n + 2].copy_from_slice(&src.port().to_be_bytes());
-    n = put_ip(&mut buf, n + 2, dst.ip());
-    buf[n..n + 2].copy_from_slice(&dst.port().to_be_bytes());
-    xxh3_64_with_seed(&buf[..n + 2], SEED_FLOW)
+    let (sa, sb) = ip_words(src.ip());
+    let (da, db) = ip_words(dst.ip());
+    let (sp, dp) = (u64::from(src.port()), u64::from(dst.port()));
+    // Big-endian words of the 36 bytes at the offsets XXH3 reads for a
+    // length of 33..=64: 0, 8 | 16, 24 | 4, 12 | 20, 28.
+    let w16 = (sp << 48) | (da >> 16);
+    let w24 = (da << 48) | (db >> 16);
+    let w4 = (sa << 32) | (sb >> 32);
+    let w12 = (sb << 32) | (sp << 16) | (da >> 48);
+    let w20 = (da << 16) | (db >> 48);
+    let w28 = (db << 16) | dp;
+    let mut acc = 36u64.wrapping_mul(PRIME64_1);
+    acc = acc.wrapping_add(mix16(w16.swap_bytes(), w24.swap_bytes(), 4, SEED_FLOW));
+    acc = acc.wrapping_add(mix16(w4.swap_bytes(), w12.swap_bytes(), 6, SEED_FLOW));
+    acc = acc.wrapping_add(mix16(sa.swap_bytes(), sb.swap_bytes(), 0, SEED_FLOW));
+    acc = acc.wrapping_add(mix16(w20.swap_bytes(), w28.swap_bytes(), 2, SEED_FLOW));
+    avalanche(acc)
 }
 
 #[cfg(test)]
@@ -268,8 +416,148 @@ mod tests {
         assert!(MaglevTable::build(&b, 251).is_none());
     }
 
+    /// The byte strings of the module doc, hashed by the xxhash crate: what
+    /// the written-out hashes must equal.
+    fn key_bytes(parts: &[(IpAddr, Option<u16>)]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for &(ip, port) in parts {
+            let v6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            v.extend_from_slice(&v6.octets());
+            if let Some(p) = port {
+                v.extend_from_slice(&p.to_be_bytes());
+            }
+        }
+        v
+    }
+
+    fn any_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u8; 16]>().prop_map(IpAddr::from),
+        ]
+    }
+
+    #[test]
+    fn flow_hashes_are_xxh3_of_the_documented_bytes_at_the_edges() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "::",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "192.0.2.10",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            for port in [0u16, 1, 443, 0x8000, u16::MAX] {
+                let s = SocketAddr::new(ip, port);
+                assert_eq!(
+                    hash_source_ip(ip),
+                    xxh3_64_with_seed(&key_bytes(&[(ip, None)]), SEED_FLOW)
+                );
+                assert_eq!(
+                    hash_source(s),
+                    xxh3_64_with_seed(&key_bytes(&[(ip, Some(port))]), SEED_FLOW)
+                );
+                let d = SocketAddr::new(ip, port ^ 0x5a5a);
+                assert_eq!(
+                    hash_flow(s, d),
+                    xxh3_64_with_seed(
+                        &key_bytes(&[(ip, Some(port)), (ip, Some(port ^ 0x5a5a))]),
+                        SEED_FLOW
+                    )
+                );
+            }
+        }
+        // And 100,000 pseudo-random flows (xorshift), both families.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..100_000 {
+            let (r1, r2, r3) = (next(), next(), next());
+            let ip = |r: u64, v6: bool| -> IpAddr {
+                if v6 {
+                    IpAddr::from(
+                        (u128::from(r) << 64 | u128::from(r.rotate_left(29))).to_be_bytes(),
+                    )
+                } else {
+                    IpAddr::from((r as u32).to_be_bytes())
+                }
+            };
+            let s = SocketAddr::new(ip(r1, r3 & 1 == 1), (r3 >> 8) as u16);
+            let d = SocketAddr::new(ip(r2, r3 & 2 == 2), (r3 >> 24) as u16);
+            let both = key_bytes(&[(s.ip(), Some(s.port())), (d.ip(), Some(d.port()))]);
+            assert_eq!(
+                hash_flow(s, d),
+                xxh3_64_with_seed(&both, SEED_FLOW),
+                "{s} {d}"
+            );
+            assert_eq!(
+                hash_source(s),
+                xxh3_64_with_seed(&both[..18], SEED_FLOW),
+                "{s}"
+            );
+            assert_eq!(
+                hash_source_ip(s.ip()),
+                xxh3_64_with_seed(&both[..16], SEED_FLOW)
+            );
+        }
+    }
+
+    #[test]
+    fn fast_remainder_matches_division_at_the_edges() {
+        for d in [1u32, 2, 3, 13, 251, 4099, 65521, 65537, 1 << 31, u32::MAX] {
+            let f = FastMod::new(d);
+            for a in [0u64, 1, 2, u64::from(d) - 1, u64::from(d), u64::from(d) + 1] {
+                assert_eq!(f.rem(a), a % u64::from(d), "{a} mod {d}");
+            }
+            for a in [u64::MAX, u64::MAX - 1, 1 << 63, (1 << 32) - 1, 1 << 32] {
+                assert_eq!(f.rem(a), a % u64::from(d), "{a} mod {d}");
+            }
+        }
+        assert_eq!(FastMod::new(0).rem(12345), 0);
+        // And a million pseudo-random pairs (xorshift), every divisor size.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let d = ((x >> 32) as u32) >> (x % 32);
+            let d = d.max(1);
+            assert_eq!(FastMod::new(d).rem(x), x % u64::from(d), "{x} mod {d}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The written-out hashes equal XXH3 of the documented bytes.
+        #[test]
+        fn flow_hashes_are_xxh3_of_the_documented_bytes(
+            a in any_ip(), b in any_ip(), pa in any::<u16>(), pb in any::<u16>(),
+        ) {
+            prop_assert_eq!(hash_source_ip(a), xxh3_64_with_seed(&key_bytes(&[(a, None)]), SEED_FLOW));
+            prop_assert_eq!(
+                hash_source(SocketAddr::new(a, pa)),
+                xxh3_64_with_seed(&key_bytes(&[(a, Some(pa))]), SEED_FLOW)
+            );
+            prop_assert_eq!(
+                hash_flow(SocketAddr::new(a, pa), SocketAddr::new(b, pb)),
+                xxh3_64_with_seed(&key_bytes(&[(a, Some(pa)), (b, Some(pb))]), SEED_FLOW)
+            );
+        }
+
+        /// The multiplicative remainder equals `%` for any 64-bit hash.
+        #[test]
+        fn fast_remainder_matches_division(a in any::<u64>(), d in 1u32..) {
+            prop_assert_eq!(FastMod::new(d).rem(a), a % u64::from(d));
+        }
 
         /// Same members in any order give the same table (by member id).
         #[test]

@@ -70,18 +70,40 @@ fn share(count: &HashMap<String, usize>, name: &str) -> usize {
 
 #[test]
 fn round_robin_follows_weights() {
-    // Each worker runs smooth weighted round robin on its own share of the
-    // connections, so each total is exact to within one per worker.
+    // The workers share one round-robin position: 600 connections are
+    // whole cycles of the weighted schedule, so the shares are exact.
     let s = setup("ROUND_ROBIN", &[1, 2, 3], 2);
     let count = tally(s.port, 600, |_| None);
     for (name, want) in [("b0", 100i64), ("b1", 200), ("b2", 300)] {
         let got = share(&count, name) as i64;
-        assert!(
-            (got - want).abs() <= 2,
-            "{name}: {got} vs {want} ({count:?})"
-        );
+        assert!(got == want, "{name}: {got} vs {want} ({count:?})");
     }
     s.server.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn round_robin_is_shared_by_the_workers() {
+    // The demo: six connections over its two backends, two workers. The
+    // workers share the pool's round-robin position, so the connections
+    // alternate whichever worker accepts each (3 and 3, not 4 and 2).
+    let ports = [free_port(), free_port()];
+    let listeners = siphon_dataplane::demo::bind_backends(ports).expect("bind demo backends");
+    for (name, l) in ["backend-1", "backend-2"].into_iter().zip(listeners) {
+        siphon_dataplane::demo::spawn_backend(name, l);
+    }
+    let port = free_port();
+    let config = siphon_dataplane::demo::config(port, ports).expect("demo config");
+    let server = start(config, 2);
+    for round in 0..3 {
+        let greetings = siphon_dataplane::demo::probe(addr(port), 6).expect("probe");
+        let on = |name: &str| greetings.iter().filter(|g| g.ends_with(name)).count();
+        assert_eq!(
+            (on("backend-1"), on("backend-2")),
+            (3, 3),
+            "round {round}: {greetings:?}"
+        );
+    }
+    server.shutdown(Duration::from_secs(1));
 }
 
 #[test]
