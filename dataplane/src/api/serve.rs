@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::serve::Listener;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -61,19 +61,20 @@ pub async fn serve<L: Listener>(
     let open: Open = Arc::default();
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
-    let mut warned_at_cap = false;
+    // Warned at most every 10 s: a flood would otherwise flood the log.
+    let mut warned_at_cap: Option<Instant> = None;
     loop {
         // Reap finished connection tasks so the set stays small.
         while conns.try_join_next().is_some() {}
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if !warned_at_cap {
+                if warned_at_cap.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     tracing::warn!(
                         cap,
                         "control API at its connection cap: closing the oldest connections to let new ones in"
                     );
-                    warned_at_cap = true;
+                    warned_at_cap = Some(Instant::now());
                 }
                 close_oldest(&open);
                 tokio::select! {
@@ -145,6 +146,9 @@ async fn connection<I>(
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
+        // The connection first: one asked to close before it was ever
+        // polled still reads and answers the request it already sent.
+        biased;
         r = conn.as_mut() => Some(r),
         () = close.notified() => None,
         () = stopped(&mut stop) => None,
