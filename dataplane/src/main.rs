@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
-use siphon_dataplane::api::{self, client, Api, ApiOptions};
+use siphon_dataplane::api::{self, client, Api, ApiLimits, ApiOptions};
 use siphon_dataplane::config::load::Format;
 use siphon_dataplane::{demo, Applied, Config, Options, Server};
 
@@ -94,6 +94,26 @@ struct Control {
     /// Also serve GET /metrics on this TCP address (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Control API connections served at once (per listener); at the cap
+    /// the oldest is closed to let a new one in.
+    #[arg(long, default_value_t = ApiLimits::default().max_connections)]
+    api_max_connections: usize,
+    /// Largest config body the control API takes, in bytes (413 beyond).
+    #[arg(long, default_value_t = ApiLimits::default().max_body)]
+    api_max_body: usize,
+}
+
+impl Control {
+    fn limits(&self) -> ApiLimits {
+        let d = ApiLimits::default();
+        ApiLimits {
+            max_connections: self.api_max_connections.max(1),
+            max_body: self.api_max_body,
+            // Two bodies of the largest size at once.
+            body_budget: self.api_max_body.saturating_mul(2),
+            ..d
+        }
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -262,7 +282,11 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
             mode: control.socket_mode,
             metrics: control.metrics_listen,
         };
-        Some(Api::bind(&opts).context("starting the control API")?)
+        Some(
+            Api::bind(&opts)
+                .context("starting the control API")?
+                .with_limits(control.limits()),
+        )
     };
     let server = Arc::new(Server::start(config, opts.clone()).context("starting")?);
     let api = match bound {
@@ -282,24 +306,71 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
         metrics = ?control.metrics_listen,
         "siphon-dataplane running"
     );
-    wait_for_stop(&server, sigs, path)?;
-    // The API goes first: no config may arrive while the workers drain.
+    wait_for_stop(&server, &sigs, path)?;
+    // The drain never waits for an API client: the API stops beside it
+    // (its open connections get a second), and the drain refuses applies
+    // from its first moment.
+    if let Some(api) = &api {
+        api.stop();
+    }
+    drain(&server, sigs, tuning);
     drop(api);
-    drain(&server, tuning);
     Ok(())
 }
 
-fn drain(server: &Server, tuning: &Tuning) {
+/// Drains; a second SIGTERM or SIGINT meanwhile closes what is left at
+/// once.
+fn drain(server: &Arc<Server>, sigs: SignalFd, tuning: &Tuning) {
     tracing::info!(
         drain_timeout_s = tuning.drain_timeout,
-        "stopping: no new connections, draining established ones"
+        "stopping: no new connections, draining established ones (SIGTERM again to stop now)"
     );
+    // Signals are read on a thread of their own while this one waits for
+    // the workers; the thread ends with the process.
+    let watched = server.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("siphon-signals".into())
+        .spawn(move || while_draining(&watched, &sigs))
+    {
+        tracing::warn!(error = %e, "cannot watch signals during the drain");
+    }
     server.shutdown(Duration::from_secs(tuning.drain_timeout));
     tracing::info!("stopped");
 }
 
+/// Signals during a drain: SIGTERM/SIGINT cut it short, SIGUSR1 still
+/// logs the counters, SIGHUP is ignored (no config is applied any more).
+fn while_draining(server: &Server, sigs: &SignalFd) {
+    loop {
+        let info = match sigs.read_signal() {
+            Ok(Some(info)) => info,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read signals during the drain");
+                return;
+            }
+        };
+        match Signal::try_from(info.ssi_signo as i32) {
+            Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                tracing::warn!("second stop signal: closing the remaining connections now");
+                server.cut_drain();
+            }
+            Ok(Signal::SIGUSR1) => log_counters(server),
+            Ok(Signal::SIGHUP) => tracing::info!("SIGHUP ignored: draining"),
+            _ => {}
+        }
+    }
+}
+
+fn log_counters(server: &Server) {
+    match serde_json::to_string(&server.stats()) {
+        Ok(json) => tracing::info!(stats = %json, "counters"),
+        Err(e) => tracing::warn!(error = %e, "cannot render counters"),
+    }
+}
+
 /// The signal loop shared by `run` and `demo`; returns on SIGTERM/SIGINT.
-fn wait_for_stop(server: &Server, sigs: SignalFd, path: Option<&Path>) -> Result<()> {
+fn wait_for_stop(server: &Server, sigs: &SignalFd, path: Option<&Path>) -> Result<()> {
     loop {
         let Some(info) = sigs.read_signal().context("reading signals")? else {
             continue;
@@ -309,10 +380,7 @@ fn wait_for_stop(server: &Server, sigs: SignalFd, path: Option<&Path>) -> Result
                 Some(p) => reload(server, p),
                 None => tracing::info!("SIGHUP ignored: no config file"),
             },
-            Ok(Signal::SIGUSR1) => match serde_json::to_string(&server.stats()) {
-                Ok(json) => tracing::info!(stats = %json, "counters"),
-                Err(e) => tracing::warn!(error = %e, "cannot render counters"),
-            },
+            Ok(Signal::SIGUSR1) => log_counters(server),
             Ok(Signal::SIGTERM | Signal::SIGINT) => return Ok(()),
             _ => {}
         }
@@ -405,7 +473,8 @@ fn run_demo(port: u16, once: bool, tuning: &Tuning) -> Result<()> {
         demo::spawn_backend(name, l);
     }
     let config = demo::config(port, ports).map_err(anyhow::Error::msg)?;
-    let server = Server::start(config, tuning.options()).context("starting the demo proxy")?;
+    let server =
+        Arc::new(Server::start(config, tuning.options()).context("starting the demo proxy")?);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     println!(
         "siphon demo: proxy on {addr}, backends on 127.0.0.1:{} and 127.0.0.1:{}",
@@ -431,7 +500,7 @@ fn run_demo(port: u16, once: bool, tuning: &Tuning) -> Result<()> {
         addr.ip(),
         addr.port()
     );
-    wait_for_stop(&server, sigs, None)?;
-    drain(&server, tuning);
+    wait_for_stop(&server, &sigs, None)?;
+    drain(&server, sigs, tuning);
     Ok(())
 }

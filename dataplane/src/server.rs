@@ -9,7 +9,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -130,6 +131,8 @@ impl WorkerLink {
 #[derive(Debug)]
 pub struct Server {
     core: Arc<Mutex<Core>>,
+    /// What reads see, apart from the control lock.
+    published: Arc<Published>,
     /// Thread handles, taken by the first shutdown.
     threads: Mutex<Threads>,
     spread: Arc<Spread>,
@@ -140,6 +143,45 @@ struct Threads {
     workers: Vec<JoinHandle<()>>,
     monitor: Option<Monitor>,
     publisher: Option<JoinHandle<()>>,
+}
+
+/// The state reads report (generation, config, status, counters), published
+/// by every apply and health change: a read never takes the control lock,
+/// which an apply holds while it builds Maglev tables and waits for the
+/// workers, so the API answers during an apply.
+#[derive(Debug)]
+struct Published {
+    view: RwLock<Arc<View>>,
+    /// The generation an apply is building or sending, 0 when none is.
+    applying: AtomicU64,
+}
+
+#[derive(Debug)]
+struct View {
+    snapshot: Arc<Snapshot>,
+    book: Arc<Book>,
+    registry: Arc<Registry>,
+}
+
+impl Published {
+    fn view(&self) -> Arc<View> {
+        // Held only to clone or swap an `Arc`; a panic cannot leave it
+        // half-written.
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn store(&self, view: View) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+}
+
+/// Clears [`Published::applying`] however an apply ends.
+struct Applying<'a>(&'a AtomicU64);
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
 }
 
 /// Everything an apply or a health change reads and writes, behind one
@@ -159,6 +201,7 @@ struct Core {
     closing: bool,
     /// UDP sockets get `UDP_GRO` (Options::udp_offload).
     udp_offload: bool,
+    published: Arc<Published>,
 }
 
 impl Server {
@@ -207,9 +250,18 @@ impl Server {
                 .map_err(ApplyError::Worker)?;
             threads.push(thread);
         }
+        let current = Arc::new(Snapshot::empty());
+        let published = Arc::new(Published {
+            view: RwLock::new(Arc::new(View {
+                snapshot: current.clone(),
+                book: Arc::default(),
+                registry: Arc::new(Registry::new(n)),
+            })),
+            applying: AtomicU64::new(0),
+        });
         let core = Arc::new(Mutex::new(Core {
             workers: links,
-            current: Arc::new(Snapshot::empty()),
+            current,
             bound: HashSet::new(),
             registry: Registry::new(n),
             book: Book::default(),
@@ -217,6 +269,7 @@ impl Server {
             started: false,
             closing: false,
             udp_offload: opts.udp_offload,
+            published: published.clone(),
         }));
         let publisher = {
             let core = core.clone();
@@ -232,6 +285,7 @@ impl Server {
         };
         let server = Server {
             core,
+            published,
             spread,
             threads: Mutex::new(Threads {
                 workers: threads,
@@ -252,12 +306,17 @@ impl Server {
     }
 
     pub fn generation(&self) -> u64 {
-        self.core().current.generation()
+        self.published.view().snapshot.generation()
+    }
+
+    /// The generation an apply is working on right now, if one is.
+    pub fn applying(&self) -> Option<u64> {
+        Some(self.published.applying.load(Ordering::Relaxed)).filter(|g| *g != 0)
     }
 
     /// The running config.
     pub fn config(&self) -> Arc<Config> {
-        self.core().current.config.clone()
+        self.published.view().snapshot.config.clone()
     }
 
     pub fn workers(&self) -> usize {
@@ -280,14 +339,14 @@ impl Server {
     }
 
     pub fn stats(&self) -> StatsReport {
-        let core = self.core();
-        core.registry.report(core.current.generation())
+        let view = self.published.view();
+        view.registry.report(view.snapshot.generation())
     }
 
     /// Operating status of every listener, pool and member.
     pub fn status(&self) -> StatusReport {
-        let core = self.core();
-        StatusReport::build(&core.current, &core.book)
+        let view = self.published.view();
+        StatusReport::build(&view.snapshot, &view.book)
     }
 
     /// Stops accepting everywhere, lets connections finish for up to
@@ -310,6 +369,18 @@ impl Server {
             }
         }
         threads.stop_health();
+    }
+}
+
+impl Server {
+    /// Ends a drain under way at once: every worker closes the connections
+    /// it still has and exits, so [`Server::shutdown`] returns (a second
+    /// SIGTERM). A worker takes the earlier deadline of a second `Drain`.
+    pub fn cut_drain(&self) {
+        let now = Instant::now();
+        for w in &self.core().workers {
+            w.send(Command::Drain { deadline: now });
+        }
     }
 }
 
@@ -373,6 +444,11 @@ impl Core {
         }
         // Health records only for a valid config (plan() assumes one).
         config.validate()?;
+        let published = self.published.clone();
+        published
+            .applying
+            .store(config.generation, Ordering::Relaxed);
+        let _applying = Applying(&published.applying);
         let book = self.book.plan(&config, SystemTime::now());
         let snapshot = Arc::new(Snapshot::build(config, &mut self.registry, &|p, m| {
             book.is_up(p, m)
@@ -461,6 +537,7 @@ impl Core {
             match ack_rx.recv_deadline(deadline) {
                 Ok(id) => acked[id] = true,
                 Err(_) => {
+                    self.publish();
                     let worker = acked.iter().position(|a| !a).unwrap_or(0);
                     let generation = self.current.generation();
                     tracing::error!(
@@ -472,11 +549,22 @@ impl Core {
                 }
             }
         }
+        // Reads see the new generation once every worker runs it.
+        self.publish();
         Ok(Applied::Changed {
             generation: self.current.generation(),
             added,
             removed,
         })
+    }
+
+    /// Makes the committed state what reads see.
+    fn publish(&self) {
+        self.published.store(View {
+            snapshot: self.current.clone(),
+            book: Arc::new(self.book.clone()),
+            registry: Arc::new(self.registry.clone()),
+        });
     }
 
     /// A member went up or down: rebuild its pool's balancer and hand it to
@@ -491,6 +579,13 @@ impl Core {
         if !self.book.apply(change, SystemTime::now()) {
             return;
         }
+        // Status reads see the change; the rest of the view stays.
+        let view = self.published.view();
+        self.published.store(View {
+            snapshot: view.snapshot.clone(),
+            book: Arc::new(self.book.clone()),
+            registry: view.registry.clone(),
+        });
         let snap = &self.current;
         let Some(index) = snap.config.pools.iter().position(|p| p.id == pool_id) else {
             return;

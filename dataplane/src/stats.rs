@@ -249,7 +249,7 @@ impl MemberStats {
 }
 
 /// Counter objects by id, reused across reloads.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Registry {
     workers: usize,
     listeners: HashMap<String, Arc<ListenerStats>>,

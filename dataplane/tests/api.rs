@@ -2,21 +2,26 @@
 //! The control API on a real Unix socket: apply, idempotent retry, stale
 //! generation 409, invalid config 400 naming object and field with nothing
 //! changed; JSON status and stats; the Prometheus page read by a
-//! text-format parser; `ctl` and SIGHUP sharing one apply path.
+//! text-format parser; `ctl` and SIGHUP sharing one apply path; the
+//! limits on slow, idle, numerous and large clients; reads during an
+//! apply; corrupted and positional bodies.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::Method;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use siphon_dataplane::api::client::{self, Reply};
-use siphon_dataplane::api::{Api, ApiOptions};
+use siphon_dataplane::api::{Api, ApiLimits, ApiOptions};
 use siphon_testkit::{connect_greeting, free_port, Backend};
 
 fn get(socket: &Path, path: &str) -> Reply {
@@ -74,6 +79,14 @@ struct Running {
 
 impl Running {
     fn start(first: siphon_dataplane::Config, metrics: Option<std::net::SocketAddr>) -> Running {
+        Running::with_limits(first, metrics, ApiLimits::default())
+    }
+
+    fn with_limits(
+        first: siphon_dataplane::Config,
+        metrics: Option<std::net::SocketAddr>,
+        limits: ApiLimits,
+    ) -> Running {
         let dir = TempDir::new("api");
         let socket = dir.path("run/ctl.sock");
         let server = Arc::new(start(first, 2));
@@ -82,7 +95,13 @@ impl Running {
             mode: 0o600,
             metrics,
         };
-        let api = Some(Api::bind(&opts).unwrap().serve(server.clone()).unwrap());
+        let api = Some(
+            Api::bind(&opts)
+                .unwrap()
+                .with_limits(limits)
+                .serve(server.clone())
+                .unwrap(),
+        );
         Running {
             server,
             api,
@@ -434,4 +453,348 @@ fn ctl_and_sighup_share_one_apply_path() {
     let (code, _, err) = ctl(&["status"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("cannot connect"), "{err}");
+}
+
+/// Limits small enough for a test to see each one act.
+fn tight() -> ApiLimits {
+    ApiLimits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        body_read_timeout: Duration::from_secs(1),
+        max_body: 64 << 10,
+        body_budget: 128 << 10,
+    }
+}
+
+/// A connection that has sent `head` (and maybe part of a body).
+fn raw(socket: &Path, head: &str) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s
+}
+
+/// Reads a whole answer (the server closes after it): status and body.
+fn answer(s: &mut UnixStream) -> (u16, String) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Whether the server closed `s` within `within`, writing `drip` one byte
+/// at a time every 200 ms meanwhile (a slowloris client).
+fn cut_while_dripping(s: &mut UnixStream, drip: &[u8], within: Duration) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    for b in drip.iter().cycle() {
+        if Instant::now() > end {
+            return false;
+        }
+        if s.write_all(&[*b]).is_err() {
+            return true;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // An error answer (408) before the close counts as cut too.
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn slow_clients_are_cut_and_the_api_still_answers() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let r = Running::with_limits(cfg(1, &[free_port()], &b), None, tight());
+    let sock = r.socket.clone();
+    // Four times the connection cap, each trickling its request head (or
+    // its body) a byte every 200 ms, so no idle timer ever fires.
+    let slow: Vec<_> = (0..32)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let (head, drip) = if i % 2 == 0 {
+                    ("GET /v1/status HTTP/1.1\r\n", &b"X-Slow: aaaaaaaa"[..])
+                } else {
+                    (
+                        "PUT /v1/config HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n",
+                        &b"{\"generation\": 2"[..],
+                    )
+                };
+                let mut s = UnixStream::connect(&sock).unwrap();
+                // At the cap the oldest connections are closed, maybe
+                // before this one got its head out: cut too.
+                if s.write_all(head.as_bytes()).is_err() {
+                    return true;
+                }
+                cut_while_dripping(&mut s, drip, Duration::from_secs(15))
+            })
+        })
+        .collect();
+    // Meanwhile an operator's requests are answered.
+    for _ in 0..3 {
+        let reply = get(&sock, "/v1/generation");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(json(&reply)["generation"], 1);
+    }
+    for (i, t) in slow.into_iter().enumerate() {
+        assert!(t.join().unwrap(), "slow client {i} was never cut");
+    }
+
+    // A client that connects and says nothing is closed by the idle timer.
+    let mut silent = UnixStream::connect(&sock).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        silent.read(&mut buf).unwrap_or(0),
+        0,
+        "idle connection kept"
+    );
+    assert_eq!(r.server.generation(), 1, "nothing was applied");
+}
+
+#[test]
+fn config_bodies_are_bounded_in_size_time_and_memory() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let port = free_port();
+    let r = Running::with_limits(cfg(1, &[port], &b), None, tight());
+    let sock = &r.socket;
+    let head = |len: usize| {
+        format!(
+            "PUT /v1/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+
+    // Over the size limit: 413 before the body is read.
+    let (code, body) = answer(&mut raw(sock, &head(1 << 20)));
+    assert_eq!(code, 413, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the limit of 65536 bytes"),
+        "{e}"
+    );
+
+    // Two bodies of 60 KiB that stall hold the 128 KiB budget: a third
+    // push is told to come back (503, Retry-After) instead of piling up.
+    let mut stalled: Vec<UnixStream> = (0..2)
+        .map(|_| raw(sock, &(head(60 << 10) + "{\"generation\"")))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = put(sock, "application/json", &" ".repeat(60 << 10));
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        json(&reply)["error"]
+            .as_str()
+            .unwrap()
+            .contains("retry shortly"),
+        "{}",
+        reply.body
+    );
+    // The stalled ones run out of time: 408, however the bytes trickle.
+    for s in &mut stalled {
+        let (code, body) = answer(s);
+        assert_eq!(code, 408, "{body}");
+        assert!(body.contains("did not arrive whole within 1s"), "{body}");
+    }
+    let mut drip = raw(sock, &head(1000));
+    assert!(cut_while_dripping(
+        &mut drip,
+        b"{\"generation\": 2",
+        Duration::from_secs(10)
+    ));
+
+    // The budget is free again, and nothing was applied meanwhile.
+    assert_eq!(r.server.generation(), 1);
+    let reply = put(sock, "application/json", &cfg_json(2, &[port], &b));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[test]
+fn reads_answer_while_an_apply_builds_large_tables() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let port = free_port();
+    let r = Running::start(cfg(1, &[port], &b), None);
+    // Pools at the largest Maglev table, one heavy member among light
+    // ones (the slowest kind of build): the apply takes a while.
+    let mut parts = parts(&[port], &b);
+    for p in 0..40 {
+        let members: Vec<String> = (0..256u16)
+            .map(|m| {
+                let w = if m == 0 { 256 } else { 1 };
+                member(&format!("m{m}"), addr(1000 + m), w, "")
+            })
+            .collect();
+        let pool = pool(&format!("big{p}"), "TCP", "MAGLEV", &members);
+        parts.push(pool.replace(
+            "lb_algorithm = \"MAGLEV\"",
+            "lb_algorithm = \"MAGLEV\"\nmaglev_table_size = 131071",
+        ));
+    }
+    let big = toml(2, &parts);
+    let done = Arc::new(AtomicBool::new(false));
+    let push = {
+        let (sock, done) = (r.socket.clone(), done.clone());
+        std::thread::spawn(move || {
+            let reply = put(&sock, "application/toml", &big);
+            done.store(true, Ordering::SeqCst);
+            reply
+        })
+    };
+    // Asked again and again: some answer must come from the middle of the
+    // apply (the API says which generation it is applying).
+    let mut during = None;
+    while !done.load(Ordering::SeqCst) {
+        let reply = get(&r.socket, "/v1/generation");
+        let answered_before_the_apply_returned = !done.load(Ordering::SeqCst);
+        let v = json(&reply);
+        if v["applying"] == 2 && answered_before_the_apply_returned {
+            during = Some(v);
+            break;
+        }
+    }
+    let during = during.expect("no read was answered while the apply ran");
+    assert_eq!(during["generation"], 1, "{during}");
+    // Status and counters too, while it still runs.
+    let status = get(&r.socket, "/v1/status");
+    assert_eq!(status.status, 200);
+    let reply = push.join().unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v = json(&get(&r.socket, "/v1/generation"));
+    assert_eq!(
+        (v["generation"].clone(), v["applying"].clone()),
+        (2.into(), Value::Null)
+    );
+}
+
+/// A config whose listener is written as an array of its fields in order.
+fn nested_positional(generation: u64, port: u16, b: &Backend) -> String {
+    let mut v: Value = serde_json::from_str(&cfg_json(generation, &[port], b)).unwrap();
+    v["listeners"][0] = serde_json::json!([
+        "l0",
+        "TCP",
+        ["127.0.0.1"],
+        port,
+        -1,
+        50000,
+        5000,
+        50000,
+        3,
+        65536,
+        [],
+        "p",
+        true
+    ]);
+    v.to_string()
+}
+
+#[test]
+fn corrupted_and_positional_bodies_change_nothing() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let port = free_port();
+    let r = Running::start(cfg(1, &[port], &b), None);
+    let sock = &r.socket;
+    let cases = [
+        // A config followed by the start of another: it used to apply as
+        // generation 3 with no listener, removing the running one.
+        (
+            r#"{"generation":3} {"x":["#.to_owned(),
+            "trailing characters",
+        ),
+        ("[3, [], []]".to_owned(), "positional form"),
+        (nested_positional(3, port, &b), "positional form"),
+    ];
+    for (body, why) in cases {
+        let reply = put(sock, "application/json", &body);
+        assert_eq!(reply.status, 400, "{body}: {}", reply.body);
+        let e = json(&reply);
+        assert!(
+            e["error"].as_str().unwrap().starts_with("cannot parse"),
+            "{e}"
+        );
+        assert!(e["error"].as_str().unwrap().contains(why), "{e}");
+        assert_eq!(r.server.generation(), 1);
+        let (_s, name) = connect_greeting(addr(port)).expect("the listener still serves");
+        assert_eq!(name, "b");
+    }
+}
+
+/// Descriptors `pid` holds.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn idle_api_connections_hold_a_bounded_number_of_descriptors() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b", "127.0.0.1");
+    let dir = TempDir::new("api-fds");
+    let port = free_port();
+    let file = dir.path("dataplane.toml");
+    std::fs::write(&file, cfg_toml(1, &[port], &b)).unwrap();
+    let socket = dir.path("ctl.sock");
+    let proc = Proc::spawn(
+        &[
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--api-max-connections",
+            "16",
+        ],
+        &dir.path("log"),
+    );
+    assert!(
+        proc.wait_log("siphon-dataplane running", 1, Duration::from_secs(10)),
+        "{}",
+        proc.log_text()
+    );
+    let pid = proc.child.id();
+    let before = fds(pid);
+    // Twenty times the cap, connected and silent.
+    let idle: Vec<UnixStream> = (0..320)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds(pid);
+    assert!(
+        during <= before + 16 + 2,
+        "{before} descriptors before, {during} with {} idle API clients",
+        idle.len()
+    );
+    // Forwarding and the API itself still work.
+    let (mut s, name) = connect_greeting(addr(port)).expect("forwarding works");
+    assert_eq!(name, "b");
+    siphon_testkit::roundtrip(&mut s, b"hello").unwrap();
+    let reply = get(&socket, "/v1/generation");
+    assert_eq!(json(&reply)["generation"], 1);
+    assert!(fds(pid) <= before + 16 + 8);
 }

@@ -447,3 +447,170 @@ fn a_removed_listener_stops_accepting_while_its_connections_finish() {
     assert!(eventually(Duration::from_secs(5), || b.active() <= 1));
     server.shutdown(Duration::from_secs(1));
 }
+
+#[test]
+fn check_refuses_what_run_cannot_bind_reach_or_parse() {
+    let dir = TempDir::new("check-run");
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+generation = 1
+[[listeners]]
+id = "mapped"
+protocol = "TCP"
+bind_addresses = ["::ffff:127.0.0.1"]
+protocol_port = 8080
+default_pool_id = "p"
+
+[[pools]]
+id = "p"
+protocol = "TCP"
+lb_algorithm = "ROUND_ROBIN"
+members = [
+  { id = "self", address = "0.0.0.0", protocol_port = 80 },
+  { id = "group", address = "224.0.0.1", protocol_port = 80 },
+  { id = "everyone", address = "255.255.255.255", protocol_port = 80 },
+]
+"#,
+    )
+    .expect("write");
+    let trailing = dir.path("trailing.json");
+    std::fs::write(&trailing, r#"{"generation": 3} {"x": ["#).expect("write");
+    let positional = dir.path("positional.json");
+    std::fs::write(&positional, "[3, [], []]").expect("write");
+    let cases: [(&std::path::Path, &[&str]); 3] = [
+        (
+            &bad,
+            &[
+                "listener \"mapped\": bind_addresses: ::ffff:127.0.0.1 is an IPv4-mapped IPv6 address",
+                "pool \"p\" member \"self\": address: 0.0.0.0 is the unspecified address",
+                "pool \"p\" member \"group\": address: 224.0.0.1 is a multicast address",
+                "pool \"p\" member \"everyone\": address: 255.255.255.255 is the broadcast address",
+            ],
+        ),
+        (&trailing, &["trailing characters"]),
+        (&positional, &["positional form"]),
+    ];
+    for (file, needles) in cases {
+        // `check` and `run` refuse the same file with the same words.
+        let checked = bin()
+            .args(["check", "--config"])
+            .arg(file)
+            .output()
+            .expect("run check");
+        let ran = bin()
+            .args(["run", "--no-api", "--config"])
+            .arg(file)
+            .output()
+            .expect("run run");
+        for out in [checked, ran] {
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            for needle in needles {
+                assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+            }
+        }
+    }
+}
+
+/// A running dataplane with one listener in front of `b` and its control
+/// socket, with `--drain-timeout 60`.
+fn running_with_api(b: &Backend, port: u16, dir: &TempDir) -> (Proc, std::path::PathBuf) {
+    let file = dir.path("siphon.toml");
+    std::fs::write(
+        &file,
+        toml(
+            1,
+            &[
+                listener("l", "127.0.0.1", port, "p", ""),
+                pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
+            ],
+        ),
+    )
+    .expect("write");
+    let socket = dir.path("ctl.sock");
+    let proc = Proc::spawn(
+        &[
+            "run",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--socket",
+            socket.to_str().expect("utf8"),
+            "--workers",
+            "2",
+            "--drain-timeout",
+            "60",
+        ],
+        &dir.path("log"),
+    );
+    assert!(
+        proc.wait_log("siphon-dataplane running", 1, Duration::from_secs(10)),
+        "{}",
+        proc.log_text()
+    );
+    (proc, socket)
+}
+
+#[test]
+fn half_sent_api_requests_never_hold_sigterm() {
+    use std::io::Write;
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let dir = TempDir::new("term-api");
+    let (mut proc, socket) = running_with_api(&b, port, &dir);
+    // One client stopped in the middle of its headers, one in the middle
+    // of its body, one that never said anything.
+    let mut held = Vec::new();
+    for part in [
+        "PUT /v1/config HTTP/1.1\r\nHost: x\r\nContent-Le",
+        "PUT /v1/config HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{\"generation\": ",
+        "",
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        s.write_all(part.as_bytes()).expect("write");
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    proc.signal(Signal::SIGTERM);
+    // No connection to drain: out at once, whatever the API clients do.
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        proc.log_text()
+    );
+    assert!(!socket.exists(), "the control socket file stays behind");
+}
+
+#[test]
+fn a_second_sigterm_ends_the_drain_at_once() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let dir = TempDir::new("term-twice");
+    let (mut proc, _socket) = running_with_api(&b, port, &dir);
+    let (mut held, _) = connect_greeting(addr(port)).expect("connect");
+    proc.signal(Signal::SIGTERM);
+    assert!(proc.wait_log("draining", 1, Duration::from_secs(5)));
+    roundtrip(&mut held, b"draining but alive").expect("echo while draining");
+    assert_eq!(proc.child.try_wait().expect("wait"), None, "exited early");
+    // The operator does not want to wait the 60 s.
+    proc.signal(Signal::SIGTERM);
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        proc.log_text()
+    );
+    assert!(proc.log_text().contains("second stop signal"));
+    // The connection was closed by the dataplane, not left hanging.
+    held.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert!(matches!(
+        std::io::Read::read(&mut held, &mut buf),
+        Ok(0) | Err(_)
+    ));
+}

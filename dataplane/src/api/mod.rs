@@ -7,31 +7,40 @@
 //!   naming its object and field; 409 for a generation not newer than the
 //!   running one (the same generation with the same content is 200
 //!   unchanged, so a retried push is harmless). Nothing changes on error.
+//!   A body over [`ApiLimits::max_body`] is 413, one that does not arrive
+//!   within its timeout 408, one beyond the budget of bodies in flight
+//!   503 (see [`body`]).
 //! - `GET /v1/config`, `GET /v1/status`, `GET /v1/stats`: JSON;
 //!   `GET /v1/generation`: just the running generation (what an agent
-//!   polls to notice a restarted dataplane).
+//!   polls to notice a restarted dataplane), and the one being applied if
+//!   an apply is under way. Reads never wait for an apply.
 //! - `GET /metrics`: Prometheus text; optionally also on a TCP address for
 //!   scrapers.
 //!
-//! [`client`] is the other end, used by `siphon-dataplane ctl`.
+//! Connections are capped and timed out ([`serve`]), so the API holds a
+//! bounded number of descriptors and never keeps the process from
+//! draining. [`client`] is the other end, used by `siphon-dataplane ctl`.
 
+pub mod body;
 pub mod client;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::load::{Format, ParseError};
 use crate::config::Config;
@@ -39,8 +48,49 @@ use crate::server::{Applied, ApplyError, Server};
 
 /// Where the control socket lives unless `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/siphon/dataplane.sock";
-/// Largest config document accepted (a few thousand listeners fit).
-const MAX_BODY: usize = 64 << 20;
+
+/// Limits on the API's clients, the same for the control socket and the
+/// metrics address (each has its own connection cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Connections served at once per listener; at the cap the oldest is
+    /// asked to close and new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// The request line and headers must arrive whole within this.
+    pub header_read_timeout: Duration,
+    /// A connection with nothing moving either way for this long, while
+    /// no request is being handled, is closed.
+    pub idle_timeout: Duration,
+    /// A `PUT /v1/config` body must arrive whole within this.
+    pub body_read_timeout: Duration,
+    /// Largest config body (bytes).
+    pub max_body: usize,
+    /// Config body bytes received or being applied at once, over all
+    /// requests (at least `max_body`).
+    pub body_budget: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> ApiLimits {
+        ApiLimits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(10),
+            // A pool of the largest size (65,535 members) is about 6 MB
+            // of JSON.
+            max_body: 16 << 20,
+            body_budget: 32 << 20,
+        }
+    }
+}
+
+impl ApiLimits {
+    /// The body budget in effect: never below one body of `max_body`.
+    pub fn budget(&self) -> usize {
+        self.body_budget.max(self.max_body)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiOptions {
@@ -74,7 +124,7 @@ pub enum ApiError {
 /// The running API; stops (and removes its socket file) on drop.
 #[derive(Debug)]
 pub struct Api {
-    stop: Option<oneshot::Sender<()>>,
+    stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
     socket: PathBuf,
 }
@@ -87,6 +137,7 @@ pub struct Bound {
     unix: tokio::net::UnixListener,
     tcp: Option<tokio::net::TcpListener>,
     socket: PathBuf,
+    limits: ApiLimits,
 }
 
 impl Api {
@@ -113,11 +164,18 @@ impl Api {
             unix,
             tcp,
             socket: opts.socket.clone(),
+            limits: ApiLimits::default(),
         })
     }
 }
 
 impl Bound {
+    /// Other limits than [`ApiLimits::default`].
+    pub fn with_limits(mut self, limits: ApiLimits) -> Bound {
+        self.limits = limits;
+        self
+    }
+
     /// Serves `server` on a new thread.
     pub fn serve(self, server: Arc<Server>) -> Result<Api, ApiError> {
         let Bound {
@@ -125,40 +183,37 @@ impl Bound {
             unix,
             tcp,
             socket,
+            limits,
         } = self;
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let app = router(server.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let ctx = Ctx {
+            server,
+            limits,
+            bodies: Arc::new(Semaphore::new(limits.budget())),
+        };
+        let app = router(ctx.clone());
         let metrics_app = Router::new()
             .route("/metrics", get(metrics))
-            .with_state(server);
+            .with_state(ctx);
         let thread = std::thread::Builder::new()
             .name("siphon-api".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let stop = async {
-                        let _ = stop_rx.await;
-                    };
-                    let scrape = async move {
+                    let scrape = async {
                         if let Some(tcp) = tcp {
-                            if let Err(e) = axum::serve(tcp, metrics_app).await {
-                                tracing::error!(error = %e, "metrics listener failed");
-                            }
-                        } else {
-                            std::future::pending::<()>().await;
+                            serve::serve(tcp, metrics_app, limits, stop_rx.clone()).await;
                         }
                     };
-                    let api = axum::serve(unix, app).with_graceful_shutdown(stop);
-                    tokio::select! {
-                        r = api => if let Err(e) = r {
-                            tracing::error!(error = %e, "control API failed");
-                        },
-                        () = scrape => {}
-                    }
-                })
+                    let api = serve::serve(unix, app, limits, stop_rx.clone());
+                    tokio::join!(api, scrape);
+                });
+                // An apply still running on the blocking pool finishes (or
+                // is refused) on its own; stopping never waits for it.
+                runtime.shutdown_background();
             })
             .map_err(ApiError::Thread)?;
         Ok(Api {
-            stop: Some(stop_tx),
+            stop: stop_tx,
             thread: Some(thread),
             socket,
         })
@@ -169,13 +224,18 @@ impl Api {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+
+    /// Starts stopping without waiting: no new connections, open ones
+    /// closed within [`serve::STOP_GRACE`]. Dropping the `Api` waits for
+    /// that and removes the socket file.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
 }
 
 impl Drop for Api {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -215,48 +275,55 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, A
     Ok(listener)
 }
 
-fn router(server: Arc<Server>) -> Router {
+/// What every handler gets.
+#[derive(Clone)]
+struct Ctx {
+    server: Arc<Server>,
+    limits: ApiLimits,
+    /// Config body bytes in flight ([`ApiLimits::budget`]).
+    bodies: Arc<Semaphore>,
+}
+
+fn router(ctx: Ctx) -> Router {
     Router::new()
         .route("/v1/config", get(get_config).put(put_config))
         .route("/v1/status", get(status))
         .route("/v1/generation", get(generation))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(server)
+        .with_state(ctx)
 }
 
-/// Runs `f` on tokio's blocking pool: reads take the control lock, which an
-/// apply holds while it waits for the workers, and the API's one thread
-/// must keep serving meanwhile.
-async fn off_runtime(server: Arc<Server>, f: fn(&Server) -> Response) -> Response {
-    match tokio::task::spawn_blocking(move || f(&server)).await {
+/// Runs `f` on tokio's blocking pool: reads never wait for the control
+/// lock, but rendering a large config or counter set is still work the
+/// API's one thread should not do while other clients wait.
+async fn off_runtime(ctx: Ctx, f: fn(&Server) -> Response) -> Response {
+    match tokio::task::spawn_blocking(move || f(&ctx.server)).await {
         Ok(r) => r,
         Err(e) => rejected(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
     }
 }
 
-async fn get_config(State(server): State<Arc<Server>>) -> Response {
-    off_runtime(server, |s| Json(&*s.config()).into_response()).await
+async fn get_config(State(ctx): State<Ctx>) -> Response {
+    off_runtime(ctx, |s| Json(&*s.config()).into_response()).await
 }
 
-async fn generation(State(server): State<Arc<Server>>) -> Response {
-    off_runtime(server, |s| {
-        Json(json!({ "generation": s.generation() })).into_response()
-    })
-    .await
+async fn generation(State(ctx): State<Ctx>) -> Response {
+    // Two atomic-ish loads: answered on the API thread.
+    let s = &ctx.server;
+    Json(json!({ "generation": s.generation(), "applying": s.applying() })).into_response()
 }
 
-async fn status(State(server): State<Arc<Server>>) -> Response {
-    off_runtime(server, |s| Json(s.status()).into_response()).await
+async fn status(State(ctx): State<Ctx>) -> Response {
+    off_runtime(ctx, |s| Json(s.status()).into_response()).await
 }
 
-async fn stats(State(server): State<Arc<Server>>) -> Response {
-    off_runtime(server, |s| Json(s.stats()).into_response()).await
+async fn stats(State(ctx): State<Ctx>) -> Response {
+    off_runtime(ctx, |s| Json(s.stats()).into_response()).await
 }
 
-async fn metrics(State(server): State<Arc<Server>>) -> Response {
-    off_runtime(server, |s| {
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    off_runtime(ctx, |s| {
         let text = crate::metrics::render(&s.stats(), &s.status(), &s.worker_connections());
         ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
     })
@@ -275,17 +342,29 @@ fn rejected(code: StatusCode, error: String, problems: Vec<Problem>) -> Response
     (code, Json(json!({ "error": error, "problems": problems }))).into_response()
 }
 
-async fn put_config(
-    State(server): State<Arc<Server>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
+async fn put_config(State(ctx): State<Ctx>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
     let toml = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("toml"));
     let format = if toml { Format::Toml } else { Format::Json };
-    let parsed = match std::str::from_utf8(&body) {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Held until the apply is done: the parsed config's memory goes with
+    // the body's size.
+    let received = match body::read(body, length, &ctx.limits, &ctx.bodies).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "config push refused");
+            return e.into_response();
+        }
+    };
+    let server = ctx.server.clone();
+    let parsed = match std::str::from_utf8(&received.bytes) {
         Ok(text) => Config::parse_at(text, format),
         Err(e) => Err(ParseError {
             path: String::new(),
@@ -396,5 +475,10 @@ async fn put_config(
 /// fuzz targets in `dataplane/fuzz`); not part of the supported API.
 #[doc(hidden)]
 pub fn router_for(server: Arc<Server>) -> Router {
-    router(server)
+    let limits = ApiLimits::default();
+    router(Ctx {
+        server,
+        limits,
+        bodies: Arc::new(Semaphore::new(limits.budget())),
+    })
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -19,8 +19,14 @@ pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 pub const MAX_WEIGHT: i64 = 256;
 /// Member indexes in Maglev tables are `u16`.
 pub const MAX_MEMBERS_PER_POOL: usize = u16::MAX as usize;
-/// Largest accepted Maglev table (Envoy's limit; 20 MB of `u32`s is plenty).
-pub const MAX_MAGLEV_TABLE_SIZE: u32 = 5_000_011;
+/// Largest accepted Maglev table: the prime 2^17 - 1, twice the default.
+/// A build costs up to `size × min(members, 256)` steps (weights 1..=256
+/// take turns), and it runs under the control lock on every apply and
+/// health change of the pool: at this size the worst case (65,535
+/// members, one of weight 256, the rest 1) takes ~35 ms, against ~2 s at
+/// Envoy's 5,000,011. Evenness needs about 100 slots per member, so pools
+/// of up to ~1,300 members get it in full.
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 131_071;
 pub const MAX_CONNECT_RETRIES: u32 = 100;
 /// Upper bound of `max_flows`: each flow holds a socket, and no process has
 /// more descriptors than this.
@@ -63,6 +69,10 @@ pub enum Problem {
     OutOfRange { value: i64, min: i64, max: i64 },
     #[error("{0:?} is not an IPv4 or IPv6 address")]
     InvalidAddress(String),
+    #[error("{address} is an IPv4-mapped IPv6 address, which a listener cannot bind (its IPv6 sockets are v6-only): write {v4}")]
+    Ipv4Mapped { address: String, v4: Ipv4Addr },
+    #[error("{address} is {what}, not the address of one host")]
+    NotAHost { address: String, what: &'static str },
     #[error("{0:?} is not a CIDR (such as 192.0.2.0/24 or 2001:db8::/32)")]
     InvalidCidr(String),
     #[error("a {listener:?} listener cannot use a {pool:?} pool")]
@@ -190,6 +200,30 @@ pub fn parse_expected_codes(text: &str) -> Option<Vec<(u16, u16)>> {
     Some(out)
 }
 
+/// The IPv4 address inside an IPv4-mapped IPv6 one (`::ffff:a.b.c.d`).
+fn mapped(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// Why `ip` is not the address of one host, if it is not: connecting to
+/// the unspecified address reaches this very host (the dataplane would
+/// proxy to itself), and group or broadcast addresses are no one member.
+fn not_a_host(ip: IpAddr) -> Option<&'static str> {
+    let ip = mapped(ip).map_or(ip, IpAddr::V4);
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -286,6 +320,20 @@ fn check_listener<'a>(
     for a in &l.bind_addresses {
         match parse_ip(&o, "bind_addresses", a) {
             Ok(ip) => {
+                // Both refused at bind time (EINVAL) by `run`; `check` must
+                // say so too.
+                if let Some(v4) = mapped(ip) {
+                    let address = ip.to_string();
+                    c.push(&o, "bind_addresses", Problem::Ipv4Mapped { address, v4 });
+                    continue;
+                }
+                // An IPv4 group or broadcast address binds, but a listener
+                // there never sees a connection or a datagram for it.
+                if let Some(what) = not_a_host(ip).filter(|_| !ip.is_unspecified()) {
+                    let address = ip.to_string();
+                    c.push(&o, "bind_addresses", Problem::NotAHost { address, what });
+                    continue;
+                }
                 let port = u16::try_from(l.protocol_port).unwrap_or(0);
                 if port != 0 {
                     let sa = SocketAddr::new(ip, port);
@@ -377,6 +425,10 @@ fn check_member(
     c.range(&o, "weight", m.weight, 0, MAX_WEIGHT);
     match parse_ip(&o, "address", &m.address) {
         Ok(ip) => {
+            if let Some(what) = not_a_host(ip) {
+                let address = ip.to_string();
+                c.push(&o, "address", Problem::NotAHost { address, what });
+            }
             if let Ok(port) = u16::try_from(m.protocol_port) {
                 let sa = SocketAddr::new(ip, port);
                 if port != 0 && !endpoints.insert(sa) {
@@ -387,8 +439,14 @@ fn check_member(
         Err(e) => c.errors.push(e),
     }
     if let Some(a) = &m.monitor_address {
-        if let Err(e) = parse_ip(&o, "monitor_address", a) {
-            c.errors.push(e);
+        match parse_ip(&o, "monitor_address", a) {
+            Ok(ip) => {
+                if let Some(what) = not_a_host(ip) {
+                    let address = ip.to_string();
+                    c.push(&o, "monitor_address", Problem::NotAHost { address, what });
+                }
+            }
+            Err(e) => c.errors.push(e),
         }
     }
     if let Some(port) = m.monitor_port {
@@ -532,6 +590,124 @@ expected_codes = "200-204,302"
         for (text, want) in cases {
             assert_eq!(one(&text), want, "for config:\n{text}");
         }
+    }
+
+    /// What `run` would refuse (a bind that fails with EINVAL) or do wrong
+    /// (connect to itself, to a group) is refused by validation, which
+    /// `check` shares.
+    #[test]
+    fn addresses_run_cannot_use_are_refused() {
+        let l = || Object::Listener("l".into());
+        let a = || Object::Member {
+            pool: "p".into(),
+            member: "a".into(),
+        };
+        let not_a_host = |address: &str, what| Problem::NotAHost {
+            address: address.into(),
+            what,
+        };
+        let cases: Vec<(String, (Object, &str, Problem))> = vec![
+            (
+                BASE.replace("\"::\"]", "\"::ffff:127.0.0.1\"]"),
+                (
+                    l(),
+                    "bind_addresses",
+                    Problem::Ipv4Mapped {
+                        address: "::ffff:127.0.0.1".into(),
+                        v4: Ipv4Addr::LOCALHOST,
+                    },
+                ),
+            ),
+            (
+                BASE.replace("\"::\"]", "\"224.0.0.1\"]"),
+                (
+                    l(),
+                    "bind_addresses",
+                    not_a_host("224.0.0.1", "a multicast address"),
+                ),
+            ),
+            (
+                BASE.replace("\"192.0.2.1\"", "\"0.0.0.0\""),
+                (
+                    a(),
+                    "address",
+                    not_a_host("0.0.0.0", "the unspecified address"),
+                ),
+            ),
+            (
+                BASE.replace("\"192.0.2.1\"", "\"::\""),
+                (a(), "address", not_a_host("::", "the unspecified address")),
+            ),
+            (
+                BASE.replace("\"192.0.2.1\"", "\"239.1.2.3\""),
+                (
+                    a(),
+                    "address",
+                    not_a_host("239.1.2.3", "a multicast address"),
+                ),
+            ),
+            (
+                BASE.replace("\"192.0.2.1\"", "\"ff02::1\""),
+                (a(), "address", not_a_host("ff02::1", "a multicast address")),
+            ),
+            (
+                BASE.replace("\"192.0.2.1\"", "\"::ffff:255.255.255.255\""),
+                (
+                    a(),
+                    "address",
+                    not_a_host("::ffff:255.255.255.255", "the broadcast address"),
+                ),
+            ),
+            (
+                BASE.replace(
+                    "\"192.0.2.1\", protocol_port = 80",
+                    "\"192.0.2.1\", protocol_port = 80, monitor_address = \"255.255.255.255\"",
+                ),
+                (
+                    a(),
+                    "monitor_address",
+                    not_a_host("255.255.255.255", "the broadcast address"),
+                ),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(one(&text), want, "for config:\n{text}");
+        }
+        // Wildcards stay what a listener binds.
+        assert!(errors(&BASE.replace("\"::\"]", "\"::1\"]")).is_empty());
+    }
+
+    #[test]
+    fn maglev_tables_are_capped_and_a_zero_connect_timeout_is_octavias() {
+        let p = Object::Pool("p".into());
+        let size = |n: u32| {
+            BASE.replace(
+                "lb_algorithm = \"MAGLEV\"",
+                &format!("lb_algorithm = \"MAGLEV\"\nmaglev_table_size = {n}"),
+            )
+        };
+        assert!(errors(&size(MAX_MAGLEV_TABLE_SIZE)).is_empty());
+        assert!(is_prime(MAX_MAGLEV_TABLE_SIZE));
+        assert_eq!(
+            one(&size(5_000_011)),
+            (
+                p,
+                "maglev_table_size",
+                Problem::OutOfRange {
+                    value: 5_000_011,
+                    min: 3,
+                    max: 131_071
+                }
+            )
+        );
+        // Octavia's API takes 0 (haproxy: no timeout); the connect is then
+        // bounded by the kernel's SYN retries. Refusing it would make a
+        // listener the controller accepted impossible to push.
+        let zero = BASE.replace(
+            "protocol_port = 80\ndefault_pool_id",
+            "protocol_port = 80\ntimeout_member_connect = 0\ndefault_pool_id",
+        );
+        assert!(errors(&zero).is_empty());
     }
 
     #[test]

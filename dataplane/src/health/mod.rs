@@ -86,7 +86,7 @@ pub struct Record {
 }
 
 /// Health records of the admin-up members of one generation.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Book {
     records: HashMap<MemberKey, Record>,
     next_id: u64,
