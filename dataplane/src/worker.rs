@@ -507,7 +507,7 @@ impl Worker {
     /// The proxy itself ran short (descriptors, memory, local ports) while
     /// taking connection `key` in: the client is refused with a reset, no
     /// member is blamed, and accepting pauses.
-    fn local_shortage(&mut self, key: usize, e: &io::Error) {
+    fn refuse_for_shortage(&mut self, key: usize, e: &io::Error) {
         self.log_shortage(e);
         if let Some(c) = self.conns.get(key) {
             c.listener.stats.worker(self.id).local_errors.add(1);
@@ -663,7 +663,7 @@ impl Worker {
                         Token(key << 1 | MEMBER),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        self.local_shortage(key, &e);
+                        self.refuse_for_shortage(key, &e);
                         return;
                     }
                     c.member = Some(Upstream {
@@ -681,7 +681,7 @@ impl Worker {
                 }
                 Err(e) if local_shortage(&e) => {
                     // Try no other member: they would fail alike.
-                    self.local_shortage(key, &e);
+                    self.refuse_for_shortage(key, &e);
                     return;
                 }
                 Err(e) => {
@@ -724,7 +724,7 @@ impl Worker {
             match up.stream.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) if local_shortage(&e) => {
-                    self.local_shortage(key, &e);
+                    self.refuse_for_shortage(key, &e);
                     return;
                 }
                 Ok(Some(_)) | Err(_) => {

@@ -186,13 +186,7 @@ fn a_broken_file_on_sighup_is_reported_and_the_running_config_stays() {
     let port = free_port();
     let dir = TempDir::new("broken");
     let file = dir.path("siphon.toml");
-    let good = toml(
-        1,
-        &[
-            listener("l", "127.0.0.1", port, "p", ""),
-            pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
-        ],
-    );
+    let good = toml(1, &one_member(port, "b0", b.addr));
     std::fs::write(&file, &good).expect("write");
     let proc = Proc::spawn(
         &[
@@ -248,17 +242,7 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
     let port = free_port();
     let dir = TempDir::new("term");
     let file = dir.path("siphon.toml");
-    std::fs::write(
-        &file,
-        toml(
-            1,
-            &[
-                listener("l", "127.0.0.1", port, "p", ""),
-                pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
-            ],
-        ),
-    )
-    .expect("write");
+    std::fs::write(&file, toml(1, &one_member(port, "b0", b.addr))).expect("write");
     let mut proc = Proc::spawn(
         &[
             "run",
@@ -330,15 +314,7 @@ fn rejected_applies_change_nothing() {
     let rt = siphon_testkit::runtime();
     let b = Backend::start(&rt, "b0", "127.0.0.1");
     let port = free_port();
-    let good = |generation| {
-        config(
-            generation,
-            &[
-                listener("l", "127.0.0.1", port, "p", ""),
-                pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
-            ],
-        )
-    };
+    let good = |generation| config(generation, &one_member(port, "b0", b.addr));
     let server = start(good(5), 2);
     let (mut held, _) = connect_greeting(addr(port)).expect("connect");
 
@@ -518,17 +494,7 @@ members = [
 /// socket, with `--drain-timeout 60`.
 fn running_with_api(b: &Backend, port: u16, dir: &TempDir) -> (Proc, std::path::PathBuf) {
     let file = dir.path("siphon.toml");
-    std::fs::write(
-        &file,
-        toml(
-            1,
-            &[
-                listener("l", "127.0.0.1", port, "p", ""),
-                pool("p", "TCP", "ROUND_ROBIN", &[member("b0", b.addr, 1, "")]),
-            ],
-        ),
-    )
-    .expect("write");
+    std::fs::write(&file, toml(1, &one_member(port, "b0", b.addr))).expect("write");
     let socket = dir.path("ctl.sock");
     let proc = Proc::spawn(
         &[

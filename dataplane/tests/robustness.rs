@@ -60,22 +60,7 @@ fn exhaust(limit: u64) -> (u64, u64) {
     let port = free_port();
     let dir = TempDir::new("fd-shortage");
     let file = dir.path("dp.toml");
-    std::fs::write(
-        &file,
-        toml(
-            1,
-            &[
-                listener("l", "127.0.0.1", port, "p", ""),
-                pool(
-                    "p",
-                    "TCP",
-                    "ROUND_ROBIN",
-                    &[member("b", backend.addr, 1, "")],
-                ),
-            ],
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, toml(1, &one_member(port, "b", backend.addr))).unwrap();
     let socket = dir.path("dp.sock");
     let log = dir.path("log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"));
@@ -156,16 +141,7 @@ fn exhaust(limit: u64) -> (u64, u64) {
 fn a_connection_no_member_can_take_is_reset() {
     let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let port = free_port();
-    let server = start(
-        config(
-            1,
-            &[
-                listener("l", "127.0.0.1", port, "p", ""),
-                pool("p", "TCP", "ROUND_ROBIN", &[member("d", dead, 1, "")]),
-            ],
-        ),
-        1,
-    );
+    let server = start(config(1, &one_member(port, "d", dead)), 1);
     let s = TcpStream::connect(addr(port)).unwrap();
     assert_eq!(ending(&s), ErrorKind::ConnectionReset);
     assert_eq!(server.stats().listener("l").unwrap().no_member, 1);
@@ -177,21 +153,7 @@ fn connections_cut_by_the_drain_timeout_are_reset() {
     let rt = siphon_testkit::runtime();
     let backend = Backend::start(&rt, "b", "127.0.0.1");
     let port = free_port();
-    let server = start(
-        config(
-            1,
-            &[
-                listener("l", "127.0.0.1", port, "p", ""),
-                pool(
-                    "p",
-                    "TCP",
-                    "ROUND_ROBIN",
-                    &[member("b", backend.addr, 1, "")],
-                ),
-            ],
-        ),
-        1,
-    );
+    let server = start(config(1, &one_member(port, "b", backend.addr)), 1);
     let (s, name) = connect_greeting(addr(port)).unwrap();
     assert_eq!(name, "b");
     // The backend echoes and never closes: the drain can only cut it.

@@ -41,6 +41,15 @@ pub fn pool(id: &str, protocol: &str, algorithm: &str, members: &[String]) -> St
     )
 }
 
+/// Listener `l` on 127.0.0.1:`port` in front of pool `p` (TCP, round
+/// robin) with the one member `id` at `addr`.
+pub fn one_member(port: u16, id: &str, addr: SocketAddr) -> [String; 2] {
+    [
+        listener("l", "127.0.0.1", port, "p", ""),
+        pool("p", "TCP", "ROUND_ROBIN", &[member(id, addr, 1, "")]),
+    ]
+}
+
 pub fn toml(generation: u64, parts: &[String]) -> String {
     format!("generation = {generation}\n\n{}", parts.join("\n"))
 }
