@@ -36,6 +36,8 @@
 #   WORKLOADS   which workloads, default "tcp http udp" (iperf3 TCP, wrk,
 #               iperf3 UDP)
 #   ORIGIN_WORKERS  nginx worker processes of the HTTP origin (default 1)
+#   LATENCY_CONNS   keep-alive connection counts of the latency runs
+#               (default "10 50 200")
 #   KEEP_TMP=1  keep the temp dir with configs and logs (always kept when
 #               something failed)
 set -euo pipefail
@@ -60,7 +62,9 @@ ORIGIN_WORKERS=${ORIGIN_WORKERS:-1}
 # moderate fixed number for latency so it measures latency, not queueing.
 WRK_THREADS=1
 CLOSE_CONNS=50
-LATENCY_CONNS=10
+# Keep-alive latency at each of these concurrencies: 10 measures the
+# proxy's own delay, 50 and 200 how its tail grows once requests queue.
+read -r -a LATENCY_CONNS <<<"${LATENCY_CONNS:-10 50 200}"
 # UDP datagram payload sizes: a small one that measures packets/s, and one
 # that fits a 1,280-byte IPv6 minimum MTU with room for tunnel headers.
 UDP_SIZES=(64 1200)
@@ -83,6 +87,8 @@ declare -A MEASURED=()
 ROUND=1
 WORK=
 NOFILE=
+# Clock ticks per second of /proc/PID/stat times.
+CLK_TCK=$(getconf CLK_TCK)
 HAVE_IPERF=0
 HAVE_HTTP=0
 WRK_FIELDS=
@@ -109,6 +115,34 @@ note() {
 failed() {
     note "$@"
     KEEP_TMP=1
+}
+
+# CPU time (clock ticks, user + system) the proxy of a target has used so
+# far: its process and its children (nginx's workers), all threads. 0 for
+# direct. Divided by the work done it gives the proxy's CPU cost per
+# connection, request or datagram: on a machine whose cores the client and
+# the backends share, a steadier comparison of the proxies than the rates,
+# which the client and the backends bound as much as the proxy.
+proxy_ticks() {
+    local pid=${PIDS[$1]:-} p t total=0
+    if [[ $1 != direct && -n $pid ]]; then
+        for p in $pid $(pgrep -P "$pid" || true); do
+            t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || t=0
+            total=$((total + ${t:-0}))
+        done
+    fi
+    echo "$total"
+}
+
+# Records METRIC for TARGET: the proxy's CPU per unit of work, in UNIT_NS
+# nanoseconds (1000: µs), from the ticks used since TICKS_BEFORE over WORK
+# units (connections, requests, datagrams). n/a for direct.
+record_cpu() {
+    local target=$1 metric=$2 before=$3 work=$4 unit_ns=$5 after
+    [[ $target == direct ]] && return 0
+    after=$(proxy_ticks "$target")
+    record "$target" "$metric" "$(awk -v t="$((after - before))" -v hz="$CLK_TCK" -v n="$work" \
+        -v u="$unit_ns" 'BEGIN { if (n > 0) printf "%.2f", t * 1e9 / hz / n / u; else print "n/a" }')"
 }
 
 record() { printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$2" "$3" >>"$WORK/results.tsv"; }
@@ -480,18 +514,22 @@ run_iperf() {
 # through its UDP listener on the same port. Records what the server got:
 # packets/s, Gbit/s and the share lost.
 run_iperf_udp() {
-    local target=$1 size=$2 pps gbps loss
+    local target=$1 size=$2 pps gbps loss ticks
+    ticks=$(proxy_ticks "$target")
     run_iperf3 "$target" iperf-udp "iperf3 -u -l $size" \
         "$WORK/iperf-udp-$target-$size-r$ROUND.json" -u -b 0 -l "$size" || return 0
     IFS=$'\t' read -r pps gbps loss <<<"$IPERF_FIELDS"
     record "$target" "udp${size}_pps" "$pps"
     record "$target" "udp${size}_gbps" "$gbps"
     record "$target" "udp${size}_loss" "$loss"
+    # Per datagram forwarded (what the server got).
+    record_cpu "$target" "udp${size}_cpu_ns" "$ticks" \
+        "$(awk -v p="$pps" -v d="$DURATION" 'BEGIN { printf "%d", p * d }')" 1
     log "$target: iperf3 -u -l $size: $pps packets/s, $gbps Gbit/s, $loss % lost"
 }
 
 # Runs wrk with the options all wrk workloads share and leaves its parsed
-# figures in WRK_FIELDS: "req/s p50_us p99_us errors", tab separated.
+# figures in WRK_FIELDS: "req/s p50_us p99_us errors requests", tab separated.
 # (Not a $(...) capture: the client must run in the main shell, see run_client.)
 run_wrk() {
     local out=$1
@@ -503,34 +541,41 @@ run_wrk() {
 # Every request on a fresh connection: the proxy's accept + connect +
 # teardown cost. The origin answers "Connection: close", so req/s = conn/s.
 run_wrk_close() {
-    local target=$1 out rps errors
+    local target=$1 out rps errors requests ticks
     out=$WORK/wrk-close-$target-r$ROUND.txt
+    ticks=$(proxy_ticks "$target")
     if ! run_wrk "$out" -c "$CLOSE_CONNS" -H 'Connection: close' \
         "http://127.0.0.1:${HTTP_PORTS[$target]}/"; then
         failed "$target: wrk (Connection: close) failed (see $out)"
         return 0
     fi
-    IFS=$'\t' read -r rps _ _ errors <<<"$WRK_FIELDS"
+    IFS=$'\t' read -r rps _ _ errors requests <<<"$WRK_FIELDS"
     record "$target" close_rps "$rps"
+    record_cpu "$target" close_cpu_us "$ticks" "$requests" 1000
     log "$target: close: $rps conn/s"
     [[ $errors == - ]] || note "$target: wrk (Connection: close) reported $errors"
 }
 
-# Persistent connections at fixed concurrency: latency the proxy adds per
-# request once connections exist.
+# Persistent connections at each fixed concurrency: latency the proxy adds
+# per request once connections exist, and how its tail grows under load.
 run_wrk_latency() {
-    local target=$1 out rps p50 p99 errors
-    out=$WORK/wrk-latency-$target-r$ROUND.txt
-    if ! run_wrk "$out" -c "$LATENCY_CONNS" --latency \
-        "http://127.0.0.1:${HTTP_PORTS[$target]}/"; then
-        failed "$target: wrk --latency failed (see $out)"
-        return 0
-    fi
-    IFS=$'\t' read -r rps p50 p99 errors <<<"$WRK_FIELDS"
-    record "$target" ka_p50 "$p50"
-    record "$target" ka_p99 "$p99"
-    log "$target: keep-alive: p50 ${p50}us p99 ${p99}us ($rps req/s)"
-    [[ $errors == - ]] || note "$target: wrk --latency reported $errors"
+    local target=$1 conns out rps p50 p99 errors requests ticks
+    for conns in "${LATENCY_CONNS[@]}"; do
+        out=$WORK/wrk-latency-$target-c$conns-r$ROUND.txt
+        ticks=$(proxy_ticks "$target")
+        if ! run_wrk "$out" -c "$conns" --latency \
+            "http://127.0.0.1:${HTTP_PORTS[$target]}/"; then
+            failed "$target: wrk -c $conns --latency failed (see $out)"
+            continue
+        fi
+        IFS=$'\t' read -r rps p50 p99 errors requests <<<"$WRK_FIELDS"
+        record "$target" "ka_rps_c$conns" "$rps"
+        record_cpu "$target" "ka_cpu_us_c$conns" "$ticks" "$requests" 1000
+        record "$target" "ka_p50_c$conns" "$p50"
+        record "$target" "ka_p99_c$conns" "$p99"
+        log "$target: keep-alive, $conns connections: p50 ${p50}us p99 ${p99}us ($rps req/s)"
+        [[ $errors == - ]] || note "$target: wrk -c $conns --latency reported $errors"
+    done
 }
 
 run_workloads() {
@@ -595,7 +640,8 @@ legend() {
     cat <<EOF
 - TCP 1 stream / 4 streams: \`iperf3 -P 1|4 -t $DURATION\`, receiver-side Gbit/s.
 - close conn/s: \`wrk -t $WRK_THREADS -c $CLOSE_CONNS -H 'Connection: close'\`; one TCP connection per request.
-- keep-alive p50/p99: \`wrk -t $WRK_THREADS -c $LATENCY_CONNS --latency\` over persistent connections, microseconds.
+- keep-alive req/s, p50/p99 @N: \`wrk -t $WRK_THREADS -c N --latency\` over N persistent connections (N = ${LATENCY_CONNS[*]}),
+  latency in microseconds.
 - UDP 64 B / 1200 B: \`iperf3 -u -b 0 -l 64|1200 -t $DURATION\` (one flow, unlimited offered load); packets/s and
   Gbit/s received by the server, and the share of sent datagrams that never arrived.
 - Figures are the median of $ROUNDS rounds (every round measures every target, in rotating order);

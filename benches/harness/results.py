@@ -8,7 +8,8 @@ Subcommands:
   iperf FILE            print receiver-side throughput of an `iperf3 -J` run in Gbit/s
   iperf-udp FILE        print "packets_per_s gbit_per_s loss_percent" (tab separated),
                         receiver side, from an `iperf3 -u -J` run
-  wrk FILE              print "req_per_s p50_us p99_us errors" (tab separated) from wrk output
+  wrk FILE              print "req_per_s p50_us p99_us errors requests" (tab separated)
+                        from wrk output
   table TSV TARGET...   print the Markdown comparison table of medians, the
                         figures of every round, and siphon against haproxy;
                         TSV rows are "round<TAB>target<TAB>metric<TAB>value"
@@ -67,12 +68,14 @@ def wrk(path):
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if non2xx:
         errors.append(f"{non2xx.group(1)} non-2xx responses")
+    requests = re.search(r"^\s*(\d+) requests in", text, re.M)
     p50, p99 = pct(50), pct(99)
     fields = [
         rps.group(1),
         "n/a" if p50 is None else f"{p50:.1f}",
         "n/a" if p99 is None else f"{p99:.1f}",
         "; ".join(errors) or "-",
+        requests.group(1) if requests else "0",
     ]
     print("\t".join(fields))
 
@@ -82,16 +85,34 @@ TCP_COLUMNS = [
     ("tcp1", "TCP 1 stream Gbit/s", False, "{:.2f}", True),
     ("tcp4", "TCP 4 streams Gbit/s", False, "{:.2f}", True),
     ("close_rps", "close conn/s", False, "{:.0f}", True),
-    ("ka_p50", "keep-alive p50 µs", True, "{:.0f}", True),
-    ("ka_p99", "keep-alive p99 µs", True, "{:.0f}", True),
+    ("close_cpu_us", "proxy CPU µs/conn", True, "{:.1f}", False),
 ]
+
+
+def keepalive_conns(values):
+    """The connection counts the keep-alive runs used, ascending."""
+    return sorted({int(m[len("ka_p99_c"):]) for _, m in values if m.startswith("ka_p99_c")})
+
+
+def keepalive_columns(values):
+    cols = []
+    for n in keepalive_conns(values):
+        cols += [
+            (f"ka_rps_c{n}", f"req/s @{n}", False, "{:.0f}", True),
+            (f"ka_p50_c{n}", f"p50 µs @{n}", True, "{:.0f}", True),
+            (f"ka_p99_c{n}", f"p99 µs @{n}", True, "{:.0f}", True),
+            (f"ka_cpu_us_c{n}", f"proxy CPU µs/req @{n}", True, "{:.1f}", False),
+        ]
+    return cols
 # A loss share has no meaningful ratio to direct's (often 0).
 UDP_COLUMNS = [
     ("udp64_pps", "UDP 64 B packets/s", False, "{:.0f}", True),
     ("udp64_loss", "UDP 64 B loss %", True, "{:.2f}", False),
+    ("udp64_cpu_ns", "UDP 64 B proxy CPU ns/datagram", True, "{:.0f}", False),
     ("udp1200_pps", "UDP 1200 B packets/s", False, "{:.0f}", True),
     ("udp1200_gbps", "UDP 1200 B Gbit/s", False, "{:.2f}", True),
     ("udp1200_loss", "UDP 1200 B loss %", True, "{:.2f}", False),
+    ("udp1200_cpu_ns", "UDP 1200 B proxy CPU ns/datagram", True, "{:.0f}", False),
 ]
 
 
@@ -178,34 +199,50 @@ TCP_TARGETS = [
     ("tcp1", "TCP 1 stream Gbit/s", "haproxy", 1.0, False),
     ("tcp4", "TCP 4 streams Gbit/s", "haproxy", 1.0, False),
     ("close_rps", "close conn/s", "haproxy", 1.0, False),
-    ("ka_p99", "keep-alive p99 µs", "haproxy", 1.0, True),
+    ("close_cpu_us", "proxy CPU µs per connection", "haproxy", 1.0, True),
 ]
+
+
+def keepalive_targets(values):
+    checks = []
+    for n in keepalive_conns(values):
+        checks.append((f"ka_p99_c{n}", f"keep-alive p99 µs @{n}", "haproxy", 1.0, True))
+        checks.append((f"ka_cpu_us_c{n}", f"keep-alive proxy CPU µs per request @{n}", "haproxy", 1.0, True))
+    return checks
 UDP_TARGETS = [
     ("udp64_pps", "UDP 64 B packets/s", "nginx", 1.5, False),
     ("udp64_loss", "UDP 64 B loss %", "nginx", 1.0, True),
     ("udp1200_pps", "UDP 1200 B packets/s", "nginx", 1.5, False),
     ("udp1200_loss", "UDP 1200 B loss %", "nginx", 1.0, True),
+    ("udp64_cpu_ns", "UDP 64 B proxy CPU ns per datagram", "nginx", 1.0, True),
 ]
 
 
 def table(tsv, targets):
     values = load(tsv)
     have_udp = any(metric.startswith("udp") for _, metric in values)
-    have_tcp = any(not metric.startswith("udp") for _, metric in values)
+    have_tcp = any(metric.startswith(("tcp", "close")) for _, metric in values)
+    ka_columns = keepalive_columns(values)
     out = []
     if have_tcp:
         out += ["TCP:", ""] + medians_table(values, targets, TCP_COLUMNS) + [""]
+    if ka_columns:
+        out += ["Keep-alive (wrk --latency, @N = N persistent connections):", ""]
+        out += medians_table(values, targets, ka_columns) + [""]
     if have_udp:
         out += ["UDP:", ""] + medians_table(values, targets, UDP_COLUMNS) + [""]
     out += ["Figures of each round (round 1 / round 2 / …):", ""]
     if have_tcp:
         out += rounds_table(values, targets, TCP_COLUMNS) + [""]
+    if ka_columns:
+        out += rounds_table(values, targets, ka_columns) + [""]
     if have_udp:
         out += rounds_table(values, targets, UDP_COLUMNS) + [""]
     out.pop()
-    if have_tcp and "siphon" in targets and "haproxy" in targets:
+    if (have_tcp or ka_columns) and "siphon" in targets and "haproxy" in targets:
         out += ["", "siphon against haproxy, TCP (medians; target: throughput and conn/s at least equal, p99 no worse):", ""]
-        out += verdict(values, TCP_TARGETS)
+        checks = (TCP_TARGETS if have_tcp else []) + keepalive_targets(values)
+        out += verdict(values, checks)
     if have_udp and "siphon" in targets and "nginx" in targets:
         out += ["", "siphon against nginx, UDP (medians; target: 1.5× the packets/s at no higher loss):", ""]
         out += verdict(values, UDP_TARGETS)

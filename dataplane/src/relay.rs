@@ -15,7 +15,9 @@
 //!   say `EAGAIN` (one syscall less per message, as nginx and haproxy do).
 //!   The exception is a FIN or error that is already queued: it raises no
 //!   new edge, so once an event reported one ([`Ready::closing`]) reads go
-//!   on until EOF or the error.
+//!   on until EOF or the error. A FIN reported without an error
+//!   ([`Ready::fin`]) is cheaper still: a short read reached it, so EOF is
+//!   known without the `recv` that returns 0.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -56,6 +58,10 @@ pub struct Ready {
     /// An event reported the peer's FIN, a hang-up or an error: read until
     /// EOF or the error instead of trusting a short read.
     pub closing: bool,
+    /// An event reported the peer's FIN without an error. Every byte the
+    /// peer sent is queued before its FIN, so a read shorter than asked
+    /// drained them all: that is EOF, without the `recv` that returns 0.
+    pub fin: bool,
 }
 
 /// What a worker lends a pump: its scratch buffer and pipe pool.
@@ -270,6 +276,7 @@ impl Half {
         let Ready {
             read: src_ready,
             closing: src_closing,
+            fin: src_fin,
             ..
         } = src_ready;
         let dst_ready = &mut dst_ready.write;
@@ -315,9 +322,13 @@ impl Half {
             Err(e) => return Err(e),
         };
         moved.read += n as u64;
-        if n < shared.scratch.len() && !*src_closing {
-            // Drained: see the module comment.
-            *src_ready = false;
+        if n < shared.scratch.len() {
+            if *src_fin {
+                self.eof = true;
+            } else if !*src_closing {
+                // Drained: see the module comment.
+                *src_ready = false;
+            }
         }
         let mut off = 0;
         while off < n {

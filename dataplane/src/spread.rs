@@ -7,8 +7,10 @@
 //! publishes how many connections it holds, and a worker that accepts a
 //! connection while it holds clearly more than the least-loaded one hands
 //! the connection over (after the ACL check; the new owner does the rest).
-//! "Clearly": more than one connection and more than an eighth over, so
-//! many short connections, which even out by themselves, are rarely moved.
+//! "Clearly": more than a quarter over (with few connections, any
+//! difference), so many short connections, which even out by themselves,
+//! are rarely moved: at 50 concurrent short connections on two workers an
+//! eighth moved two in five of them, each a wake-up of the other worker.
 //!
 //! The counts are one relaxed store per event-loop pass and one load per
 //! worker per accept; a handoff is a channel send and a wake-up.
@@ -86,7 +88,7 @@ impl Spread {
             .filter(|(i, _)| *i != me)
             .map(|(i, l)| (i, l.load(Ordering::Relaxed)))
             .min_by_key(|(_, l)| *l)?;
-        (mine > least + least / 8).then_some(to)
+        (mine > least + least / 4).then_some(to)
     }
 
     /// Sends `command` to worker `to`; gives it back if `to` is gone.
@@ -137,8 +139,9 @@ mod tests {
     #[test]
     fn small_differences_between_busy_workers_stay_put() {
         let s = with_loads(&[100, 95, 96]);
-        assert_eq!(s.target(0, 100), None, "within an eighth");
-        assert_eq!(s.target(0, 120), Some(1), "the least loaded");
+        assert_eq!(s.target(0, 100), None, "within a quarter");
+        assert_eq!(s.target(0, 118), None, "within a quarter");
+        assert_eq!(s.target(0, 119), Some(1), "the least loaded");
         assert_eq!(
             with_loads(&[0, CLOSED]).target(0, 50),
             None,

@@ -1,9 +1,12 @@
 //! A hashed timer wheel: O(1) to schedule, expiry visits only the slots of
 //! the ticks that passed. Pure: the caller passes `now`.
 //!
-//! Entries are never cancelled; the owner keeps the tick of its one live
-//! entry and ignores any other that fires (lazy cancellation), so activity
-//! on a connection costs no timer operation at all.
+//! Activity on a connection costs no timer operation: the owner keeps the
+//! tick of its one live entry and ignores any other that fires (lazy
+//! cancellation), rescheduling only when a stale deadline fires. Entries
+//! an owner no longer needs at all (a closed connection, a connect deadline
+//! once connected) are cancelled, so an idle worker holds no entries and
+//! sleeps instead of waking every tick for timers of connections long gone.
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +59,23 @@ impl TimerWheel {
         self.len += 1;
         self.next = self.next.min(tick);
         tick
+    }
+
+    /// Removes the pending entry of `key` at `tick` (as `schedule` returned
+    /// it); nothing when it already fired. Costs a scan of one slot, which
+    /// holds about `len / 1024` entries.
+    pub fn cancel(&mut self, tick: u64, key: usize) {
+        if tick <= self.done {
+            return;
+        }
+        let slot = &mut self.slots[(tick % SLOTS as u64) as usize];
+        if let Some(i) = slot.iter().position(|e| e.tick == tick && e.key == key) {
+            slot.swap_remove(i);
+            self.len -= 1;
+            if self.len == 0 {
+                self.next = u64::MAX;
+            }
+        }
     }
 
     /// Moves every entry due by `now` into `out`.
@@ -159,6 +179,24 @@ mod tests {
         let wait = w.next_timeout(now).unwrap();
         // One lap on, still not past the entry.
         assert!(wait >= Duration::from_secs(10) && now + wait <= t0 + Duration::from_secs(30));
+    }
+
+    #[test]
+    fn cancelled_entries_neither_fire_nor_keep_the_loop_awake() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        let a = w.schedule(t0 + Duration::from_millis(50), 1);
+        let b = w.schedule(t0 + Duration::from_millis(50), 2);
+        w.cancel(a, 1);
+        w.cancel(a, 1); // twice: no harm
+        assert_eq!(w.len(), 1);
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_millis(60), &mut out);
+        assert_eq!(out, vec![Expired { key: 2, tick: b }]);
+        w.cancel(b, 2); // already fired: nothing
+        let c = w.schedule(t0 + Duration::from_secs(50), 3);
+        w.cancel(c, 3);
+        assert_eq!(w.next_timeout(t0), None, "nothing left to wake for");
     }
 
     #[test]

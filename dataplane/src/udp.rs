@@ -342,6 +342,10 @@ impl UdpPlane {
                     f.listener = listener;
                     f.pool = pool;
                     f.member = member;
+                    if idle_changed {
+                        ctx.timers.cancel(f.timer, k | self.tokens.udp);
+                        f.timer = 0;
+                    }
                     if let Some(idle) = f.listener.timeout_client_data.filter(|_| idle_changed) {
                         f.timer = ctx.timers.schedule(f.last + idle, k | self.tokens.udp);
                     }

@@ -275,6 +275,7 @@ impl Worker {
                         io.read |= ev.is_readable() || hup;
                         io.write |= ev.is_writable() || hup;
                         io.closing |= hup;
+                        io.fin |= ev.is_read_closed() && !ev.is_error();
                     }
                     self.service(key, t & 1);
                 }
@@ -599,6 +600,7 @@ impl Worker {
                 read: true,
                 write: true,
                 closing: false,
+                fin: false,
             },
             member_io: Ready::default(),
             accepted: self.now,
@@ -674,6 +676,8 @@ impl Worker {
                     c.member_io = Ready::default();
                     c.last_member = self.now;
                     c.connect_deadline = c.listener.timeout_member_connect.map(|t| self.now + t);
+                    self.timers.cancel(c.timer, key);
+                    c.timer = 0;
                     if let Some(d) = c.connect_deadline {
                         c.timer = self.timers.schedule(d, key);
                     }
@@ -842,6 +846,8 @@ impl Worker {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
+        self.timers.cancel(c.timer, key);
+        c.timer = 0;
         if let Some(at) = idle_deadline(c) {
             c.timer = self.timers.schedule(at, key);
         }
@@ -883,6 +889,7 @@ impl Worker {
             return;
         }
         let c = self.conns.remove(key);
+        self.timers.cancel(c.timer, key);
         self.freed = true;
         c.listener
             .stats
