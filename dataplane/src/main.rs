@@ -101,17 +101,32 @@ struct Control {
     /// Largest config body the control API takes, in bytes (413 beyond).
     #[arg(long, default_value_t = ApiLimits::default().max_body)]
     api_max_body: usize,
+    /// Seconds a control API client has to send a request's line and
+    /// headers, however slowly they trickle.
+    #[arg(long, default_value_t = ApiLimits::default().header_read_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    api_header_timeout: u64,
+    /// Seconds a config body has to arrive whole (408 beyond).
+    #[arg(long, default_value_t = ApiLimits::default().body_read_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    api_body_timeout: u64,
+    /// Seconds a control API connection may stay silent while no request
+    /// is being handled.
+    #[arg(long, default_value_t = ApiLimits::default().idle_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    api_idle_timeout: u64,
 }
 
 impl Control {
     fn limits(&self) -> ApiLimits {
-        let d = ApiLimits::default();
         ApiLimits {
             max_connections: self.api_max_connections.max(1),
+            header_read_timeout: Duration::from_secs(self.api_header_timeout),
+            idle_timeout: Duration::from_secs(self.api_idle_timeout),
+            body_read_timeout: Duration::from_secs(self.api_body_timeout),
             max_body: self.api_max_body,
             // Two bodies of the largest size at once.
             body_budget: self.api_max_body.saturating_mul(2),
-            ..d
         }
     }
 }

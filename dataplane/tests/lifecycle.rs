@@ -491,25 +491,29 @@ members = [
 }
 
 /// A running dataplane with one listener in front of `b` and its control
-/// socket, with `--drain-timeout 60`.
-fn running_with_api(b: &Backend, port: u16, dir: &TempDir) -> (Proc, std::path::PathBuf) {
+/// socket, with `--drain-timeout 60` and `extra` arguments.
+fn running_with_api(
+    b: &Backend,
+    port: u16,
+    dir: &TempDir,
+    extra: &[&str],
+) -> (Proc, std::path::PathBuf) {
     let file = dir.path("siphon.toml");
     std::fs::write(&file, toml(1, &one_member(port, "b0", b.addr))).expect("write");
     let socket = dir.path("ctl.sock");
-    let proc = Proc::spawn(
-        &[
-            "run",
-            "--config",
-            file.to_str().expect("utf8"),
-            "--socket",
-            socket.to_str().expect("utf8"),
-            "--workers",
-            "2",
-            "--drain-timeout",
-            "60",
-        ],
-        &dir.path("log"),
-    );
+    let mut args = vec![
+        "run",
+        "--config",
+        file.to_str().expect("utf8"),
+        "--socket",
+        socket.to_str().expect("utf8"),
+        "--workers",
+        "2",
+        "--drain-timeout",
+        "60",
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(&args, &dir.path("log"));
     assert!(
         proc.wait_log("siphon-dataplane running", 1, Duration::from_secs(10)),
         "{}",
@@ -525,7 +529,7 @@ fn half_sent_api_requests_never_hold_sigterm() {
     let b = Backend::start(&rt, "b0", "127.0.0.1");
     let port = free_port();
     let dir = TempDir::new("term-api");
-    let (mut proc, socket) = running_with_api(&b, port, &dir);
+    let (mut proc, socket) = running_with_api(&b, port, &dir, &[]);
     // One client stopped in the middle of its headers, one in the middle
     // of its body, one that never said anything.
     let mut held = Vec::new();
@@ -556,7 +560,7 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     let b = Backend::start(&rt, "b0", "127.0.0.1");
     let port = free_port();
     let dir = TempDir::new("term-twice");
-    let (mut proc, _socket) = running_with_api(&b, port, &dir);
+    let (mut proc, _socket) = running_with_api(&b, port, &dir, &[]);
     let (mut held, _) = connect_greeting(addr(port)).expect("connect");
     proc.signal(Signal::SIGTERM);
     assert!(proc.wait_log("draining", 1, Duration::from_secs(5)));
@@ -579,4 +583,39 @@ fn a_second_sigterm_ends_the_drain_at_once() {
         std::io::Read::read(&mut held, &mut buf),
         Ok(0) | Err(_)
     ));
+}
+
+#[test]
+fn api_timeouts_are_set_from_the_command_line() {
+    use std::io::Read;
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let dir = TempDir::new("api-timeouts");
+    let (mut proc, socket) = running_with_api(&b, port, &dir, &["--api-idle-timeout", "1"]);
+    // A client that says nothing is closed after 1 s, not the default 5 s.
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = s
+        .read(&mut buf)
+        .expect("closed by the API, not timed out here");
+    assert_eq!(n, 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    proc.signal(Signal::SIGTERM);
+    assert_eq!(proc.wait_exit(Duration::from_secs(5)), Some(0));
+    // Zero would mean "close at once": refused with a clear error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"))
+        .args(["run", "--api-idle-timeout", "0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--api-idle-timeout"), "{err}");
 }
