@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use siphon_dataplane::config::load::Format;
 use siphon_dataplane::{Config, Options, Server};
+use siphon_proto::config::load::Format;
 use siphon_testkit::http::HttpBackend;
 use siphon_testkit::Backend;
 

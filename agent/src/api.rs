@@ -38,8 +38,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 use siphon_dataplane::api::client::{request_async, Reply};
-use siphon_dataplane::config::load::Format;
-use siphon_dataplane::Config;
+use siphon_proto::config::load::Format;
+use siphon_proto::Config;
 
 use crate::heartbeat::Keys;
 use crate::keys::PushedKey;

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 /// The controller-facing port (Octavia's amphora agent uses 9443 too).
-pub const DEFAULT_PORT: u16 = 9443;
+pub const DEFAULT_PORT: u16 = siphon_proto::AGENT_PORT;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,7 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod heartbeat;
-pub mod keys;
+pub use siphon_proto::keys;
 pub mod store;
 pub mod tls;
 pub mod vips;
@@ -121,7 +121,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
         None => None,
     };
     let store = Store::open(&cfg.state_dir)?;
-    let persisted = store.read_or_set_aside::<siphon_dataplane::Config>(store::CONFIG_FILE)?;
+    let persisted = store.read_or_set_aside::<siphon_proto::Config>(store::CONFIG_FILE)?;
     let pushed = store.read_or_set_aside::<PushedKey>(HEARTBEAT_KEY_FILE)?;
     let vips = Arc::new(vips::Vips::load(store.clone())?);
     let keys = Keys::new(pushed.as_ref().map(PushedKey::signing_key).or(bootstrap));

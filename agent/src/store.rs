@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use siphon_dataplane::Config;
+use siphon_proto::Config;
 use thiserror::Error;
 
 pub const CONFIG_FILE: &str = "config.json";

@@ -348,7 +348,7 @@ fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
     let port = free_port();
     let cfg_json = push_body(5, port, &b, 1);
     dp.server
-        .apply(Config::parse(&cfg_json, siphon_dataplane::config::load::Format::Json).unwrap())
+        .apply(Config::parse(&cfg_json, siphon_proto::config::load::Format::Json).unwrap())
         .unwrap();
 
     let manager = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use siphon_dataplane::balance::{Balancer, Candidate, Flow, PickState};
-use siphon_dataplane::config::LbAlgorithm;
+use siphon_proto::config::LbAlgorithm;
 
 fn members(n: usize) -> Vec<Candidate> {
     (0..n)

@@ -341,7 +341,7 @@ fn default_database() -> PathBuf {
     PathBuf::from("/var/lib/siphon-control/siphon.db")
 }
 fn default_agent_port() -> u16 {
-    siphon_agent::config::DEFAULT_PORT
+    siphon_proto::AGENT_PORT
 }
 fn default_vip_interface() -> String {
     "lo".to_owned()

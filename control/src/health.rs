@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use siphon_agent::heartbeat::Heartbeat;
+use siphon_proto::heartbeat::Heartbeat;
 use tokio::net::UdpSocket;
 
 use crate::config::Health;
@@ -159,7 +159,7 @@ fn record(ctl: &Controller, beat: &Heartbeat, now: Instant) {
 fn reported_vips(beat: &Heartbeat) -> Option<Vec<String>> {
     beat.vips
         .clone()
-        .filter(|v| !(beat.truncated && v.len() >= siphon_agent::heartbeat::MAX_VIPS))
+        .filter(|v| !(beat.truncated && v.len() >= siphon_proto::heartbeat::MAX_VIPS))
 }
 
 /// Whether the repairer judged `amphora` out of step.

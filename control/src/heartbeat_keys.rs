@@ -21,8 +21,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use siphon_agent::heartbeat::{self, Heartbeat, HeartbeatError, BOOTSTRAP_KEY_ID};
-use siphon_agent::keys::{PushedKey, KEY_LEN};
+use siphon_proto::heartbeat::{self, Heartbeat, HeartbeatError, BOOTSTRAP_KEY_ID};
+use siphon_proto::keys::{PushedKey, KEY_LEN};
 use thiserror::Error;
 
 use crate::model::{Amphora, State};

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use hashbrown::HashMap;
 
 use serde::{Deserialize, Serialize};
-pub use siphon_agent::keys::PushedKey;
+pub use siphon_proto::keys::PushedKey;
 
 /// Octavia's `provisioning_status` (lifecycle of a change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -228,7 +228,7 @@ pub async fn push(
 async fn push_amphora(
     ctl: &Controller,
     a: &Amphora,
-    config: &siphon_dataplane::Config,
+    config: &siphon_proto::Config,
     vip: Option<&str>,
     attempts: u32,
 ) -> Result<(), String> {
@@ -566,7 +566,7 @@ async fn wipe(ctl: &Controller, id: &str) {
     let Some(a) = got.pop() else {
         return;
     };
-    let empty = siphon_dataplane::Config {
+    let empty = siphon_proto::Config {
         generation: a.generation,
         listeners: Vec::new(),
         pools: Vec::new(),

@@ -8,7 +8,7 @@
 //! later push. An object whose later change failed stays: it is still on
 //! the amphorae, and a later push carries its current values.
 
-use siphon_dataplane::config::model as dp;
+use siphon_proto::config::model as dp;
 
 use crate::model::{
     Common, HealthMonitor, Listener, LoadBalancer, Member, Pool, Protocol, ProvisioningStatus,

@@ -471,7 +471,7 @@ fn a_corrupt_agent_state_file_leaves_the_agent_up_and_the_amphora_repaired_witho
     // It reports that it keeps no config; the controller pushes it again.
     let start = Instant::now();
     while metric(rig, "siphon_control_repairs_total") <= repairs
-        || siphon_dataplane::Config::load(&state.join("config.json")).is_err()
+        || siphon_proto::Config::load(&state.join("config.json")).is_err()
     {
         assert!(
             start.elapsed() < Duration::from_secs(10),

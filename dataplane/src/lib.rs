@@ -15,7 +15,6 @@
 
 pub mod api;
 pub mod balance;
-pub mod config;
 pub mod demo;
 pub mod health;
 pub mod listen;
@@ -36,7 +35,10 @@ pub mod timer;
 pub mod udp;
 pub mod worker;
 
-pub use config::Config;
 pub use server::{Applied, ApplyError, Options, Server};
+/// The config vocabulary lives in `siphon_proto`; `config::` paths keep
+/// working here.
+pub use siphon_proto::config;
+pub use siphon_proto::Config;
 pub use stats::StatsReport;
 pub use status::{OperatingStatus, StatusReport};

@@ -25,7 +25,7 @@ use crate::listen;
 use crate::snapshot::{self, Endpoint, Snapshot};
 use crate::spread::Spread;
 use crate::stats::{MemberStats, Registry, StatsReport};
-use crate::status::StatusReport;
+use crate::status::{self, StatusReport};
 use crate::worker::{Bound, Command, Update, Worker, WorkerOptions};
 
 /// How long `apply` waits for every worker to take a new generation.
@@ -346,7 +346,7 @@ impl Server {
     /// Operating status of every listener, pool and member.
     pub fn status(&self) -> StatusReport {
         let view = self.published.view();
-        StatusReport::build(&view.snapshot, &view.book)
+        status::report(&view.snapshot, &view.book)
     }
 
     /// Stops accepting everywhere, lets connections finish for up to

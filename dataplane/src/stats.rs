@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
-use serde::Serialize;
+pub use siphon_proto::stats::*;
 
 /// A counter with one writer (its worker) and any number of readers.
 #[derive(Debug, Default)]
@@ -77,33 +77,23 @@ impl Histogram {
     }
 }
 
-/// A histogram read out: per-bucket counts (not cumulative; the last one
-/// is above every bound) and the sum.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HistogramReport {
-    pub bounds: &'static [u64],
-    pub counts: Vec<u64>,
-    pub sum_us: u64,
-}
-
-impl HistogramReport {
-    fn sum<'a>(bounds: &'static [u64], hs: impl Iterator<Item = &'a Histogram>) -> HistogramReport {
-        let mut r = HistogramReport {
-            bounds,
-            counts: vec![0; bounds.len() + 1],
-            sum_us: 0,
-        };
-        for h in hs {
-            for (acc, c) in r.counts.iter_mut().zip(&h.counts) {
-                *acc += c.get();
-            }
-            r.sum_us += h.sum_us.get();
+/// Sums per-worker histograms into one report.
+fn histogram_sum<'a>(
+    bounds: &'static [u64],
+    hs: impl Iterator<Item = &'a Histogram>,
+) -> HistogramReport {
+    let mut r = HistogramReport {
+        bounds,
+        counts: vec![0; bounds.len() + 1],
+        sum_us: 0,
+    };
+    for h in hs {
+        for (acc, c) in r.counts.iter_mut().zip(&h.counts) {
+            *acc += c.get();
         }
-        r
+        r.sum_us += h.sum_us.get();
     }
-    pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
-    }
+    r
 }
 
 /// One worker's counters for a listener.
@@ -312,10 +302,7 @@ impl Registry {
                 dropped_to_client: l.sum(|c| &c.dropped_to_client),
                 dropped_kernel: l.sum(|c| &c.dropped_kernel),
                 flows_evicted: l.sum(|c| &c.flows_evicted),
-                sessions: HistogramReport::sum(
-                    SESSION_BOUNDS_US,
-                    l.workers.iter().map(|c| &c.sessions),
-                ),
+                sessions: histogram_sum(SESSION_BOUNDS_US, l.workers.iter().map(|c| &c.sessions)),
             })
             .collect();
         listeners.sort_by(|a, b| a.id.cmp(&b.id));
@@ -337,14 +324,11 @@ impl Registry {
                 packets_in: m.sum(|c| &c.packets_in),
                 packets_out: m.sum(|c| &c.packets_out),
                 unreachable: m.sum(|c| &c.unreachable),
-                connect_time: HistogramReport::sum(
+                connect_time: histogram_sum(
                     LATENCY_BOUNDS_US,
                     m.workers.iter().map(|c| &c.connect_time),
                 ),
-                check_latency: HistogramReport::sum(
-                    LATENCY_BOUNDS_US,
-                    std::iter::once(&m.check_latency),
-                ),
+                check_latency: histogram_sum(LATENCY_BOUNDS_US, std::iter::once(&m.check_latency)),
             })
             .collect();
         members.sort_by(|a, b| (&a.pool_id, &a.id).cmp(&(&b.pool_id, &b.id)));
@@ -353,75 +337,5 @@ impl Registry {
             listeners,
             members,
         }
-    }
-}
-
-/// A point-in-time reading of all counters.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct StatsReport {
-    pub generation: u64,
-    pub listeners: Vec<ListenerReport>,
-    pub members: Vec<MemberReport>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ListenerReport {
-    pub id: String,
-    pub active_connections: u64,
-    pub total_connections: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub refused_acl: u64,
-    pub refused_limit: u64,
-    pub no_member: u64,
-    pub local_errors: u64,
-    pub accept_pauses: u64,
-    pub timeouts: u64,
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub dropped_acl: u64,
-    pub dropped_limit: u64,
-    pub dropped_no_member: u64,
-    pub dropped_to_member: u64,
-    pub dropped_to_client: u64,
-    pub dropped_kernel: u64,
-    pub flows_evicted: u64,
-    /// Prometheus only: too bulky for every status poll.
-    #[serde(skip)]
-    pub sessions: HistogramReport,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct MemberReport {
-    pub pool_id: String,
-    pub id: String,
-    pub active_connections: u64,
-    pub total_connections: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub connect_errors: u64,
-    pub connect_timeouts: u64,
-    /// Passive ejections after refused connects, after timed-out ones, and
-    /// ejections not done because the pool could not spare the member.
-    pub ejected_refused: u64,
-    pub ejected_timed_out: u64,
-    pub ejections_held_back: u64,
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub unreachable: u64,
-    #[serde(skip)]
-    pub connect_time: HistogramReport,
-    #[serde(skip)]
-    pub check_latency: HistogramReport,
-}
-
-impl StatsReport {
-    pub fn listener(&self, id: &str) -> Option<&ListenerReport> {
-        self.listeners.iter().find(|l| l.id == id)
-    }
-    pub fn member(&self, pool: &str, id: &str) -> Option<&MemberReport> {
-        self.members
-            .iter()
-            .find(|m| m.pool_id == pool && m.id == id)
     }
 }

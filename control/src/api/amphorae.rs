@@ -200,7 +200,7 @@ async fn register(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         .ok_or_else(|| Fault::bad_request("Mandatory field missing: lb_network_ip"))?;
     let port = b
         .int("agent_port", 1, 65535)?
-        .or(i64::from(siphon_agent::config::DEFAULT_PORT)) as u16;
+        .or(i64::from(siphon_proto::AGENT_PORT)) as u16;
     let server_name = b.string("server_name", 253)?.set();
     let ca = b.string("ca_certificate", 64 << 10)?.set();
     let vip_interface = b

@@ -491,7 +491,7 @@ fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) {
     }
     if let Some(path) = &hm.url_path {
         // What an HTTP request line can carry: no spaces or control bytes.
-        let parses = path.parse::<hyper::http::uri::PathAndQuery>().is_ok();
+        let parses = path.parse::<http::uri::PathAndQuery>().is_ok();
         if !path.starts_with('/') || !parses {
             c.push(&o, "url_path", Problem::BadPath(path.clone()));
         }

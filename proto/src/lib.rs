@@ -1,0 +1,27 @@
+//! Siphon's shared vocabulary: what the dataplane, the agent and the
+//! controller say to each other, and nothing that forwards traffic.
+//!
+//! - [`config`]: the dataplane's config document, loading it from TOML or
+//!   JSON, and its validation;
+//! - [`status`] and [`stats`]: the operating status and the counters the
+//!   dataplane reports;
+//! - [`heartbeat`]: the signed UDP heartbeat an agent sends and a health
+//!   manager verifies, and [`keys`], the heartbeat key the controller
+//!   pushes to an agent.
+//!
+//! The agent and the controller link this crate instead of the dataplane
+//! (or each other): the controller builds none of the dataplane's splice,
+//! recvmmsg or netlink code.
+
+pub mod config;
+pub mod heartbeat;
+pub mod keys;
+pub mod stats;
+pub mod status;
+
+/// The agent's HTTPS API port when its config names none.
+pub const AGENT_PORT: u16 = 9443;
+
+pub use config::Config;
+pub use stats::StatsReport;
+pub use status::{OperatingStatus, StatusReport};
