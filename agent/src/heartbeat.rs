@@ -288,19 +288,6 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail by panicking
     use super::*;
 
-    fn beat(seq: u64, sent_ms: u64) -> Heartbeat {
-        Heartbeat {
-            amphora_id: "amp".into(),
-            seq,
-            sent_ms,
-            generation: Some(3),
-            persisted_generation: Some(3),
-            listeners: vec![],
-            members: vec![],
-            truncated: false,
-            vips: Some(vec!["198.18.0.7/32".into()]),
-        }
-    }
     /// A status of one listener and one pool of `members` members.
     fn status(generation: u64, members: usize) -> StatusReport {
         use siphon_proto::status::{ListenerStatus, MemberStatus, PoolStatus};
@@ -376,7 +363,7 @@ mod tests {
         assert!(cut > 0 && cut < 50, "{cut}");
         // A short list is kept whole and does not set `truncated`; none
         // said stays none, and is left out of the JSON (older controllers).
-        let mut b = beat(1, 1);
+        let mut b = from_dataplane("amp", 1, SystemTime::now(), None, None);
         set_vips(
             &mut b,
             Some(vec!["198.18.0.7/32".into(), "2001:db8::7/128".into()]),
@@ -387,7 +374,7 @@ mod tests {
         set_vips(&mut b, Some(vec!["198.18.0.7/32".into(), "\"x\"".into()]));
         assert!(b.truncated);
         assert_eq!(b.vips, Some(vec!["198.18.0.7/32".to_owned()]));
-        let mut b = beat(1, 1);
+        let mut b = from_dataplane("amp", 1, SystemTime::now(), None, None);
         set_vips(&mut b, None);
         assert!(!serde_json::to_string(&b).unwrap().contains("vips"));
         let back: Heartbeat = serde_json::from_slice(&serde_json::to_vec(&b).unwrap()).unwrap();
