@@ -20,6 +20,7 @@ pub mod health;
 pub mod listen;
 pub mod live;
 pub mod maglev;
+pub mod mailbox;
 pub mod metrics;
 pub mod mmsg;
 pub mod pipe;

@@ -22,11 +22,12 @@ use crate::config::{Config, ConfigErrors};
 use crate::health::monitor::{EjectPolicy, Input, Monitor};
 use crate::health::{Book, Change, Ejector, MemberKey, Target};
 use crate::listen;
+use crate::mailbox::{Bound, Command, Update};
 use crate::snapshot::{self, Endpoint, Snapshot};
 use crate::spread::Spread;
 use crate::stats::{MemberStats, Registry, StatsReport};
 use crate::status::{self, StatusReport};
-use crate::worker::{Bound, Command, Update, Worker, WorkerOptions};
+use crate::worker::{Worker, WorkerOptions};
 
 /// How long `apply` waits for every worker to take a new generation.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -22,7 +22,7 @@ use crossbeam_channel::Sender;
 use crossbeam_utils::CachePadded;
 use mio::Waker;
 
-use crate::worker::Command;
+use crate::mailbox::Command;
 
 /// A worker that takes no handoffs (draining) publishes this load.
 pub const CLOSED: usize = usize::MAX / 2;

@@ -9,20 +9,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::balance::{Balancer, Flow};
+use crate::balance::Flow;
 use crate::config::{LbAlgorithm, PoolProtocol};
 use crate::health::{ConnectFailure, Ejector};
 use crate::live::LivePools;
+use crate::mailbox::{Bound, Command, Update};
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
 use crate::relay::{Half, Ready, Shared};
-use crate::snapshot::{Endpoint, ListenerRt, PoolRt, Snapshot};
+use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
 use crate::spread::{self, Spread};
 use crate::stats::{MemberStats, LATENCY_BOUNDS_US, SESSION_BOUNDS_US};
 use crate::timer::{Expired, TimerWheel};
@@ -53,45 +54,6 @@ pub struct WorkerOptions {
     pub udp_offload: bool,
     /// Where connect failures in a row are reported (passive ejection).
     pub ejector: Ejector,
-}
-
-/// A newly bound socket for a worker.
-#[derive(Debug)]
-pub enum Bound {
-    Tcp(std::net::TcpListener),
-    Udp(std::net::UdpSocket),
-}
-
-/// A new generation for a worker.
-#[derive(Debug)]
-pub struct Update {
-    pub snapshot: Arc<Snapshot>,
-    /// This worker's new listening sockets.
-    pub add: Vec<(SocketAddr, Bound)>,
-    /// Sockets to stop listening on.
-    pub remove: Vec<Endpoint>,
-    pub ack: Sender<usize>,
-}
-
-#[derive(Debug)]
-pub enum Command {
-    Apply(Update),
-    /// A health change rebuilt one pool's balancer.
-    Balancer {
-        pool: Arc<PoolRt>,
-        balancer: Arc<Balancer>,
-    },
-    /// Stop accepting, finish connections until the deadline, then exit.
-    Drain {
-        deadline: Instant,
-    },
-    /// A connection another worker accepted (and checked against the
-    /// ACL), handed over because that worker holds more (see `spread`).
-    Adopt {
-        listener: Arc<ListenerRt>,
-        client: TcpStream,
-        peer: SocketAddr,
-    },
 }
 
 #[derive(Debug)]

@@ -167,7 +167,8 @@ pub enum HttpMethod {
     Patch,
 }
 
-/// Parsed and validated now; checks run in a later release.
+/// A member's active health check, run by the dataplane's health thread
+/// (see the README, "Health checks").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthMonitor {
