@@ -24,7 +24,6 @@
 //! Bodies that do not parse, or break a rule, get 400 with
 //! `{"error": "..."}` and change nothing.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,8 +36,8 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
-use siphon_dataplane::api::client::{request_async, Reply};
 use siphon_proto::config::load::Format;
+use siphon_proto::http::{self, Reply, Request, Target};
 use siphon_proto::Config;
 
 use crate::heartbeat::Keys;
@@ -58,7 +57,7 @@ pub const MAX_GENERATION: u64 = 1 << 53;
 pub struct Agent {
     pub id: String,
     pub started: Instant,
-    pub dataplane: PathBuf,
+    pub dataplane: Target,
     pub store: Store,
     /// The persisted config, cached; pushes are serialised through it.
     pub persisted: tokio::sync::Mutex<Option<Config>>,
@@ -140,14 +139,14 @@ async fn get_config(State(agent): State<Arc<Agent>>) -> Response {
 }
 
 async fn status(State(agent): State<Arc<Agent>>) -> Response {
-    match request_async(&agent.dataplane, Method::GET, "/v1/status", None).await {
+    match http::send(&agent.dataplane, Request::get("/v1/status")).await {
         Ok(r) => relay(r),
         Err(e) => unavailable(e),
     }
 }
 
 async fn stats(State(agent): State<Arc<Agent>>) -> Response {
-    match request_async(&agent.dataplane, Method::GET, "/v1/stats", None).await {
+    match http::send(&agent.dataplane, Request::get("/v1/stats")).await {
         Ok(r) => relay(r),
         Err(e) => unavailable(e),
     }
@@ -156,11 +155,9 @@ async fn stats(State(agent): State<Arc<Agent>>) -> Response {
 /// Sends `config` to the dataplane.
 pub async fn apply(agent: &Agent, config: &Config) -> Result<Reply, String> {
     let body = serde_json::to_vec(config).map_err(|e| e.to_string())?;
-    request_async(
+    http::send(
         &agent.dataplane,
-        Method::PUT,
-        "/v1/config",
-        Some(("application/json", body)),
+        Request::new(Method::PUT, "/v1/config").json(body),
     )
     .await
     .map_err(|e| e.to_string())

@@ -123,7 +123,7 @@ fn default_local_socket() -> PathBuf {
     PathBuf::from("/run/siphon/agent.sock")
 }
 fn default_dataplane_socket() -> PathBuf {
-    PathBuf::from(siphon_dataplane::api::DEFAULT_SOCKET)
+    PathBuf::from(siphon_proto::socket::DEFAULT_SOCKET)
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/siphon-agent")

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use siphon_proto::heartbeat::*;
+use siphon_proto::http::{self, Request, Target};
 use siphon_proto::stats::{ListenerReport, StatsReport};
 use siphon_proto::StatusReport;
 
@@ -130,7 +131,7 @@ pub fn set_vips(beat: &mut Heartbeat, vips: Option<Vec<String>>) {
 pub struct Sender {
     pub amphora_id: String,
     /// The dataplane's control socket (status and stats).
-    pub dataplane: std::path::PathBuf,
+    pub dataplane: Target,
     pub destinations: Vec<SocketAddr>,
     pub interval: Duration,
     /// The key to sign with, read at each heartbeat.
@@ -196,14 +197,8 @@ impl Drop for Netlink {
 /// (and says so once) until one is pushed.
 /// One of the dataplane's reports, or `None` when it did not answer with
 /// one (the heartbeat then says so: no generation, no statuses).
-async fn get<T: serde::de::DeserializeOwned>(
-    dataplane: &std::path::Path,
-    path: &'static str,
-) -> Option<T> {
-    use siphon_dataplane::api::client::request_async;
-    let r = request_async(dataplane, hyper::Method::GET, path, None)
-        .await
-        .ok()?;
+async fn get<T: serde::de::DeserializeOwned>(dataplane: &Target, path: &'static str) -> Option<T> {
+    let r = http::send(dataplane, Request::get(path)).await.ok()?;
     match serde_json::from_str(&r.body) {
         Ok(report) => Some(report),
         Err(e) => {

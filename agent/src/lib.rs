@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::Method;
+use siphon_proto::http::{self, Request, Target};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -51,7 +51,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("local API: {0}")]
-    Local(#[from] siphon_dataplane::api::ApiError),
+    Local(#[from] siphon_proto::socket::SocketError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     #[error("heartbeat key: {0}")]
@@ -142,7 +142,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
             })?;
         // The operators' socket: mode 0600, a leftover of a dead agent
         // replaced, a live agent's refused.
-        let unix = siphon_dataplane::api::bind_socket(&cfg.local_socket, 0o600)?;
+        let unix = siphon_proto::socket::bind_unix(&cfg.local_socket, 0o600)?;
         Ok::<_, StartError>((tcp, unix))
     })?;
     let addr = tcp.local_addr().map_err(|source| StartError::Listen {
@@ -152,7 +152,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
     let agent = Arc::new(Agent {
         id: cfg.amphora_id.clone(),
         started: Instant::now(),
-        dataplane: cfg.dataplane_socket.clone(),
+        dataplane: Target::Unix(cfg.dataplane_socket.clone()),
         store,
         persisted: tokio::sync::Mutex::new(persisted),
         tls: live.clone(),
@@ -168,7 +168,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
         heartbeat::run(
             heartbeat::Sender {
                 amphora_id: cfg.amphora_id.clone(),
-                dataplane: cfg.dataplane_socket.clone(),
+                dataplane: Target::Unix(cfg.dataplane_socket.clone()),
                 destinations: hb.destinations.clone(),
                 interval: hb.interval(),
                 keys,
@@ -290,14 +290,7 @@ async fn watch_dataplane(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
         let Some(config) = persisted.as_ref() else {
             continue;
         };
-        let running = match siphon_dataplane::api::client::request_async(
-            &agent.dataplane,
-            Method::GET,
-            "/v1/generation",
-            None,
-        )
-        .await
-        {
+        let running = match http::send(&agent.dataplane, Request::get("/v1/generation")).await {
             Ok(r) => serde_json::from_str::<serde_json::Value>(&r.body)
                 .ok()
                 .and_then(|v| v["generation"].as_u64()),

@@ -55,7 +55,7 @@ fn run(cli: &Cli) -> Result<()> {
         dataplane = %cfg.dataplane_socket.display(),
         "siphon-agent running"
     );
-    siphon_dataplane::systemd::notify_ready();
+    siphon_proto::systemd::notify_ready();
     let sig = set.wait().context("waiting for a signal")?;
     tracing::info!(signal = ?sig, "stopping");
     drop(handle);

@@ -14,16 +14,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use siphon_agent::config::{AgentConfig, Limits, TlsFiles};
 use siphon_dataplane::api::{Api, ApiOptions};
 use siphon_dataplane::{Config, Options, Server};
+use siphon_proto::http::{self, Request, Target};
 use siphon_testkit::pki::{Ca, TempDir};
 use siphon_testkit::{connect_greeting, free_port, Backend};
 
@@ -110,37 +108,23 @@ fn https(
     path: &str,
     body: Option<String>,
 ) -> Result<(u16, String), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let name = ServerName::IpAddress(addr.ip().into());
-        let stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "agent")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .unwrap();
-        let res = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = res.status().as_u16();
-        let bytes = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-    })
+    let target = Target::Tls {
+        addr: addr.to_string(),
+        name: ServerName::IpAddress(addr.ip().into()),
+        config: tls.config().clone(),
+    };
+    let mut req = Request::new(method, path);
+    if let Some(body) = body {
+        req = req.json(body.into_bytes());
+    }
+    let r = http::send_blocking(&target, req).map_err(|e| e.to_string())?;
+    Ok((r.status, r.body))
+}
+
+/// One request to the agent's local (Unix socket) API.
+fn local(socket: &Path, method: Method, path: &str, body: &Value) -> http::Reply {
+    let req = Request::new(method, path).json(body.to_string().into_bytes());
+    http::send_blocking(&Target::Unix(socket.to_owned()), req).unwrap()
 }
 
 /// A dataplane (library) with its control API on `socket`.
@@ -694,13 +678,7 @@ fn vips_are_plumbed_through_netlink_and_only_the_agents_own_are_removed() {
     // a file, reachable from here.
     let agent = ns.enter(|| siphon_agent::start(&cfg).unwrap()).unwrap();
     let put = |agent: &siphon_agent::Handle, body: Value| {
-        let r = siphon_dataplane::api::client::request(
-            &agent.local_socket,
-            Method::PUT,
-            "/v1/vips",
-            Some(("application/json", body.to_string().into_bytes())),
-        )
-        .unwrap();
+        let r = local(&agent.local_socket, Method::PUT, "/v1/vips", &body);
         (
             r.status,
             serde_json::from_str::<Value>(&r.body).unwrap_or_default(),
@@ -886,13 +864,7 @@ fn heartbeats_list_the_vips_held_and_a_vip_deleted_by_hand_is_added_again() {
     let mut verifier =
         siphon_agent::heartbeat::Verifier::new(secret.as_bytes(), Duration::from_secs(5));
     let put = |body: Value| {
-        let r = siphon_dataplane::api::client::request(
-            &agent.local_socket,
-            Method::PUT,
-            "/v1/vips",
-            Some(("application/json", body.to_string().into_bytes())),
-        )
-        .unwrap();
+        let r = local(&agent.local_socket, Method::PUT, "/v1/vips", &body);
         assert_eq!(r.status, 200, "{}", r.body);
         serde_json::from_str::<Value>(&r.body).unwrap()
     };

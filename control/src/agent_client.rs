@@ -1,41 +1,49 @@
 //! The controller's HTTPS client for agents: mutual TLS (the controller's
 //! client certificate; the agent's certificate must chain to the agent CA
-//! and carry the amphora's name), one connection per request.
+//! and carry the amphora's name), one connection per request, through the
+//! shared client ([`siphon_proto::http`]).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request};
+use hyper::Method;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use siphon_proto::http::{self, HttpError, Reply, Request, Target};
 use thiserror::Error;
-use tokio_rustls::TlsConnector;
 
 use crate::config::AgentTls;
 use crate::model::Amphora;
 
+/// Why the agent TLS material cannot be used.
 #[derive(Debug, Error)]
-pub enum AgentError {
-    #[error("connect to {addr}: {message}")]
-    Connect { addr: String, message: String },
-    #[error("TLS with {addr}: {message}")]
-    Tls { addr: String, message: String },
-    #[error("HTTP with {addr}: {message}")]
-    Http { addr: String, message: String },
-    #[error("{addr} did not answer within {0:?}", .timeout)]
-    Timeout { addr: String, timeout: Duration },
-    #[error("agent TLS setup: {0}")]
-    Setup(String),
+pub enum TlsSetupError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {message}")]
+    Pem { what: &'static str, message: String },
+    #[error("{what}: no certificate in it")]
+    NoCertificate { what: &'static str },
+    #[error("{what}: {source}")]
+    Rustls {
+        what: &'static str,
+        source: rustls::Error,
+    },
 }
 
-/// An agent's answer.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub status: u16,
-    pub body: String,
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("agent TLS setup: {0}")]
+    Setup(#[from] TlsSetupError),
+    #[error("server name {name:?}: {message}")]
+    ServerName { name: String, message: String },
 }
 
 #[derive(Debug)]
@@ -46,12 +54,18 @@ pub struct AgentClient {
     timeout: Duration,
 }
 
-fn pem_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn pem_certs(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| TlsSetupError::Pem {
+            what,
+            message: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(format!("{what}: no certificate in it"));
+        return Err(TlsSetupError::NoCertificate { what });
     }
     Ok(certs)
 }
@@ -60,29 +74,45 @@ fn client_config(
     ca_pem: &[u8],
     certs: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
-) -> Result<ClientConfig, String> {
+) -> Result<ClientConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in pem_certs(ca_pem, "agent CA")? {
-        roots.add(ca).map_err(|e| format!("agent CA: {e}"))?;
+        roots.add(ca).map_err(|source| TlsSetupError::Rustls {
+            what: "agent CA",
+            source,
+        })?;
     }
     let mut c = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|source| TlsSetupError::Rustls {
+            what: "TLS versions",
+            source,
+        })?
         .with_root_certificates(roots)
         .with_client_auth_cert(certs.to_vec(), key.clone_key())
-        .map_err(|e| format!("client certificate: {e}"))?;
+        .map_err(|source| TlsSetupError::Rustls {
+            what: "client certificate",
+            source,
+        })?;
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(c)
 }
 
 impl AgentClient {
-    pub fn new(tls: &AgentTls, timeout: Duration) -> Result<AgentClient, String> {
-        let read =
-            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    pub fn new(tls: &AgentTls, timeout: Duration) -> Result<AgentClient, TlsSetupError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| TlsSetupError::Read {
+                path: p.to_owned(),
+                source,
+            })
+        };
         let certs = pem_certs(&read(&tls.cert)?, "agent_tls.cert")?;
-        let key = PrivateKeyDer::from_pem_slice(&read(&tls.key)?)
-            .map_err(|e| format!("agent_tls.key: {e}"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&read(&tls.key)?).map_err(|e| TlsSetupError::Pem {
+                what: "agent_tls.key",
+                message: e.to_string(),
+            })?;
         let default_config = Arc::new(client_config(&read(&tls.ca)?, &certs, &key)?);
         Ok(AgentClient {
             certs,
@@ -93,7 +123,7 @@ impl AgentClient {
     }
 
     /// Checks a per-amphora CA before it is stored.
-    pub fn check_ca(&self, pem: &str) -> Result<(), String> {
+    pub fn check_ca(&self, pem: &str) -> Result<(), TlsSetupError> {
         client_config(pem.as_bytes(), &self.certs, &self.key).map(|_| ())
     }
 
@@ -105,83 +135,25 @@ impl AgentClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, AgentError> {
-        let addr = crate::vip::join_host_port(&amphora.lb_network_ip, amphora.agent_port);
-        match tokio::time::timeout(
-            self.timeout,
-            self.exchange(amphora, &addr, method, path, body),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(AgentError::Timeout {
-                addr,
-                timeout: self.timeout,
-            }),
-        }
-    }
-
-    async fn exchange(
-        &self,
-        amphora: &Amphora,
-        addr: &str,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Reply, AgentError> {
         let config = match &amphora.ca_certificate {
-            Some(pem) => Arc::new(
-                client_config(pem.as_bytes(), &self.certs, &self.key).map_err(AgentError::Setup)?,
-            ),
+            Some(pem) => Arc::new(client_config(pem.as_bytes(), &self.certs, &self.key)?),
             None => self.default_config.clone(),
         };
-        let name =
-            ServerName::try_from(amphora.server_name.clone()).map_err(|e| AgentError::Tls {
-                addr: addr.to_owned(),
-                message: format!("server name {:?}: {e}", amphora.server_name),
-            })?;
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| AgentError::Connect {
-                addr: addr.to_owned(),
+        let name = ServerName::try_from(amphora.server_name.clone()).map_err(|e| {
+            AgentError::ServerName {
+                name: amphora.server_name.clone(),
                 message: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| AgentError::Tls {
-                addr: addr.to_owned(),
-                message: e.to_string(),
-            })?;
-        let http = |e: hyper::Error| AgentError::Http {
-            addr: addr.to_owned(),
-            message: e.to_string(),
+            }
+        })?;
+        let target = Target::Tls {
+            addr: crate::vip::join_host_port(&amphora.lb_network_ip, amphora.agent_port),
+            name,
+            config,
         };
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(http)?;
-        let driver = tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, amphora.server_name.as_str());
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        let mut req = Request::new(method, path).timeout(self.timeout);
+        if let Some(body) = body {
+            req = req.json(body);
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| AgentError::Http {
-                addr: addr.to_owned(),
-                message: e.to_string(),
-            })?;
-        let resp = sender.send_request(req).await.map_err(http)?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.map_err(http)?.to_bytes();
-        driver.abort();
-        Ok(Reply {
-            status,
-            body: String::from_utf8_lossy(&bytes).into_owned(),
-        })
+        Ok(http::send(&target, req).await?)
     }
 }

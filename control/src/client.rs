@@ -1,20 +1,21 @@
 //! A small client of the controller's API (plain HTTP, JSON), used by the
-//! `siphon` CLI and the tests.
+//! `siphon` CLI and the tests, over the shared client
+//! ([`siphon_proto::http`]).
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, Request};
+use hyper::header::{HeaderName, ACCEPT};
+use hyper::Method;
 use serde_json::Value;
+use siphon_proto::http::{self, HttpError, Request, Target};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("endpoint {0:?}: expected http://HOST:PORT")]
     Endpoint(String),
-    #[error("cannot reach {addr}: {message}")]
-    Connect { addr: String, message: String },
-    #[error("HTTP: {0}")]
-    Http(String),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("request body: {0}")]
+    Json(String),
 }
 
 #[derive(Debug, Clone)]
@@ -64,46 +65,22 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Answer, ClientError> {
-        let tcp = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| ClientError::Connect {
-                addr: self.authority.clone(),
-                message: e.to_string(),
-            })?;
-        let http = |e: hyper::Error| ClientError::Http(e.to_string());
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .map_err(http)?;
-        let driver = tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, self.authority.as_str())
-            .header(hyper::header::ACCEPT, "application/json");
+        let mut req = Request::new(method, path).header(ACCEPT, "application/json");
         if let Some(t) = &self.token {
-            req = req.header("X-Auth-Token", t.as_str());
+            req = req.header(HeaderName::from_static("x-auth-token"), t.as_str());
         }
-        let bytes = match body {
-            Some(v) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                serde_json::to_vec(v).map_err(|e| ClientError::Http(e.to_string()))?
-            }
-            None => Vec::new(),
-        };
-        let req = req
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(http)?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.map_err(http)?.to_bytes();
-        driver.abort();
-        let body = if bytes.is_empty() {
+        if let Some(v) = body {
+            req = req.json(serde_json::to_vec(v).map_err(|e| ClientError::Json(e.to_string()))?);
+        }
+        let reply = http::send(&Target::Tcp(self.authority.clone()), req).await?;
+        let body = if reply.body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_str(&reply.body).unwrap_or(Value::String(reply.body))
         };
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status: reply.status,
+            body,
+        })
     }
 }

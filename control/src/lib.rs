@@ -128,7 +128,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("agent TLS: {0}")]
-    Tls(String),
+    Tls(agent_client::TlsSetupError),
     #[error("cannot create {path}: {source}")]
     Dir {
         path: String,

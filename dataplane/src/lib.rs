@@ -31,7 +31,6 @@ pub mod snapshot;
 pub mod spread;
 pub mod stats;
 pub mod status;
-pub mod systemd;
 pub mod timer;
 pub mod udp;
 pub mod worker;

@@ -13,9 +13,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
-use siphon_dataplane::api::{self, client, Api, ApiLimits, ApiOptions};
+use siphon_dataplane::api::{self, Api, ApiLimits, ApiOptions};
 use siphon_dataplane::config::load::Format;
 use siphon_dataplane::{demo, Applied, Config, Options, Server};
+use siphon_proto::http::{self, Request, Target};
 
 #[derive(Parser)]
 #[command(
@@ -311,7 +312,7 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
         ),
         None => None,
     };
-    siphon_dataplane::systemd::notify_ready();
+    siphon_proto::systemd::notify_ready();
     tracing::info!(
         generation = server.generation(),
         workers = opts.workers,
@@ -405,12 +406,11 @@ fn wait_for_stop(server: &Server, sigs: &SignalFd, path: Option<&Path>) -> Resul
 /// `ctl`: one request to a running dataplane; the reply goes to stdout,
 /// or to stderr with exit status 1 when the dataplane refused it.
 fn ctl(socket: &Path, action: CtlAction) -> Result<()> {
-    use hyper::Method;
-    let reply = match action {
-        CtlAction::Status => client::request(socket, Method::GET, "/v1/status", None)?,
-        CtlAction::Stats => client::request(socket, Method::GET, "/v1/stats", None)?,
-        CtlAction::Config => client::request(socket, Method::GET, "/v1/config", None)?,
-        CtlAction::Metrics => client::request(socket, Method::GET, "/metrics", None)?,
+    let req = match action {
+        CtlAction::Status => Request::get("/v1/status"),
+        CtlAction::Stats => Request::get("/v1/stats"),
+        CtlAction::Config => Request::get("/v1/config"),
+        CtlAction::Metrics => Request::get("/metrics"),
         CtlAction::Apply { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -418,14 +418,15 @@ fn ctl(socket: &Path, action: CtlAction) -> Result<()> {
             // that a TOML file travels as JSON.
             let config = Config::parse(&text, Format::for_path(&file))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let body = serde_json::to_vec(&config)?;
-            client::request(
-                socket,
-                Method::PUT,
-                "/v1/config",
-                Some(("application/json", body)),
-            )?
+            Request::new(hyper::Method::PUT, "/v1/config").json(serde_json::to_vec(&config)?)
         }
+    };
+    let reply = match http::send_blocking(&Target::Unix(socket.to_owned()), req) {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => {
+            anyhow::bail!("{e} (is siphon-dataplane running with this --socket?)")
+        }
+        Err(e) => return Err(e.into()),
     };
     let text = pretty(&reply.body);
     if reply.is_success() {

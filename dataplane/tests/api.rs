@@ -20,22 +20,17 @@ use common::*;
 use hyper::Method;
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use siphon_dataplane::api::client::{self, Reply};
 use siphon_dataplane::api::{Api, ApiLimits, ApiOptions};
+use siphon_proto::http::{send_blocking, Reply, Request, Target};
 use siphon_testkit::{connect_greeting, free_port, Backend};
 
 fn get(socket: &Path, path: &str) -> Reply {
-    client::request(socket, Method::GET, path, None).unwrap()
+    send_blocking(&Target::Unix(socket.to_owned()), Request::get(path)).unwrap()
 }
 
-fn put(socket: &Path, content_type: &str, body: &str) -> Reply {
-    client::request(
-        socket,
-        Method::PUT,
-        "/v1/config",
-        Some((content_type, body.as_bytes().to_vec())),
-    )
-    .unwrap()
+fn put(socket: &Path, content_type: &'static str, body: &str) -> Reply {
+    let req = Request::new(Method::PUT, "/v1/config").body(content_type, body.as_bytes().to_vec());
+    send_blocking(&Target::Unix(socket.to_owned()), req).unwrap()
 }
 
 fn json(r: &Reply) -> Value {

@@ -13,8 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use hyper::Method;
-use siphon_dataplane::api::client;
+use siphon_proto::http::{send_blocking, Request, Target};
 use siphon_testkit::{connect_greeting, free_port, Backend};
 
 /// Connects and waits up to `wait` for the backend's greeting.
@@ -119,7 +118,7 @@ fn exhaust(limit: u64) -> (u64, u64) {
         .count();
     assert_eq!(served, 10, "served right after the shortage ended");
     let get = |path: &str| {
-        let r = client::request(&socket, Method::GET, path, None).unwrap();
+        let r = send_blocking(&Target::Unix(socket.clone()), Request::get(path)).unwrap();
         serde_json::from_str::<serde_json::Value>(&r.body).unwrap()
     };
     let stats = get("/v1/stats");

@@ -724,7 +724,7 @@ fn all_stopped(pid: u32) -> bool {
 #[test]
 fn datagrams_the_kernel_drops_on_a_stalled_listener_are_counted() {
     use nix::sys::signal::Signal;
-    use siphon_dataplane::api::client;
+    use siphon_proto::http::{send_blocking, Request, Target};
 
     let (_rt, bs) = backends(1);
     let port = free_udp_port();
@@ -751,7 +751,8 @@ fn datagrams_the_kernel_drops_on_a_stalled_listener_are_counted() {
     );
     assert_eq!(kernel_udp_sockets(port).len(), 2, "one socket per worker");
     let dropped_kernel = || {
-        let reply = client::request(&socket, hyper::Method::GET, "/v1/stats", None).unwrap();
+        let reply =
+            send_blocking(&Target::Unix(socket.clone()), Request::get("/v1/stats")).unwrap();
         let report: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
         let l = &report["listeners"][0];
         assert_eq!(l["id"], "u");
@@ -813,7 +814,7 @@ fn datagrams_the_kernel_drops_on_a_stalled_listener_are_counted() {
     let dropped = dropped_kernel();
     assert_eq!(dropped, during, "no drops after the stall");
 
-    let page = client::request(&socket, hyper::Method::GET, "/metrics", None).unwrap();
+    let page = send_blocking(&Target::Unix(socket.clone()), Request::get("/metrics")).unwrap();
     let line = format!(
         "siphon_listener_dropped_packets_total{{listener=\"u\",reason=\"kernel\"}} {dropped}"
     );

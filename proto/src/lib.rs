@@ -7,7 +7,11 @@
 //!   dataplane reports;
 //! - [`heartbeat`]: the signed UDP heartbeat an agent sends and a health
 //!   manager verifies, and [`keys`], the heartbeat key the controller
-//!   pushes to an agent.
+//!   pushes to an agent;
+//! - [`http`]: the one HTTP client for the dataplane's control socket, the
+//!   controller's API and the agents' mutual-TLS API;
+//! - [`socket`]: where the dataplane's control socket lives and how a
+//!   daemon binds its Unix socket; [`systemd`]: readiness notification.
 //!
 //! The agent and the controller link this crate instead of the dataplane
 //! (or each other): the controller builds none of the dataplane's splice,
@@ -15,9 +19,12 @@
 
 pub mod config;
 pub mod heartbeat;
+pub mod http;
 pub mod keys;
+pub mod socket;
 pub mod stats;
 pub mod status;
+pub mod systemd;
 
 /// The agent's HTTPS API port when its config names none.
 pub const AGENT_PORT: u16 = 9443;

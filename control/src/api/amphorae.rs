@@ -104,7 +104,7 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
     if let (Some(pem), Some(agents)) = (&r.ca, &ctl.agents) {
         agents
             .check_ca(pem)
-            .map_err(|e| Fault::invalid("ca_certificate", "(PEM)", &e))?;
+            .map_err(|e| Fault::invalid("ca_certificate", "(PEM)", &e.to_string()))?;
     }
     let server_name = r.server_name.unwrap_or_else(|| r.id.clone());
     if rustls::pki_types::ServerName::try_from(server_name.clone()).is_err() {

@@ -19,14 +19,13 @@
 //!
 //! Connections are capped and timed out ([`serve`]), so the API holds a
 //! bounded number of descriptors and never keeps the process from
-//! draining. [`client`] is the other end, used by `siphon-dataplane ctl`.
+//! draining. `siphon_proto::http` is the other end, used by
+//! `siphon-dataplane ctl`.
 
 pub mod body;
-pub mod client;
 pub mod serve;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,8 +45,8 @@ use crate::config::load::{Format, ParseError};
 use crate::config::Config;
 use crate::server::{Applied, ApplyError, Server};
 
-/// Where the control socket lives unless `--socket` says otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/siphon/dataplane.sock";
+pub use siphon_proto::socket::DEFAULT_SOCKET;
+use siphon_proto::socket::{bind_unix, SocketError};
 
 /// Limits on the API's clients, the same for the control socket and the
 /// metrics address (each has its own connection cap).
@@ -103,15 +102,8 @@ pub struct ApiOptions {
 
 #[derive(Debug, Error)]
 pub enum ApiError {
-    #[error("control socket {path}: {source}")]
-    Socket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("control socket {0} is in use by a running process")]
-    InUse(PathBuf),
-    #[error("control socket {0} exists and is not a socket; not replacing it")]
-    NotASocket(PathBuf),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("metrics listener {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -148,7 +140,7 @@ impl Api {
             .build()
             .map_err(ApiError::Thread)?;
         let (unix, tcp) = runtime.block_on(async {
-            let unix = bind_socket(&opts.socket, opts.mode)?;
+            let unix = bind_unix(&opts.socket, opts.mode)?;
             let tcp = match opts.metrics {
                 Some(addr) => Some(
                     tokio::net::TcpListener::bind(addr)
@@ -241,38 +233,6 @@ impl Drop for Api {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
-}
-
-/// Binds a control socket with `mode` (inside a tokio runtime): a leftover
-/// socket of a process that is gone is replaced; a live one, or a file
-/// that is not a socket, is an error. The agent's local socket uses it too.
-pub fn bind_socket(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, ApiError> {
-    let err = |source| ApiError::Socket {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(ApiError::NotASocket(path.to_owned()));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ApiError::InUse(path.to_owned()));
-        }
-        // A leftover of a dataplane that is gone.
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    // Created with no access for group and others, then given `mode`: no
-    // window in which anyone else could connect. The umask is
-    // process-wide; this runs at start, before the workers exist.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = tokio::net::UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = listener.map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    Ok(listener)
 }
 
 /// What every handler gets.
