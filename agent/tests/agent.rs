@@ -19,10 +19,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use siphon_agent::config::{AgentConfig, Limits, TlsFiles};
-use siphon_dataplane::api::{Api, ApiOptions};
-use siphon_dataplane::{Config, Options, Server};
 use siphon_proto::http::{self, Request, Target};
-use siphon_testkit::pki::{Ca, TempDir};
+use siphon_testkit::pki::Ca;
+use siphon_testkit::dataplane::Dataplane;
+use siphon_testkit::process::{self, Proc};
+use siphon_testkit::{eventually, TempDir};
 use siphon_testkit::{connect_greeting, free_port, Backend};
 
 /// A PKI: the controller CA (client certificates), the agent's CA and its
@@ -127,45 +128,6 @@ fn local(socket: &Path, method: Method, path: &str, body: &Value) -> http::Reply
     http::send_blocking(&Target::Unix(socket.to_owned()), req).unwrap()
 }
 
-/// A dataplane (library) with its control API on `socket`.
-struct Dataplane {
-    server: Arc<Server>,
-    _api: Api,
-}
-
-impl Dataplane {
-    fn start(socket: &Path) -> Dataplane {
-        let empty = Config {
-            generation: 0,
-            listeners: vec![],
-            pools: vec![],
-        };
-        let server = Arc::new(
-            Server::start(
-                empty,
-                Options {
-                    workers: 1,
-                    ..Options::default()
-                },
-            )
-            .unwrap(),
-        );
-        let opts = ApiOptions {
-            socket: socket.to_owned(),
-            mode: 0o600,
-            metrics: None,
-        };
-        let api = Api::bind(&opts).unwrap().serve(server.clone()).unwrap();
-        Dataplane { server, _api: api }
-    }
-}
-
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        self.server.shutdown(Duration::from_millis(200));
-    }
-}
-
 fn push_body(generation: u64, port: u16, b: &Backend, weight: u32) -> String {
     serde_json::json!({
         "generation": generation,
@@ -178,16 +140,6 @@ fn push_body(generation: u64, port: u16, b: &Backend, weight: u32) -> String {
     .to_string()
 }
 
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    f()
-}
 
 #[test]
 fn mutual_tls_accepts_the_controller_and_refuses_everyone_else() {
@@ -275,7 +227,7 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
     );
     let (_, body) = get("/v1/config");
     assert_eq!(generation(&body), 5);
-    assert_eq!(dp.server.generation(), 5);
+    assert_eq!(dp.generation(), 5);
     // A stale one: the dataplane's 409 passes through.
     let (code, _) = push(push_body(4, port, &b, 1));
     assert_eq!(code, 409);
@@ -287,7 +239,7 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
         body.contains("generation must be at most 2^53 so JSON clients keep it exact"),
         "{body}"
     );
-    assert_eq!(dp.server.generation(), 5);
+    assert_eq!(dp.generation(), 5);
     assert_eq!(
         std::fs::read_to_string(dir.path("state/config.json")).unwrap(),
         on_disk
@@ -302,10 +254,7 @@ fn pushes_reach_the_dataplane_persist_and_come_back_after_a_restart() {
     drop(dp);
     let dp = Dataplane::start(&dp_socket);
     let t = Instant::now();
-    assert!(eventually(Duration::from_secs(1), || dp
-        .server
-        .generation()
-        == 5));
+    assert!(eventually(Duration::from_secs(1), || dp.generation() == 5));
     eprintln!("config back after {:?}", t.elapsed());
     assert_eq!(connect_greeting(front).unwrap().1, "b");
 
@@ -331,9 +280,7 @@ fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
     let dp = Dataplane::start(&dp_socket);
     let port = free_port();
     let cfg_json = push_body(5, port, &b, 1);
-    dp.server
-        .apply(Config::parse(&cfg_json, siphon_proto::config::load::Format::Json).unwrap())
-        .unwrap();
+    assert!(dp.apply(&cfg_json).is_success());
 
     let manager = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     manager
@@ -930,40 +877,11 @@ fn heartbeats_list_the_vips_held_and_a_vip_deleted_by_hand_is_added_again() {
     drop(agent);
 }
 
-/// The `siphon-dataplane` binary of this build (`cargo test --workspace`
-/// builds it next to this test's directory).
-fn dataplane_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("siphon-dataplane");
-    assert!(
-        bin.exists(),
-        "{} missing: run the tests with `cargo test --workspace` (it builds the dataplane)",
-        bin.display()
-    );
-    bin
-}
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_dataplane(socket: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Child(
-        std::process::Command::new(dataplane_binary())
-            .args(["run", "--workers", "1", "--socket"])
-            .arg(socket)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+/// The `siphon-dataplane` binary (one worker) on `socket`.
+fn spawn_dataplane(socket: &Path, log: &Path) -> Proc {
+    let mut cmd = std::process::Command::new(process::binary("siphon-dataplane"));
+    cmd.args(["run", "--workers", "1", "--socket"]).arg(socket);
+    Proc::spawn(cmd, log)
 }
 
 #[test]
@@ -1249,7 +1167,7 @@ fn a_corrupt_config_file_is_set_aside_and_the_agent_starts_anyway() {
     )
     .unwrap();
     assert_eq!(code, 200, "{body}");
-    assert_eq!(dp.server.generation(), 4);
+    assert_eq!(dp.generation(), 4);
     let (code, _) = https(&tls, agent.addr, Method::GET, "/v1/config", None).unwrap();
     assert_eq!(code, 200);
     assert_eq!(
@@ -1263,7 +1181,7 @@ fn a_corrupt_config_file_is_set_aside_and_the_agent_starts_anyway() {
 /// The real `siphon-agent` binary, with its own file descriptors to count;
 /// killed on drop.
 struct AgentProcess {
-    child: Child,
+    child: Proc,
     addr: SocketAddr,
     log: PathBuf,
 }
@@ -1285,21 +1203,15 @@ impl AgentProcess {
         );
         std::fs::write(dir.path("agent.toml"), toml).unwrap();
         let log = dir.path("agent.log");
-        let child = Child(
-            std::process::Command::new(env!("CARGO_BIN_EXE_siphon-agent"))
-                .arg("--config")
-                .arg(dir.path("agent.toml"))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-agent"));
+        cmd.arg("--config").arg(dir.path("agent.toml"));
+        let child = Proc::spawn(cmd, &log);
         AgentProcess { child, addr, log }
     }
 
     /// Open file descriptors of the agent process.
     fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.0.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .unwrap()
             .count()
     }

@@ -21,13 +21,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use siphon_testkit::netns::Netns;
-use siphon_testkit::pki::{Ca, TempDir};
+use siphon_testkit::pki::Ca;
+use siphon_testkit::process::{self, Proc};
+use siphon_testkit::TempDir;
 use siphon_testkit::root_or_skip;
 
 const VIP: &str = "198.18.100.10";
@@ -38,68 +40,11 @@ const TOKEN: &str = "active-active-token";
 const SOURCES: usize = 24;
 const API: &str = "http://127.0.0.1:9876";
 
-/// A workspace binary next to this package's (built by `cargo test
-/// --workspace`; built here when a single package is tested).
-fn binary(package: &str) -> PathBuf {
-    let control = PathBuf::from(env!("CARGO_BIN_EXE_siphon-control"));
-    let dir = control.parent().unwrap();
-    let path = dir.join(package);
-    if !path.exists() {
-        let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", package, "--bin", package]);
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            p => {
-                cmd.args(["--profile", p]);
-            }
-        }
-        let st = cmd.status().unwrap();
-        assert!(st.success(), "building {package}");
-    }
-    path
-}
-
-/// A process in a namespace, killed (SIGKILL) on drop.
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(ns: &Netns, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Proc {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `bin args` inside `ns`, output in `log`; killed on drop.
+fn spawn_in(ns: &Netns, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).arg(bin).args(args);
+    Proc::spawn(cmd, &log)
 }
 
 fn sh(ns: &Netns, script: &str) {
@@ -308,9 +253,9 @@ resync_s = 1
 
     fn spawn_controller(&mut self, log: &str) {
         let conf = self.dir.path("control.toml");
-        self.controller = Some(Proc::spawn(
+        self.controller = Some(spawn_in(
             &self.rt,
-            &binary_of_this_package("siphon-control"),
+            Path::new(env!("CARGO_BIN_EXE_siphon-control")),
             &["--config", conf.to_str().unwrap()],
             self.dir.path(log),
         ));
@@ -323,13 +268,13 @@ resync_s = 1
 
     /// Starts amphora `i`'s dataplane and agent (heartbeats every 200 ms).
     fn start_amphora(&mut self, i: usize) {
-        let dataplane = binary("siphon-dataplane");
-        let agent = binary("siphon-agent");
+        let dataplane = process::binary("siphon-dataplane");
+        let agent = process::binary("siphon-agent");
         let hb = self.dir.path("heartbeat.key");
         let ca = self.dir.path("controller-ca.crt");
         let a = &mut self.amps[i - 1];
         let sock = a.dir.join("dataplane.sock");
-        a.procs.push(Proc::spawn(
+        a.procs.push(spawn_in(
             &a.ns,
             &dataplane,
             &["run", "--socket", sock.to_str().unwrap(), "--workers", "1"],
@@ -368,7 +313,7 @@ key_file = "{hb}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        a.procs.push(Proc::spawn(
+        a.procs.push(spawn_in(
             &a.ns,
             &agent,
             &["--config", conf.to_str().unwrap()],
@@ -388,7 +333,7 @@ key_file = "{hb}"
     fn try_siphon(&self, args: &[&str]) -> Result<Value, String> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.rt.name])
-            .arg(binary_of_this_package("siphon"))
+            .arg(env!("CARGO_BIN_EXE_siphon"))
             .args(["--endpoint", API, "--token", TOKEN])
             .args(args)
             .output()
@@ -492,13 +437,6 @@ key_file = "{hb}"
                 v
             })
             .collect()
-    }
-}
-
-fn binary_of_this_package(name: &str) -> PathBuf {
-    match name {
-        "siphon" => PathBuf::from(env!("CARGO_BIN_EXE_siphon")),
-        _ => PathBuf::from(env!("CARGO_BIN_EXE_siphon-control")),
     }
 }
 

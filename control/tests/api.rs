@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
 use siphon_control::config::{Auth, ControlConfig, Limits, Push, VipSubnet};
 use siphon_testkit::free_port;
-use siphon_testkit::pki::TempDir;
+use siphon_testkit::TempDir;
 
 const TOKEN: &str = "api-test-admin-token";
 

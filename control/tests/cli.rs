@@ -2,29 +2,16 @@
 //! The `siphon` command line against a running controller (no agents:
 //! what is checked here is the CLI's side).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 use siphon_control::config::{AgentTls, Auth, ControlConfig, Push, VipSubnet};
 use siphon_testkit::free_port;
-use siphon_testkit::pki::{Ca, TempDir};
-
-/// A binary of this build (`cargo test --workspace` builds it next to
-/// this test's directory).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join(name);
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
+use siphon_testkit::pki::Ca;
+use siphon_testkit::TempDir;
 
 fn siphon(endpoint: &str, token: &str, args: &[&str]) -> (bool, Value, String) {
-    let out = Command::new(binary("siphon"))
+    let out = Command::new(env!("CARGO_BIN_EXE_siphon"))
         .args(["--endpoint", endpoint])
         .env("SIPHON_TOKEN", token)
         .args(args)

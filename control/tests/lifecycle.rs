@@ -527,9 +527,7 @@ fn bad_requests_get_octavias_errors_and_change_nothing() {
 /// A venv under `target/` with the pinned stock clients
 /// (`tests/stock/requirements.txt`), installed from PyPI once.
 fn stock_clients() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.ancestors().nth(3).unwrap().to_owned();
-    let venv = target.join("stock-clients");
+    let venv = siphon_testkit::process::target_dir().join("stock-clients");
     let req = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/requirements.txt");
     let wanted = std::fs::read_to_string(&req).unwrap();
     let marker = venv.join("installed-requirements.txt");

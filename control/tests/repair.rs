@@ -204,7 +204,7 @@ fn a_dataplane_restarted_empty_with_its_agent_state_deleted_is_repaired_by_a_re_
     let amp = &mut rig.amphorae[c];
     amp.stop_agent();
     amp.start_dataplane();
-    std::fs::remove_dir_all(&amp.cfg.state_dir).unwrap();
+    std::fs::remove_dir_all(&amp.state_dir).unwrap();
     let lost = Instant::now();
     amp.start_agent();
     let took = wait_served(vip, Duration::from_secs(10));
@@ -324,7 +324,7 @@ fn seq_now() -> u64 {
 
 #[test]
 fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
-    use siphon_agent::heartbeat::{key, seal, Heartbeat};
+    use siphon_proto::heartbeat::{key, seal, Heartbeat};
     if !root_or_skip("controller repair (VIPs are plumbed through netlink)") {
         return;
     }
@@ -336,7 +336,7 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
     // The spare's own key, as its agent keeps it; and the fleet's
     // bootstrap key.
     let held: Value = serde_json::from_slice(
-        &std::fs::read(rig.amphorae[s].cfg.state_dir.join("heartbeat-key.json")).unwrap(),
+        &std::fs::read(rig.amphorae[s].state_dir.join("heartbeat-key.json")).unwrap(),
     )
     .unwrap();
     let spare_key_id = held["key_id"].as_u64().unwrap() as u32;
@@ -344,14 +344,7 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
         .map(|i| u8::from_str_radix(&held["key"].as_str().unwrap()[i * 2..i * 2 + 2], 16).unwrap())
         .collect();
     let bootstrap = std::fs::read_to_string(
-        rig.amphorae[c]
-            .cfg
-            .heartbeat
-            .as_ref()
-            .unwrap()
-            .key_file
-            .as_ref()
-            .unwrap(),
+        &rig.amphorae[c].heartbeat_key,
     )
     .unwrap()
     .trim()
@@ -414,12 +407,7 @@ fn a_captured_heartbeat_replayed_after_a_controller_restart_is_refused() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let amp = &mut rig.amphorae[c];
-    amp.cfg
-        .heartbeat
-        .as_mut()
-        .unwrap()
-        .destinations
-        .push(capture.local_addr().unwrap());
+    amp.heartbeat_to.push(capture.local_addr().unwrap());
     amp.start_agent();
     let mut captured = Vec::new();
     let mut buf = [0u8; 65_536];
@@ -459,7 +447,7 @@ fn a_corrupt_agent_state_file_leaves_the_agent_up_and_the_amphora_repaired_witho
 
     // The agent restarts over a config file that does not parse.
     let amp = &mut rig.amphorae[c];
-    let state = amp.cfg.state_dir.clone();
+    let state = amp.state_dir.clone();
     amp.stop_agent();
     std::fs::write(state.join("config.json"), b"{ half a config").unwrap();
     amp.start_agent();
@@ -663,7 +651,7 @@ fn heartbeat_keys_rotated_under_live_heartbeats_drop_none() {
     let carrier = rig.amphorae[c].id.clone();
     let held_key = |rig: &Rig| -> u64 {
         let held: Value = serde_json::from_slice(
-            &std::fs::read(rig.amphorae[c].cfg.state_dir.join("heartbeat-key.json")).unwrap(),
+            &std::fs::read(rig.amphorae[c].state_dir.join("heartbeat-key.json")).unwrap(),
         )
         .unwrap();
         held["key_id"].as_u64().unwrap()

@@ -358,7 +358,7 @@ fn ctl_and_sighup_share_one_apply_path() {
     std::fs::write(&file, cfg_toml(1, &[p0], &b)).unwrap();
     let socket = dir.path("ctl.sock");
     let (f, s) = (file.to_str().unwrap(), socket.to_str().unwrap());
-    let proc = Proc::spawn(
+    let proc = dataplane(
         &["run", "--config", f, "--socket", s, "--workers", "1"],
         &dir.path("log"),
     );
@@ -439,7 +439,7 @@ fn ctl_and_sighup_share_one_apply_path() {
     assert!(out.contains("siphon_config_generation 2"), "{out}");
 
     // A second dataplane on the same socket refuses to start.
-    let other = Proc::spawn(&["run", "--config", f, "--socket", s], &dir.path("log2"));
+    let other = dataplane(&["run", "--config", f, "--socket", s], &dir.path("log2"));
     let mut other = other;
     assert_eq!(other.wait_exit(Duration::from_secs(10)), Some(1));
     assert!(other.log_text().contains("in use"), "{}", other.log_text());
@@ -753,7 +753,7 @@ fn idle_api_connections_hold_a_bounded_number_of_descriptors() {
     let file = dir.path("dataplane.toml");
     std::fs::write(&file, cfg_toml(1, &[port], &b)).unwrap();
     let socket = dir.path("ctl.sock");
-    let proc = Proc::spawn(
+    let proc = dataplane(
         &[
             "run",
             "--config",
@@ -772,7 +772,7 @@ fn idle_api_connections_hold_a_bounded_number_of_descriptors() {
         "{}",
         proc.log_text()
     );
-    let pid = proc.child.id();
+    let pid = proc.id();
     let before = fds(pid);
     // Twenty times the cap, connected and silent.
     let idle: Vec<UnixStream> = (0..320)

@@ -120,7 +120,7 @@ fn twenty_sighup_reloads_under_steady_traffic_lose_no_connection() {
     let dir = TempDir::new("reload");
     let file = dir.path("siphon.toml");
     std::fs::write(&file, reload_config(1, port, extra, &b)).expect("write");
-    let proc = Proc::spawn(
+    let proc = dataplane(
         &[
             "run",
             "--config",
@@ -188,7 +188,7 @@ fn a_broken_file_on_sighup_is_reported_and_the_running_config_stays() {
     let file = dir.path("siphon.toml");
     let good = toml(1, &one_member(port, "b0", b.addr));
     std::fs::write(&file, &good).expect("write");
-    let proc = Proc::spawn(
+    let proc = dataplane(
         &[
             "run",
             "--config",
@@ -243,7 +243,7 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
     let dir = TempDir::new("term");
     let file = dir.path("siphon.toml");
     std::fs::write(&file, toml(1, &one_member(port, "b0", b.addr))).expect("write");
-    let mut proc = Proc::spawn(
+    let mut proc = dataplane(
         &[
             "run",
             "--config",
@@ -270,7 +270,7 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
     // The established connection keeps working while draining ...
     roundtrip(&mut held, b"draining but alive").expect("echo while draining");
     assert_eq!(
-        proc.child.try_wait().expect("wait"),
+        proc.try_wait().expect("wait"),
         None,
         "exited before its connection ended"
     );
@@ -513,7 +513,7 @@ fn running_with_api(
         "60",
     ];
     args.extend_from_slice(extra);
-    let proc = Proc::spawn(&args, &dir.path("log"));
+    let proc = dataplane(&args, &dir.path("log"));
     assert!(
         proc.wait_log("siphon-dataplane running", 1, Duration::from_secs(10)),
         "{}",
@@ -565,7 +565,7 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     proc.signal(Signal::SIGTERM);
     assert!(proc.wait_log("draining", 1, Duration::from_secs(5)));
     roundtrip(&mut held, b"draining but alive").expect("echo while draining");
-    assert_eq!(proc.child.try_wait().expect("wait"), None, "exited early");
+    assert_eq!(proc.try_wait().expect("wait"), None, "exited early");
     // The operator does not want to wait the 60 s.
     proc.signal(Signal::SIGTERM);
     assert_eq!(

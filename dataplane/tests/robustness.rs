@@ -9,7 +9,7 @@ mod common;
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -65,9 +65,7 @@ fn exhaust(limit: u64) -> (u64, u64) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"));
     cmd.args(["run", "--config", file.to_str().unwrap(), "--workers", "1"])
         .args(["--socket", socket.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+        .env("RUST_LOG", "info");
     // SAFETY: between fork and exec only setrlimit(2) runs, a plain
     // syscall that allocates nothing and takes no lock.
     unsafe {
@@ -76,10 +74,7 @@ fn exhaust(limit: u64) -> (u64, u64) {
                 .map_err(std::io::Error::from)
         });
     }
-    let _proc = Proc {
-        child: cmd.spawn().unwrap(),
-        log,
-    };
+    let _proc = Proc::spawn(cmd, &log);
     assert!(eventually(Duration::from_secs(10), || greeted(
         port,
         Duration::from_secs(1)

@@ -740,7 +740,7 @@ fn datagrams_the_kernel_drops_on_a_stalled_listener_are_counted() {
     std::fs::write(&file, doc).expect("write config");
     let socket = dir.path("ctl.sock");
     let (f, s) = (file.to_str().unwrap(), socket.to_str().unwrap());
-    let proc = Proc::spawn(
+    let proc = dataplane(
         &["run", "--config", f, "--socket", s, "--workers", "2"],
         &dir.path("log"),
     );
@@ -766,7 +766,7 @@ fn datagrams_the_kernel_drops_on_a_stalled_listener_are_counted() {
     }
     assert_eq!(dropped_kernel(), 0);
 
-    let pid = proc.child.id();
+    let pid = proc.id();
     proc.signal(Signal::SIGSTOP);
     assert!(eventually(Duration::from_secs(5), || all_stopped(pid)));
     // 16 × 200 datagrams of 8,000 bytes (25.6 MB) against two receive

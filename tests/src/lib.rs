@@ -1,10 +1,16 @@
 //! Real peers for Siphon's tests: backends on loopback that say who they
-//! are, traffic helpers, and the root-test policy. No mocks: everything
+//! are, traffic helpers, the root-test policy, temp dirs, child processes
+//! and the workspace's binaries. No mocks: everything
 //! here opens real sockets.
 
+pub mod dataplane;
+pub mod dir;
 pub mod http;
 pub mod netns;
 pub mod pki;
+pub mod process;
+
+pub use dir::TempDir;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -45,6 +51,19 @@ pub fn listen(addr: SocketAddr) -> TcpListener {
         Ok(s.into())
     };
     bind().unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+}
+
+/// Polls `f` every 10 ms until it is true or `timeout` passes; the last
+/// answer.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
 }
 
 /// Shared runtime for a test's backends.

@@ -2,7 +2,6 @@
 //! certificates (valid or expired), and temp dirs removed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
 
-use std::path::PathBuf;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
@@ -53,33 +52,6 @@ impl Ca {
 
     pub fn pem(&self) -> String {
         self.cert.pem()
-    }
-}
-
-/// A directory under the system temp dir, removed with its contents on
-/// drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p = std::env::temp_dir().join(format!("siphon-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -1,10 +1,10 @@
 //! The controller's test rig, on loopback: its API, a real SQLite file,
-//! real agents (mutual TLS, certificates from a test CA) driving real
-//! dataplanes in this process, heartbeats, and a client.
+//! real `siphon-agent` and `siphon-dataplane` processes (mutual TLS,
+//! certificates from a test CA), heartbeats, and a client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // each test file uses part of it
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,137 +12,135 @@ use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
 use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSubnet};
-use siphon_dataplane::api::{Api, ApiOptions};
-use siphon_dataplane::{Config, Options, Server};
-use siphon_testkit::pki::{Ca, TempDir};
-use siphon_testkit::{connect_greeting, free_port, free_udp_port, Backend};
+use siphon_testkit::pki::Ca;
+use siphon_testkit::dataplane::Dataplane;
+use siphon_testkit::process::{self, Proc};
+use siphon_testkit::TempDir;
+use siphon_testkit::{connect_greeting, eventually, free_port, free_udp_port, Backend};
 
 pub const TOKEN: &str = "test-admin-token";
 pub const SUBNET: &str = "5a1c0b4e-1f6c-4a43-9d3c-7a1d2b3c4d5e";
 pub const NETWORK: &str = "0b8e6c1a-2d3f-4e5a-8b7c-9d0e1f2a3b4c";
 
-/// A dataplane in this process, with its control socket.
-pub struct Dataplane {
-    pub server: Arc<Server>,
-    pub _api: Api,
-}
-
-impl Dataplane {
-    pub fn start(socket: &Path) -> Dataplane {
-        let empty = Config {
-            generation: 0,
-            listeners: vec![],
-            pools: vec![],
-        };
-        let server = Arc::new(
-            Server::start(
-                empty,
-                Options {
-                    workers: 1,
-                    ..Options::default()
-                },
-            )
-            .unwrap(),
-        );
-        let opts = ApiOptions {
-            socket: socket.to_owned(),
-            mode: 0o600,
-            metrics: None,
-        };
-        let api = Api::bind(&opts).unwrap().serve(server.clone()).unwrap();
-        Dataplane { server, _api: api }
-    }
-}
-
-/// One amphora: a dataplane and its agent, heartbeating to the
-/// controller.
+/// One amphora: a `siphon-dataplane` and a `siphon-agent` process,
+/// heartbeating to the controller.
 pub struct Amphora {
     pub id: String,
-    pub agent: Option<siphon_agent::Handle>,
+    pub agent: Option<Proc>,
     pub dataplane: Option<Dataplane>,
-    pub cfg: siphon_agent::config::AgentConfig,
+    /// The agent's port (it comes back on the same one after a restart,
+    /// as the controller knows it).
+    pub port: u16,
+    /// Where its heartbeats go (read at each agent start).
+    pub heartbeat_to: Vec<SocketAddr>,
+    /// The fleet's bootstrap heartbeat key.
+    pub heartbeat_key: PathBuf,
+    pub state_dir: PathBuf,
+    pub dataplane_socket: PathBuf,
     pub dir: TempDir,
 }
 
 impl Amphora {
     pub fn start(id: &str, pki: &Pki, heartbeats: SocketAddr, key: &Path) -> Amphora {
         let dir = TempDir::new(&format!("amp-{id}"));
-        let dataplane = Dataplane::start(&dir.path("dataplane.sock"));
+        let dataplane_socket = dir.path("dataplane.sock");
+        let dataplane = Dataplane::start(&dataplane_socket);
         pki.amphora_ca
             .issue_to(&[id], &dir.path("agent.crt"), &dir.path("agent.key"));
         std::fs::write(dir.path("controller-ca.crt"), pki.controller_ca.pem()).unwrap();
-        let cfg = siphon_agent::config::AgentConfig {
-            amphora_id: id.into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            local_socket: dir.path("agent.sock"),
-            dataplane_socket: dir.path("dataplane.sock"),
-            state_dir: dir.path("state"),
-            tls: siphon_agent::config::TlsFiles {
-                cert: dir.path("agent.crt"),
-                key: dir.path("agent.key"),
-                client_ca: dir.path("controller-ca.crt"),
-                server_ca: None,
-                server_name: None,
-            },
-            heartbeat: Some(siphon_agent::config::Heartbeat {
-                destinations: vec![heartbeats],
-                interval_ms: 200,
-                key_file: Some(key.to_owned()),
-            }),
-            limits: Default::default(),
-        };
-        let agent = siphon_agent::start(&cfg).unwrap();
-        // Restarts come back on the same port, as the controller knows it.
-        let mut cfg = cfg;
-        cfg.listen = agent.addr;
-        Amphora {
+        let port = free_port();
+        let mut amp = Amphora {
             id: id.into(),
-            agent: Some(agent),
+            agent: None,
             dataplane: Some(dataplane),
-            cfg,
+            port,
+            heartbeat_to: vec![heartbeats],
+            heartbeat_key: key.to_owned(),
+            state_dir: dir.path("state"),
+            dataplane_socket,
             dir,
-        }
+        };
+        amp.start_agent();
+        amp
     }
 
-    /// Stops the dataplane (its config is gone with it).
+    /// Stops the dataplane (SIGKILL: its config is gone with it).
     pub fn stop_dataplane(&mut self) {
-        if let Some(d) = self.dataplane.take() {
-            d.server.shutdown(Duration::from_millis(100));
-        }
+        self.dataplane = None;
     }
 
     /// Starts a dataplane with no config on the same socket.
     pub fn start_dataplane(&mut self) {
         self.stop_dataplane();
-        self.dataplane = Some(Dataplane::start(&self.cfg.dataplane_socket));
+        self.dataplane = Some(Dataplane::start(&self.dataplane_socket));
     }
 
+    /// Stops the agent as systemd would (SIGTERM), then makes sure.
     pub fn stop_agent(&mut self) {
-        if let Some(a) = self.agent.take() {
-            a.stop();
-            a.join();
+        if let Some(mut a) = self.agent.take() {
+            a.signal(nix::sys::signal::Signal::SIGTERM);
+            a.wait_exit(Duration::from_secs(5));
         }
     }
 
-    /// Starts the agent again, on the port it had.
+    /// Starts the agent again, on the port it had, and waits until it
+    /// accepts connections.
     pub fn start_agent(&mut self) {
         self.stop_agent();
-        self.agent = Some(siphon_agent::start(&self.cfg).unwrap());
+        let destinations: Vec<String> =
+            self.heartbeat_to.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            r#"amphora_id = "{id}"
+listen = "127.0.0.1:{port}"
+local_socket = "{dir}/agent.sock"
+dataplane_socket = "{socket}"
+state_dir = "{state}"
+[tls]
+cert = "{dir}/agent.crt"
+key = "{dir}/agent.key"
+client_ca = "{dir}/controller-ca.crt"
+[heartbeat]
+destinations = [{destinations}]
+interval_ms = 200
+key_file = "{key}"
+"#,
+            id = self.id,
+            port = self.port,
+            dir = self.dir.0.display(),
+            socket = self.dataplane_socket.display(),
+            state = self.state_dir.display(),
+            destinations = destinations.join(", "),
+            key = self.heartbeat_key.display(),
+        );
+        std::fs::write(self.dir.path("agent.toml"), config).unwrap();
+        let mut cmd = std::process::Command::new(process::binary("siphon-agent"));
+        cmd.arg("--config").arg(self.dir.path("agent.toml"));
+        let agent = Proc::spawn(cmd, &self.dir.path("agent.log"));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(addr).is_ok()
+            }),
+            "siphon-agent {} did not start: {}",
+            self.id,
+            agent.log_text()
+        );
+        self.agent = Some(agent);
     }
 
     pub fn port(&self) -> u16 {
-        self.agent.as_ref().unwrap().addr.port()
+        self.port
     }
 
     /// As if the machine died: no more heartbeats, no more traffic.
     pub fn kill(&mut self) {
-        self.stop_agent();
+        self.agent = None;
         self.stop_dataplane();
         // A dead machine's addresses die with it. Here every amphora
         // shares `lo`, so the VIPs this one's agent added are taken off
         // by hand (a spare that adds one still there would find it
         // present and, rightly, never own it).
-        let owned: Value = std::fs::read(self.cfg.state_dir.join("vips.json"))
+        let owned: Value = std::fs::read(self.state_dir.join("vips.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -516,23 +514,15 @@ pub fn greetings(addr: SocketAddr, n: usize) -> Vec<String> {
 pub struct ControllerProcess {
     config: std::path::PathBuf,
     log: std::path::PathBuf,
-    child: Option<std::process::Child>,
+    child: Option<Proc>,
 }
 
 impl ControllerProcess {
     /// Starts it and waits until its API answers.
     pub fn start(&mut self, rig: &Rig) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-control"))
-            .args(["--config", self.config.to_str().unwrap()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-control"));
+        cmd.args(["--config", self.config.to_str().unwrap()]);
+        let child = Proc::spawn(cmd, &self.log);
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -554,15 +544,7 @@ impl ControllerProcess {
 
     /// SIGKILL: no shutdown of any kind.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child = None;
     }
 }
 
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}

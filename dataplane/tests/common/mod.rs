@@ -2,9 +2,8 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use siphon_dataplane::config::load::Format;
 use siphon_dataplane::{Config, Options, Server};
@@ -77,102 +76,22 @@ pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Polls `f` until it is true or `timeout` passes.
-pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    f()
-}
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use siphon_testkit::process::Proc;
+#[allow(unused_imports)]
+pub use siphon_testkit::{eventually, TempDir};
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p =
-            std::env::temp_dir().join(format!("siphon-test-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("{e}"));
-        TempDir(p)
+/// The `siphon-dataplane` binary with `args`, its output in `log`. A `run`
+/// without `--socket` gets its control socket next to `log`, so parallel
+/// tests never share one.
+pub fn dataplane(args: &[&str], log: &Path) -> Proc {
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    if args.first().is_some_and(|a| a == "run") && !args.iter().any(|a| a == "--socket") {
+        let socket = log.with_extension("sock");
+        args.extend(["--socket".to_owned(), socket.to_string_lossy().into_owned()]);
     }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The `siphon-dataplane` binary running as a child, stderr in a file.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    /// Runs the binary with `args`. A `run` without `--socket` gets its
-    /// control socket next to `log`, so parallel tests never share one.
-    pub fn spawn(args: &[&str], log: &Path) -> Proc {
-        let f = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
-        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        if args.first().is_some_and(|a| a == "run") && !args.iter().any(|a| a == "--socket") {
-            let socket = log.with_extension("sock");
-            args.extend(["--socket".to_owned(), socket.to_string_lossy().into_owned()]);
-        }
-        let child = Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn: {e}"));
-        Proc {
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log contains `needle` `count` times.
-    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
-        eventually(timeout, || self.log_text().matches(needle).count() >= count)
-    }
-
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, sig).unwrap_or_else(|e| panic!("kill: {e}"));
-    }
-
-    /// Waits for exit up to `timeout`; returns the exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_siphon-dataplane"));
+    cmd.args(&args).env("RUST_LOG", "info");
+    Proc::spawn(cmd, log)
 }
