@@ -74,7 +74,7 @@ pub fn from_dataplane(
         let n = |f: fn(&ListenerReport) -> u64| c.map_or(0, f);
         beat.listeners.push(ListenerBeat {
             id: l.id.clone(),
-            operating_status: l.operating_status.as_str().to_owned(),
+            operating_status: l.operating_status,
             active_connections: n(|c| c.active_connections),
             total_connections: n(|c| c.total_connections),
             bytes_in: n(|c| c.bytes_in),
@@ -86,7 +86,7 @@ pub fn from_dataplane(
             beat.members.push(MemberBeat {
                 pool_id: p.id.clone(),
                 id: m.id.clone(),
-                operating_status: m.operating_status.as_str().to_owned(),
+                operating_status: m.operating_status,
             });
         }
     }

@@ -20,11 +20,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use siphon_agent::config::{AgentConfig, Limits, TlsFiles};
 use siphon_proto::http::{self, Request, Target};
-use siphon_testkit::pki::Ca;
 use siphon_testkit::dataplane::Dataplane;
+use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
-use siphon_testkit::{eventually, TempDir};
 use siphon_testkit::{connect_greeting, free_port, Backend};
+use siphon_testkit::{eventually, TempDir};
 
 /// A PKI: the controller CA (client certificates), the agent's CA and its
 /// server certificate for 127.0.0.1.
@@ -139,7 +139,6 @@ fn push_body(generation: u64, port: u16, b: &Backend, weight: u32) -> String {
     })
     .to_string()
 }
-
 
 #[test]
 fn mutual_tls_accepts_the_controller_and_refuses_everyone_else() {
@@ -321,8 +320,14 @@ fn heartbeats_arrive_signed_and_forged_stale_or_replayed_ones_are_rejected() {
         }
     );
     assert_eq!(last.listeners[0].id, "web");
-    assert_eq!(last.listeners[0].operating_status, "ONLINE");
-    assert_eq!(last.members[0].operating_status, "NO_MONITOR");
+    assert_eq!(
+        last.listeners[0].operating_status,
+        siphon_proto::OperatingStatus::Online
+    );
+    assert_eq!(
+        last.members[0].operating_status,
+        siphon_proto::OperatingStatus::NoMonitor
+    );
     assert!(got.windows(2).all(|w| w[1].0.seq > w[0].0.seq));
 
     // Replayed, forged, signed with another key, or old: all refused.

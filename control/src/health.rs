@@ -265,12 +265,11 @@ fn apply_beat(
 
 fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat, short: bool) {
     use OperatingStatus as O;
-    let mut members: HashMap<&str, O> = HashMap::new();
-    for m in &beat.members {
-        if let Some(st) = O::parse(&m.operating_status) {
-            members.insert(m.id.as_str(), st);
-        }
-    }
+    let members: HashMap<&str, O> = beat
+        .members
+        .iter()
+        .map(|m| (m.id.as_str(), m.operating_status))
+        .collect();
     let mut pool_status: HashMap<String, O> = HashMap::new();
     for p in s.pools_of(lb_id) {
         let mut up = 0;
@@ -323,7 +322,7 @@ fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat, short:
     let mut error = pool_status.values().any(|s| *s == O::Error);
     for l in s.listeners_of(lb_id) {
         let reported = beat.listeners.iter().find(|b| b.id == l.common.id);
-        let st = match reported.and_then(|r| O::parse(&r.operating_status)) {
+        let st = match reported.map(|r| r.operating_status) {
             Some(st) => st,
             // Left out to fit the datagram: unknown, not missing.
             None if beat.truncated => l.common.operating_status,

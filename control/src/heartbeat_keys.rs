@@ -292,7 +292,7 @@ mod tests {
             big.members.push(heartbeat::MemberBeat {
                 pool_id: format!("{i:036}"),
                 id: format!("{:036}", i + 1),
-                operating_status: "ONLINE".into(),
+                operating_status: siphon_proto::OperatingStatus::Online,
             });
             if sign(&big).len() > heartbeat::MAX_DATAGRAM {
                 big.members.pop();

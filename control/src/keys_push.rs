@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 
 use crate::model::{AmphoraStatus, RetiredKey, MAX_OLDER_KEYS};
-use crate::Controller;
+use crate::{Controller, Job};
 
 /// Makes keys for amphorae without one, and starts a push for each whose
 /// agent is not known to hold its key.
@@ -59,14 +59,13 @@ pub fn provision(ctl: &Arc<Controller>) {
             .collect()
     };
     for id in due {
-        let key = format!("key:{id}");
-        if !ctl.claim(&key) {
+        let Some(claim) = ctl.claim(Job::Key(id.clone())) else {
             continue;
-        }
+        };
         let ctl = ctl.clone();
         tokio::spawn(async move {
             push_key(&ctl, &id).await;
-            ctl.release(&key);
+            drop(claim);
         });
     }
 }

@@ -65,8 +65,46 @@ pub struct Controller {
     pub live: Mutex<HashMap<String, repair::Live>>,
     /// Load balancers (`lb:ID`) and amphorae (`amp:ID`) a task is pushing
     /// to: one task each at a time.
-    pub busy: Mutex<std::collections::HashSet<String>>,
+    /// Jobs a task is working on ([`Controller::claim`]).
+    busy: Mutex<std::collections::HashSet<Job>>,
     pub metrics: metrics::Metrics,
+}
+
+/// What the background tasks work on: one task at a time per job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Job {
+    /// Bring a load balancer's amphorae in line with the store (a push,
+    /// a repair's re-push).
+    LoadBalancer(String),
+    /// Empty an amphora taken out of service and return it to the spares.
+    Wipe(String),
+    /// Push an amphora its own heartbeat key.
+    Key(String),
+}
+
+/// A claimed [`Job`]: released, and the provisioner woken to look again,
+/// when dropped.
+#[derive(Debug)]
+pub struct Claim {
+    ctl: Arc<Controller>,
+    job: Job,
+}
+
+impl Claim {
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.ctl
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.job);
+        self.ctl.wake.notify_one();
+    }
 }
 
 impl Controller {
@@ -79,19 +117,19 @@ impl Controller {
     }
 
     /// Takes `key` for one task; `false` when another holds it.
-    pub fn claim(&self, key: &str) -> bool {
-        self.busy
+    /// Claims `job` for the calling task, or `None` when another task
+    /// has it (the next pass sees it again). The claim ends when the
+    /// returned [`Claim`] is dropped, however the task ends.
+    pub fn claim(self: &Arc<Self>, job: Job) -> Option<Claim> {
+        let fresh = self
+            .busy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned())
-    }
-
-    pub fn release(&self, key: &str) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-        self.wake.notify_one();
+            .insert(job.clone());
+        fresh.then(|| Claim {
+            ctl: self.clone(),
+            job,
+        })
     }
 
     /// The longest wait between two attempts of a repair or retry.

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use hashbrown::HashMap;
 
 use serde::{Deserialize, Serialize};
+pub use siphon_proto::config::model::{HttpMethod, LbAlgorithm, MonitorType};
 pub use siphon_proto::keys::PushedKey;
 
 /// Octavia's `provisioning_status` (lifecycle of a change).
@@ -41,32 +42,7 @@ impl ProvisioningStatus {
     }
 }
 
-/// Octavia's `operating_status` (health as observed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum OperatingStatus {
-    Online,
-    Draining,
-    Offline,
-    Degraded,
-    Error,
-    NoMonitor,
-}
-
-impl OperatingStatus {
-    /// The dataplane's and the heartbeat's spelling (the same words).
-    pub fn parse(s: &str) -> Option<OperatingStatus> {
-        Some(match s {
-            "ONLINE" => Self::Online,
-            "DRAINING" => Self::Draining,
-            "OFFLINE" => Self::Offline,
-            "DEGRADED" => Self::Degraded,
-            "ERROR" => Self::Error,
-            "NO_MONITOR" => Self::NoMonitor,
-            _ => return None,
-        })
-    }
-}
+pub use siphon_proto::OperatingStatus;
 
 /// Fields every API object has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,14 +72,22 @@ pub struct Common {
     pub next_attempt_at: Option<String>,
 }
 
-/// How many amphorae carry a load balancer, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Topology {
-    /// One amphora; a spare takes over when it fails.
-    Single,
-    /// N amphorae with identical configs behind a distributor.
-    ActiveActive,
+siphon_proto::words! {
+    /// How many amphorae carry a load balancer, and how.
+    pub enum Topology {
+        /// One amphora; a spare takes over when it fails.
+        Single = "SINGLE",
+        /// N amphorae with identical configs behind a distributor.
+        ActiveActive = "ACTIVE_ACTIVE",
+    }
+}
+
+siphon_proto::words! {
+    /// Session persistence types this provider honours (Octavia also has
+    /// `HTTP_COOKIE` and `APP_COOKIE`, which an L4 balancer cannot).
+    pub enum PersistenceType {
+        SourceIp = "SOURCE_IP",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,7 +165,7 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionPersistence {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: PersistenceType,
     #[serde(default)]
     pub cookie_name: Option<String>,
     #[serde(default)]
@@ -196,7 +180,7 @@ pub struct Pool {
     pub common: Common,
     pub load_balancer_id: String,
     pub protocol: Protocol,
-    pub lb_algorithm: String,
+    pub lb_algorithm: LbAlgorithm,
     pub session_persistence: Option<SessionPersistence>,
 }
 
@@ -222,12 +206,12 @@ pub struct HealthMonitor {
     pub load_balancer_id: String,
     pub pool_id: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: MonitorType,
     pub delay: i64,
     pub timeout: i64,
     pub max_retries: i64,
     pub max_retries_down: i64,
-    pub http_method: Option<String>,
+    pub http_method: Option<HttpMethod>,
     pub url_path: Option<String>,
     pub expected_codes: Option<String>,
     pub http_version: Option<f64>,

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use serde_json::json;
+use thiserror::Error;
 
-use crate::api::fault::Fault;
+use crate::agent_client::AgentError;
 use crate::model::{
     Amphora, AmphoraStatus, By, LoadBalancer, OperatingStatus, ProvisioningStatus, State,
 };
-use crate::store::{Kind, Tx};
-use crate::Controller;
+use crate::store::{Kind, StoreError, Tx};
+use crate::{Controller, Job};
 
 /// How long a wiped-but-unreachable amphora waits before the next try.
 const WIPE_RETRY: Duration = Duration::from_secs(5);
@@ -41,17 +42,22 @@ pub fn all_spares(s: &State, ctl: &Controller) -> Vec<Amphora> {
     ready.into_iter().cloned().collect()
 }
 
-/// `n` spare amphorae, or 503 saying how many there are.
-pub fn spares(s: &State, ctl: &Controller, n: usize) -> Result<Vec<Amphora>, Fault> {
+/// Fewer spare amphorae than a load balancer needs.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("No spare amphora available: {needed} needed, {ready} READY. Register amphorae in the controller config or with POST /v2/octavia/amphorae.")]
+pub struct NoSpare {
+    pub needed: usize,
+    pub ready: usize,
+}
+
+/// `n` spare amphorae, or how many there are.
+pub fn spares(s: &State, ctl: &Controller, n: usize) -> Result<Vec<Amphora>, NoSpare> {
     let mut ready = all_spares(s, ctl);
     if ready.len() < n {
-        return Err(Fault::new(
-            hyper::StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "No spare amphora available: {n} needed, {} READY. Register amphorae in the controller config or with POST /v2/octavia/amphorae.",
-                ready.len()
-            ),
-        ));
+        return Err(NoSpare {
+            needed: n,
+            ready: ready.len(),
+        });
     }
     ready.truncate(n);
     Ok(ready)
@@ -144,9 +150,9 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
                 .collect();
             (lbs, wipes)
         });
-        for key in lbs
+        for job in lbs
             .into_iter()
-            .map(|id| format!("lb:{id}"))
+            .map(Job::LoadBalancer)
             .chain(wipes.into_iter().filter_map(|id| {
                 let heard_since_tried = match (wipe_tried.get(&id), ctl.last_heard(&id)) {
                     (None, _) => true,
@@ -155,24 +161,65 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
                 };
                 heard_since_tried.then(|| {
                     wipe_tried.insert(id.clone(), Instant::now());
-                    format!("amp:{id}")
+                    Job::Wipe(id)
                 })
             }))
         {
-            if !ctl.claim(&key) {
+            let Some(claim) = ctl.claim(job) else {
                 continue;
-            }
+            };
             let ctl = ctl.clone();
             tokio::spawn(async move {
-                match key.split_once(':') {
-                    Some(("lb", id)) => converge(&ctl, id).await,
-                    Some((_, id)) => wipe(&ctl, id).await,
-                    None => {}
+                match claim.job() {
+                    Job::LoadBalancer(id) => converge(&ctl, id).await,
+                    Job::Wipe(id) => wipe(&ctl, id).await,
+                    Job::Key(_) => {}
                 }
-                ctl.release(&key);
             });
         }
     }
+}
+
+/// Why a push to an amphora's agent did not take.
+#[derive(Debug, Error)]
+pub enum PushError {
+    #[error("no agent TLS configured")]
+    NoAgentTls,
+    /// A 4xx: the agent will refuse it again, so it is not retried.
+    #[error("amphora {amphora} refused {path} ({status}): {body}")]
+    Refused {
+        amphora: String,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("amphora {amphora} answered {path} with {status}: {body}")]
+    Failed {
+        amphora: String,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("amphora {amphora}: {source}")]
+    Unreachable { amphora: String, source: AgentError },
+    #[error("encoding the push: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Why a load balancer's change, or an amphora's re-push, did not reach
+/// its amphorae.
+#[derive(Debug, Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    NoSpare(#[from] NoSpare),
+    #[error(transparent)]
+    Push(#[from] PushError),
+    #[error("the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("amphora {0} is gone")]
+    Gone(String),
+    #[error("amphora {0} carries no load balancer")]
+    Unassigned(String),
 }
 
 /// Pushes `body` to `path` on `amphora`'s agent, retrying what may pass
@@ -184,43 +231,45 @@ pub async fn push(
     path: &str,
     body: Vec<u8>,
     attempts: u32,
-) -> Result<String, String> {
+) -> Result<String, PushError> {
     let Some(agents) = &ctl.agents else {
-        return Err("no agent TLS configured".into());
+        return Err(PushError::NoAgentTls);
     };
     let mut backoff = ctl.config.push.backoff();
-    let mut last = String::new();
-    for attempt in 1..=attempts {
-        match agents
+    let mut attempt = 1;
+    loop {
+        let e = match agents
             .request(amphora, method.clone(), path, Some(body.clone()))
             .await
         {
-            Ok(r) if (200..300).contains(&r.status) => return Ok(r.body),
+            Ok(r) if r.is_success() => return Ok(r.body),
             Ok(r) if (400..500).contains(&r.status) => {
-                return Err(format!(
-                    "amphora {} refused {path} ({}): {}",
-                    amphora.id,
-                    r.status,
-                    r.body.trim()
-                ))
+                return Err(PushError::Refused {
+                    amphora: amphora.id.clone(),
+                    path: path.to_owned(),
+                    status: r.status,
+                    body: r.body.trim().to_owned(),
+                })
             }
-            Ok(r) => {
-                last = format!(
-                    "amphora {} answered {path} with {}: {}",
-                    amphora.id,
-                    r.status,
-                    r.body.trim()
-                )
-            }
-            Err(e) => last = format!("amphora {}: {e}", amphora.id),
+            Ok(r) => PushError::Failed {
+                amphora: amphora.id.clone(),
+                path: path.to_owned(),
+                status: r.status,
+                body: r.body.trim().to_owned(),
+            },
+            Err(source) => PushError::Unreachable {
+                amphora: amphora.id.clone(),
+                source,
+            },
+        };
+        if attempt >= attempts {
+            return Err(e);
         }
-        tracing::debug!(amphora = %amphora.id, attempt, error = %last, "push failed; retrying");
-        if attempt < attempts {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        tracing::debug!(amphora = %amphora.id, attempt, error = %e, "push failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        attempt += 1;
     }
-    Err(last)
 }
 
 /// VIPs, then config (the listeners bind the VIP); for a delete, the
@@ -231,15 +280,14 @@ async fn push_amphora(
     config: &siphon_proto::Config,
     vip: Option<&str>,
     attempts: u32,
-) -> Result<(), String> {
+) -> Result<(), PushError> {
     let remove: Vec<&String> = a.vips.iter().filter(|v| Some(v.as_str()) != vip).collect();
     let vips = serde_json::to_vec(&json!({
         "interface": a.vip_interface,
         "add": vip.into_iter().collect::<Vec<_>>(),
         "remove": remove,
-    }))
-    .unwrap_or_default();
-    let config = serde_json::to_vec(config).map_err(|e| e.to_string())?;
+    }))?;
+    let config = serde_json::to_vec(config)?;
     let n = attempts;
     if vip.is_some() {
         push(ctl, a, Method::PUT, "/v1/vips", vips, n).await?;
@@ -252,21 +300,19 @@ async fn push_amphora(
 }
 
 /// Reserves the next generation of each amphora (stored first).
-fn next_generations(ctl: &Controller, ids: &[String]) -> Result<Vec<Amphora>, String> {
-    ctl.db
-        .write(|s, tx| -> Result<Vec<Amphora>, crate::store::StoreError> {
-            let mut out = Vec::new();
-            for id in ids {
-                if let Some(a) = s.amphorae.get(id) {
-                    let mut a = a.clone();
-                    a.generation += 1;
-                    tx.put(a.clone());
-                    out.push(a);
-                }
+fn next_generations(ctl: &Controller, ids: &[String]) -> Result<Vec<Amphora>, StoreError> {
+    ctl.db.write(|s, tx| -> Result<Vec<Amphora>, StoreError> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(a) = s.amphorae.get(id) {
+                let mut a = a.clone();
+                a.generation += 1;
+                tx.put(a.clone());
+                out.push(a);
             }
-            Ok(out)
-        })
-        .map_err(|e| e.to_string())
+        }
+        Ok(out)
+    })
 }
 
 async fn converge(ctl: &Controller, lb_id: &str) {
@@ -286,24 +332,26 @@ async fn converge(ctl: &Controller, lb_id: &str) {
     if amphorae.is_empty() && !deleting {
         // Its amphorae were all taken away (failed over with no spare);
         // take spares now if there are any.
-        let got = ctl.db.write(|s, tx| -> Result<Vec<String>, Fault> {
-            let spares = spares(s, ctl, lb.amphora_count as usize)?;
-            let ids = spares.iter().map(|a| a.id.clone()).collect();
-            for mut a in spares {
-                a.load_balancer_id = Some(lb_id.to_owned());
-                a.status = AmphoraStatus::Allocated;
-                tx.put(a);
-            }
-            Ok(ids)
-        });
+        let got = ctl
+            .db
+            .write(|s, tx| -> Result<Vec<String>, ProvisionError> {
+                let spares = spares(s, ctl, lb.amphora_count as usize)?;
+                let ids = spares.iter().map(|a| a.id.clone()).collect();
+                for mut a in spares {
+                    a.load_balancer_id = Some(lb_id.to_owned());
+                    a.status = AmphoraStatus::Allocated;
+                    tx.put(a);
+                }
+                Ok(ids)
+            });
         match got {
             Ok(ids) => amphorae = ids,
-            Err(f) => return finish(ctl, lb_id, Err(f.message), &[]),
+            Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]),
         }
     }
     let amphorae = match next_generations(ctl, &amphorae) {
         Ok(a) => a,
-        Err(e) => return finish(ctl, lb_id, Err(e), &[]),
+        Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]),
     };
     let vip = (!deleting).then(|| lb.vip_address.clone());
     let pushes = amphorae.iter().map(|a| {
@@ -332,31 +380,29 @@ async fn converge(ctl: &Controller, lb_id: &str) {
             Ok(()) => ctl.pushed(id),
             Err(e) => {
                 ctl.metrics.add(&ctl.metrics.push_failures, 1);
-                errors.push(e.clone());
+                errors.push(e.to_string());
                 failed.push(id.clone());
                 tracing::error!(amphora = %id, loadbalancer = %lb_id, error = %e, "push failed");
             }
         }
     }
     // Record on each amphora what it carries now.
-    let _ = ctl
-        .db
-        .write(|s, tx| -> Result<(), crate::store::StoreError> {
-            for (id, r) in &results {
-                if let Some(a) = s.amphorae.get(id) {
-                    let mut a = a.clone();
-                    match r {
-                        Ok(()) => {
-                            a.vips = vip.iter().cloned().collect();
-                            a.error = None;
-                        }
-                        Err(e) => a.error = Some(e.clone()),
+    let _ = ctl.db.write(|s, tx| -> Result<(), StoreError> {
+        for (id, r) in &results {
+            if let Some(a) = s.amphorae.get(id) {
+                let mut a = a.clone();
+                match r {
+                    Ok(()) => {
+                        a.vips = vip.iter().cloned().collect();
+                        a.error = None;
                     }
-                    tx.put(a);
+                    Err(e) => a.error = Some(e.to_string()),
                 }
+                tx.put(a);
             }
-            Ok(())
-        });
+        }
+        Ok(())
+    });
     let outcome = if errors.is_empty() || deleting {
         // A delete completes whatever the amphorae said: one that did not
         // take the empty config is set aside (ERROR) and wiped when it
@@ -370,10 +416,10 @@ async fn converge(ctl: &Controller, lb_id: &str) {
 
 /// Pushes an amphora its load balancer's config (a new generation) and
 /// VIP again, once: the repairer's step, which has its own back-off.
-pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), String> {
+pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), ProvisionError> {
     let mut got = next_generations(ctl, &[amphora.to_owned()])?;
     let Some(a) = got.pop() else {
-        return Err(format!("amphora {amphora} is gone"));
+        return Err(ProvisionError::Gone(amphora.to_owned()));
     };
     let Some((config, vip)) = ctl.db.read(|s| {
         let lb = s.load_balancers.get(a.load_balancer_id.as_deref()?)?;
@@ -382,7 +428,7 @@ pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), String> {
             lb.vip_address.clone(),
         ))
     }) else {
-        return Err(format!("amphora {amphora} carries no load balancer"));
+        return Err(ProvisionError::Unassigned(amphora.to_owned()));
     };
     let r = push_amphora(ctl, &a, &config, Some(&vip), 1).await;
     if r.is_ok() {
@@ -390,28 +436,26 @@ pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), String> {
     } else {
         ctl.metrics.add(&ctl.metrics.push_failures, 1);
     }
-    let _ = ctl
-        .db
-        .write(|s, tx| -> Result<(), crate::store::StoreError> {
-            if let Some(a) = s.amphorae.get(amphora) {
-                if r.is_ok() {
-                    let mut a = a.clone();
-                    a.vips = vec![vip.clone()];
-                    a.error = None;
-                    a.next_attempt_at = None;
-                    tx.put(a);
-                }
+    let _ = ctl.db.write(|s, tx| -> Result<(), StoreError> {
+        if let Some(a) = s.amphorae.get(amphora) {
+            if r.is_ok() {
+                let mut a = a.clone();
+                a.vips = vec![vip.clone()];
+                a.error = None;
+                a.next_attempt_at = None;
+                tx.put(a);
             }
-            Ok(())
-        });
-    r
+        }
+        Ok(())
+    });
+    Ok(r?)
 }
 
 /// Settles the statuses of everything under `lb_id` after a push.
 fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[String]) {
     let no_health = ctl.config.health.is_none();
     let mut retry_in = None;
-    let r = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
+    let r = ctl.db.write(|s, tx| -> Result<(), StoreError> {
         let Some(lb) = s.load_balancers.get(lb_id) else {
             return Ok(());
         };
@@ -573,21 +617,19 @@ async fn wipe(ctl: &Controller, id: &str) {
     };
     match push_amphora(ctl, &a, &empty, None, ctl.config.push.attempts).await {
         Ok(()) => {
-            let _ = ctl
-                .db
-                .write(|s, tx| -> Result<(), crate::store::StoreError> {
-                    if let Some(a) = s.amphorae.get(id) {
-                        if a.status == AmphoraStatus::Error && a.load_balancer_id.is_none() {
-                            let mut a = a.clone();
-                            a.status = AmphoraStatus::Ready;
-                            a.vips.clear();
-                            a.error = None;
-                            a.updated_at = Some(crate::now());
-                            tx.put(a);
-                        }
+            let _ = ctl.db.write(|s, tx| -> Result<(), StoreError> {
+                if let Some(a) = s.amphorae.get(id) {
+                    if a.status == AmphoraStatus::Error && a.load_balancer_id.is_none() {
+                        let mut a = a.clone();
+                        a.status = AmphoraStatus::Ready;
+                        a.vips.clear();
+                        a.error = None;
+                        a.updated_at = Some(crate::now());
+                        tx.put(a);
                     }
-                    Ok(())
-                });
+                }
+                Ok(())
+            });
             tracing::info!(amphora = %id, "failed-over amphora wiped: a spare again");
         }
         Err(e) => tracing::debug!(amphora = %id, error = %e, "amphora not wiped yet"),

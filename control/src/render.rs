@@ -11,8 +11,8 @@
 use siphon_proto::config::model as dp;
 
 use crate::model::{
-    Common, HealthMonitor, Listener, LoadBalancer, Member, Pool, Protocol, ProvisioningStatus,
-    State,
+    Common, HealthMonitor, Listener, LoadBalancer, Member, PersistenceType, Pool, Protocol,
+    ProvisioningStatus, SessionPersistence, State,
 };
 
 /// Rendered: everything but what is being deleted and what failed before
@@ -96,18 +96,12 @@ fn listener(lb: &LoadBalancer, l: &Listener, pool: Option<&str>) -> dp::Listener
 /// dataplane that is the SOURCE_IP (Maglev on the source address)
 /// algorithm, which every amphora computes alike.
 fn algorithm(p: &Pool) -> dp::LbAlgorithm {
-    if p.session_persistence
-        .as_ref()
-        .is_some_and(|sp| sp.kind == "SOURCE_IP")
-    {
-        return dp::LbAlgorithm::SourceIp;
-    }
-    match p.lb_algorithm.as_str() {
-        "LEAST_CONNECTIONS" => dp::LbAlgorithm::LeastConnections,
-        "SOURCE_IP" => dp::LbAlgorithm::SourceIp,
-        "SOURCE_IP_PORT" => dp::LbAlgorithm::SourceIpPort,
-        "MAGLEV" => dp::LbAlgorithm::Maglev,
-        _ => dp::LbAlgorithm::RoundRobin,
+    match &p.session_persistence {
+        Some(SessionPersistence {
+            kind: PersistenceType::SourceIp,
+            ..
+        }) => dp::LbAlgorithm::SourceIp,
+        None => p.lb_algorithm,
     }
 }
 
@@ -125,25 +119,14 @@ fn member(p: &Pool, m: &Member) -> dp::Member {
 }
 
 fn monitor(h: &HealthMonitor) -> dp::HealthMonitor {
-    let kind = match h.kind.as_str() {
-        "UDP-CONNECT" => dp::MonitorType::UdpConnect,
-        "HTTP" => dp::MonitorType::Http,
-        "HTTPS" => dp::MonitorType::Https,
-        "TLS-HELLO" => dp::MonitorType::TlsHello,
-        "PING" => dp::MonitorType::Ping,
-        _ => dp::MonitorType::Tcp,
-    };
-    let method = h.http_method.as_deref().and_then(|m| {
-        serde_json::from_value::<dp::HttpMethod>(serde_json::Value::String(m.to_owned())).ok()
-    });
-    let http = matches!(kind, dp::MonitorType::Http | dp::MonitorType::Https);
+    let http = matches!(h.kind, dp::MonitorType::Http | dp::MonitorType::Https);
     dp::HealthMonitor {
-        kind,
+        kind: h.kind,
         delay: h.delay,
         timeout: h.timeout,
         max_retries: h.max_retries,
         max_retries_down: h.max_retries_down,
-        http_method: if http { method } else { None },
+        http_method: if http { h.http_method } else { None },
         url_path: if http { h.url_path.clone() } else { None },
         expected_codes: if http { h.expected_codes.clone() } else { None },
         admin_state_up: h.common.admin_state_up,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::{AmphoraStatus, LoadBalancer, OperatingStatus, ProvisioningStatus};
-use crate::Controller;
+use crate::{Controller, Job};
 
 /// A heartbeat sent this soon after a push finished may describe the
 /// amphora from before it: such reports are not judged.
@@ -354,14 +354,13 @@ fn act(ctl: &Arc<Controller>, step: Step) {
             lb,
             reason,
         } => {
-            let key = format!("lb:{lb}");
-            if !ctl.claim(&key) {
+            let Some(claim) = ctl.claim(Job::LoadBalancer(lb)) else {
                 return;
-            }
+            };
             let ctl = ctl.clone();
             tokio::spawn(async move {
                 repush(&ctl, &amphora, &reason).await;
-                ctl.release(&key);
+                drop(claim);
             });
         }
         Step::FailOver {

@@ -457,3 +457,50 @@ impl Db {
         unpoisoned(self.store.lock()).schema_version()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail by panicking
+    use super::*;
+    use crate::model::LbAlgorithm;
+
+    fn pool() -> Pool {
+        serde_json::from_value(serde_json::json!({
+            "id": "p1", "name": "", "description": "", "project_id": "",
+            "admin_state_up": true, "provisioning_status": "ACTIVE",
+            "operating_status": "ONLINE", "tags": [],
+            "created_at": "2026-01-01T00:00:00", "updated_at": null,
+            "load_balancer_id": "lb1", "protocol": "TCP",
+            "lb_algorithm": "ROUND_ROBIN", "session_persistence": null
+        }))
+        .unwrap()
+    }
+
+    /// A word the controller does not know, found in the database (a
+    /// newer controller's, a hand edit), stops the load with an error
+    /// naming the row and the word: never a silent default.
+    #[test]
+    fn an_unknown_word_in_the_database_is_an_error_not_a_default() {
+        let path = std::env::temp_dir().join(format!("siphon-store-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut store = Store::open(&path).unwrap();
+        store.commit(&[Op::put(pool())]).unwrap();
+        assert_eq!(
+            store.load().unwrap().pools.get("p1").unwrap().lb_algorithm,
+            LbAlgorithm::RoundRobin
+        );
+        store
+            .conn
+            .execute(
+                "UPDATE pool SET doc = replace(doc, 'ROUND_ROBIN', 'FASTEST')",
+                [],
+            )
+            .unwrap();
+        let e = store.load().unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{text}");
+        assert!(text.contains("p1") && text.contains("FASTEST"), "{text}");
+        drop(store);
+        let _ = std::fs::remove_file(&path);
+    }
+}

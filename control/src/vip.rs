@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
+use thiserror::Error;
 
-use crate::api::fault::Fault;
 use crate::config::VipSubnet;
 use crate::model::State;
 
@@ -26,6 +26,39 @@ pub struct Vip {
     pub address: IpAddr,
 }
 
+/// Why no VIP can be given; the API turns each into Octavia's fault.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum VipError {
+    #[error("{0:?} is not an IPv4 or IPv6 address")]
+    NotAnAddress(String),
+    #[error("Subnet {0} could not be found.")]
+    NoSuchSubnet(String),
+    #[error("Network {0} could not be found.")]
+    NoSuchNetwork(String),
+    #[error("No subnet of network {network} holds the address {address}")]
+    NoSubnetHolds { network: String, address: String },
+    #[error("Must provide at least one of: vip_port_id, vip_network_id, vip_subnet_id")]
+    NoneGiven,
+    #[error("The VIP address {address} is not in subnet {subnet} ({cidr})")]
+    OutsideSubnet {
+        address: IpAddr,
+        subnet: String,
+        cidr: ipnet::IpNet,
+    },
+    #[error(
+        "It is the network or broadcast address of subnet {subnet} ({cidr}), not a host address"
+    )]
+    NotAHost {
+        address: IpAddr,
+        subnet: String,
+        cidr: ipnet::IpNet,
+    },
+    #[error("IP address {address} already allocated in subnet {subnet}")]
+    Taken { address: IpAddr, subnet: String },
+    #[error("Subnet {0} has no free address left")]
+    Exhausted(String),
+}
+
 /// Picks the subnet (by id, or the network's first that fits) and the
 /// address (the one asked for, or the first free host address).
 pub fn allocate(
@@ -34,39 +67,32 @@ pub fn allocate(
     subnet_id: Option<&str>,
     network_id: Option<&str>,
     address: Option<&str>,
-) -> Result<Vip, Fault> {
+) -> Result<Vip, VipError> {
     let wanted: Option<IpAddr> = match address {
-        Some(a) => Some(a.parse().map_err(|_| {
-            Fault::invalid("vip_address", a, "Value should be IPv4 or IPv6 format")
-        })?),
+        Some(a) => Some(
+            a.parse()
+                .map_err(|_| VipError::NotAnAddress(a.to_owned()))?,
+        ),
         None => None,
     };
     let subnet = match (subnet_id, network_id) {
         (Some(id), _) => subnets
             .iter()
             .find(|x| x.id == id)
-            .ok_or_else(|| Fault::bad_request(format!("Subnet {id} could not be found.")))?,
+            .ok_or_else(|| VipError::NoSuchSubnet(id.to_owned()))?,
         (None, Some(net)) => {
             let mut on_net = subnets.iter().filter(|x| x.network_id == net).peekable();
             if on_net.peek().is_none() {
-                return Err(Fault::bad_request(format!(
-                    "Network {net} could not be found."
-                )));
+                return Err(VipError::NoSuchNetwork(net.to_owned()));
             }
             on_net
                 .find(|x| wanted.is_none_or(|a| x.cidr.contains(&a)))
-                .ok_or_else(|| {
-                    Fault::bad_request(format!(
-                        "No subnet of network {net} holds the address {}",
-                        address.unwrap_or_default()
-                    ))
+                .ok_or_else(|| VipError::NoSubnetHolds {
+                    network: net.to_owned(),
+                    address: address.unwrap_or_default().to_owned(),
                 })?
         }
-        (None, None) => {
-            return Err(Fault::bad_request(
-                "Must provide at least one of: vip_port_id, vip_network_id, vip_subnet_id",
-            ))
-        }
+        (None, None) => return Err(VipError::NoneGiven),
     };
     let used: HashSet<IpAddr> = s
         .load_balancers
@@ -75,27 +101,23 @@ pub fn allocate(
         .collect();
     let address = match wanted {
         Some(a) => {
-            if !subnet.cidr.contains(&a) {
-                return Err(Fault::bad_request(format!(
-                    "The VIP address {a} is not in subnet {} ({})",
-                    subnet.id, subnet.cidr
-                )));
+            let (subnet, cidr) = (subnet.id.clone(), subnet.cidr);
+            if !cidr.contains(&a) {
+                return Err(VipError::OutsideSubnet {
+                    address: a,
+                    subnet,
+                    cidr,
+                });
             }
-            if !is_host(&subnet.cidr, a) {
-                return Err(Fault::invalid(
-                    "vip_address",
-                    a,
-                    &format!(
-                        "It is the network or broadcast address of subnet {} ({}), not a host address",
-                        subnet.id, subnet.cidr
-                    ),
-                ));
+            if !is_host(&cidr, a) {
+                return Err(VipError::NotAHost {
+                    address: a,
+                    subnet,
+                    cidr,
+                });
             }
             if used.contains(&a) {
-                return Err(Fault::conflict(format!(
-                    "IP address {a} already allocated in subnet {}",
-                    subnet.id
-                )));
+                return Err(VipError::Taken { address: a, subnet });
             }
             a
         }
@@ -103,9 +125,7 @@ pub fn allocate(
             .cidr
             .hosts()
             .find(|a| Some(*a) != subnet.gateway_ip && !used.contains(a))
-            .ok_or_else(|| {
-                Fault::conflict(format!("Subnet {} has no free address left", subnet.id))
-            })?,
+            .ok_or_else(|| VipError::Exhausted(subnet.id.clone()))?,
     };
     Ok(Vip {
         subnet: subnet.clone(),
@@ -177,7 +197,9 @@ mod tests {
         }
     }
 
-    fn status(cidr: &str, address: &str) -> u16 {
+    /// Whether `address` may be a VIP in `cidr`: true, or false when it
+    /// is not a host's address (any other refusal fails the test).
+    fn host(cidr: &str, address: &str) -> bool {
         match allocate(
             &[subnet(cidr)],
             &State::default(),
@@ -185,24 +207,74 @@ mod tests {
             None,
             Some(address),
         ) {
-            Ok(_) => 200,
-            Err(f) => f.status.as_u16(),
+            Ok(v) => v.address.to_string() == address,
+            Err(VipError::NotAHost { .. }) => false,
+            Err(e) => panic!("{cidr} {address}: {e}"),
         }
     }
 
     #[test]
     fn network_and_broadcast_addresses_are_not_vips() {
-        assert_eq!(status("198.18.7.0/24", "198.18.7.0"), 400);
-        assert_eq!(status("198.18.7.0/24", "198.18.7.255"), 400);
-        assert_eq!(status("198.18.7.0/24", "198.18.7.1"), 200);
-        assert_eq!(status("198.18.7.0/24", "198.18.7.254"), 200);
-        assert_eq!(status("198.18.7.0/31", "198.18.7.0"), 200);
-        assert_eq!(status("198.18.7.9/32", "198.18.7.9"), 200);
-        assert_eq!(status("2001:db8::/64", "2001:db8::"), 400);
-        assert_eq!(
-            status("2001:db8::/64", "2001:db8::ffff:ffff:ffff:ffff"),
-            200
-        );
-        assert_eq!(status("2001:db8::/127", "2001:db8::"), 200);
+        assert!(!host("198.18.7.0/24", "198.18.7.0"));
+        assert!(!host("198.18.7.0/24", "198.18.7.255"));
+        assert!(host("198.18.7.0/24", "198.18.7.1"));
+        assert!(host("198.18.7.0/24", "198.18.7.254"));
+        assert!(host("198.18.7.0/31", "198.18.7.0"));
+        assert!(host("198.18.7.9/32", "198.18.7.9"));
+        assert!(!host("2001:db8::/64", "2001:db8::"));
+        assert!(host("2001:db8::/64", "2001:db8::ffff:ffff:ffff:ffff"));
+        assert!(host("2001:db8::/127", "2001:db8::"));
+    }
+
+    #[test]
+    fn each_refusal_says_why() {
+        let s = State::default();
+        let subnets = [subnet("198.18.7.0/24")];
+        let alloc = |id: Option<&str>, net: Option<&str>, a: Option<&str>| {
+            allocate(&subnets, &s, id, net, a).unwrap_err()
+        };
+        assert!(matches!(
+            alloc(Some("s"), None, Some("x")),
+            VipError::NotAnAddress(_)
+        ));
+        assert!(matches!(
+            alloc(Some("t"), None, None),
+            VipError::NoSuchSubnet(_)
+        ));
+        assert!(matches!(
+            alloc(None, Some("m"), None),
+            VipError::NoSuchNetwork(_)
+        ));
+        assert!(matches!(
+            alloc(None, Some("n"), Some("198.18.8.1")),
+            VipError::NoSubnetHolds { .. }
+        ));
+        assert!(matches!(alloc(None, None, None), VipError::NoneGiven));
+        assert!(matches!(
+            alloc(Some("s"), None, Some("198.18.8.1")),
+            VipError::OutsideSubnet { .. }
+        ));
+        let tiny = [subnet("198.18.7.9/32")];
+        let mut taken = State::default();
+        let lb: crate::model::LoadBalancer = serde_json::from_value(json!({
+            "id": "lb", "name": "", "description": "", "project_id": "",
+            "admin_state_up": true, "provisioning_status": "ACTIVE",
+            "operating_status": "ONLINE", "tags": [], "created_at": "", "updated_at": null,
+            "vip_address": "198.18.7.9", "vip_subnet_id": "s", "vip_network_id": "n",
+            "vip_port_id": "", "vip_qos_policy_id": null, "provider": "siphon",
+            "flavor_id": "", "availability_zone": null, "topology": "SINGLE",
+            "amphora_count": 1
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        taken.load_balancers.insert(lb);
+        assert!(matches!(
+            allocate(&tiny, &taken, Some("s"), None, Some("198.18.7.9")),
+            Err(VipError::Taken { .. })
+        ));
+        assert!(matches!(
+            allocate(&tiny, &taken, Some("s"), None, None),
+            Err(VipError::Exhausted(_))
+        ));
+        assert!(allocate(&tiny, &State::default(), Some("s"), None, None).is_ok());
     }
 }

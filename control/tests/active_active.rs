@@ -29,8 +29,8 @@ use serde_json::Value;
 use siphon_testkit::netns::Netns;
 use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
-use siphon_testkit::TempDir;
 use siphon_testkit::root_or_skip;
+use siphon_testkit::TempDir;
 
 const VIP: &str = "198.18.100.10";
 const SUBNET: &str = "6d0f4a2e-3b1c-4e5d-9f8a-1b2c3d4e5f60";

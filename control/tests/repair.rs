@@ -343,12 +343,10 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
     let spare_secret: Vec<u8> = (0..32)
         .map(|i| u8::from_str_radix(&held["key"].as_str().unwrap()[i * 2..i * 2 + 2], 16).unwrap())
         .collect();
-    let bootstrap = std::fs::read_to_string(
-        &rig.amphorae[c].heartbeat_key,
-    )
-    .unwrap()
-    .trim()
-    .to_owned();
+    let bootstrap = std::fs::read_to_string(&rig.amphorae[c].heartbeat_key)
+        .unwrap()
+        .trim()
+        .to_owned();
     let hb = rig.handle.as_ref().unwrap().heartbeat_addr.unwrap();
     let before = metric_labeled(rig, "siphon_control_heartbeats_total", "rejected");
 

@@ -35,6 +35,8 @@ use ring::hmac;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::status::OperatingStatus;
+
 pub const MAGIC: &[u8; 4] = b"SPHB";
 pub const VERSION: u8 = 2;
 /// The key id of the fleet's shared bootstrap key; pushed keys use 1 and up.
@@ -80,7 +82,7 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerBeat {
     pub id: String,
-    pub operating_status: String,
+    pub operating_status: OperatingStatus,
     pub active_connections: u64,
     pub total_connections: u64,
     pub bytes_in: u64,
@@ -91,7 +93,7 @@ pub struct ListenerBeat {
 pub struct MemberBeat {
     pub pool_id: String,
     pub id: String,
-    pub operating_status: String,
+    pub operating_status: OperatingStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -1,6 +1,8 @@
 //! Siphon's shared vocabulary: what the dataplane, the agent and the
 //! controller say to each other, and nothing that forwards traffic.
 //!
+//! - [`words`]: closed sets of words (protocols, algorithms, monitor
+//!   types, HTTP methods, statuses), each spelled once;
 //! - [`config`]: the dataplane's config document, loading it from TOML or
 //!   JSON, and its validation;
 //! - [`status`] and [`stats`]: the operating status and the counters the
@@ -16,6 +18,9 @@
 //! The agent and the controller link this crate instead of the dataplane
 //! (or each other): the controller builds none of the dataplane's splice,
 //! recvmmsg or netlink code.
+
+#[macro_use]
+pub mod words;
 
 pub mod config;
 pub mod heartbeat;

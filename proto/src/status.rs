@@ -10,15 +10,17 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum OperatingStatus {
-    Online,
-    Degraded,
-    Error,
-    NoMonitor,
-    Offline,
-    Draining,
+words! {
+    /// Octavia's `operating_status` (health as observed): the dataplane's,
+    /// the heartbeat's and the controller's one vocabulary.
+    pub enum OperatingStatus {
+        Online = "ONLINE",
+        Draining = "DRAINING",
+        Offline = "OFFLINE",
+        Degraded = "DEGRADED",
+        Error = "ERROR",
+        NoMonitor = "NO_MONITOR",
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -56,18 +58,6 @@ pub struct MemberStatus {
 }
 
 impl OperatingStatus {
-    /// The name Octavia uses, as the JSON has it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OperatingStatus::Online => "ONLINE",
-            OperatingStatus::Degraded => "DEGRADED",
-            OperatingStatus::Error => "ERROR",
-            OperatingStatus::NoMonitor => "NO_MONITOR",
-            OperatingStatus::Offline => "OFFLINE",
-            OperatingStatus::Draining => "DRAINING",
-        }
-    }
-
     /// A pool's status from its members'.
     pub fn of_pool(members: &[MemberStatus]) -> OperatingStatus {
         use OperatingStatus::*;

@@ -31,7 +31,9 @@ impl Dataplane {
             proc,
         };
         assert!(
-            eventually(Duration::from_secs(10), || dp.try_get("/v1/generation").is_ok()),
+            eventually(Duration::from_secs(10), || dp
+                .try_get("/v1/generation")
+                .is_ok()),
             "siphon-dataplane did not start: {}",
             dp.proc.log_text()
         );

@@ -2,7 +2,6 @@
 //! certificates (valid or expired), and temp dirs removed on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: failing loudly is the point
 
-
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
 /// A certificate authority.

@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
+use siphon_proto::words::Word;
+
 use super::fault::Fault;
 
 /// A field as sent: absent, `null`, or a value.
@@ -49,6 +51,8 @@ impl<T> Field<T> {
 pub struct Body {
     map: Map<String, Value>,
     taken: BTreeSet<String>,
+    /// The field this body sits in, for a nested object.
+    within: Option<String>,
 }
 
 /// Unwraps `{"<key>": {...}}`.
@@ -62,6 +66,7 @@ pub fn parse(bytes: &[u8], key: &str) -> Result<Body, Fault> {
         Some(Value::Object(map)) if outer.is_empty() => Ok(Body {
             map,
             taken: BTreeSet::new(),
+            within: None,
         }),
         Some(_) if outer.is_empty() => Err(Fault::bad_request(format!(
             "Invalid input: \"{key}\" must be an object."
@@ -80,6 +85,7 @@ impl Body {
             Value::Object(map) => Ok(Body {
                 map,
                 taken: BTreeSet::new(),
+                within: Some(what.to_owned()),
             }),
             other => Err(Fault::invalid(what, other, "It must be an object.")),
         }
@@ -155,6 +161,35 @@ impl Body {
                 }
                 Field::Set(n)
             }
+            Field::Null => Field::Null,
+            Field::Absent => Field::Absent,
+        })
+    }
+
+    /// One of `T`'s words, typed. `refused` are Octavia's words for what
+    /// this provider cannot honour (501, unsupported); any other word is
+    /// invalid (400, listing both).
+    pub fn word<T: Word>(&mut self, key: &str, refused: &[&str]) -> Result<Field<T>, Fault> {
+        Ok(match self.string(key, 255)? {
+            Field::Set(s) => match T::parse(&s) {
+                Some(w) => Field::Set(w),
+                None if refused.contains(&s.as_str()) => {
+                    let field = match &self.within {
+                        Some(outer) => format!("{outer}.{key}"),
+                        None => key.to_owned(),
+                    };
+                    return Err(Fault::unsupported(format!("{field} = {s}")));
+                }
+                None => {
+                    let mut all: Vec<&str> = T::ALL.iter().map(|w| w.as_str()).collect();
+                    all.extend(refused);
+                    return Err(Fault::invalid(
+                        key,
+                        &s,
+                        &format!("Value should be one of: {}", all.join(", ")),
+                    ));
+                }
+            },
             Field::Null => Field::Null,
             Field::Absent => Field::Absent,
         })

@@ -6,7 +6,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::provision::NoSpare;
 use crate::store::StoreError;
+use crate::vip::VipError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
@@ -85,6 +87,33 @@ impl From<StoreError> for Fault {
     fn from(e: StoreError) -> Fault {
         tracing::error!(error = %e, "store write failed; nothing changed");
         Fault::internal(format!("The change was not stored: {e}"))
+    }
+}
+
+/// Octavia's fault for each reason a VIP cannot be given (same words).
+impl From<VipError> for Fault {
+    fn from(e: VipError) -> Fault {
+        match &e {
+            VipError::NotAnAddress(a) => {
+                Fault::invalid("vip_address", a, "Value should be IPv4 or IPv6 format")
+            }
+            VipError::NotAHost { address, .. } => {
+                Fault::invalid("vip_address", address, &e.to_string())
+            }
+            VipError::Taken { .. } | VipError::Exhausted(_) => Fault::conflict(e.to_string()),
+            VipError::NoSuchSubnet(_)
+            | VipError::NoSuchNetwork(_)
+            | VipError::NoSubnetHolds { .. }
+            | VipError::NoneGiven
+            | VipError::OutsideSubnet { .. } => Fault::bad_request(e.to_string()),
+        }
+    }
+}
+
+/// 503: a load balancer needs more amphorae than are spare.
+impl From<NoSpare> for Fault {
+    fn from(e: NoSpare) -> Fault {
+        Fault::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 }
 

@@ -17,22 +17,12 @@ use super::{
     lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
-use crate::model::{By, HealthMonitor, OperatingStatus, ProvisioningStatus, State};
+use crate::model::{
+    By, HealthMonitor, HttpMethod, MonitorType, OperatingStatus, ProvisioningStatus, State,
+};
 use crate::store::Op;
 use crate::Controller;
 
-const TYPES: &[&str] = &[
-    "HTTP",
-    "HTTPS",
-    "PING",
-    "TCP",
-    "TLS-HELLO",
-    "UDP-CONNECT",
-    "SCTP",
-];
-const METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH",
-];
 const MAX_SECONDS: i64 = i32::MAX as i64;
 
 pub fn routes() -> Router<Arc<Controller>> {
@@ -95,7 +85,7 @@ fn optional_fields(b: &mut Body, h: &mut HealthMonitor) -> Result<(), Fault> {
     if let Some(v) = b.int("max_retries_down", 1, 10)?.update() {
         h.max_retries_down = v.unwrap_or(3);
     }
-    if let Some(v) = b.one_of("http_method", METHODS)?.update() {
+    if let Some(v) = b.word("http_method", &[])?.update() {
         h.http_method = v;
     }
     if let Some(v) = b.string("url_path", 2048)?.update() {
@@ -110,10 +100,10 @@ fn optional_fields(b: &mut Body, h: &mut HealthMonitor) -> Result<(), Fault> {
     if let Some(v) = b.string("domain_name", 255)?.update() {
         h.domain_name = v;
     }
-    let http = matches!(h.kind.as_str(), "HTTP" | "HTTPS");
+    let http = matches!(h.kind, MonitorType::Http | MonitorType::Https);
     if http {
         // Octavia's defaults for HTTP checks.
-        h.http_method.get_or_insert_with(|| "GET".to_owned());
+        h.http_method.get_or_insert(HttpMethod::Get);
         h.url_path.get_or_insert_with(|| "/".to_owned());
         h.expected_codes.get_or_insert_with(|| "200".to_owned());
     } else if h.http_method.is_some()
@@ -145,12 +135,9 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         .set()
         .ok_or_else(|| mandatory("pool_id"))?;
     let kind = b
-        .one_of("type", TYPES)?
+        .word("type", &["SCTP"])?
         .set()
         .ok_or_else(|| mandatory("type"))?;
-    if kind == "SCTP" {
-        return Err(Fault::unsupported("type = SCTP"));
-    }
     let delay = b
         .int("delay", 0, MAX_SECONDS)?
         .set()

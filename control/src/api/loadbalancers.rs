@@ -82,14 +82,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         }
     }
     let availability_zone = b.string("availability_zone", 255)?.set();
-    let topology = match b
-        .one_of("topology", &["SINGLE", "ACTIVE_ACTIVE"])?
-        .set()
-        .as_deref()
-    {
-        Some("ACTIVE_ACTIVE") => Topology::ActiveActive,
-        _ => Topology::Single,
-    };
+    let topology = b.word("topology", &[])?.or(Topology::Single);
     let count = b.int("amphora_count", 1, 64)?.set();
     b.finish()?;
     // Siphon defines no availability zones, so any named one is unknown:

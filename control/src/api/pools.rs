@@ -17,20 +17,13 @@ use super::{
     lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
-use crate::model::{By, OperatingStatus, Pool, ProvisioningStatus, SessionPersistence, State};
+use crate::model::{
+    By, OperatingStatus, PersistenceType, Pool, ProvisioningStatus, SessionPersistence, State,
+};
 use crate::store::{Op, Tx};
 use crate::Controller;
 
 const PROTOCOLS: &[&str] = &["TCP", "HTTP", "HTTPS", "PROXY", "PROXYV2", "UDP", "SCTP"];
-/// Octavia's four, and Siphon's MAGLEV (consistent hashing of the whole
-/// 5-tuple, the same on every amphora).
-pub const ALGORITHMS: &[&str] = &[
-    "ROUND_ROBIN",
-    "LEAST_CONNECTIONS",
-    "SOURCE_IP",
-    "SOURCE_IP_PORT",
-    "MAGLEV",
-];
 const UNSUPPORTED: &[&str] = &[
     "healthmonitor",
     "members",
@@ -78,17 +71,12 @@ fn session_persistence(b: &mut Body) -> Result<Field<SessionPersistence>, Fault>
     Ok(match b.value("session_persistence") {
         Field::Set(v) => {
             let mut sp = Body::from_value(v, "session_persistence")?;
-            let kind = sp
-                .one_of("type", &["SOURCE_IP", "HTTP_COOKIE", "APP_COOKIE"])?
+            let kind: PersistenceType = sp
+                .word("type", &["HTTP_COOKIE", "APP_COOKIE"])?
                 .set()
                 .ok_or_else(|| {
                     Fault::bad_request("Mandatory field missing: session_persistence.type")
                 })?;
-            if kind != "SOURCE_IP" {
-                return Err(Fault::unsupported(format!(
-                    "session_persistence type {kind}"
-                )));
-            }
             if sp.string("cookie_name", 255)?.set().is_some() {
                 return Err(Fault::bad_request(
                     "Cookie names are not supported for SOURCE_IP persistence",
@@ -126,7 +114,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         .ok_or_else(|| Fault::bad_request("Mandatory field missing: protocol"))?;
     let protocol = parse_protocol(&protocol, "protocol")?;
     let lb_algorithm = b
-        .one_of("lb_algorithm", ALGORITHMS)?
+        .word("lb_algorithm", &[])?
         .set()
         .ok_or_else(|| Fault::bad_request("Mandatory field missing: lb_algorithm"))?;
     let sp = session_persistence(&mut b)?.set();
@@ -203,7 +191,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
         for f in ["protocol", "listener_id", "loadbalancer_id"] {
             b.immutable(f)?;
         }
-        if let Some(a) = b.one_of("lb_algorithm", ALGORITHMS)?.set() {
+        if let Some(a) = b.word("lb_algorithm", &[])?.set() {
             p.lb_algorithm = a;
         }
         if let Some(sp) = session_persistence(&mut b)?.update() {

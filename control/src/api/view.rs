@@ -8,8 +8,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::model::{
-    Amphora, By, Common, HealthMonitor, Listener, LoadBalancer, Member, OperatingStatus, Pool,
-    Protocol, ProvisioningStatus, Row, SessionPersistence, State, Table, Topology,
+    Amphora, By, Common, HealthMonitor, HttpMethod, LbAlgorithm, Listener, LoadBalancer, Member,
+    MonitorType, OperatingStatus, Pool, Protocol, ProvisioningStatus, Row, SessionPersistence,
+    State, Table, Topology,
 };
 
 // Views are typed and borrow from the state, so a list page is written
@@ -207,7 +208,7 @@ pub struct PoolView<'a> {
     #[serde(flatten)]
     common: CommonView<'a>,
     protocol: Protocol,
-    lb_algorithm: &'a str,
+    lb_algorithm: LbAlgorithm,
     session_persistence: Option<&'a SessionPersistence>,
     loadbalancers: [Ref<'a>; 1],
     listeners: Vec<Ref<'a>>,
@@ -227,7 +228,7 @@ pub fn pool<'a>(s: &'a State, p: &'a Pool) -> PoolView<'a> {
     PoolView {
         common: common(&p.common),
         protocol: p.protocol,
-        lb_algorithm: &p.lb_algorithm,
+        lb_algorithm: p.lb_algorithm,
         session_persistence: p.session_persistence.as_ref(),
         loadbalancers: [Ref {
             id: &p.load_balancer_id,
@@ -278,12 +279,12 @@ pub struct HealthMonitorView<'a> {
     #[serde(flatten)]
     common: CommonView<'a>,
     #[serde(rename = "type")]
-    kind: &'a str,
+    kind: MonitorType,
     delay: i64,
     timeout: i64,
     max_retries: i64,
     max_retries_down: i64,
-    http_method: Option<&'a str>,
+    http_method: Option<HttpMethod>,
     url_path: Option<&'a str>,
     expected_codes: Option<&'a str>,
     http_version: Option<f64>,
@@ -296,12 +297,12 @@ pub fn health_monitor(h: &HealthMonitor) -> HealthMonitorView<'_> {
     c.description = None;
     HealthMonitorView {
         common: c,
-        kind: &h.kind,
+        kind: h.kind,
         delay: h.delay,
         timeout: h.timeout,
         max_retries: h.max_retries,
         max_retries_down: h.max_retries_down,
-        http_method: h.http_method.as_deref(),
+        http_method: h.http_method,
         url_path: h.url_path.as_deref(),
         expected_codes: h.expected_codes.as_deref(),
         http_version: h.http_version,

@@ -12,8 +12,8 @@ use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
 use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSubnet};
-use siphon_testkit::pki::Ca;
 use siphon_testkit::dataplane::Dataplane;
+use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
 use siphon_testkit::TempDir;
 use siphon_testkit::{connect_greeting, eventually, free_port, free_udp_port, Backend};
@@ -87,8 +87,11 @@ impl Amphora {
     /// accepts connections.
     pub fn start_agent(&mut self) {
         self.stop_agent();
-        let destinations: Vec<String> =
-            self.heartbeat_to.iter().map(|a| format!("\"{a}\"")).collect();
+        let destinations: Vec<String> = self
+            .heartbeat_to
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
         let config = format!(
             r#"amphora_id = "{id}"
 listen = "127.0.0.1:{port}"
@@ -547,4 +550,3 @@ impl ControllerProcess {
         self.child = None;
     }
 }
-

@@ -32,12 +32,11 @@ pub struct Config {
     pub pools: Vec<Pool>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ListenerProtocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
+words! {
+    pub enum ListenerProtocol {
+        Tcp = "TCP",
+        Udp = "UDP",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,32 +73,25 @@ pub struct Listener {
     pub admin_state_up: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum PoolProtocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    /// TCP with a PROXY protocol v1 header sent to the member.
-    #[serde(rename = "PROXY")]
-    Proxy,
-    /// TCP with a PROXY protocol v2 header sent to the member.
-    #[serde(rename = "PROXYV2")]
-    ProxyV2,
+words! {
+    pub enum PoolProtocol {
+        Tcp = "TCP",
+        Udp = "UDP",
+        /// TCP with a PROXY protocol v1 header sent to the member.
+        Proxy = "PROXY",
+        /// TCP with a PROXY protocol v2 header sent to the member.
+        ProxyV2 = "PROXYV2",
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum LbAlgorithm {
-    #[serde(rename = "ROUND_ROBIN")]
-    RoundRobin,
-    #[serde(rename = "LEAST_CONNECTIONS")]
-    LeastConnections,
-    #[serde(rename = "SOURCE_IP")]
-    SourceIp,
-    #[serde(rename = "SOURCE_IP_PORT")]
-    SourceIpPort,
-    #[serde(rename = "MAGLEV")]
-    Maglev,
+words! {
+    pub enum LbAlgorithm {
+        RoundRobin = "ROUND_ROBIN",
+        LeastConnections = "LEAST_CONNECTIONS",
+        SourceIp = "SOURCE_IP",
+        SourceIpPort = "SOURCE_IP_PORT",
+        Maglev = "MAGLEV",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,34 +129,29 @@ pub struct Member {
     pub monitor_port: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum MonitorType {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP-CONNECT")]
-    UdpConnect,
-    #[serde(rename = "HTTP")]
-    Http,
-    #[serde(rename = "HTTPS")]
-    Https,
-    #[serde(rename = "TLS-HELLO")]
-    TlsHello,
-    #[serde(rename = "PING")]
-    Ping,
+words! {
+    pub enum MonitorType {
+        Http = "HTTP",
+        Https = "HTTPS",
+        Ping = "PING",
+        Tcp = "TCP",
+        TlsHello = "TLS-HELLO",
+        UdpConnect = "UDP-CONNECT",
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum HttpMethod {
-    Get,
-    Head,
-    Post,
-    Put,
-    Delete,
-    Trace,
-    Options,
-    Connect,
-    Patch,
+words! {
+    pub enum HttpMethod {
+        Get = "GET",
+        Head = "HEAD",
+        Post = "POST",
+        Put = "PUT",
+        Delete = "DELETE",
+        Trace = "TRACE",
+        Options = "OPTIONS",
+        Connect = "CONNECT",
+        Patch = "PATCH",
+    }
 }
 
 /// A member's active health check, run by the dataplane's health thread
