@@ -20,6 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 use siphon_agent::config::{AgentConfig, Limits, TlsFiles};
 use siphon_proto::http::{self, Request, Target};
+use siphon_testkit::agent::AgentToml;
 use siphon_testkit::dataplane::Dataplane;
 use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
@@ -1195,17 +1196,17 @@ impl AgentProcess {
     fn spawn(dir: &TempDir, pki: &Pki, limits: &str) -> AgentProcess {
         let cfg = agent_config(dir, pki, &dir.path("dp.sock"));
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let toml = format!(
-            "amphora_id = \"amp-1\"\nlisten = \"{addr}\"\nlocal_socket = \"{}\"\n\
-             dataplane_socket = \"{}\"\nstate_dir = \"{}\"\n\
-             [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[limits]\n{limits}\n",
-            cfg.local_socket.display(),
-            cfg.dataplane_socket.display(),
-            cfg.state_dir.display(),
-            cfg.tls.cert.display(),
-            cfg.tls.key.display(),
-            cfg.tls.client_ca.display(),
-        );
+        let toml = AgentToml {
+            id: "amp-1",
+            listen: addr.to_string(),
+            dir: &dir.0,
+            dataplane_socket: &cfg.dataplane_socket,
+            state_dir: &cfg.state_dir,
+            client_ca: &cfg.tls.client_ca,
+            heartbeat: None,
+            limits,
+        }
+        .render();
         std::fs::write(dir.path("agent.toml"), toml).unwrap();
         let log = dir.path("agent.log");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-agent"));

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use hashbrown::HashMap;
 
 use serde::{Deserialize, Serialize};
-pub use siphon_proto::config::model::{HttpMethod, LbAlgorithm, MonitorType};
+pub use siphon_proto::config::model::{
+    HttpMethod, LbAlgorithm, ListenerProtocol, MonitorType, PoolProtocol,
+};
 pub use siphon_proto::keys::PushedKey;
 
 /// Octavia's `provisioning_status` (lifecycle of a change).
@@ -124,34 +126,12 @@ pub struct Retry {
     pub failures: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    #[serde(rename = "PROXY")]
-    Proxy,
-    #[serde(rename = "PROXYV2")]
-    ProxyV2,
-}
-
-impl Protocol {
-    /// TCP or UDP: what the protocol runs on.
-    pub fn transport(self) -> Protocol {
-        match self {
-            Self::Udp => Self::Udp,
-            _ => Self::Tcp,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listener {
     #[serde(flatten)]
     pub common: Common,
     pub load_balancer_id: String,
-    pub protocol: Protocol,
+    pub protocol: ListenerProtocol,
     pub protocol_port: u16,
     pub connection_limit: i64,
     pub default_pool_id: Option<String>,
@@ -179,7 +159,7 @@ pub struct Pool {
     #[serde(flatten)]
     pub common: Common,
     pub load_balancer_id: String,
-    pub protocol: Protocol,
+    pub protocol: PoolProtocol,
     pub lb_algorithm: LbAlgorithm,
     pub session_persistence: Option<SessionPersistence>,
 }
@@ -647,7 +627,7 @@ mod tests {
                 next_attempt_at: None,
             },
             load_balancer_id: lb.into(),
-            protocol: Protocol::Tcp,
+            protocol: ListenerProtocol::Tcp,
             protocol_port: 80,
             connection_limit: -1,
             default_pool_id: pool.map(Into::into),

@@ -11,7 +11,7 @@
 use siphon_proto::config::model as dp;
 
 use crate::model::{
-    Common, HealthMonitor, Listener, LoadBalancer, Member, PersistenceType, Pool, Protocol,
+    Common, HealthMonitor, Listener, LoadBalancer, Member, PersistenceType, Pool,
     ProvisioningStatus, SessionPersistence, State,
 };
 
@@ -56,12 +56,7 @@ pub fn config(s: &State, lb: &LoadBalancer, generation: u64) -> dp::Config {
             .map(monitor);
         c.pools.push(dp::Pool {
             id: p.common.id.clone(),
-            protocol: match p.protocol {
-                Protocol::Tcp => dp::PoolProtocol::Tcp,
-                Protocol::Udp => dp::PoolProtocol::Udp,
-                Protocol::Proxy => dp::PoolProtocol::Proxy,
-                Protocol::ProxyV2 => dp::PoolProtocol::ProxyV2,
-            },
+            protocol: p.protocol,
             lb_algorithm: algorithm(p),
             members,
             healthmonitor: monitor,
@@ -74,10 +69,7 @@ pub fn config(s: &State, lb: &LoadBalancer, generation: u64) -> dp::Config {
 fn listener(lb: &LoadBalancer, l: &Listener, pool: Option<&str>) -> dp::Listener {
     dp::Listener {
         id: l.common.id.clone(),
-        protocol: match l.protocol {
-            Protocol::Udp => dp::ListenerProtocol::Udp,
-            _ => dp::ListenerProtocol::Tcp,
-        },
+        protocol: l.protocol,
         bind_addresses: vec![lb.vip_address.clone()],
         protocol_port: i64::from(l.protocol_port),
         connection_limit: l.connection_limit,

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use siphon_testkit::agent::AgentToml;
 use siphon_testkit::netns::Netns;
 use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
@@ -280,27 +281,18 @@ resync_s = 1
             &["run", "--socket", sock.to_str().unwrap(), "--workers", "1"],
             a.dir.join("dataplane.log"),
         ));
-        let config = format!(
-            r#"amphora_id = "{id}"
-listen = "{addr}:9443"
-local_socket = "{dir}/agent.sock"
-dataplane_socket = "{dir}/dataplane.sock"
-state_dir = "{dir}/state"
-[tls]
-cert = "{dir}/agent.crt"
-key = "{dir}/agent.key"
-client_ca = "{ca}"
-[heartbeat]
-destinations = ["198.18.1.1:5555"]
-interval_ms = 200
-key_file = "{hb}"
-"#,
-            id = a.id,
-            addr = a.addr,
-            dir = a.dir.display(),
-            ca = ca.display(),
-            hb = hb.display(),
-        );
+        let heartbeats_to: [SocketAddr; 1] = ["198.18.1.1:5555".parse().unwrap()];
+        let config = AgentToml {
+            id: &a.id,
+            listen: format!("{}:9443", a.addr),
+            dir: &a.dir,
+            dataplane_socket: &sock,
+            state_dir: &a.dir.join("state"),
+            client_ca: &ca,
+            heartbeat: Some((&heartbeats_to[..], hb.as_path())),
+            limits: "",
+        }
+        .render();
         let conf = a.dir.join("agent.toml");
         std::fs::write(&conf, config).unwrap();
         // The agent connects to the dataplane's socket: let it appear.

@@ -331,6 +331,105 @@ fn what_siphon_lacks_answers_with_octavias_faults_never_an_empty_body() {
     assert_eq!(caps.body, json!({"flavor_capabilities": []}));
 }
 
+/// Octavia's words are checked before anything is looked up: a word
+/// outside Octavia's set is 400 listing every word, one of Octavia's that
+/// an L4 provider cannot honour is 501 naming the field.
+#[test]
+fn words_outside_octavias_sets_are_invalid_and_non_l4_ones_unsupported() {
+    let api = Api::start("api-words");
+    let pool = |protocol: &str, algorithm: &str, sp: Value| {
+        Some(
+            json!({"pool": {"loadbalancer_id": "x", "protocol": protocol,
+                             "lb_algorithm": algorithm, "session_persistence": sp}}),
+        )
+    };
+    let listener = |protocol: &str| {
+        Some(
+            json!({"listener": {"loadbalancer_id": "x", "protocol": protocol,
+                                 "protocol_port": 443}}),
+        )
+    };
+    let monitor = |kind: &str| {
+        Some(
+            json!({"healthmonitor": {"pool_id": "x", "type": kind, "delay": 5,
+                                      "timeout": 3, "max_retries": 3}}),
+        )
+    };
+    let lb = |topology: &str| {
+        Some(json!({"loadbalancer": {"vip_subnet_id": "vips", "topology": topology}}))
+    };
+    let (pools, listeners) = ("/v2/lbaas/pools", "/v2/lbaas/listeners");
+    let monitors = "/v2/lbaas/healthmonitors";
+    expect_faults(
+        &api,
+        vec![
+            (
+                Method::POST,
+                pools,
+                pool("TCP", "FASTEST", Value::Null),
+                400,
+                "Value should be one of: ROUND_ROBIN, LEAST_CONNECTIONS, SOURCE_IP, SOURCE_IP_PORT, MAGLEV",
+            ),
+            (
+                Method::POST,
+                pools,
+                pool("QUIC", "MAGLEV", Value::Null),
+                400,
+                "Value should be one of: TCP, UDP, PROXY, PROXYV2, HTTP, HTTPS, SCTP",
+            ),
+            (
+                Method::POST,
+                pools,
+                pool("HTTP", "MAGLEV", Value::Null),
+                501,
+                "requested option: protocol = HTTP",
+            ),
+            (
+                Method::POST,
+                pools,
+                pool("TCP", "MAGLEV", json!({"type": "HTTP_COOKIE"})),
+                501,
+                "requested option: session_persistence.type = HTTP_COOKIE",
+            ),
+            (
+                Method::POST,
+                listeners,
+                listener("TERMINATED_HTTPS"),
+                501,
+                "requested option: protocol = TERMINATED_HTTPS",
+            ),
+            (
+                Method::POST,
+                listeners,
+                listener("PROXY"),
+                400,
+                "Value should be one of: TCP, UDP, HTTP",
+            ),
+            (
+                Method::POST,
+                monitors,
+                monitor("SCTP"),
+                501,
+                "requested option: type = SCTP",
+            ),
+            (
+                Method::POST,
+                monitors,
+                monitor("ICMP"),
+                400,
+                "Value should be one of: HTTP, HTTPS, PING, TCP, TLS-HELLO, UDP-CONNECT, SCTP",
+            ),
+            (
+                Method::POST,
+                "/v2/lbaas/loadbalancers",
+                lb("ACTIVE_STANDBY"),
+                400,
+                "Value should be one of: SINGLE, ACTIVE_ACTIVE",
+            ),
+        ],
+    );
+}
+
 #[test]
 fn a_load_balancer_with_an_unknown_zone_or_a_non_host_vip_is_refused() {
     let api = Api::start("api-create");

@@ -444,16 +444,16 @@ impl Core {
             });
         }
         // Health records only for a valid config (plan() assumes one).
-        config.validate()?;
+        let valid = config.into_valid()?;
         let published = self.published.clone();
         published
             .applying
-            .store(config.generation, Ordering::Relaxed);
+            .store(valid.config().generation, Ordering::Relaxed);
         let _applying = Applying(&published.applying);
-        let book = self.book.plan(&config, SystemTime::now());
-        let snapshot = Arc::new(Snapshot::build(config, &mut self.registry, &|p, m| {
+        let book = self.book.plan(&valid, SystemTime::now());
+        let snapshot = Arc::new(Snapshot::build(valid, &mut self.registry, &|p, m| {
             book.is_up(p, m)
-        })?);
+        }));
         // A member whose record started over (new address or check) counts
         // its connect failures afresh too.
         for p in &snapshot.pools {
@@ -602,7 +602,9 @@ impl Core {
             }
         }
         let book = &self.book;
-        let balancer = Arc::new(snapshot::balancer(cfg, &|p, m| book.is_up(p, m)));
+        let balancer = Arc::new(snapshot::balancer(cfg, &pool.members, &|p, m| {
+            book.is_up(p, m)
+        }));
         for w in &self.workers {
             w.send(Command::Balancer {
                 pool: pool.clone(),

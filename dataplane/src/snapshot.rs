@@ -11,9 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::balance::{Balancer, Candidate};
-use crate::config::validate::{parse_cidr, parse_ip};
 use crate::config::{
-    Config, ConfigError, ConfigErrors, LbAlgorithm, ListenerProtocol, Object, Pool, PoolProtocol,
+    Config, LbAlgorithm, ListenerProtocol, ParsedListener, Pool, PoolProtocol, Valid,
 };
 use crate::stats::{ListenerStats, MemberStats, Registry};
 
@@ -21,6 +20,7 @@ use crate::stats::{ListenerStats, MemberStats, Registry};
 pub struct MemberRt {
     pub id: String,
     pub addr: SocketAddr,
+    pub weight: u32,
     pub stats: Arc<MemberStats>,
 }
 
@@ -117,15 +117,17 @@ pub struct Snapshot {
     pub udp_by_addr: HashMap<SocketAddr, Arc<ListenerRt>>,
 }
 
-/// The balancer of `pool` for the members `up(pool, member)` says are
-/// healthy (admin-down members are never used).
-pub fn balancer(pool: &Pool, up: &dyn Fn(&str, &str) -> bool) -> Balancer {
+/// The balancer of `pool` (its runtime `members`, in the config's
+/// order) for the members `up(pool, member)` says are healthy (admin-down
+/// members are never used).
+pub fn balancer(pool: &Pool, members: &[MemberRt], up: &dyn Fn(&str, &str) -> bool) -> Balancer {
     let cands: Vec<Candidate> = pool
         .members
         .iter()
-        .map(|m| Candidate {
+        .zip(members)
+        .map(|(m, rt)| Candidate {
             id: m.id.clone(),
-            weight: u32::try_from(m.weight).unwrap_or(0),
+            weight: rt.weight,
             backup: m.backup,
             usable: m.admin_state_up && up(&pool.id, &m.id),
         })
@@ -135,10 +137,6 @@ pub fn balancer(pool: &Pool, up: &dyn Fn(&str, &str) -> bool) -> Balancer {
 
 fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
-}
-
-fn wrap(e: ConfigError) -> ConfigErrors {
-    ConfigErrors(vec![e])
 }
 
 impl Snapshot {
@@ -168,38 +166,36 @@ impl Snapshot {
         tcp.chain(udp)
     }
 
-    /// Builds the runtime form of a config the caller has validated,
-    /// taking counters from `registry` so they carry over for objects that
-    /// stay. `up(pool, member)` is the member's health.
+    /// Builds the runtime form of a validated config from what validation
+    /// parsed, taking counters from `registry` so they carry over for
+    /// objects that stay. `up(pool, member)` is the member's health.
     pub fn build(
-        config: Config,
+        valid: Valid,
         registry: &mut Registry,
         up: &dyn Fn(&str, &str) -> bool,
-    ) -> Result<Snapshot, ConfigErrors> {
+    ) -> Snapshot {
+        let (config, parsed) = valid.into_parts();
         let mut pools = Vec::with_capacity(config.pools.len());
         let mut pool_by_id = HashMap::new();
-        for (index, p) in config.pools.iter().enumerate() {
-            let mut members = Vec::with_capacity(p.members.len());
-            for m in &p.members {
-                let o = Object::Member {
-                    pool: p.id.clone(),
-                    member: m.id.clone(),
-                };
-                let ip = parse_ip(&o, "address", &m.address).map_err(wrap)?;
-                // validate() checked the ranges.
-                let port = u16::try_from(m.protocol_port).unwrap_or(0);
-                members.push(MemberRt {
+        for (index, (p, parsed)) in config.pools.iter().zip(&parsed.pools).enumerate() {
+            let members: Vec<MemberRt> = p
+                .members
+                .iter()
+                .zip(&parsed.members)
+                .map(|(m, pm)| MemberRt {
                     id: m.id.clone(),
-                    addr: SocketAddr::new(ip, port),
+                    addr: pm.addr,
+                    weight: pm.weight,
                     stats: registry.member(&p.id, &m.id),
-                });
-            }
+                })
+                .collect();
+            let balancer = Arc::new(balancer(p, &members, up));
             let pool = Arc::new(PoolRt {
                 id: p.id.clone(),
                 index,
                 protocol: p.protocol,
                 members,
-                balancer: Arc::new(balancer(p, up)),
+                balancer,
             });
             pool_by_id.insert(p.id.clone(), pool.clone());
             pools.push(pool);
@@ -208,20 +204,9 @@ impl Snapshot {
         let mut listeners = Vec::new();
         let mut tcp_by_addr = HashMap::new();
         let mut udp_by_addr = HashMap::new();
-        for l in config.listeners.iter().filter(|l| l.admin_state_up) {
-            let o = Object::Listener(l.id.clone());
-            let port = u16::try_from(l.protocol_port).unwrap_or(0);
-            let mut addrs = Vec::new();
-            for a in &l.bind_addresses {
-                addrs.push(SocketAddr::new(
-                    parse_ip(&o, "bind_addresses", a).map_err(wrap)?,
-                    port,
-                ));
-            }
-            let mut allowed = Vec::new();
-            for c in &l.allowed_cidrs {
-                allowed.push(parse_cidr(&o, c).map_err(wrap)?);
-            }
+        let enabled = config.listeners.iter().zip(parsed.listeners);
+        for (l, parsed) in enabled.filter(|(l, _)| l.admin_state_up) {
+            let ParsedListener { addrs, allowed } = parsed;
             let rt = Arc::new(ListenerRt {
                 id: l.id.clone(),
                 protocol: l.protocol,
@@ -248,12 +233,12 @@ impl Snapshot {
             }
             listeners.push(rt);
         }
-        Ok(Snapshot {
+        Snapshot {
             config: Arc::new(config),
             listeners,
             pools,
             tcp_by_addr,
             udp_by_addr,
-        })
+        }
     }
 }

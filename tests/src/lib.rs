@@ -3,6 +3,7 @@
 //! and the workspace's binaries. No mocks: everything
 //! here opens real sockets.
 
+pub mod agent;
 pub mod dataplane;
 pub mod dir;
 pub mod http;

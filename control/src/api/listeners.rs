@@ -16,20 +16,14 @@ use super::{
     lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
-use crate::model::{By, Listener, OperatingStatus, Pool, Protocol, ProvisioningStatus, State};
+use crate::model::{
+    By, Listener, ListenerProtocol, OperatingStatus, Pool, ProvisioningStatus, State,
+};
 use crate::store::Op;
 use crate::Controller;
 
-/// Octavia's listener protocols; only the L4 ones are served.
-const PROTOCOLS: &[&str] = &[
-    "TCP",
-    "HTTP",
-    "HTTPS",
-    "TERMINATED_HTTPS",
-    "UDP",
-    "SCTP",
-    "PROMETHEUS",
-];
+/// Octavia's listener protocols that are not L4: refused as unsupported.
+const NOT_L4: &[&str] = &["HTTP", "HTTPS", "TERMINATED_HTTPS", "SCTP", "PROMETHEUS"];
 /// Octavia's timeout range (ms): 0 to 24 days.
 const MAX_TIMEOUT_MS: i64 = 24 * 24 * 60 * 60 * 1000;
 /// TLS and L7 fields of Octavia listeners, refused when set.
@@ -87,16 +81,6 @@ async fn show(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiRes
     showing("listener", v, q.as_deref())
 }
 
-pub fn parse_protocol(p: &str, field: &str) -> Result<Protocol, Fault> {
-    match p {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        "PROXY" => Ok(Protocol::Proxy),
-        "PROXYV2" => Ok(Protocol::ProxyV2),
-        other => Err(Fault::unsupported(format!("{field} = {other}"))),
-    }
-}
-
 fn cidrs(b: &mut Body) -> Result<Field<Vec<String>>, Fault> {
     let f = b.strings("allowed_cidrs")?;
     if let Field::Set(list) = &f {
@@ -139,7 +123,7 @@ fn check_default_pool<'a>(
     s: &'a State,
     pool: &str,
     lb: &str,
-    protocol: Protocol,
+    protocol: ListenerProtocol,
     listener: Option<&str>,
 ) -> Result<&'a Pool, Fault> {
     let p = s
@@ -151,10 +135,10 @@ fn check_default_pool<'a>(
             "Pool {pool} is on another load balancer"
         )));
     }
-    if p.protocol.transport() != protocol.transport() {
+    if p.protocol.transport() != protocol {
         return Err(Fault::bad_request(format!(
-            "The pool protocol '{:?}' is invalid while the listener protocol is '{:?}'.",
-            p.protocol, protocol
+            "The pool protocol '{}' is invalid while the listener protocol is '{protocol}'.",
+            p.protocol
         )));
     }
     if let Some(other) = s
@@ -172,15 +156,10 @@ fn check_default_pool<'a>(
 async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "listener")?;
     let common = new_common(&mut b, OperatingStatus::Offline, true)?;
-    let protocol = b
-        .one_of("protocol", PROTOCOLS)?
+    let protocol: ListenerProtocol = b
+        .word("protocol", NOT_L4)?
         .set()
         .ok_or_else(|| Fault::bad_request("Mandatory field missing: protocol"))?;
-    let protocol = match protocol.as_str() {
-        "TCP" => Protocol::Tcp,
-        "UDP" => Protocol::Udp,
-        other => return Err(Fault::unsupported(format!("protocol = {other}"))),
-    };
     let port = b
         .int("protocol_port", 1, 65535)?
         .set()
@@ -201,7 +180,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
         lb_for_write(s, &lb_id)?;
         if let Some(other) = s.listeners_of(&lb_id).find(|l| {
-            l.protocol_port == port && l.protocol.transport() == protocol.transport()
+            l.protocol_port == port && l.protocol == protocol
         }) {
             return Err(Fault::conflict(format!(
                 "Another Listener on this Load Balancer is already using protocol_port {port} (listener {})",

@@ -11,19 +11,20 @@ use serde_json::Value;
 
 use super::body::{self, Body, Field};
 use super::fault::Fault;
-use super::listeners::parse_protocol;
 use super::query::{list_rows, Rows};
 use super::{
     lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{
-    By, OperatingStatus, PersistenceType, Pool, ProvisioningStatus, SessionPersistence, State,
+    By, OperatingStatus, PersistenceType, Pool, PoolProtocol, ProvisioningStatus,
+    SessionPersistence, State,
 };
 use crate::store::{Op, Tx};
 use crate::Controller;
 
-const PROTOCOLS: &[&str] = &["TCP", "HTTP", "HTTPS", "PROXY", "PROXYV2", "UDP", "SCTP"];
+/// Octavia's pool protocols that are not L4: refused as unsupported.
+const NOT_L4: &[&str] = &["HTTP", "HTTPS", "SCTP"];
 const UNSUPPORTED: &[&str] = &[
     "healthmonitor",
     "members",
@@ -108,11 +109,10 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     let common = new_common(&mut b, OperatingStatus::Offline, true)?;
     let listener_id = b.string("listener_id", 36)?.set();
     let lb_given = b.string("loadbalancer_id", 36)?.set();
-    let protocol = b
-        .one_of("protocol", PROTOCOLS)?
+    let protocol: PoolProtocol = b
+        .word("protocol", NOT_L4)?
         .set()
         .ok_or_else(|| Fault::bad_request("Mandatory field missing: protocol"))?;
-    let protocol = parse_protocol(&protocol, "protocol")?;
     let lb_algorithm = b
         .word("lb_algorithm", &[])?
         .set()
@@ -144,9 +144,9 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
                         "Listener {lid} already has default pool {p}"
                     )));
                 }
-                if l.protocol.transport() != protocol.transport() {
+                if l.protocol != protocol.transport() {
                     return Err(Fault::bad_request(format!(
-                        "The pool protocol '{protocol:?}' is invalid while the listener protocol is '{:?}'.",
+                        "The pool protocol '{protocol}' is invalid while the listener protocol is '{}'.",
                         l.protocol
                     )));
                 }

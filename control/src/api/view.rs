@@ -8,9 +8,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::model::{
-    Amphora, By, Common, HealthMonitor, HttpMethod, LbAlgorithm, Listener, LoadBalancer, Member,
-    MonitorType, OperatingStatus, Pool, Protocol, ProvisioningStatus, Row, SessionPersistence,
-    State, Table, Topology,
+    Amphora, By, Common, HealthMonitor, HttpMethod, LbAlgorithm, Listener, ListenerProtocol,
+    LoadBalancer, Member, MonitorType, OperatingStatus, Pool, PoolProtocol, ProvisioningStatus,
+    Row, SessionPersistence, State, Table, Topology,
 };
 
 // Views are typed and borrow from the state, so a list page is written
@@ -146,7 +146,7 @@ pub fn load_balancer<'a>(s: &'a State, lb: &'a LoadBalancer) -> LoadBalancerView
 pub struct ListenerView<'a> {
     #[serde(flatten)]
     common: CommonView<'a>,
-    protocol: Protocol,
+    protocol: ListenerProtocol,
     protocol_port: u16,
     connection_limit: i64,
     default_pool_id: Option<&'a str>,
@@ -207,7 +207,7 @@ pub fn listener<'a>(s: &'a State, l: &'a Listener) -> ListenerView<'a> {
 pub struct PoolView<'a> {
     #[serde(flatten)]
     common: CommonView<'a>,
-    protocol: Protocol,
+    protocol: PoolProtocol,
     lb_algorithm: LbAlgorithm,
     session_persistence: Option<&'a SessionPersistence>,
     loadbalancers: [Ref<'a>; 1],

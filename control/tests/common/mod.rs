@@ -12,6 +12,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
 use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSubnet};
+use siphon_testkit::agent::AgentToml;
 use siphon_testkit::dataplane::Dataplane;
 use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
@@ -87,34 +88,17 @@ impl Amphora {
     /// accepts connections.
     pub fn start_agent(&mut self) {
         self.stop_agent();
-        let destinations: Vec<String> = self
-            .heartbeat_to
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect();
-        let config = format!(
-            r#"amphora_id = "{id}"
-listen = "127.0.0.1:{port}"
-local_socket = "{dir}/agent.sock"
-dataplane_socket = "{socket}"
-state_dir = "{state}"
-[tls]
-cert = "{dir}/agent.crt"
-key = "{dir}/agent.key"
-client_ca = "{dir}/controller-ca.crt"
-[heartbeat]
-destinations = [{destinations}]
-interval_ms = 200
-key_file = "{key}"
-"#,
-            id = self.id,
-            port = self.port,
-            dir = self.dir.0.display(),
-            socket = self.dataplane_socket.display(),
-            state = self.state_dir.display(),
-            destinations = destinations.join(", "),
-            key = self.heartbeat_key.display(),
-        );
+        let config = AgentToml {
+            id: &self.id,
+            listen: format!("127.0.0.1:{}", self.port),
+            dir: &self.dir.0,
+            dataplane_socket: &self.dataplane_socket,
+            state_dir: &self.state_dir,
+            client_ca: &self.dir.path("controller-ca.crt"),
+            heartbeat: Some((self.heartbeat_to.as_slice(), self.heartbeat_key.as_path())),
+            limits: "",
+        }
+        .render();
         std::fs::write(self.dir.path("agent.toml"), config).unwrap();
         let mut cmd = std::process::Command::new(process::binary("siphon-agent"));
         cmd.arg("--config").arg(self.dir.path("agent.toml"));

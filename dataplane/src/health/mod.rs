@@ -20,8 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::config::validate::{parse_expected_codes, parse_ip};
-use crate::config::{Config, HttpMethod, Member, MonitorType, Object, Pool};
+use crate::config::{HttpMethod, MonitorType, ParsedMember, Pool, Valid};
 use crate::stats::MemberStats;
 use monitor::Input;
 use probe::{Check, HttpCheck};
@@ -39,7 +38,7 @@ pub struct Target {
     pub key: MemberKey,
     /// Where the member's connections go. Its health belongs to this
     /// address: re-pointing a member starts it over, up.
-    pub addr: Option<SocketAddr>,
+    pub addr: SocketAddr,
     /// Changes when anything below changes: results of an older check are
     /// then ignored, and the member starts over (up, counts at zero).
     pub check_id: u64,
@@ -96,17 +95,19 @@ impl Book {
     /// The records for `config`: a member whose address and check are
     /// unchanged keeps its state; a new member, or one whose address or
     /// check changed, starts up.
-    /// `config` must be valid.
-    pub fn plan(&self, config: &Config, now: SystemTime) -> Book {
+    /// Addresses and codes come from what validation parsed.
+    pub fn plan(&self, valid: &Valid, now: SystemTime) -> Book {
         let mut next_id = self.next_id;
         let mut records = HashMap::new();
-        for pool in &config.pools {
-            for m in pool.members.iter().filter(|m| m.admin_state_up) {
+        for (pool, parsed) in valid.config().pools.iter().zip(&valid.parsed().pools) {
+            let members = pool.members.iter().zip(&parsed.members);
+            for (m, pm) in members.filter(|(m, _)| m.admin_state_up) {
                 let key = MemberKey {
                     pool: pool.id.clone(),
                     member: m.id.clone(),
                 };
-                let mut target = target(pool, m, key.clone());
+                let expected = parsed.expected_codes.as_deref();
+                let mut target = target(pool, pm, expected, key.clone());
                 let record = match self.records.get(&key) {
                     Some(old) if old.target.same_check(&target) => old.clone(),
                     _ => {
@@ -155,47 +156,32 @@ impl Book {
     }
 }
 
-/// The check of member `m` of `pool` (validated config).
-fn target(pool: &Pool, m: &Member, key: MemberKey) -> Target {
+/// The check of member `m` of `pool`, from what validation parsed.
+fn target(
+    pool: &Pool,
+    m: &ParsedMember,
+    expected: Option<&[(u16, u16)]>,
+    key: MemberKey,
+) -> Target {
     let hm = pool.healthmonitor.as_ref().filter(|h| h.admin_state_up);
     let secs = |v: i64| Duration::from_secs(u64::try_from(v).unwrap_or(1).max(1));
     let count = |v: i64| u32::try_from(v).unwrap_or(1).max(1);
-    let check = hm.and_then(|h| {
-        let o = Object::Member {
-            pool: pool.id.clone(),
-            member: m.id.clone(),
-        };
-        let addr = m.monitor_address.as_deref().unwrap_or(&m.address);
-        let ip = parse_ip(&o, "monitor_address", addr).ok()?;
-        let port = m.monitor_port.unwrap_or(m.protocol_port);
-        let port = u16::try_from(port).ok()?;
+    let check = hm.map(|h| {
         let http = matches!(h.kind, MonitorType::Http | MonitorType::Https).then(|| HttpCheck {
             method: h.http_method.unwrap_or(HttpMethod::Get),
             path: h.url_path.clone().unwrap_or_else(|| "/".to_owned()),
-            expected: h
-                .expected_codes
-                .as_deref()
-                .and_then(parse_expected_codes)
-                .unwrap_or_else(|| vec![(200, 200)]),
+            expected: expected.map_or_else(|| vec![(200, 200)], <[_]>::to_vec),
         });
-        Some(Check {
+        Check {
             kind: h.kind,
-            target: SocketAddr::new(ip, port),
+            target: m.monitor,
             timeout: secs(h.timeout),
             http,
-        })
+        }
     });
-    let o = Object::Member {
-        pool: pool.id.clone(),
-        member: m.id.clone(),
-    };
-    let addr = parse_ip(&o, "address", &m.address)
-        .ok()
-        .zip(u16::try_from(m.protocol_port).ok())
-        .map(|(ip, port)| SocketAddr::new(ip, port));
     Target {
         key,
-        addr,
+        addr: m.addr,
         check_id: 0,
         check,
         delay: hm.map_or(Duration::ZERO, |h| secs(h.delay)),

@@ -7,4 +7,7 @@ pub mod validate;
 
 pub use load::LoadError;
 pub use model::*;
-pub use validate::{ConfigError, ConfigErrors, Object, Problem};
+pub use validate::{
+    ConfigError, ConfigErrors, Object, Parsed, ParsedListener, ParsedMember, ParsedPool, Problem,
+    Valid,
+};

@@ -84,6 +84,19 @@ words! {
     }
 }
 
+impl PoolProtocol {
+    /// The listener protocol that can take this pool: UDP for UDP, TCP
+    /// for the rest.
+    pub fn transport(self) -> ListenerProtocol {
+        match self {
+            PoolProtocol::Udp => ListenerProtocol::Udp,
+            PoolProtocol::Tcp | PoolProtocol::Proxy | PoolProtocol::ProxyV2 => {
+                ListenerProtocol::Tcp
+            }
+        }
+    }
+}
+
 words! {
     pub enum LbAlgorithm {
         RoundRobin = "ROUND_ROBIN",

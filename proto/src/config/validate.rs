@@ -239,26 +239,93 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
+/// What validation parsed, in the config's order: what runs the config
+/// takes addresses, ports and weights from here and parses nothing again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub listeners: Vec<ParsedListener>,
+    pub pools: Vec<ParsedPool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedPool {
+    pub members: Vec<ParsedMember>,
+    /// The monitor's accepted status ranges (HTTP and HTTPS checks).
+    pub expected_codes: Option<Vec<(u16, u16)>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedListener {
+    /// Each bind address with the listener's port.
+    pub addrs: Vec<SocketAddr>,
+    pub allowed: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedMember {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Where its health check goes: `monitor_address` and `monitor_port`,
+    /// each defaulting to the member's own.
+    pub monitor: SocketAddr,
+}
+
+/// A config that passed validation, with what validation parsed of it:
+/// the only way to get one is [`Config::into_valid`].
+#[derive(Debug, Clone)]
+pub struct Valid {
+    config: Config,
+    parsed: Parsed,
+}
+
+impl Valid {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn parsed(&self) -> &Parsed {
+        &self.parsed
+    }
+
+    pub fn into_parts(self) -> (Config, Parsed) {
+        (self.config, self.parsed)
+    }
+}
+
 impl Config {
-    /// Checks the whole document; on error nothing should be applied.
-    pub fn validate(&self) -> Result<(), ConfigErrors> {
+    /// Checks the whole document (every problem at once; on error nothing
+    /// should be applied) and returns what it parsed.
+    pub fn validate(&self) -> Result<Parsed, ConfigErrors> {
         let mut c = Checker { errors: Vec::new() };
         let pools: HashMap<&str, &Pool> = self.pools.iter().map(|p| (p.id.as_str(), p)).collect();
 
         let mut ids = HashSet::new();
         let mut sockets: HashMap<(ListenerProtocol, SocketAddr), &str> = HashMap::new();
-        for l in &self.listeners {
-            check_listener(&mut c, l, &pools, &mut ids, &mut sockets);
-        }
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| check_listener(&mut c, l, &pools, &mut ids, &mut sockets))
+            .collect();
         let mut ids = HashSet::new();
-        for p in &self.pools {
-            check_pool(&mut c, p, &mut ids);
-        }
+        let pools = self
+            .pools
+            .iter()
+            .map(|p| check_pool(&mut c, p, &mut ids))
+            .collect();
         if c.errors.is_empty() {
-            Ok(())
+            Ok(Parsed { listeners, pools })
         } else {
             Err(ConfigErrors(c.errors))
         }
+    }
+
+    /// The config with what validation parsed, or every problem.
+    pub fn into_valid(self) -> Result<Valid, ConfigErrors> {
+        let parsed = self.validate()?;
+        Ok(Valid {
+            config: self,
+            parsed,
+        })
     }
 }
 
@@ -268,7 +335,11 @@ fn check_listener<'a>(
     pools: &HashMap<&str, &Pool>,
     ids: &mut HashSet<String>,
     sockets: &mut HashMap<(ListenerProtocol, SocketAddr), &'a str>,
-) {
+) -> ParsedListener {
+    let mut parsed = ParsedListener {
+        addrs: Vec::with_capacity(l.bind_addresses.len()),
+        allowed: Vec::with_capacity(l.allowed_cidrs.len()),
+    };
     let o = Object::Listener(l.id.clone());
     c.id(&o, &l.id, ids);
     c.range(&o, "protocol_port", l.protocol_port, 1, 65535);
@@ -334,32 +405,30 @@ fn check_listener<'a>(
                     c.push(&o, "bind_addresses", Problem::NotAHost { address, what });
                     continue;
                 }
-                let port = u16::try_from(l.protocol_port).unwrap_or(0);
-                if port != 0 {
+                // Out of range is reported above; only a valid port binds.
+                if let Some(port) = u16::try_from(l.protocol_port).ok().filter(|p| *p != 0) {
                     let sa = SocketAddr::new(ip, port);
                     if let Some(other) = sockets.insert((l.protocol, sa), &l.id) {
                         let what = format!("{sa} (also bound by listener {other:?})");
                         c.push(&o, "bind_addresses", Problem::Duplicate(what));
                     }
+                    parsed.addrs.push(sa);
                 }
             }
             Err(e) => c.errors.push(e),
         }
     }
     for cidr in &l.allowed_cidrs {
-        if let Err(e) = parse_cidr(&o, cidr) {
-            c.errors.push(e);
+        match parse_cidr(&o, cidr) {
+            Ok(net) => parsed.allowed.push(net),
+            Err(e) => c.errors.push(e),
         }
     }
     if let Some(pid) = &l.default_pool_id {
         match pools.get(pid.as_str()) {
             None => c.push(&o, "default_pool_id", Problem::UnknownPool(pid.clone())),
             Some(p) => {
-                let ok = match l.protocol {
-                    ListenerProtocol::Tcp => p.protocol != PoolProtocol::Udp,
-                    ListenerProtocol::Udp => p.protocol == PoolProtocol::Udp,
-                };
-                if !ok {
+                if p.protocol.transport() != l.protocol {
                     let problem = Problem::ProtocolMismatch {
                         listener: l.protocol,
                         pool: p.protocol,
@@ -369,9 +438,10 @@ fn check_listener<'a>(
             }
         }
     }
+    parsed
 }
 
-fn check_pool(c: &mut Checker, p: &Pool, ids: &mut HashSet<String>) {
+fn check_pool(c: &mut Checker, p: &Pool, ids: &mut HashSet<String>) -> ParsedPool {
     let o = Object::Pool(p.id.clone());
     c.id(&o, &p.id, ids);
     let size = p.maglev_table_size;
@@ -401,11 +471,18 @@ fn check_pool(c: &mut Checker, p: &Pool, ids: &mut HashSet<String>) {
     }
     let mut member_ids = HashSet::new();
     let mut endpoints = HashSet::new();
-    for m in &p.members {
-        check_member(c, p, m, &mut member_ids, &mut endpoints);
-    }
-    if let Some(hm) = &p.healthmonitor {
-        check_monitor(c, p, hm);
+    let members = p
+        .members
+        .iter()
+        .filter_map(|m| check_member(c, p, m, &mut member_ids, &mut endpoints))
+        .collect();
+    let expected_codes = p
+        .healthmonitor
+        .as_ref()
+        .and_then(|hm| check_monitor(c, p, hm));
+    ParsedPool {
+        members,
+        expected_codes,
     }
 }
 
@@ -415,7 +492,7 @@ fn check_member(
     m: &Member,
     ids: &mut HashSet<String>,
     endpoints: &mut HashSet<SocketAddr>,
-) {
+) -> Option<ParsedMember> {
     let o = Object::Member {
         pool: p.id.clone(),
         member: m.id.clone(),
@@ -423,17 +500,24 @@ fn check_member(
     c.id(&o, &m.id, ids);
     c.range(&o, "protocol_port", m.protocol_port, 1, 65535);
     c.range(&o, "weight", m.weight, 0, MAX_WEIGHT);
+    let weight = u32::try_from(m.weight).ok();
+    let mut parsed = None;
     match parse_ip(&o, "address", &m.address) {
         Ok(ip) => {
             if let Some(what) = not_a_host(ip) {
                 let address = ip.to_string();
                 c.push(&o, "address", Problem::NotAHost { address, what });
             }
-            if let Ok(port) = u16::try_from(m.protocol_port) {
+            if let Some(port) = u16::try_from(m.protocol_port).ok().filter(|p| *p != 0) {
                 let sa = SocketAddr::new(ip, port);
-                if port != 0 && !endpoints.insert(sa) {
+                if !endpoints.insert(sa) {
                     c.push(&o, "address", Problem::Duplicate(sa.to_string()));
                 }
+                parsed = weight.map(|weight| ParsedMember {
+                    addr: sa,
+                    weight,
+                    monitor: sa,
+                });
             }
         }
         Err(e) => c.errors.push(e),
@@ -445,16 +529,24 @@ fn check_member(
                     let address = ip.to_string();
                     c.push(&o, "monitor_address", Problem::NotAHost { address, what });
                 }
+                if let Some(p) = parsed.as_mut() {
+                    p.monitor.set_ip(ip);
+                }
             }
             Err(e) => c.errors.push(e),
         }
     }
     if let Some(port) = m.monitor_port {
         c.range(&o, "monitor_port", port, 1, 65535);
+        if let (Some(p), Ok(port)) = (parsed.as_mut(), u16::try_from(port)) {
+            p.monitor.set_port(port);
+        }
     }
+    parsed
 }
 
-fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) {
+/// Checks a pool's monitor; its expected codes, parsed, when it has some.
+fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) -> Option<Vec<(u16, u16)>> {
     let o = Object::HealthMonitor { pool: p.id.clone() };
     let max = i64::from(i32::MAX);
     c.range(&o, "delay", hm.delay, 1, max);
@@ -496,11 +588,12 @@ fn check_monitor(c: &mut Checker, p: &Pool, hm: &HealthMonitor) {
             c.push(&o, "url_path", Problem::BadPath(path.clone()));
         }
     }
-    if let Some(codes) = &hm.expected_codes {
-        if parse_expected_codes(codes).is_none() {
-            c.push(&o, "expected_codes", Problem::BadCodes(codes.clone()));
-        }
+    let codes = hm.expected_codes.as_ref()?;
+    let parsed = parse_expected_codes(codes);
+    if parsed.is_none() {
+        c.push(&o, "expected_codes", Problem::BadCodes(codes.clone()));
     }
+    parsed
 }
 
 #[cfg(test)]
@@ -537,6 +630,39 @@ expected_codes = "200-204,302"
     fn errors(text: &str) -> Vec<ConfigError> {
         let c = Config::parse(text, Format::Toml).expect("parses");
         c.validate().err().map(|e| e.0).unwrap_or_default()
+    }
+
+    /// Validation hands over what it parsed, so the dataplane never
+    /// parses an address, a port, a weight or a code range again.
+    #[test]
+    fn validation_returns_the_parsed_form() {
+        let text = BASE.replace(
+            "protocol_port = 80, weight = 256, backup = true }",
+            "protocol_port = 80, weight = 256, backup = true, monitor_address = \"2001:db8::9\", monitor_port = 8080 }",
+        );
+        let c = Config::parse(&text, Format::Toml).expect("parses");
+        let valid = c.clone().into_valid().expect("valid");
+        let p = valid.parsed();
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(p.listeners[0].addrs, [sa("0.0.0.0:80"), sa("[::]:80")]);
+        let members = &p.pools[0].members;
+        assert_eq!(members[0].addr, sa("192.0.2.1:80"));
+        assert_eq!(members[0].weight, 1);
+        assert_eq!(
+            members[0].monitor, members[0].addr,
+            "defaults to the member's own"
+        );
+        assert_eq!(members[1].weight, 256);
+        assert_eq!(members[1].monitor, sa("[2001:db8::9]:8080"));
+        assert_eq!(
+            p.pools[0].expected_codes,
+            Some(vec![(200, 204), (302, 302)])
+        );
+        assert_eq!(valid.config(), &c);
+        // An invalid config gives no parsed form at all.
+        let bad = BASE.replace("192.0.2.1", "192.0.2.300");
+        let bad = Config::parse(&bad, Format::Toml).expect("parses");
+        assert!(bad.into_valid().is_err());
     }
 
     fn one(text: &str) -> (Object, &'static str, Problem) {
