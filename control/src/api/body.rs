@@ -195,22 +195,6 @@ impl Body {
         })
     }
 
-    /// One of `allowed` (Octavia's enum values).
-    pub fn one_of(&mut self, key: &str, allowed: &[&str]) -> Result<Field<String>, Fault> {
-        Ok(match self.string(key, 255)? {
-            Field::Set(s) if allowed.contains(&s.as_str()) => Field::Set(s),
-            Field::Set(s) => {
-                return Err(Fault::invalid(
-                    key,
-                    &s,
-                    &format!("Value should be one of: {}", allowed.join(", ")),
-                ))
-            }
-            Field::Null => Field::Null,
-            Field::Absent => Field::Absent,
-        })
-    }
-
     pub fn strings(&mut self, key: &str) -> Result<Field<Vec<String>>, Fault> {
         Ok(match self.raw(key) {
             Field::Set(Value::Array(items)) => {
