@@ -9,7 +9,8 @@
 //! - [`watch`] looks for amphorae silent for `heartbeat_timeout` and
 //!   fails their load balancers over to spares, unless so many went
 //!   silent at once that the fault is more likely on this side (the
-//!   circuit breaker, `failover_threshold`).
+//!   circuit breaker, `failover_threshold`); the decision is
+//!   [`crate::decide::failover`]'s.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +20,9 @@ use siphon_proto::heartbeat::Heartbeat;
 use tokio::net::UdpSocket;
 
 use crate::config::Health;
+use crate::decide::failover::Failover;
 use crate::heartbeat_keys::{Gate, Refusal};
+use crate::liveness::{Report, View};
 use crate::model::{AmphoraStatus, Counters, OperatingStatus, State};
 use crate::store::Tx;
 use crate::{Controller, StartError};
@@ -73,7 +76,7 @@ pub async fn receive(
             .map(|a| (a.id.clone(), a.heartbeat_seq))
             .collect()
     });
-    let started = SystemTime::now() - ctl.started.elapsed();
+    let started = SystemTime::now() - ctl.liveness.started().elapsed();
     let mut gate = Gate::new(
         bootstrap,
         Duration::from_millis(h.clock_window_ms),
@@ -98,10 +101,10 @@ pub async fn receive(
                 }
                 match checked {
                     Ok((beat, key_id)) => {
-                        let now = Instant::now();
-                        ctl.mark_heard(&beat.amphora_id, now);
+                        // `Gate` took it only from a registered amphora: a
+                        // stranger's beats never get here.
+                        ctl.liveness.heard(&beat.amphora_id, Instant::now(), report(&beat));
                         ctl.metrics.add(&ctl.metrics.heartbeats_accepted, 1);
-                        record(&ctl, &beat, now);
                         pending.push((beat, key_id));
                         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH);
                     }
@@ -119,12 +122,13 @@ pub async fn receive(
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
                 flush_at = None;
                 let beats = std::mem::take(&mut pending);
+                let view = ctl.view();
                 if let Err(e) = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
                     // Totals move through every beat of the batch, not
                     // from the stored value each time.
                     let mut totals = HashMap::new();
                     for (beat, key_id) in &beats {
-                        apply_beat(&ctl, &h, s, tx, beat, *key_id, &mut last, &mut totals);
+                        apply_beat(&view, &h, s, tx, beat, *key_id, &mut last, &mut totals);
                     }
                     for ((l, a), c) in totals {
                         tx.stats(&l, &a, c);
@@ -139,18 +143,13 @@ pub async fn receive(
     }
 }
 
-/// Keeps what the amphora says it runs, for the repairer.
-fn record(ctl: &Controller, beat: &Heartbeat, now: Instant) {
-    // `Gate` took it only from a registered amphora: a stranger's beats
-    // never get here.
-    let mut live = ctl.live.lock().unwrap_or_else(|e| e.into_inner());
-    let l = live.entry(beat.amphora_id.clone()).or_default();
-    l.report = Some(crate::repair::Report {
+/// What the amphora says it runs, for the repairer.
+fn report(beat: &Heartbeat) -> Report {
+    Report {
         generation: beat.generation,
         persisted_generation: Some(beat.persisted_generation),
         vips: reported_vips(beat),
-    });
-    l.received = Some(now);
+    }
 }
 
 /// The VIPs a heartbeat says its agent holds; `None` when it does not
@@ -162,19 +161,10 @@ fn reported_vips(beat: &Heartbeat) -> Option<Vec<String>> {
         .filter(|v| !(beat.truncated && v.len() >= siphon_proto::heartbeat::MAX_VIPS))
 }
 
-/// Whether the repairer judged `amphora` out of step.
-fn out_of_step(ctl: &Controller, amphora: &str) -> bool {
-    ctl.live
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(amphora)
-        .is_some_and(|l| l.drift.is_some())
-}
-
 /// Folds one heartbeat into `tx`.
 #[allow(clippy::too_many_arguments)]
 fn apply_beat(
-    ctl: &Controller,
+    view: &View,
     h: &Health,
     s: &State,
     tx: &mut Tx,
@@ -249,7 +239,7 @@ fn apply_beat(
     // in step again.
     if beat.generation != Some(a.generation)
         || lb.common.provisioning_status.is_pending()
-        || out_of_step(ctl, &a.id)
+        || view.out_of_step(&a.id)
     {
         return;
     }
@@ -258,7 +248,7 @@ fn apply_beat(
     let short = s.amphorae_of(lb_id).any(|x| {
         x.id != a.id
             && x.status == AmphoraStatus::Allocated
-            && (silent(ctl, &x.id, h.heartbeat_timeout()) || out_of_step(ctl, &x.id))
+            && (view.silent(&x.id, h.heartbeat_timeout()) || view.out_of_step(&x.id))
     });
     update_statuses(s, tx, lb_id, beat, short);
 }
@@ -355,49 +345,13 @@ fn update_statuses(s: &State, tx: &mut Tx, lb_id: &str, beat: &Heartbeat, short:
     }
 }
 
-/// Whether `amphora` has been silent for longer than `timeout`. One not
-/// heard since this controller started gets the same grace as one heard
-/// at start.
-pub fn silent(ctl: &Controller, amphora: &str, timeout: Duration) -> bool {
-    let since = ctl.last_heard(amphora).unwrap_or(ctl.started);
-    since.elapsed() > timeout
-}
-
-/// The circuit breaker: whether so many carrying amphorae fell silent
-/// together that the fault is more likely on the controller's side than
-/// in that many amphorae. It counts those whose silence began recently:
-/// longer than half the timeout (a fault silences them all within one
-/// heartbeat interval, which must be under half the timeout, so when the
-/// first goes stale the others are counted too), but not longer than
-/// twice the timeout (an amphora dead for long is not part of a new
-/// fault, and must not hold failover back for ever). `FAILOVER_STOPPED`
-/// ones count while in that window, so the breaker holds for all the
-/// amphorae of one fault, tick after tick.
-pub fn breaker_open(ctl: &Controller, s: &State, h: &Health) -> bool {
-    let Some(limit) = h.failover_threshold else {
-        return false;
-    };
-    let timeout = h.heartbeat_timeout();
-    s.amphorae
-        .values()
-        .filter(|a| {
-            matches!(
-                a.status,
-                AmphoraStatus::Allocated | AmphoraStatus::FailoverStopped
-            ) && silent(ctl, &a.id, timeout / 2)
-                && !silent(ctl, &a.id, timeout * 2)
-        })
-        .count()
-        >= limit
-}
-
-/// Fails over what went silent; runs until `stopped`.
+/// Fails over what went silent ([`crate::decide::failover::watch`]);
+/// runs until `stopped`.
 pub async fn watch(
     ctl: Arc<Controller>,
     h: Health,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let timeout = h.heartbeat_timeout();
     let mut tick = tokio::time::interval(h.check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -405,91 +359,90 @@ pub async fn watch(
             _ = tick.tick() => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        let silent = |id: &str| silent(&ctl, id, timeout);
-        let r = ctl.db.write(|s, tx| -> Result<bool, crate::store::StoreError> {
-            let stale: Vec<&crate::model::Amphora> = s
-                .amphorae
-                .values()
-                .filter(|a| a.status == AmphoraStatus::Allocated && silent(&a.id))
-                .collect();
-            // Spares that went quiet are not handed out, this tick either.
-            let mut taken = std::collections::HashSet::new();
-            for a in s.amphorae.values().filter(|a| a.status == AmphoraStatus::Ready && silent(&a.id)) {
-                taken.insert(a.id.clone());
-                let mut a = a.clone();
-                a.status = AmphoraStatus::Booting;
-                a.error = Some(format!("no heartbeat for {} ms", timeout.as_millis()));
-                tx.put(a);
-            }
-            if stale.is_empty() {
-                return Ok(false);
-            }
-            if breaker_open(&ctl, s, &h) {
-                tracing::error!(
-                    stale = stale.len(),
-                    threshold = h.failover_threshold,
-                    "circuit breaker: too many amphorae silent at once; failover stopped (FAILOVER_STOPPED) until they are heard again"
-                );
-                for a in stale {
-                    let mut a = a.clone();
-                    a.status = AmphoraStatus::FailoverStopped;
-                    a.updated_at = Some(crate::now());
-                    tx.put(a);
-                }
-                return Ok(false);
-            }
-            let mut by_lb: HashMap<String, Vec<String>> = HashMap::new();
-            for a in &stale {
-                if let Some(lb) = &a.load_balancer_id {
-                    by_lb.entry(lb.clone()).or_default().push(a.id.clone());
-                }
-            }
-            let mut spares = crate::provision::all_spares(s, &ctl)
-                .iter()
-                .filter(|a| !taken.contains(&a.id))
-                .count();
-            let mut changed = false;
-            for (lb, ids) in by_lb {
-                let Some(l) = s.load_balancers.get(&lb) else { continue };
-                // Mid-change: it is failed over on a later tick.
-                if l.common.provisioning_status.is_pending() {
-                    continue;
-                }
-                if spares < ids.len() {
-                    for id in &ids {
-                        let why = format!("no heartbeat for {} ms and no spare amphora to fail over to", timeout.as_millis());
-                        if s.amphorae[id].error.as_deref() != Some(why.as_str()) {
-                            tracing::error!(amphora = %id, loadbalancer = %lb, "{why}");
-                            let mut a = s.amphorae[id].clone();
-                            a.error = Some(why);
-                            tx.put(a);
-                        }
-                    }
-                    // Amphorae still heard carry it (active-active):
-                    // degraded, not down.
-                    let st = if s.amphorae_of(&lb).any(|a| !ids.contains(&a.id)) {
-                        OperatingStatus::Degraded
-                    } else {
-                        OperatingStatus::Error
-                    };
-                    if l.common.operating_status != st {
-                        let mut l = l.clone();
-                        l.common.operating_status = st;
-                        tx.put(l);
-                    }
-                    continue;
-                }
-                spares -= ids.len();
-                let reason = format!("no heartbeat for {} ms", timeout.as_millis());
-                crate::provision::fail_over(s, tx, &ctl, &lb, &ids, &reason, &mut taken);
-                changed = true;
-            }
-            Ok(changed)
-        });
+        let view = ctl.view();
+        let r = ctl
+            .db
+            .write(|s, tx| -> Result<bool, crate::store::StoreError> {
+                let actions = crate::decide::failover::watch(s, &view, &ctl.policy);
+                Ok(execute(&ctl, &h, s, tx, actions))
+            });
         match r {
             Ok(true) => ctl.wake.notify_one(),
             Ok(false) => {}
             Err(e) => tracing::error!(error = %e, "failover not stored"),
         }
     }
+}
+
+/// Records the health manager's decisions in `tx`; `true` when a
+/// failover needs a push.
+fn execute(ctl: &Controller, h: &Health, s: &State, tx: &mut Tx, actions: Vec<Failover>) -> bool {
+    let silence = format!("no heartbeat for {} ms", h.heartbeat_timeout().as_millis());
+    let now = crate::now();
+    let mut changed = false;
+    let held = actions
+        .iter()
+        .filter(|a| matches!(a, Failover::Hold { .. }))
+        .count();
+    if held > 0 {
+        tracing::error!(
+            stale = held,
+            threshold = h.failover_threshold,
+            "circuit breaker: too many amphorae silent at once; failover stopped (FAILOVER_STOPPED) until they are heard again"
+        );
+    }
+    for action in actions {
+        match action {
+            Failover::Quiet { amphora } => {
+                if let Some(a) = s.amphorae.get(&amphora) {
+                    let mut a = a.clone();
+                    a.status = AmphoraStatus::Booting;
+                    a.error = Some(silence.clone());
+                    tx.put(a);
+                }
+            }
+            Failover::Hold { amphora } => {
+                if let Some(a) = s.amphorae.get(&amphora) {
+                    let mut a = a.clone();
+                    a.status = AmphoraStatus::FailoverStopped;
+                    a.updated_at = Some(now.clone());
+                    tx.put(a);
+                }
+            }
+            Failover::Replace { lb, pairs } => {
+                for (failed, spare) in &pairs {
+                    tracing::warn!(%failed, %spare, loadbalancer = %lb, reason = %silence, "amphora failover");
+                }
+                ctl.metrics.add(&ctl.metrics.failovers, pairs.len() as u64);
+                crate::decide::provision::replace(s, tx, &lb, &pairs, &silence, &now);
+                changed = true;
+            }
+            Failover::Short {
+                lb,
+                amphorae,
+                status,
+            } => {
+                let why = format!("{silence} and no spare amphora to fail over to");
+                for id in &amphorae {
+                    let Some(a) = s.amphorae.get(id) else {
+                        continue;
+                    };
+                    if a.error.as_deref() != Some(why.as_str()) {
+                        tracing::error!(amphora = %id, loadbalancer = %lb, "{why}");
+                        let mut a = a.clone();
+                        a.error = Some(why.clone());
+                        tx.put(a);
+                    }
+                }
+                if let Some(l) = s.load_balancers.get(&lb) {
+                    if l.common.operating_status != status {
+                        let mut l = l.clone();
+                        l.common.operating_status = status;
+                        tx.put(l);
+                    }
+                }
+            }
+        }
+    }
+    changed
 }

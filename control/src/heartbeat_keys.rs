@@ -137,7 +137,7 @@ impl Gate {
             .amphorae
             .get(env.amphora_id)
             .ok_or_else(|| Refusal::Unknown(env.amphora_id.chars().take(64).collect()))?;
-        let now_utc = crate::repair::at_time(now);
+        let now_utc = crate::stamp(now);
         let secret = key_for(a, env.key_id, self.bootstrap.as_deref(), &now_utc)?;
         let beat = heartbeat::open(datagram, &heartbeat::key(secret))?;
         if env.key_id == BOOTSTRAP_KEY_ID && a.bootstrap_refused() {
@@ -432,7 +432,7 @@ mod tests {
         let mut s = State::default();
         let mut a = amphora("a1", Some(new));
         a.previous_heartbeat_key = Some(old.clone());
-        a.previous_key_valid_until = Some(crate::repair::at_time(now + Duration::from_secs(60)));
+        a.previous_key_valid_until = Some(crate::stamp(now + Duration::from_secs(60)));
         s.amphorae.insert(a);
         let mut gate = Gate::new(None, Duration::from_secs(30), now, HashMap::new());
         let b = heartbeat::seal(&heartbeat::key(old.secret()), 1, &beat("a1", seq, now));

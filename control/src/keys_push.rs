@@ -47,11 +47,11 @@ pub fn provision(ctl: &Arc<Controller>) {
                 .map(|a| (a.id.clone(), a.heartbeat_key_acked))
                 .collect()
         });
-        let live = ctl.live.lock().unwrap_or_else(|e| e.into_inner());
+        let view = ctl.liveness.view(now);
         wanted
             .into_iter()
             .filter(|(id, acked)| {
-                let l = live.get(id);
+                let l = view.get(id);
                 (!acked || l.is_some_and(|l| l.rekey))
                     && l.and_then(|l| l.key_next_try).is_none_or(|t| now >= t)
             })
@@ -82,14 +82,11 @@ async fn push_key(ctl: &Controller, id: &str) {
         Err(e) => return tracing::error!(error = %e, "heartbeat key not serialised"),
     };
     let r = crate::provision::push(ctl, &a, Method::PUT, "/v1/heartbeat-key", body, 1).await;
-    let mut live = ctl.live.lock().unwrap_or_else(|e| e.into_inner());
-    let l = live.entry(id.to_owned()).or_default();
+    let wait = ctl
+        .liveness
+        .key_pushed(id, r.is_ok(), Instant::now(), |n| ctl.policy.backoff(n));
     match r {
         Ok(_) => {
-            l.key_failures = 0;
-            l.key_next_try = None;
-            l.rekey = false;
-            drop(live);
             let _ = ctl
                 .db
                 .write(|s, tx| -> Result<(), crate::store::StoreError> {
@@ -105,10 +102,7 @@ async fn push_key(ctl: &Controller, id: &str) {
             tracing::info!(amphora = %id, key_id = k.key_id, "heartbeat key pushed");
         }
         Err(e) => {
-            l.key_failures = l.key_failures.saturating_add(1);
-            let wait =
-                crate::repair::backoff(l.key_failures, ctl.config.push.backoff(), ctl.retry_max());
-            l.key_next_try = Some(Instant::now() + wait);
+            let wait = wait.unwrap_or_default();
             tracing::debug!(amphora = %id, error = %e, next_attempt_in_ms = wait.as_millis() as u64, "heartbeat key not pushed yet");
         }
     }
@@ -119,12 +113,8 @@ async fn push_key(ctl: &Controller, id: &str) {
 /// changes: the bootstrap key still does not speak for it (whoever sent
 /// this may hold the bootstrap key and not be that amphora).
 pub fn request_key(ctl: &Controller, id: &str) {
-    let mut live = ctl.live.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(l) = live.get_mut(id) {
-        if !l.rekey {
-            l.rekey = true;
-            tracing::warn!(amphora = %id, "a heartbeat signed with the bootstrap key for an amphora that holds its own: pushing its key again");
-        }
+    if ctl.liveness.request_key(id) {
+        tracing::warn!(amphora = %id, "a heartbeat signed with the bootstrap key for an amphora that holds its own: pushing its key again");
     }
 }
 
@@ -162,7 +152,7 @@ pub fn rotate(
     a.previous_key_valid_until = a
         .previous_heartbeat_key
         .as_ref()
-        .map(|_| crate::repair::at(grace));
+        .map(|_| crate::stamp_in(grace));
     a.heartbeat_key = Some(key);
     a.own_key_held |= a.heartbeat_key_acked;
     a.heartbeat_key_acked = false;

@@ -9,16 +9,20 @@
 //!   stale amphorae over to spares.
 //! - [`distributor`]: spreads each VIP over the amphorae that should
 //!   receive it (`noop`, or `linux-ecmp`: a resilient nexthop group).
+//! - [`decide`]: the background tasks' decisions, pure functions of the
+//!   stored state, [`liveness`] and the time.
 //! - [`agent_client`]: the HTTPS client for agents.
 
 pub mod agent_client;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod decide;
 pub mod distributor;
 pub mod health;
 pub mod heartbeat_keys;
 pub mod keys_push;
+pub mod liveness;
 pub mod log_limit;
 pub mod metrics;
 pub mod model;
@@ -29,7 +33,6 @@ pub mod serve;
 pub mod store;
 pub mod vip;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -43,28 +46,21 @@ pub use config::ControlConfig;
 pub struct Controller {
     pub db: store::Db,
     pub config: ControlConfig,
+    /// The settings the decisions ([`decide`]) depend on.
+    pub policy: decide::Policy,
     /// `None`: no auth (development mode).
     pub token: Option<String>,
     /// Wakes the provisioner after a change.
     pub wake: tokio::sync::Notify,
     /// Wakes the distributor after a push.
     pub distribute: tokio::sync::Notify,
-    /// Amphorae the distributor sends some VIP to: not emptied until it
-    /// stopped.
-    pub targeted: Mutex<std::collections::HashSet<String>>,
-    /// Set once the distributor completed a pass without an error: until
-    /// then `targeted` may miss amphorae the kernel still sends traffic
-    /// to, so none is emptied.
-    pub distributed: std::sync::atomic::AtomicBool,
-    /// When each amphora was last heard from (this process's clock).
-    pub heard: Mutex<HashMap<String, Instant>>,
+    /// Which amphorae still get VIP traffic: the distributor alone sends
+    /// it; the provisioner empties only amphorae it shows unreached.
+    pub routed: tokio::sync::watch::Sender<liveness::Routed>,
+    /// When each amphora was heard, what it reported, how its repair
+    /// goes (not stored).
+    pub liveness: liveness::Liveness,
     pub agents: Option<agent_client::AgentClient>,
-    pub started: Instant,
-    /// What each amphora last reported and how its repair goes. Lock
-    /// order: the store's lock first, then this one.
-    pub live: Mutex<HashMap<String, repair::Live>>,
-    /// Load balancers (`lb:ID`) and amphorae (`amp:ID`) a task is pushing
-    /// to: one task each at a time.
     /// Jobs a task is working on ([`Controller::claim`]).
     busy: Mutex<std::collections::HashSet<Job>>,
     pub metrics: metrics::Metrics,
@@ -108,15 +104,6 @@ impl Drop for Claim {
 }
 
 impl Controller {
-    pub fn last_heard(&self, amphora: &str) -> Option<Instant> {
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(amphora)
-            .copied()
-    }
-
-    /// Takes `key` for one task; `false` when another holds it.
     /// Claims `job` for the calling task, or `None` when another task
     /// has it (the next pass sees it again). The claim ends when the
     /// returned [`Claim`] is dropped, however the task ends.
@@ -132,30 +119,9 @@ impl Controller {
         })
     }
 
-    /// The longest wait between two attempts of a repair or retry.
-    pub fn retry_max(&self) -> std::time::Duration {
-        self.config
-            .health
-            .as_ref()
-            .map_or(std::time::Duration::from_secs(30), |h| h.retry_max())
-    }
-
-    /// Records that a push to `amphora` just succeeded: reports sent
-    /// before it are not judged.
-    pub fn pushed(&self, amphora: &str) {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(amphora.to_owned())
-            .or_default()
-            .pushed = Some(Instant::now());
-    }
-
-    pub fn mark_heard(&self, amphora: &str, at: Instant) {
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(amphora.to_owned(), at);
+    /// What is known of the amphorae at run time, as of now.
+    pub fn view(&self) -> liveness::View {
+        self.liveness.view(Instant::now())
     }
 }
 
@@ -239,14 +205,12 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
     let controller = Arc::new(Controller {
         db,
         token,
+        policy: decide::Policy::of(&config),
         wake: tokio::sync::Notify::new(),
         distribute: tokio::sync::Notify::new(),
-        targeted: Mutex::new(Default::default()),
-        distributed: std::sync::atomic::AtomicBool::new(false),
-        heard: Mutex::new(HashMap::new()),
+        routed: tokio::sync::watch::Sender::new(liveness::Routed::Unknown),
+        liveness: liveness::Liveness::new(Instant::now()),
         agents,
-        started: Instant::now(),
-        live: Mutex::new(HashMap::new()),
         busy: Mutex::new(Default::default()),
         metrics: Default::default(),
         config,
@@ -320,10 +284,20 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
 
 /// `2026-11-30T06:20:11`: Octavia's timestamp format (UTC, no zone).
 pub fn now() -> String {
+    stamp(std::time::SystemTime::now())
+}
+
+/// `t` in Octavia's timestamp format.
+pub fn stamp(t: std::time::SystemTime) -> String {
     let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
-    time::OffsetDateTime::now_utc()
+    time::OffsetDateTime::from(t)
         .format(&format)
         .unwrap_or_default()
+}
+
+/// `now + d` in Octavia's timestamp format.
+pub fn stamp_in(d: std::time::Duration) -> String {
+    stamp(std::time::SystemTime::now() + d)
 }
 
 pub fn new_id() -> String {

@@ -31,6 +31,7 @@ pub fn routes() -> Router<Arc<Controller>> {
 
 fn amphora_view(ctl: &Controller, a: &Amphora) -> Value {
     let ago = ctl
+        .liveness
         .last_heard(&a.id)
         .map(|t| t.elapsed().as_millis() as u64);
     view::amphora(a, ago)
@@ -287,19 +288,15 @@ fn lb_of_amphora(s: &State, id: &str) -> Result<Option<String>, Fault> {
 /// Replaces this amphora with a spare (202). A spare itself is simply
 /// wiped and checked again.
 async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
+    let view = ctl.view();
     ctl.db.write(|s, tx| -> Result<(), Fault> {
         match lb_of_amphora(s, &id)? {
             Some(lb) => {
-                if crate::provision::fail_over(
-                    s,
-                    tx,
-                    &ctl,
-                    &lb,
-                    std::slice::from_ref(&id),
-                    "failover requested through the API",
-                    &mut Default::default(),
-                ) == 0
-                {
+                let failed = std::slice::from_ref(&id);
+                let pairs =
+                    crate::decide::spares::replacements(s, &view, failed, &Default::default());
+                let why = "failover requested through the API";
+                if crate::decide::provision::replace(s, tx, &lb, &pairs, why, &crate::now()) == 0 {
                     return Err(Fault::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("No spare amphora to replace {id} with"),

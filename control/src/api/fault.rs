@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::provision::NoSpare;
+use crate::decide::spares::NoSpare;
 use crate::store::StoreError;
 use crate::vip::VipError;
 

@@ -15,6 +15,7 @@ use super::{
     lb_for_write, listing_state, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
     SelfUrl,
 };
+use crate::decide::spares::Scale;
 use crate::model::{
     AmphoraStatus, By, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
 };
@@ -105,6 +106,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         (Topology::ActiveActive, n) => n.unwrap_or(2) as u32,
     };
     let id = common.id.clone();
+    let view = ctl.view();
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
         let vip = crate::vip::allocate(
             &ctl.config.vip_subnets,
@@ -113,7 +115,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             network_id.as_deref(),
             address.as_deref(),
         )?;
-        let spares = crate::provision::spares(s, &ctl, amphora_count as usize)?;
+        let spares = crate::decide::spares::take(s, &view, amphora_count as usize)?;
         if common.project_id.is_empty() {
             common.project_id = String::new();
         }
@@ -133,7 +135,8 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             retry: None,
         };
         tx.put(lb.clone());
-        for mut a in spares {
+        for a in spares {
+            let mut a = a.clone();
             a.load_balancer_id = Some(id.clone());
             a.status = AmphoraStatus::Allocated;
             a.updated_at = Some(crate::now());
@@ -191,36 +194,26 @@ fn rescale(
             "A SINGLE load balancer has exactly one amphora",
         ));
     }
-    // Kept first: the ones serving (heard, holding the VIP), oldest first;
-    // so a scale-in releases silent or not yet pushed amphorae before
-    // healthy ones, and the newest of those.
-    let serving = |a: &crate::model::Amphora| {
-        a.status == AmphoraStatus::Allocated
-            && a.vips.contains(&lb.vip_address)
-            && !ctl
-                .config
-                .health
-                .as_ref()
-                .is_some_and(|h| crate::health::silent(ctl, &a.id, h.heartbeat_timeout()))
-    };
-    let mut mine: Vec<&crate::model::Amphora> = s.amphorae_of(&lb.common.id).collect();
-    mine.sort_by_key(|a| (!serving(a), a.created_at.clone(), a.id.clone()));
     let now = crate::now();
-    if n as usize > mine.len() {
-        for mut a in crate::provision::spares(s, ctl, n as usize - mine.len())? {
-            a.load_balancer_id = Some(lb.common.id.clone());
-            a.status = AmphoraStatus::Allocated;
-            a.updated_at = Some(now.clone());
-            tx.put(a);
+    match crate::decide::spares::scale(s, &ctl.view(), &ctl.policy, lb, n)? {
+        Scale::Take(ids) => {
+            for id in ids {
+                let mut a = s.amphorae[&id].clone();
+                a.load_balancer_id = Some(lb.common.id.clone());
+                a.status = AmphoraStatus::Allocated;
+                a.updated_at = Some(now.clone());
+                tx.put(a);
+            }
         }
-    } else {
-        for a in mine.iter().skip(n as usize) {
-            let mut a = (*a).clone();
-            a.load_balancer_id = None;
-            a.status = AmphoraStatus::Error;
-            a.error = Some(format!("released by scale-in of {}", lb.common.id));
-            a.updated_at = Some(now.clone());
-            tx.put(a);
+        Scale::Release(ids) => {
+            for id in ids {
+                let mut a = s.amphorae[&id].clone();
+                a.load_balancer_id = None;
+                a.status = AmphoraStatus::Error;
+                a.error = Some(format!("released by scale-in of {}", lb.common.id));
+                a.updated_at = Some(now.clone());
+                tx.put(a);
+            }
         }
     }
     tracing::info!(loadbalancer = %lb.common.id, from = lb.amphora_count, to = n, "amphora count changed");
@@ -381,18 +374,13 @@ async fn stats(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
 /// Replaces each amphora of the load balancer with a spare where one is
 /// free (keeping it where none is, which re-pushes its config), 202.
 async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
+    let view = ctl.view();
     ctl.db.write(|s, tx| -> Result<(), Fault> {
         super::lb_settled(s, &id)?;
         let amphorae: Vec<String> = s.amphorae_of(&id).map(|a| a.id.clone()).collect();
-        crate::provision::fail_over(
-            s,
-            tx,
-            &ctl,
-            &id,
-            &amphorae,
-            "failover requested through the API",
-            &mut Default::default(),
-        );
+        let pairs = crate::decide::spares::replacements(s, &view, &amphorae, &Default::default());
+        let why = "failover requested through the API";
+        crate::decide::provision::replace(s, tx, &id, &pairs, why, &crate::now());
         Ok(())
     })?;
     ctl.wake.notify_one();

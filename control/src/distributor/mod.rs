@@ -3,7 +3,8 @@
 //!
 //! A [`Driver`] is told, per VIP, the exact set of amphorae that should
 //! receive it ([`Spread`]); [`run`] keeps every driver call in step with
-//! the store and the health manager:
+//! the store and the health manager (the decisions are
+//! [`crate::decide::distribution`]'s):
 //!
 //! - an amphora is a target of its load balancer's VIP once its config
 //!   and the VIP were pushed to it (a spare is added only after that);
@@ -26,18 +27,18 @@
 
 pub mod nexthop;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::config::{self, Health};
-use crate::model::{AmphoraStatus, ProvisioningStatus, State};
+use crate::decide::distribution::{self as decide, Call};
+use crate::liveness::Routed;
 use crate::Controller;
 
 use nexthop::{NetlinkError, Resilience, Rtnl};
@@ -239,66 +240,6 @@ pub fn open(c: &config::Distributor) -> Result<Box<dyn Driver>, DistributorError
     })
 }
 
-/// What every VIP should be spread over now, given what it is spread over
-/// (`applied`).
-pub fn desired(
-    s: &State,
-    ctl: &Controller,
-    applied: &HashMap<String, Spread>,
-) -> BTreeMap<String, Spread> {
-    let health: Option<&Health> = ctl.config.health.as_ref();
-    let silent =
-        |id: &str| health.is_some_and(|h| crate::health::silent(ctl, id, h.heartbeat_timeout()));
-    // The same rule as the failover's: too many silent together keep the
-    // places they have.
-    let hold = health.is_some_and(|h| crate::health::breaker_open(ctl, s, h));
-    let mut out = BTreeMap::new();
-    for lb in s.load_balancers.values() {
-        if lb.common.provisioning_status == ProvisioningStatus::PendingDelete {
-            continue;
-        }
-        let (Some(group), Ok(vip)) = (lb.distributor_id, lb.vip_address.parse::<IpAddr>()) else {
-            continue;
-        };
-        let before = applied.get(&lb.common.id);
-        let was_in = |id: &str| before.is_some_and(|b| b.targets.iter().any(|t| t.amphora == id));
-        let mut targets: Vec<Target> = s
-            .amphorae_of(&lb.common.id)
-            .filter(|a| a.vips.iter().any(|v| v == &lb.vip_address))
-            .filter(|a| match a.status {
-                AmphoraStatus::Allocated => !silent(&a.id) || (hold && was_in(&a.id)),
-                AmphoraStatus::FailoverStopped => !silent(&a.id) || was_in(&a.id),
-                _ => false,
-            })
-            .filter_map(|a| {
-                Some(Target {
-                    id: a.distributor_id?,
-                    address: a.data_address()?,
-                    amphora: a.id.clone(),
-                })
-            })
-            .collect();
-        targets.sort();
-        if targets.is_empty() {
-            // Nothing better to send it to: keep the last set (replacements
-            // in flight, or every amphora silent) rather than unroute it.
-            if let Some(b) = before {
-                out.insert(lb.common.id.clone(), b.clone());
-            }
-            continue;
-        }
-        out.insert(
-            lb.common.id.clone(),
-            Spread {
-                group,
-                vip,
-                targets,
-            },
-        );
-    }
-    out
-}
-
 /// Gives every load balancer and allocated amphora lacking one (or holding
 /// one below `first`, from an earlier setting) a distributor id, stored so
 /// it survives a restart.
@@ -357,6 +298,9 @@ struct Reconciler {
     errors: HashMap<String, String>,
     /// When everything was last applied in full; `None`: never (start).
     full_at: Option<Instant>,
+    /// A pass completed without an error: from then on `applied` is all
+    /// the kernel holds of ours (a restart forgets what it applied).
+    settled: bool,
 }
 
 impl Reconciler {
@@ -367,6 +311,7 @@ impl Reconciler {
             known: HashMap::new(),
             errors: HashMap::new(),
             full_at: None,
+            settled: false,
         }
     }
 
@@ -387,105 +332,47 @@ impl Reconciler {
             }
             self.full_at = Some(Instant::now());
         }
-        let (desired, deleting) = ctl.db.read(|s| {
-            // At start, load balancers a previous run was deleting.
-            let deleting: Vec<(String, u32, IpAddr)> = if first {
-                s.load_balancers
-                    .values()
-                    .filter(|lb| lb.common.provisioning_status == ProvisioningStatus::PendingDelete)
-                    .filter_map(|lb| {
-                        Some((
-                            lb.common.id.clone(),
-                            lb.distributor_id?,
-                            lb.vip_address.parse().ok()?,
-                        ))
-                    })
-                    .collect()
+        let view = ctl.view();
+        let (desired, leftovers) = ctl.db.read(|s| {
+            let leftovers = if first {
+                decide::leftovers(s)
             } else {
                 Vec::new()
             };
-            (desired(s, ctl, &self.applied), deleting)
+            (
+                decide::desired(s, &view, &ctl.policy, &self.applied),
+                leftovers,
+            )
         });
         let mut clean = true;
-        for (lb, group, vip) in deleting {
+        for (lb, group, vip) in leftovers {
             if let Err(e) = self.driver.withdraw(group, vip) {
                 clean = false;
                 self.failed(&lb, &e.to_string());
             }
         }
         let mut target_errors: Vec<(String, Option<String>)> = Vec::new();
-        for (lb, spread) in &desired {
-            if !full && self.applied.get(lb) == Some(spread) {
-                continue;
-            }
-            let changed = self
-                .applied
-                .get(lb)
-                .is_none_or(|b| b.targets != spread.targets);
-            match self.driver.apply(spread) {
-                Ok(skipped) => {
-                    let targets: Vec<String> = spread
-                        .targets
-                        .iter()
-                        .map(|t| t.address.to_string())
-                        .collect();
-                    if changed {
-                        tracing::info!(loadbalancer = %lb, vip = %spread.vip, driver = self.driver.name(), ?targets, "VIP distributed");
+        for call in decide::plan(&desired, &self.applied, full) {
+            match call {
+                Call::Apply { lb, spread } => {
+                    if !self.apply(&lb, spread, &mut target_errors) {
+                        clean = false;
                     }
-                    for t in &spread.targets {
-                        self.known.insert(t.id, t.clone());
-                        let why = skipped.iter().find(|(s, _)| s == t).map(|(_, e)| e.clone());
-                        if let Some(e) = &why {
-                            clean = false;
-                            self.failed(&format!("amphora {}", t.amphora), e);
-                        }
-                        target_errors.push((t.amphora.clone(), why));
+                }
+                Call::Withdraw { lb, group, vip } => match self.driver.withdraw(group, vip) {
+                    Ok(()) => {
+                        tracing::info!(loadbalancer = %lb, %vip, driver = self.driver.name(), "VIP withdrawn: load balancer deleted");
+                        self.applied.remove(&lb);
+                        self.errors.remove(&lb);
                     }
-                    // Failed targets are tried again at the next full
-                    // re-apply, not every check.
-                    self.applied.insert(lb.clone(), spread.clone());
-                    self.errors.remove(lb);
-                }
-                Err(e) => {
-                    clean = false;
-                    self.failed(lb, &e.to_string());
-                }
+                    Err(e) => {
+                        clean = false;
+                        self.failed(&lb, &e.to_string());
+                    }
+                },
             }
         }
-        let gone: Vec<String> = self
-            .applied
-            .keys()
-            .filter(|lb| !desired.contains_key(*lb))
-            .cloned()
-            .collect();
-        for lb in gone {
-            let Some(was) = self.applied.get(&lb) else {
-                continue;
-            };
-            match self.driver.withdraw(was.group, was.vip) {
-                Ok(()) => {
-                    tracing::info!(loadbalancer = %lb, vip = %was.vip, driver = self.driver.name(), "VIP withdrawn: load balancer deleted");
-                    self.applied.remove(&lb);
-                    self.errors.remove(&lb);
-                }
-                Err(e) => {
-                    clean = false;
-                    self.failed(&lb, &e.to_string());
-                }
-            }
-        }
-        let in_use: HashSet<u32> = self
-            .applied
-            .values()
-            .flat_map(|s| s.targets.iter().map(|t| t.id))
-            .collect();
-        let unused: Vec<Target> = self
-            .known
-            .values()
-            .filter(|t| !in_use.contains(&t.id))
-            .cloned()
-            .collect();
-        for t in unused {
+        for t in decide::unused(&self.applied, &self.known) {
             let what = format!("target {}", t.address);
             match self.driver.forget(&t) {
                 Ok(()) => {
@@ -498,13 +385,52 @@ impl Reconciler {
                 }
             }
         }
+        self.settled |= clean;
         self.note_on_amphorae(ctl, &target_errors);
         self.publish(ctl);
-        // From the first pass without an error on, the kernel holds no
-        // target the store no longer wants (a restart forgets `applied`).
-        if clean {
-            ctl.distributed.store(true, Ordering::Release);
+    }
+
+    /// Sends `spread` to the driver; `false` when some of it failed.
+    fn apply(
+        &mut self,
+        lb: &str,
+        spread: Spread,
+        target_errors: &mut Vec<(String, Option<String>)>,
+    ) -> bool {
+        let changed = self
+            .applied
+            .get(lb)
+            .is_none_or(|b| b.targets != spread.targets);
+        let skipped = match self.driver.apply(&spread) {
+            Ok(skipped) => skipped,
+            Err(e) => {
+                self.failed(lb, &e.to_string());
+                return false;
+            }
+        };
+        if changed {
+            let targets: Vec<String> = spread
+                .targets
+                .iter()
+                .map(|t| t.address.to_string())
+                .collect();
+            tracing::info!(loadbalancer = %lb, vip = %spread.vip, driver = self.driver.name(), ?targets, "VIP distributed");
         }
+        let mut clean = true;
+        for t in &spread.targets {
+            self.known.insert(t.id, t.clone());
+            let why = skipped.iter().find(|(s, _)| s == t).map(|(_, e)| e.clone());
+            if let Some(e) = &why {
+                clean = false;
+                self.failed(&format!("amphora {}", t.amphora), e);
+            }
+            target_errors.push((t.amphora.clone(), why));
+        }
+        // Failed targets are tried again at the next full re-apply, not
+        // every check.
+        self.applied.insert(lb.to_owned(), spread);
+        self.errors.remove(lb);
+        clean
     }
 
     /// Why an amphora gets no VIP traffic, on the amphora (`error`), and
@@ -544,14 +470,24 @@ impl Reconciler {
             });
     }
 
-    /// Amphorae some VIP is still sent to (kept from being emptied).
+    /// Amphorae some VIP is still sent to (kept from being emptied);
+    /// unknown until a pass went through clean.
     fn publish(&self, ctl: &Controller) {
-        let now: HashSet<String> = self
-            .applied
-            .values()
-            .flat_map(|s| s.targets.iter().map(|t| t.amphora.clone()))
-            .collect();
-        *ctl.targeted.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        let routed = if self.settled {
+            Routed::Known(
+                self.applied
+                    .values()
+                    .flat_map(|s| s.targets.iter().map(|t| t.amphora.clone()))
+                    .collect(),
+            )
+        } else {
+            Routed::Unknown
+        };
+        ctl.routed.send_if_modified(|r| {
+            let changed = *r != routed;
+            *r = routed;
+            changed
+        });
     }
 
     fn failed(&mut self, what: &str, msg: &str) {
