@@ -181,4 +181,61 @@ impl World {
             .get(amphora)
             .and_then(|a| a.load_balancer_id.as_deref())
     }
+
+    /// A TCP listener of `lb` on port 80.
+    pub fn listener(&mut self, id: &str, lb: &str, status: ProvisioningStatus) -> &mut World {
+        let mut c = common(id);
+        c.provisioning_status = status;
+        self.put(Listener {
+            common: c,
+            load_balancer_id: lb.into(),
+            protocol: ListenerProtocol::Tcp,
+            protocol_port: 80,
+            connection_limit: -1,
+            default_pool_id: None,
+            timeout_client_data: 50_000,
+            timeout_member_connect: 5_000,
+            timeout_member_data: 50_000,
+            timeout_tcp_inspect: 0,
+            allowed_cidrs: Vec::new(),
+        });
+        self
+    }
+
+    /// A round-robin TCP pool of `lb`.
+    pub fn pool(&mut self, id: &str, lb: &str) -> &mut World {
+        self.put(Pool {
+            common: common(id),
+            load_balancer_id: lb.into(),
+            protocol: PoolProtocol::Tcp,
+            lb_algorithm: LbAlgorithm::RoundRobin,
+            session_persistence: None,
+        });
+        self
+    }
+
+    /// A member of `pool` (of `lb`).
+    pub fn member(
+        &mut self,
+        id: &str,
+        pool: &str,
+        lb: &str,
+        status: ProvisioningStatus,
+    ) -> &mut World {
+        let mut c = common(id);
+        c.provisioning_status = status;
+        self.put(Member {
+            common: c,
+            load_balancer_id: lb.into(),
+            pool_id: pool.into(),
+            address: "198.18.1.1".into(),
+            protocol_port: 80,
+            weight: 1,
+            backup: false,
+            subnet_id: None,
+            monitor_address: None,
+            monitor_port: None,
+        });
+        self
+    }
 }

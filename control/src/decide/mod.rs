@@ -10,6 +10,7 @@
 //! - [`spares`]: which spare amphorae are handed out, scale-out and
 //!   scale-in.
 //! - [`failover`]: silent amphorae, the circuit breaker, failover.
+//! - [`heartbeat`]: what a verified heartbeat changes in the store.
 //! - [`repair`]: amphorae heard but out of step: re-push, then failover.
 //! - [`provision`]: what the provisioner works on, and the statuses a
 //!   push leaves.
@@ -18,6 +19,7 @@
 
 pub mod distribution;
 pub mod failover;
+pub mod heartbeat;
 pub mod provision;
 pub mod repair;
 pub mod spares;

@@ -265,43 +265,7 @@ pub fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::fixture::{common, policy, World, SEC};
-    use crate::model::{Listener, ListenerProtocol, Member};
-
-    fn listener(w: &mut World, id: &str, status: ProvisioningStatus) {
-        let mut c = common(id);
-        c.provisioning_status = status;
-        w.put(Listener {
-            common: c,
-            load_balancer_id: "lb".into(),
-            protocol: ListenerProtocol::Tcp,
-            protocol_port: 80,
-            connection_limit: -1,
-            default_pool_id: None,
-            timeout_client_data: 50_000,
-            timeout_member_connect: 5_000,
-            timeout_member_data: 50_000,
-            timeout_tcp_inspect: 0,
-            allowed_cidrs: Vec::new(),
-        });
-    }
-
-    fn member(w: &mut World, id: &str, status: ProvisioningStatus) {
-        let mut c = common(id);
-        c.provisioning_status = status;
-        w.put(Member {
-            common: c,
-            load_balancer_id: "lb".into(),
-            pool_id: "pool".into(),
-            address: "198.18.1.1".into(),
-            protocol_port: 80,
-            weight: 1,
-            backup: false,
-            subnet_id: None,
-            monitor_address: None,
-            monitor_port: None,
-        });
-    }
+    use crate::decide::fixture::{policy, World, SEC};
 
     fn world() -> World {
         let mut w = World::new();
@@ -337,9 +301,9 @@ mod tests {
             )
         };
         assert_eq!(none(&w), []);
-        listener(&mut w, "l1", ProvisioningStatus::PendingCreate);
+        w.listener("l1", "lb", ProvisioningStatus::PendingCreate);
         assert_eq!(none(&w), [Job::LoadBalancer("lb".into())]);
-        listener(&mut w, "l1", ProvisioningStatus::Active);
+        w.listener("l1", "lb", ProvisioningStatus::Active);
         pending(&mut w, ProvisioningStatus::PendingDelete);
         assert_eq!(none(&w), [Job::LoadBalancer("lb".into())]);
     }
@@ -417,8 +381,8 @@ mod tests {
     fn a_successful_push_makes_everything_pending_active() {
         let mut w = world();
         pending(&mut w, ProvisioningStatus::PendingUpdate);
-        listener(&mut w, "l1", ProvisioningStatus::PendingCreate);
-        member(&mut w, "m1", ProvisioningStatus::PendingCreate);
+        w.listener("l1", "lb", ProvisioningStatus::PendingCreate);
+        w.member("m1", "pool", "lb", ProvisioningStatus::PendingCreate);
         let got = w.write(|s, _, tx| settle(s, tx, "lb", Ok(()), &[], &policy(), wall()));
         assert_eq!(got, Settled::Active);
         assert_eq!(lb_status(&w), ProvisioningStatus::Active);
@@ -439,8 +403,8 @@ mod tests {
         let mut p = policy();
         p.health = None;
         pending(&mut w, ProvisioningStatus::PendingUpdate);
-        member(&mut w, "m1", ProvisioningStatus::PendingCreate);
-        listener(&mut w, "l1", ProvisioningStatus::PendingCreate);
+        w.member("m1", "pool", "lb", ProvisioningStatus::PendingCreate);
+        w.listener("l1", "lb", ProvisioningStatus::PendingCreate);
         let mut l1 = w.state.listeners["l1"].clone();
         l1.common.admin_state_up = false;
         w.put(l1);
@@ -463,7 +427,7 @@ mod tests {
     fn a_failed_child_change_leaves_the_child_error_and_the_load_balancer_active() {
         let mut w = world();
         pending(&mut w, ProvisioningStatus::PendingUpdate);
-        listener(&mut w, "l1", ProvisioningStatus::PendingCreate);
+        w.listener("l1", "lb", ProvisioningStatus::PendingCreate);
         let got = w.write(|s, _, tx| {
             settle(
                 s,
@@ -531,8 +495,8 @@ mod tests {
     fn a_delete_completes_and_frees_the_amphorae_whatever_they_said() {
         let mut w = world();
         pending(&mut w, ProvisioningStatus::PendingDelete);
-        listener(&mut w, "l1", ProvisioningStatus::PendingDelete);
-        member(&mut w, "m1", ProvisioningStatus::PendingDelete);
+        w.listener("l1", "lb", ProvisioningStatus::PendingDelete);
+        w.member("m1", "pool", "lb", ProvisioningStatus::PendingDelete);
         let got =
             w.write(|s, _, tx| settle(s, tx, "lb", Ok(()), &["a2".into()], &policy(), wall()));
         assert_eq!(got, Settled::Deleted);
