@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use siphon_dataplane::balance::{Balancer, Candidate, Flow, PickState};
+use siphon_dataplane::balance::{Balancer, Candidate, FlowKey, PickState};
 use siphon_proto::config::LbAlgorithm;
 
 fn members(n: usize) -> Vec<Candidate> {
@@ -38,7 +38,7 @@ fn choose(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(format!("{algo:?}"), n), |b| {
                 b.iter(|| {
                     port = port.wrapping_add(1).max(1024);
-                    let flow = Flow {
+                    let flow = FlowKey {
                         src: SocketAddr::from(([198, 18, 0, 1], port)),
                         dst: SocketAddr::from(([198, 19, 0, 1], 443)),
                     };

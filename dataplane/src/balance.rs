@@ -43,7 +43,7 @@ pub struct Candidate {
 
 /// The two ends of a new flow.
 #[derive(Debug, Clone, Copy)]
-pub struct Flow {
+pub struct FlowKey {
     pub src: SocketAddr,
     pub dst: SocketAddr,
 }
@@ -146,7 +146,7 @@ impl Balancer {
     }
 
     /// The flow hash the hashing algorithms use.
-    pub fn flow_hash(algorithm: LbAlgorithm, flow: &Flow) -> u64 {
+    pub fn flow_hash(algorithm: LbAlgorithm, flow: &FlowKey) -> u64 {
         match algorithm {
             LbAlgorithm::SourceIp => maglev::hash_source_ip(flow.src.ip()),
             LbAlgorithm::SourceIpPort => maglev::hash_source(flow.src),
@@ -159,7 +159,7 @@ impl Balancer {
     /// `LEAST_CONNECTIONS`).
     pub fn choose(
         &self,
-        flow: &Flow,
+        flow: &FlowKey,
         state: &mut PickState,
         active: &dyn Fn(u16) -> u64,
         tried: &[u16],
@@ -479,8 +479,8 @@ mod tests {
             .collect()
     }
 
-    fn flow(port: u16) -> Flow {
-        Flow {
+    fn flow(port: u16) -> FlowKey {
+        FlowKey {
             src: SocketAddr::from(([192, 0, 2, 1], port)),
             dst: SocketAddr::from(([198, 51, 100, 1], 80)),
         }

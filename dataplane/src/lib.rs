@@ -9,31 +9,34 @@
 //! It is *not* a control plane: it never talks to the network's control
 //! side; an agent (or an operator with a file and SIGHUP) drives it.
 //!
-//! Pure parts (no sockets, no clocks): [`config`], [`maglev`], [`balance`],
-//! [`timer`], [`proxy_protocol`], [`snapshot`]. The I/O shell: [`worker`],
-//! [`relay`], [`pipe`], [`udp`], [`mmsg`], [`listen`], [`server`].
+//! What other crates use: [`Server`] (run, apply, status, stats), the
+//! HTTP [`api`], [`metrics`], [`stats`], [`demo`], and the pure parts
+//! benchmarked and fuzzed on their own ([`maglev`], [`balance`],
+//! [`proxy_protocol`]). The rest is the crate's own: the pure `timer` and
+//! `snapshot`, and the I/O shell (`worker`, `relay`, `pipe`, `udp`,
+//! `mmsg`, `listen`, `health`).
 
 pub mod api;
 pub mod balance;
 pub mod demo;
-pub mod health;
-pub mod listen;
-pub mod live;
+pub(crate) mod health;
+pub(crate) mod listen;
+pub(crate) mod live;
 pub mod maglev;
-pub mod mailbox;
+pub(crate) mod mailbox;
 pub mod metrics;
-pub mod mmsg;
-pub mod pipe;
+pub(crate) mod mmsg;
+pub(crate) mod pipe;
 pub mod proxy_protocol;
-pub mod relay;
+pub(crate) mod relay;
 pub mod server;
-pub mod snapshot;
-pub mod spread;
+pub(crate) mod snapshot;
+pub(crate) mod spread;
 pub mod stats;
-pub mod status;
-pub mod timer;
-pub mod udp;
-pub mod worker;
+pub(crate) mod status;
+pub(crate) mod timer;
+pub(crate) mod udp;
+pub(crate) mod worker;
 
 pub use server::{Applied, ApplyError, Options, Server};
 /// The config vocabulary lives in `siphon_proto`; `config::` paths keep

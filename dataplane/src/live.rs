@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::balance::{Balancer, Flow, PickState};
+use crate::balance::{Balancer, FlowKey, PickState};
 use crate::snapshot::{PoolRt, Snapshot};
 
 #[derive(Debug)]
@@ -50,7 +50,7 @@ impl LivePools {
     }
 
     /// Picks a member of `pool` for `flow`, never one in `tried`.
-    pub fn choose(&mut self, pool: &Arc<PoolRt>, flow: &Flow, tried: &[u16]) -> Option<u16> {
+    pub fn choose(&mut self, pool: &Arc<PoolRt>, flow: &FlowKey, tried: &[u16]) -> Option<u16> {
         let members = &pool.members;
         let active = |i: u16| members.get(usize::from(i)).map_or(0, |m| m.stats.active());
         match self.current(pool) {

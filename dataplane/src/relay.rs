@@ -66,7 +66,7 @@ pub struct Ready {
 
 /// What a worker lends a pump: its scratch buffer and pipe pool.
 #[derive(Debug)]
-pub struct Shared<'a> {
+pub struct Lent<'a> {
     pub scratch: &'a mut [u8],
     pub pipes: &'a mut PipePool,
     /// Whether bulk directions may move to `splice`.
@@ -127,11 +127,6 @@ impl Half {
         self.prefix_sent = 0;
     }
 
-    /// Whether this direction has moved to `splice`.
-    pub fn is_splice(&self) -> bool {
-        matches!(self.chan, Channel::Splice(_))
-    }
-
     /// Gives back the pipe, if empty, for reuse.
     pub fn recycle(self, pipes: &mut PipePool) {
         if let Channel::Splice(p) = self.chan {
@@ -153,7 +148,7 @@ impl Half {
         src_ready: &mut Ready,
         dst_ready: &mut Ready,
         other_shut: bool,
-        shared: &mut Shared<'_>,
+        lent: &mut Lent<'_>,
     ) -> io::Result<Moved> {
         let mut moved = Moved::default();
         if !self.flush_prefix(dst, &mut dst_ready.write)? {
@@ -162,7 +157,7 @@ impl Half {
         for _ in 0..ROUNDS {
             let progress = match self.chan {
                 Channel::Copy { .. } => {
-                    self.copy_round(src, dst, src_ready, dst_ready, shared, &mut moved)?
+                    self.copy_round(src, dst, src_ready, dst_ready, lent, &mut moved)?
                 }
                 Channel::Splice(_) => self.splice_round(
                     src,
@@ -267,7 +262,7 @@ impl Half {
         dst: &TcpStream,
         src_ready: &mut Ready,
         dst_ready: &mut Ready,
-        shared: &mut Shared<'_>,
+        lent: &mut Lent<'_>,
         moved: &mut Moved,
     ) -> io::Result<bool> {
         let Channel::Copy { spill, start } = &mut self.chan else {
@@ -308,7 +303,7 @@ impl Half {
         if !*src_ready || self.eof || !*dst_ready {
             return Ok(false);
         }
-        let n = match (&*src).read(shared.scratch) {
+        let n = match (&*src).read(lent.scratch) {
             Ok(0) => {
                 self.eof = true;
                 return Ok(true);
@@ -322,7 +317,7 @@ impl Half {
             Err(e) => return Err(e),
         };
         moved.read += n as u64;
-        if n < shared.scratch.len() {
+        if n < lent.scratch.len() {
             if *src_fin {
                 self.eof = true;
             } else if !*src_closing {
@@ -332,7 +327,7 @@ impl Half {
         }
         let mut off = 0;
         while off < n {
-            match (&*dst).write(&shared.scratch[off..n]) {
+            match (&*dst).write(&lent.scratch[off..n]) {
                 Ok(w) => off += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *dst_ready = false;
@@ -344,13 +339,13 @@ impl Half {
         }
         moved.written += off as u64;
         if off < n {
-            spill.extend_from_slice(&shared.scratch[off..n]);
+            spill.extend_from_slice(&lent.scratch[off..n]);
             *start = 0;
             self.pending = n - off;
-        } else if n >= SPLICE_THRESHOLD && shared.splice {
+        } else if n >= SPLICE_THRESHOLD && lent.splice {
             // Bulk: move to splice (nothing is buffered, so order holds).
             // Without a pipe (limits reached) the direction keeps copying.
-            if let Ok(p) = shared.pipes.get() {
+            if let Ok(p) = lent.pipes.get() {
                 self.chan = Channel::Splice(p);
             }
         }

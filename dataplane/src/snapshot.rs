@@ -45,8 +45,6 @@ impl PoolRt {
 #[derive(Debug)]
 pub struct ListenerRt {
     pub id: String,
-    pub protocol: ListenerProtocol,
-    pub addrs: Vec<SocketAddr>,
     /// `None` = unlimited.
     pub connection_limit: Option<u64>,
     /// `None` = no timeout (a configured 0).
@@ -209,8 +207,6 @@ impl Snapshot {
             let ParsedListener { addrs, allowed } = parsed;
             let rt = Arc::new(ListenerRt {
                 id: l.id.clone(),
-                protocol: l.protocol,
-                addrs: addrs.clone(),
                 connection_limit: u64::try_from(l.connection_limit).ok(),
                 timeout_client_data: ms(l.timeout_client_data),
                 timeout_member_connect: ms(l.timeout_member_connect),

@@ -125,10 +125,12 @@ impl TimerWheel {
         Some(next.saturating_duration_since(now))
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

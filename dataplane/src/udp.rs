@@ -27,7 +27,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::balance::Flow as FlowKey;
+use crate::balance::FlowKey;
 use crate::listen;
 use crate::live::LivePools;
 use crate::mmsg::{Gso, Outgoing, RecvBatch, Sender, SLOTS};

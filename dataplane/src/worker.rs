@@ -15,14 +15,14 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::balance::Flow;
+use crate::balance::FlowKey;
 use crate::config::{LbAlgorithm, PoolProtocol};
 use crate::health::{ConnectFailure, Ejector};
 use crate::live::LivePools;
 use crate::mailbox::{Bound, Command, Update};
 use crate::pipe::PipePool;
 use crate::proxy_protocol;
-use crate::relay::{Half, Ready, Shared};
+use crate::relay::{Half, Lent, Ready};
 use crate::snapshot::{ListenerRt, PoolRt, Snapshot};
 use crate::spread::{self, Spread};
 use crate::stats::{MemberStats, LATENCY_BOUNDS_US, SESSION_BOUNDS_US};
@@ -610,7 +610,7 @@ impl Worker {
             } else {
                 c.peer
             };
-            let flow = Flow { src: c.peer, dst };
+            let flow = FlowKey { src: c.peer, dst };
             let choice = self.live.choose(&pool, &flow, &c.tried);
             let Some(index) = choice else {
                 c.listener.stats.worker(self.id).no_member.add(1);
@@ -749,7 +749,7 @@ impl Worker {
         };
         let lc = c.listener.stats.worker(self.id);
         let mc = up.stats.worker(self.id);
-        let mut shared = Shared {
+        let mut lent = Lent {
             scratch: &mut self.scratch,
             pipes: &mut self.pipes,
             splice: self.opts.splice,
@@ -763,7 +763,7 @@ impl Worker {
                 &mut c.client_io,
                 &mut c.member_io,
                 m2c_shut,
-                &mut shared,
+                &mut lent,
             )
             .and_then(|a| {
                 let c2m_shut = c.c2m.shut;
@@ -774,7 +774,7 @@ impl Worker {
                         &mut c.member_io,
                         &mut c.client_io,
                         c2m_shut,
-                        &mut shared,
+                        &mut lent,
                     )
                     .map(|b| (a, b))
             });

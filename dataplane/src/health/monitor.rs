@@ -89,11 +89,6 @@ impl Monitor {
     pub fn sender(&self) -> UnboundedSender<Input> {
         self.tx.clone()
     }
-
-    pub fn send(&self, input: Input) {
-        // The thread ends only on Stop; nothing to do if it is gone.
-        let _ = self.tx.send(input);
-    }
 }
 
 impl Drop for Monitor {
