@@ -40,6 +40,17 @@ pub fn common(id: &str) -> Common {
     }
 }
 
+/// `lb` (VIP 198.18.0.1, two amphorae) on a1 and a2, and a spare s1, all
+/// heard 1 s ago.
+pub fn pair() -> World {
+    let mut w = World::new();
+    w.lb("lb", 1, 2)
+        .amp("a1", Some("lb"), Some(SEC))
+        .amp("a2", Some("lb"), Some(SEC))
+        .amp("s1", None, Some(SEC));
+    w
+}
+
 /// A stored world and the liveness of its amphorae, 100 s after the
 /// controller started.
 pub struct World {

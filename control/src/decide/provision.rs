@@ -267,14 +267,7 @@ mod tests {
     use super::*;
     use crate::decide::fixture::{policy, World, SEC};
 
-    fn world() -> World {
-        let mut w = World::new();
-        w.lb("lb", 1, 2)
-            .amp("a1", Some("lb"), Some(SEC))
-            .amp("a2", Some("lb"), Some(SEC))
-            .amp("s1", None, Some(SEC));
-        w
-    }
+    use crate::decide::fixture::pair as world;
 
     fn lb_status(w: &World) -> ProvisioningStatus {
         w.state.load_balancers["lb"].common.provisioning_status

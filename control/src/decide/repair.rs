@@ -247,7 +247,7 @@ pub fn due_retries<'a>(s: &'a State, now: &str) -> Vec<&'a LoadBalancer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::fixture::{policy, World, SEC};
+    use crate::decide::fixture::{pair, policy, World, SEC};
     use crate::model::Retry;
 
     fn report(g: Option<u64>) -> Report {
@@ -273,13 +273,9 @@ mod tests {
         }
     }
 
-    /// `lb` (VIP .1) on a1 and a2; s1 a spare; all heard 1 s ago.
+    /// [`pair`], both amphorae reporting they are in step.
     fn world() -> World {
-        let mut w = World::new();
-        w.lb("lb", 1, 2)
-            .amp("a1", Some("lb"), Some(SEC))
-            .amp("a2", Some("lb"), Some(SEC))
-            .amp("s1", None, Some(SEC));
+        let mut w = pair();
         w.heard("a1", SEC, in_step()).heard("a2", SEC, in_step());
         w
     }
