@@ -101,9 +101,11 @@ pub async fn receive(
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
                 flush_at = None;
                 let beats = std::mem::take(&mut pending);
-                let view = ctl.view();
                 let stamp = crate::now();
                 if let Err(e) = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
+                    // Inside the write: everything stored before is in
+                    // the view too (see `Controller::view`).
+                    let view = ctl.view();
                     // Totals move through every beat of the batch, not
                     // from the stored value each time.
                     let mut totals = HashMap::new();
@@ -137,10 +139,10 @@ pub async fn watch(
             _ = tick.tick() => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        let view = ctl.view();
         let r = ctl
             .db
             .write(|s, tx| -> Result<bool, crate::store::StoreError> {
+                let view = ctl.view();
                 let actions = crate::decide::failover::watch(s, &view, &ctl.policy);
                 Ok(execute(&ctl, &h, s, tx, actions))
             });

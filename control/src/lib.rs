@@ -119,7 +119,10 @@ impl Controller {
         })
     }
 
-    /// What is known of the amphorae at run time, as of now.
+    /// What is known of the amphorae at run time, as of now. Taken
+    /// inside the `Db` closure a decision runs in (the store's locks,
+    /// then this leaf one), so whatever was stored before is in it too:
+    /// a heartbeat's flush, a push's settling.
     pub fn view(&self) -> liveness::View {
         self.liveness.view(Instant::now())
     }

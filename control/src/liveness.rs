@@ -192,16 +192,12 @@ impl Liveness {
         })
     }
 
-    /// A heartbeat for `id` came signed with the bootstrap key: its key
-    /// is pushed again. `true` when this is news.
+    /// A heartbeat for registered amphora `id` came signed with the
+    /// bootstrap key although its agent held its own: its key is pushed
+    /// again (after a controller restart too, when nothing else is known
+    /// of it yet). `true` when this is news.
     pub fn request_key(&self, id: &str) -> bool {
-        self.with(|t| match t.get_mut(id) {
-            Some(l) if !l.rekey => {
-                l.rekey = true;
-                true
-            }
-            _ => false,
-        })
+        self.entry(id, |l| !std::mem::replace(&mut l.rekey, true))
     }
 
     /// A key push to `id` ended; see [`Liveness::repaired`].
@@ -362,8 +358,7 @@ mod tests {
     fn a_key_is_requested_again_once_and_cleared_by_a_push() {
         let t0 = Instant::now();
         let live = Liveness::new(t0);
-        assert!(!live.request_key("a"), "unknown amphora: nothing to do");
-        live.heard("a", t0, Report::default());
+        // Nothing known of it yet (a restarted controller): still pushed.
         assert!(live.request_key("a"));
         assert!(!live.request_key("a"), "already requested");
         let wait = |_| Duration::from_secs(1);

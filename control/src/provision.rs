@@ -39,14 +39,15 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
         if ctl.agents.is_none() {
             continue;
         }
-        let view = ctl.view();
         let routed = ctl.routed.borrow().clone();
-        let jobs = ctl
-            .db
-            .read(|s| decide::provision::jobs(s, &view, &ctl.policy, &routed, &wipe_tried));
+        let (jobs, now) = ctl.db.read(|s| {
+            let view = ctl.view();
+            let jobs = decide::provision::jobs(s, &view, &ctl.policy, &routed, &wipe_tried);
+            (jobs, view.now)
+        });
         for job in jobs {
             if let Job::Wipe(id) = &job {
-                wipe_tried.insert(id.clone(), view.now);
+                wipe_tried.insert(id.clone(), now);
             }
             let Some(claim) = ctl.claim(job) else {
                 continue;
@@ -215,11 +216,10 @@ async fn converge(ctl: &Controller, lb_id: &str) {
     if amphorae.is_empty() && !deleting {
         // Its amphorae were all taken away (failed over with no spare);
         // take spares now if there are any.
-        let view = ctl.view();
         let got = ctl
             .db
             .write(|s, tx| -> Result<Vec<String>, ProvisionError> {
-                let spares = decide::spares::take(s, &view, lb.amphora_count as usize)?;
+                let spares = decide::spares::take(s, &ctl.view(), lb.amphora_count as usize)?;
                 let ids = spares.iter().map(|a| a.id.clone()).collect();
                 for a in spares {
                     let mut a = a.clone();

@@ -81,14 +81,19 @@ fn retry_failed_changes(ctl: &Controller) {
 /// Judges every carrying amphora ([`crate::decide::repair::judge`]),
 /// stores what it decided, records the verdicts, and returns the steps.
 fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
-    let view = ctl.liveness.view(now);
+    // The view and the verdicts inside the write: a push that finished
+    // (and was stored) before is in the view, and none lands between
+    // judging and recording.
     let r = ctl
         .db
         .write(|s, tx| -> Result<_, crate::store::StoreError> {
-            Ok(crate::decide::repair::judge(s, &view, &ctl.policy, tx))
+            let view = ctl.liveness.view(now);
+            let j = crate::decide::repair::judge(s, &view, &ctl.policy, tx);
+            ctl.liveness.judged(&j.verdicts);
+            Ok((view, j))
         });
-    let j = match r {
-        Ok(j) => j,
+    let (view, j) = match r {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "repair statuses not stored");
             return Vec::new();
@@ -106,7 +111,6 @@ fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
             _ => {}
         }
     }
-    ctl.liveness.judged(&j.verdicts);
     ctl.metrics.set(&ctl.metrics.out_of_step, j.out_of_step);
     j.steps
 }
@@ -173,11 +177,10 @@ async fn repush(ctl: &Controller, amphora: &str, reason: &str) {
 
 /// Replaces an amphora no repair brought in step with a spare.
 fn fail_over(ctl: &Controller, amphora: &str, lb: &str, reason: &str) {
-    let view = ctl.view();
     let r = ctl
         .db
         .write(|s, tx| -> Result<bool, crate::store::StoreError> {
-            match crate::decide::repair::relief(s, &view, amphora, lb) {
+            match crate::decide::repair::relief(s, &ctl.view(), amphora, lb) {
                 Relief::Moot => Ok(false),
                 Relief::NoSpare => {
                     let why = format!("{reason}; no spare amphora to fail over to");

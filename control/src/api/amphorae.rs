@@ -288,13 +288,16 @@ fn lb_of_amphora(s: &State, id: &str) -> Result<Option<String>, Fault> {
 /// Replaces this amphora with a spare (202). A spare itself is simply
 /// wiped and checked again.
 async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    let view = ctl.view();
     ctl.db.write(|s, tx| -> Result<(), Fault> {
         match lb_of_amphora(s, &id)? {
             Some(lb) => {
                 let failed = std::slice::from_ref(&id);
-                let pairs =
-                    crate::decide::spares::replacements(s, &view, failed, &Default::default());
+                let pairs = crate::decide::spares::replacements(
+                    s,
+                    &ctl.view(),
+                    failed,
+                    &Default::default(),
+                );
                 let why = "failover requested through the API";
                 if crate::decide::provision::replace(s, tx, &lb, &pairs, why, &crate::now()) == 0 {
                     return Err(Fault::new(

@@ -106,7 +106,6 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         (Topology::ActiveActive, n) => n.unwrap_or(2) as u32,
     };
     let id = common.id.clone();
-    let view = ctl.view();
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
         let vip = crate::vip::allocate(
             &ctl.config.vip_subnets,
@@ -115,7 +114,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             network_id.as_deref(),
             address.as_deref(),
         )?;
-        let spares = crate::decide::spares::take(s, &view, amphora_count as usize)?;
+        let spares = crate::decide::spares::take(s, &ctl.view(), amphora_count as usize)?;
         if common.project_id.is_empty() {
             common.project_id = String::new();
         }
@@ -374,11 +373,14 @@ async fn stats(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
 /// Replaces each amphora of the load balancer with a spare where one is
 /// free (keeping it where none is, which re-pushes its config), 202.
 async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    let view = ctl.view();
     ctl.db.write(|s, tx| -> Result<(), Fault> {
         super::lb_settled(s, &id)?;
         let amphorae: Vec<String> = s.amphorae_of(&id).map(|a| a.id.clone()).collect();
-        let pairs = crate::decide::spares::replacements(s, &view, &amphorae, &Default::default());
+        let pairs =
+            crate::decide::spares::replacements(s, &ctl.view(), &amphorae, &Default::default());
+        if pairs.len() < amphorae.len() {
+            tracing::warn!(loadbalancer = %id, failed = amphorae.len(), spares = pairs.len(), "not enough spare amphorae: keeping the rest, whose config is pushed again");
+        }
         let why = "failover requested through the API";
         crate::decide::provision::replace(s, tx, &id, &pairs, why, &crate::now());
         Ok(())

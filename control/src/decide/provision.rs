@@ -362,8 +362,10 @@ mod tests {
         assert_eq!(lb_status(&w), ProvisioningStatus::PendingUpdate);
         // No pair (no spare): the load balancer is pushed again all the
         // same, to the amphorae it has.
+        pending(&mut w, ProvisioningStatus::Active);
         let n = w.write(|s, _, tx| replace(s, tx, "lb", &[], "silent", "T"));
         assert_eq!(n, 0);
+        assert_eq!(lb_status(&w), ProvisioningStatus::PendingUpdate);
         assert_eq!(
             w.write(|s, _, tx| replace(s, tx, "gone", &pairs, "x", "T")),
             0

@@ -332,8 +332,8 @@ impl Reconciler {
             }
             self.full_at = Some(Instant::now());
         }
-        let view = ctl.view();
         let (desired, leftovers) = ctl.db.read(|s| {
+            let view = ctl.view();
             let leftovers = if first {
                 decide::leftovers(s)
             } else {
