@@ -9,6 +9,7 @@ pub mod dir;
 pub mod http;
 pub mod netns;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 
 pub use dir::TempDir;
