@@ -229,3 +229,47 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
     assert!(ok, "{err}");
     rt.block_on(handle.stop());
 }
+
+#[test]
+fn migrate_creates_the_schema_is_idempotent_and_refuses_a_newer_one() {
+    let dir = TempDir::new("migrate");
+    let db = dir.path("state/control.db");
+    let config = dir.path("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database = \"{}\"\n[auth]\nmode = \"noauth\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let migrate = || {
+        Command::new(env!("CARGO_BIN_EXE_siphon-control"))
+            .arg("--config")
+            .arg(&config)
+            .arg("migrate")
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let first = migrate();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let want = format!("{}: schema version 1\n", db.display());
+    assert_eq!(text(&first.stdout), want);
+    let again = migrate();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), want, "a second run changes nothing");
+    // A schema from a newer release: refused, and left as it is.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let newer = migrate();
+    assert!(!newer.status.success());
+    let err = text(&newer.stderr);
+    assert!(err.contains("99"), "{err}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 99);
+}

@@ -1,6 +1,7 @@
 //! `siphon-control`: the controller (REST API, store, provisioner, health
 //! manager). `siphon-control --config /etc/siphon/control.toml`; `check`
-//! validates the file and exits.
+//! validates the file and exits; `migrate` creates or upgrades the
+//! database's schema and exits.
 
 use std::path::PathBuf;
 
@@ -28,10 +29,16 @@ enum Command {
     Run,
     /// Check the config file and exit (1 with the problem).
     Check,
+    /// Create or upgrade the database's schema to this version's, print
+    /// the schema version, and exit (`run` does the same at start).
+    Migrate,
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs on stderr: stdout carries only what a subcommand answers
+    // (`check`, `migrate`), for scripts; journald takes both.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -42,6 +49,15 @@ fn main() -> anyhow::Result<()> {
     if matches!(cli.command, Some(Command::Check)) {
         config.check_secrets()?;
         println!("{}: OK", cli.config.display());
+        return Ok(());
+    }
+    if matches!(cli.command, Some(Command::Migrate)) {
+        let db = &config.database;
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let version = siphon_control::store::Store::open(db)?.schema_version()?;
+        println!("{}: schema version {version}", db.display());
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
