@@ -102,14 +102,26 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
+        // Whatever fails from here names the file too: a file that is not
+        // a database fails at the first statement, not at the open.
+        let at = |e: StoreError| match e {
+            StoreError::Sql(source) => StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+            e => e,
+        };
         // WAL: readers never wait for the writer; NORMAL is durable across
         // a process crash, which is what a controller restart needs.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let setup = || -> Result<(), rusqlite::Error> {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+        };
+        setup().map_err(|e| at(e.into()))?;
         let mut store = Store { conn };
-        store.migrate()?;
+        store.migrate().map_err(at)?;
         Ok(store)
     }
 
@@ -375,6 +387,21 @@ impl Tx {
         });
     }
 
+    /// Puts a copy of row `id` of `table` changed by `f`; nothing when
+    /// there is no such row.
+    pub fn edit<T: Clone + Into<Object>>(
+        &mut self,
+        table: &crate::model::Table<T>,
+        id: &str,
+        f: impl FnOnce(&mut T),
+    ) {
+        if let Some(row) = table.get(id) {
+            let mut row = row.clone();
+            f(&mut row);
+            self.put(row);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -463,6 +490,18 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail by panicking
     use super::*;
     use crate::model::LbAlgorithm;
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_named_and_left_alone() {
+        let dir = siphon_testkit::TempDir::new("store-garbage");
+        let path = dir.path("control.db");
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        std::fs::write(&path, &garbage).unwrap();
+        let err = Store::open(&path).err().unwrap().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("not a database"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    }
 
     fn pool() -> Pool {
         serde_json::from_value(serde_json::json!({
