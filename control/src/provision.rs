@@ -396,6 +396,9 @@ async fn wipe(ctl: &Controller, id: &str) {
                 }
                 Ok(())
             });
+            // However it left service (a failover of any kind, a
+            // scale-in), its repair starts afresh if it serves again.
+            ctl.liveness.failed_over(id);
             tracing::info!(amphora = %id, "failed-over amphora wiped: a spare again");
         }
         Err(e) => tracing::debug!(amphora = %id, error = %e, "amphora not wiped yet"),
