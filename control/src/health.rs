@@ -63,7 +63,6 @@ pub async fn receive(
     );
     let mut buf = vec![0u8; 65_536];
     let mut last = Last::default();
-    let policy = ctl.policy.clone();
     let mut pending: Vec<(Heartbeat, u32)> = Vec::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     let mut rejected: u64 = 0;
@@ -110,7 +109,7 @@ pub async fn receive(
                     // from the stored value each time.
                     let mut totals = HashMap::new();
                     for (beat, key_id) in &beats {
-                        fold(&view, &policy, s, tx, beat, *key_id, &mut last, &mut totals, &stamp);
+                        fold(&view, &ctl.policy, s, tx, beat, *key_id, &mut last, &mut totals, &stamp);
                     }
                     for ((l, a), c) in totals {
                         tx.stats(&l, &a, c);
@@ -144,7 +143,7 @@ pub async fn watch(
             .write(|s, tx| -> Result<bool, crate::store::StoreError> {
                 let view = ctl.view();
                 let actions = crate::decide::failover::watch(s, &view, &ctl.policy);
-                Ok(execute(&ctl, &h, s, tx, actions))
+                Ok(execute(&ctl, s, tx, actions))
             });
         match r {
             Ok(true) => ctl.wake.notify_one(),
@@ -156,8 +155,11 @@ pub async fn watch(
 
 /// Records the health manager's decisions in `tx`; `true` when a
 /// failover needs a push.
-fn execute(ctl: &Controller, h: &Health, s: &State, tx: &mut Tx, actions: Vec<Failover>) -> bool {
-    let silence = format!("no heartbeat for {} ms", h.heartbeat_timeout().as_millis());
+fn execute(ctl: &Controller, s: &State, tx: &mut Tx, actions: Vec<Failover>) -> bool {
+    let Some(h) = &ctl.policy.health else {
+        return false;
+    };
+    let silence = format!("no heartbeat for {} ms", h.heartbeat_timeout.as_millis());
     let now = crate::now();
     let mut changed = false;
     let held = actions
@@ -173,22 +175,14 @@ fn execute(ctl: &Controller, h: &Health, s: &State, tx: &mut Tx, actions: Vec<Fa
     }
     for action in actions {
         match action {
-            Failover::Quiet { amphora } => {
-                if let Some(a) = s.amphorae.get(&amphora) {
-                    let mut a = a.clone();
-                    a.status = AmphoraStatus::Booting;
-                    a.error = Some(silence.clone());
-                    tx.put(a);
-                }
-            }
-            Failover::Hold { amphora } => {
-                if let Some(a) = s.amphorae.get(&amphora) {
-                    let mut a = a.clone();
-                    a.status = AmphoraStatus::FailoverStopped;
-                    a.updated_at = Some(now.clone());
-                    tx.put(a);
-                }
-            }
+            Failover::Quiet { amphora } => tx.edit(&s.amphorae, &amphora, |a| {
+                a.status = AmphoraStatus::Booting;
+                a.error = Some(silence.clone());
+            }),
+            Failover::Hold { amphora } => tx.edit(&s.amphorae, &amphora, |a| {
+                a.status = AmphoraStatus::FailoverStopped;
+                a.updated_at = Some(now.clone());
+            }),
             Failover::Replace { lb, pairs } => {
                 for (failed, spare) in &pairs {
                     tracing::warn!(%failed, %spare, loadbalancer = %lb, reason = %silence, "amphora failover");

@@ -38,26 +38,20 @@ pub fn provision(ctl: &Arc<Controller>) {
         tracing::error!(error = %e, "heartbeat keys not stored");
     }
     let now = Instant::now();
-    let due: Vec<String> = {
-        let wanted: Vec<(String, bool)> = ctl.db.read(|s| {
-            s.amphorae
-                .values()
-                // A failed-over amphora gets its key once it is wiped.
-                .filter(|a| a.status != AmphoraStatus::Error)
-                .map(|a| (a.id.clone(), a.heartbeat_key_acked))
-                .collect()
-        });
+    let due: Vec<String> = ctl.db.read(|s| {
         let view = ctl.liveness.view(now);
-        wanted
-            .into_iter()
-            .filter(|(id, acked)| {
-                let l = view.get(id);
-                (!acked || l.is_some_and(|l| l.rekey))
+        s.amphorae
+            .values()
+            // A failed-over amphora gets its key once it is wiped.
+            .filter(|a| a.status != AmphoraStatus::Error)
+            .filter(|a| {
+                let l = view.get(&a.id);
+                (!a.heartbeat_key_acked || l.is_some_and(|l| l.rekey))
                     && l.and_then(|l| l.key_next_try).is_none_or(|t| now >= t)
             })
-            .map(|(id, _)| id)
+            .map(|a| a.id.clone())
             .collect()
-    };
+    });
     for id in due {
         let Some(claim) = ctl.claim(Job::Key(id.clone())) else {
             continue;

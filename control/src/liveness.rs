@@ -10,7 +10,7 @@
 //! half of another task's change.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A heartbeat sent this soon after a push finished may describe the
@@ -80,7 +80,9 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Liveness {
     started: Instant,
-    table: Mutex<HashMap<String, Live>>,
+    /// Shared with the views taken since the last change: a view costs
+    /// a reference count, and the next change copies the table once.
+    table: Mutex<Arc<HashMap<String, Live>>>,
 }
 
 impl Liveness {
@@ -89,14 +91,20 @@ impl Liveness {
     pub fn new(started: Instant) -> Liveness {
         Liveness {
             started,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Arc::default()),
         }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, Live>) -> R) -> R {
         // A panic elsewhere cannot leave a record half written (each
         // change is a few plain stores), so a poisoned lock is used as is.
-        f(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()))
+        f(Arc::make_mut(
+            &mut self.table.lock().unwrap_or_else(|e| e.into_inner()),
+        ))
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Arc<HashMap<String, Live>>) -> R) -> R {
+        f(&self.table.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn entry<R>(&self, id: &str, f: impl FnOnce(&mut Live) -> R) -> R {
@@ -107,17 +115,18 @@ impl Liveness {
         self.started
     }
 
-    /// A copy of everything, as of `now`.
+    /// Everything, as of `now` (shared with the table until its next
+    /// change, not copied).
     pub fn view(&self, now: Instant) -> View {
         View {
             now,
             started: self.started,
-            live: self.with(|t| t.clone()),
+            live: self.read(Arc::clone),
         }
     }
 
     pub fn last_heard(&self, id: &str) -> Option<Instant> {
-        self.with(|t| t.get(id).and_then(|l| l.heard))
+        self.read(|t| t.get(id).and_then(|l| l.heard))
     }
 
     /// A verified heartbeat of `id` arrived `at`, saying `report`.
@@ -228,16 +237,17 @@ impl Liveness {
 pub struct View {
     pub now: Instant,
     pub started: Instant,
-    live: HashMap<String, Live>,
+    live: Arc<HashMap<String, Live>>,
 }
 
 impl View {
     /// An empty view: nothing heard yet, started `started`.
+    #[cfg(test)]
     pub fn empty(now: Instant, started: Instant) -> View {
         View {
             now,
             started,
-            live: HashMap::new(),
+            live: Arc::default(),
         }
     }
 
@@ -245,9 +255,10 @@ impl View {
         self.live.get(id)
     }
 
-    /// Sets `id`'s record (tests, and views built by hand).
+    /// Sets `id`'s record (tests build views by hand).
+    #[cfg(test)]
     pub fn set(&mut self, id: &str, live: Live) {
-        self.live.insert(id.to_owned(), live);
+        Arc::make_mut(&mut self.live).insert(id.to_owned(), live);
     }
 
     pub fn last_heard(&self, id: &str) -> Option<Instant> {

@@ -41,7 +41,7 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
             continue;
         }
         retry_failed_changes(&ctl);
-        if ctl.config.health.is_some() {
+        if ctl.policy.health.is_some() {
             crate::keys_push::provision(&ctl);
             for step in judge(&ctl, Instant::now()) {
                 act(&ctl, step);

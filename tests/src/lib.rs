@@ -284,13 +284,16 @@ impl Pattern {
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        return true;
-    }
+    root || skip_or_fail(test, "needs root (run as root, or in CI)")
+}
+
+/// Skips `test` for `why` with a printed reason (`false`), unless
+/// `SIPHON_REQUIRE_ROOT_TESTS=1` (CI), which makes it a failure.
+pub fn skip_or_fail(test: &str, why: &str) -> bool {
     if std::env::var("SIPHON_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") {
-        panic!("{test} needs root and SIPHON_REQUIRE_ROOT_TESTS=1 forbids skipping it");
+        panic!("{test}: {why}, and SIPHON_REQUIRE_ROOT_TESTS=1 forbids skipping it");
     }
-    eprintln!("skipping {test}: needs root (run as root, or in CI)");
+    eprintln!("skipping {test}: {why}");
     false
 }
 

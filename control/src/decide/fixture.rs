@@ -138,11 +138,11 @@ impl World {
 
     /// `id` heard `ago` before now, saying `report`.
     pub fn heard(&mut self, id: &str, ago: Duration, report: Report) -> &mut World {
-        let mut l = self.view.get(id).cloned().unwrap_or_default();
-        l.heard = Some(self.view.now - ago);
-        l.report = Some(report);
-        self.view.set(id, l);
-        self
+        let at = self.view.now - ago;
+        self.live(id, |l| {
+            l.heard = Some(at);
+            l.report = Some(report);
+        })
     }
 
     pub fn live(&mut self, id: &str, f: impl FnOnce(&mut Live)) -> &mut World {

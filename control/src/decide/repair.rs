@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use crate::decide::{spares, Policy};
-use crate::liveness::{Report, Verdict, View};
+use crate::liveness::{Live, Report, Verdict, View};
 use crate::model::{AmphoraStatus, LoadBalancer, OperatingStatus, ProvisioningStatus, State};
 use crate::store::Tx;
 
@@ -124,7 +124,8 @@ pub fn judge(s: &State, view: &View, p: &Policy, tx: &mut Tx) -> Judgement {
         if lb.common.provisioning_status.is_pending() || a.status != AmphoraStatus::Allocated {
             continue;
         }
-        let l = view.get(&a.id).cloned().unwrap_or_default();
+        let none = Live::default();
+        let l = view.get(&a.id).unwrap_or(&none);
         let c = counts.entry(lb_id).or_default();
         c.0 += 1;
         if !l.judgeable() || view.silent(&a.id, h.heartbeat_timeout) {
@@ -135,12 +136,13 @@ pub fn judge(s: &State, view: &View, p: &Policy, tx: &mut Tx) -> Judgement {
             }
             continue;
         }
-        let report = l.report.clone().unwrap_or_default();
+        let unsaid = Report::default();
+        let report = l.report.as_ref().unwrap_or(&unsaid);
         // A load balancer whose creation failed never had its VIP placed.
         let vip = (lb.common.provisioning_status != ProvisioningStatus::Error
             || lb.common.deployed)
             .then_some(lb.vip_address.as_str());
-        match drift(a.generation, vip, &report) {
+        match drift(a.generation, vip, report) {
             None => {
                 c.1 += 1;
                 j.verdicts.push((a.id.clone(), Verdict::InStep));
