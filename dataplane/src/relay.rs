@@ -26,6 +26,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use mio::net::TcpStream;
 use nix::errno::Errno;
 use nix::fcntl::{splice, SpliceFFlags};
+use socket2::SockRef;
 
 use crate::pipe::{Pipe, PipePool};
 
@@ -325,9 +326,13 @@ impl Half {
                 *src_ready = false;
             }
         }
+        // The last bytes before EOF: hold them for the FIN that follows at
+        // once (`shutdown`, or `close` when the other way is done), so the
+        // kernel sends data and FIN in one segment instead of two.
+        let last = self.eof;
         let mut off = 0;
         while off < n {
-            match (&*dst).write(&lent.scratch[off..n]) {
+            match send(dst, &lent.scratch[off..n], last) {
                 Ok(w) => off += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     *dst_ready = false;
@@ -357,6 +362,17 @@ impl Default for Half {
     fn default() -> Half {
         Half::new()
     }
+}
+
+/// `send(2)`; `more` sets `MSG_MORE` (corked until the next push, which
+/// the FIN's `shutdown` or `close` makes).
+fn send(dst: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    let flags = if more {
+        libc::MSG_NOSIGNAL | libc::MSG_MORE
+    } else {
+        libc::MSG_NOSIGNAL
+    };
+    SockRef::from(dst).send_with_flags(buf, flags)
 }
 
 fn errno(e: Errno) -> io::Error {
