@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode};
 use serde_json::{json, Value};
 use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
-use siphon_control::store::{Object, Op, Store};
+use siphon_control::store::{Database, Object, Op, Store};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -294,18 +294,22 @@ fn main() {
     let t = Instant::now();
     let ops = fixture(n);
     let objects = ops.len();
-    Store::open(&db)
-        .expect("store")
-        .commit(&ops)
-        .expect("fixture stored");
-    drop(ops);
-    let stored = t.elapsed();
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    let db = Database::Sqlite(db);
+    rt.block_on(async {
+        Store::open(&db)
+            .await
+            .expect("store")
+            .commit(&ops)
+            .await
+            .expect("fixture stored");
+    });
+    drop(ops);
+    let stored = t.elapsed();
     let config = ControlConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         database: db.clone(),
@@ -323,6 +327,7 @@ fn main() {
         push: Push::default(),
         health: None,
         distributor: Default::default(),
+        cluster: Default::default(),
         limits: Default::default(),
     };
     let t = Instant::now();

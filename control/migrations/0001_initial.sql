@@ -1,8 +1,12 @@
 -- Siphon controller store, schema 1.
 --
+-- Valid on SQLite and PostgreSQL alike. (Counters were spelled INTEGER
+-- when only SQLite ran this; BIGINT is the same there, and 64-bit on
+-- PostgreSQL.)
+--
 -- Each API object is one JSON document (`doc`, the serde form of the
 -- matching type in control/src/model.rs). The columns beside it are the
--- relationships, so SQLite enforces them: a child cannot outlive or
+-- relationships, so the database enforces them: a child cannot outlive or
 -- precede its parent.
 
 CREATE TABLE load_balancer (
@@ -44,10 +48,10 @@ CREATE TABLE amphora (
 CREATE TABLE listener_stats (
     listener_id        TEXT NOT NULL REFERENCES listener (id) ON DELETE CASCADE,
     amphora_id         TEXT NOT NULL,
-    bytes_in           INTEGER NOT NULL,
-    bytes_out          INTEGER NOT NULL,
-    active_connections INTEGER NOT NULL,
-    total_connections  INTEGER NOT NULL,
-    request_errors     INTEGER NOT NULL,
+    bytes_in           BIGINT NOT NULL,
+    bytes_out          BIGINT NOT NULL,
+    active_connections BIGINT NOT NULL,
+    total_connections  BIGINT NOT NULL,
+    request_errors     BIGINT NOT NULL,
     PRIMARY KEY (listener_id, amphora_id)
 );

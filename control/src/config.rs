@@ -18,9 +18,10 @@ pub const DEFAULT_PORT: u16 = 9876;
 pub struct ControlConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// SQLite database file (created, with its directory, if missing).
-    #[serde(default = "default_database")]
-    pub database: PathBuf,
+    /// The store: an SQLite file (created, with its directory, if
+    /// missing), or PostgreSQL for several controllers.
+    #[serde(default)]
+    pub database: crate::store::Database,
     #[serde(default)]
     pub auth: Auth,
     /// Subnets VIPs are allocated from.
@@ -43,6 +44,42 @@ pub struct ControlConfig {
     /// Limits of the API server.
     #[serde(default)]
     pub limits: Limits,
+    /// Several controllers sharing one PostgreSQL store.
+    #[serde(default)]
+    pub cluster: Cluster,
+}
+
+/// How this controller works beside others on one store.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// This controller's name in claims and logs (default: the host's
+    /// name, the process id and a random tag).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How long a claim on a job (a push, a wipe) lasts unless renewed:
+    /// work of a controller that died is taken over after this.
+    #[serde(default = "default_claim_ttl_ms")]
+    pub claim_ttl_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            name: None,
+            claim_ttl_ms: default_claim_ttl_ms(),
+        }
+    }
+}
+
+impl Cluster {
+    pub fn claim_ttl(&self) -> Duration {
+        Duration::from_millis(self.claim_ttl_ms)
+    }
+}
+
+fn default_claim_ttl_ms() -> u64 {
+    10_000
 }
 
 /// What one client may hold of the API server, so idle or slow clients
@@ -337,9 +374,6 @@ impl Health {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0u16; 8], DEFAULT_PORT))
 }
-fn default_database() -> PathBuf {
-    PathBuf::from("/var/lib/siphon-control/siphon.db")
-}
 fn default_agent_port() -> u16 {
     siphon_proto::AGENT_PORT
 }
@@ -432,6 +466,7 @@ impl ControlConfig {
     /// heartbeat key, agent TLS key): what `check` and start refuse.
     pub fn check_secrets(&self) -> Result<(), ConfigError> {
         self.admin_token()?;
+        self.database.connect_url()?;
         if let Some(h) = &self.health {
             h.bootstrap_key()?;
         }
@@ -451,9 +486,30 @@ impl ControlConfig {
 
     /// Parses and checks `text` (read from `path`, named in errors).
     pub fn parse(text: &str, path: &Path) -> Result<ControlConfig, ConfigError> {
-        let config: ControlConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        // The position and the problem, not toml's quote of the line: a
+        // line may hold a secret (a token, a password in a URL), and this
+        // error goes to logs.
+        let config: ControlConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(String::new(), |span| {
+                let start = span.start.min(text.len());
+                let before = &text[..start];
+                let line = before.matches('\n').count() + 1;
+                let begin = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = start - begin + 1;
+                // The key the problem is at (the text before `=`).
+                let whole = text[begin..].lines().next().unwrap_or_default();
+                let key = match whole.split_once('=') {
+                    Some((k, _)) => k.trim(),
+                    None if whole.trim_start().starts_with('[') => whole.trim(),
+                    // Inside a multi-line value: nothing of it is shown.
+                    None => "",
+                };
+                format!("line {line}, column {column} ({key}): ")
+            });
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{at}{}", e.message()),
+            }
         })?;
         let invalid = |field: String, problem: &str| ConfigError::Invalid {
             path: path.to_owned(),
@@ -497,6 +553,20 @@ impl ControlConfig {
                 "limits".into(),
                 "max_connections, header_read_timeout_ms and idle_timeout_ms must be at least 1",
             ));
+        }
+        if !(1_000..=600_000).contains(&config.cluster.claim_ttl_ms) {
+            return Err(invalid(
+                "cluster.claim_ttl_ms".into(),
+                "between 1000 and 600000 (renewed every third of it)",
+            ));
+        }
+        if config
+            .cluster
+            .name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty() || n.len() > 200)
+        {
+            return Err(invalid("cluster.name".into(), "1 to 200 characters"));
         }
         if config.push.attempts == 0 {
             return Err(invalid("push.attempts".into(), "must be at least 1"));

@@ -62,7 +62,10 @@ pub async fn receive(
         seqs,
     );
     let mut buf = vec![0u8; 65_536];
-    let mut last = Last::default();
+    // With the flush while it runs, so receiving never waits on the
+    // database.
+    let mut last = Some(Last::default());
+    let mut flushing: Option<tokio::task::JoinHandle<Last>> = None;
     let mut pending: Vec<(Heartbeat, u32)> = Vec::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     let mut rejected: u64 = 0;
@@ -97,31 +100,64 @@ pub async fn receive(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
+            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && last.is_some() => {
                 flush_at = None;
                 let beats = std::mem::take(&mut pending);
-                let stamp = crate::now();
-                if let Err(e) = ctl.db.write(|s, tx| -> Result<(), crate::store::StoreError> {
-                    // Inside the write: everything stored before is in
-                    // the view too (see `Controller::view`).
-                    let view = ctl.view();
-                    // Totals move through every beat of the batch, not
-                    // from the stored value each time.
-                    let mut totals = HashMap::new();
-                    for (beat, key_id) in &beats {
-                        fold(&view, &ctl.policy, s, tx, beat, *key_id, &mut last, &mut totals, &stamp);
-                    }
-                    for ((l, a), c) in totals {
-                        tx.stats(&l, &a, c);
-                    }
-                    Ok(())
-                }) {
-                    tracing::error!(error = %e, "heartbeat results not stored");
+                if let Some(l) = last.take() {
+                    flushing = Some(tokio::spawn(flush(ctl.clone(), beats, l)));
                 }
+            }
+            r = async {
+                match flushing.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            }, if flushing.is_some() => {
+                flushing = None;
+                // A flush that panicked loses its deltas' base: start over.
+                last = Some(r.unwrap_or_default());
             }
             _ = stopped.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Stores what a batch of verified beats changed; gives back the
+/// counters' base for the next batch.
+async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32)>, mut last: Last) -> Last {
+    let stamp = crate::now();
+    if let Err(e) = ctl
+        .db
+        .write(|s, tx| -> Result<(), crate::store::StoreError> {
+            // Inside the write: everything stored before is in
+            // the view too (see `Controller::view`).
+            let view = ctl.view();
+            // Totals move through every beat of the batch, not
+            // from the stored value each time.
+            let mut totals = HashMap::new();
+            for (beat, key_id) in &beats {
+                fold(
+                    &view,
+                    &ctl.policy,
+                    s,
+                    tx,
+                    beat,
+                    *key_id,
+                    &mut last,
+                    &mut totals,
+                    &stamp,
+                );
+            }
+            for ((l, a), c) in totals {
+                tx.stats(&l, &a, c);
+            }
+            Ok(())
+        })
+        .await
+    {
+        tracing::error!(error = %e, "heartbeat results not stored");
+    }
+    last
 }
 
 /// Fails over what went silent ([`crate::decide::failover::watch`]);
@@ -144,7 +180,8 @@ pub async fn watch(
                 let view = ctl.view();
                 let actions = crate::decide::failover::watch(s, &view, &ctl.policy);
                 Ok(execute(&ctl, s, tx, actions))
-            });
+            })
+            .await;
         match r {
             Ok(true) => ctl.wake.notify_one(),
             Ok(false) => {}

@@ -15,7 +15,7 @@ use crate::{Controller, Job};
 
 /// Makes keys for amphorae without one, and starts a push for each whose
 /// agent is not known to hold its key.
-pub fn provision(ctl: &Arc<Controller>) {
+pub async fn provision(ctl: &Arc<Controller>) {
     let made = ctl
         .db
         .write(|s, tx| -> Result<usize, crate::store::StoreError> {
@@ -33,7 +33,8 @@ pub fn provision(ctl: &Arc<Controller>) {
                 }
             }
             Ok(n)
-        });
+        })
+        .await;
     if let Err(e) = made {
         tracing::error!(error = %e, "heartbeat keys not stored");
     }
@@ -53,14 +54,13 @@ pub fn provision(ctl: &Arc<Controller>) {
             .collect()
     });
     for id in due {
-        let Some(claim) = ctl.claim(Job::Key(id.clone())) else {
+        let Some(claim) = ctl.claim(Job::Key(id.clone())).await else {
             continue;
         };
         let ctl = ctl.clone();
-        tokio::spawn(async move {
+        tokio::spawn(claim.run(async move {
             push_key(&ctl, &id).await;
-            drop(claim);
-        });
+        }));
     }
 }
 
@@ -92,7 +92,8 @@ async fn push_key(ctl: &Controller, id: &str) {
                         }
                     }
                     Ok(())
-                });
+                })
+                .await;
             tracing::info!(amphora = %id, key_id = k.key_id, "heartbeat key pushed");
         }
         Err(e) => {

@@ -15,6 +15,7 @@
 
 pub mod agent_client;
 pub mod api;
+pub mod claim;
 pub mod client;
 pub mod config;
 pub mod decide;
@@ -39,6 +40,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+pub use claim::{Claim, Job};
 pub use config::ControlConfig;
 
 /// What every part of the controller shares.
@@ -63,62 +65,12 @@ pub struct Controller {
     pub agents: Option<agent_client::AgentClient>,
     /// Jobs a task is working on ([`Controller::claim`]).
     busy: Mutex<std::collections::HashSet<Job>>,
+    /// This controller's name in claims (`cluster.name`).
+    pub name: String,
     pub metrics: metrics::Metrics,
 }
 
-/// What the background tasks work on: one task at a time per job.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Job {
-    /// Bring a load balancer's amphorae in line with the store (a push,
-    /// a repair's re-push).
-    LoadBalancer(String),
-    /// Empty an amphora taken out of service and return it to the spares.
-    Wipe(String),
-    /// Push an amphora its own heartbeat key.
-    Key(String),
-}
-
-/// A claimed [`Job`]: released, and the provisioner woken to look again,
-/// when dropped.
-#[derive(Debug)]
-pub struct Claim {
-    ctl: Arc<Controller>,
-    job: Job,
-}
-
-impl Claim {
-    pub fn job(&self) -> &Job {
-        &self.job
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.ctl
-            .busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.job);
-        self.ctl.wake.notify_one();
-    }
-}
-
 impl Controller {
-    /// Claims `job` for the calling task, or `None` when another task
-    /// has it (the next pass sees it again). The claim ends when the
-    /// returned [`Claim`] is dropped, however the task ends.
-    pub fn claim(self: &Arc<Self>, job: Job) -> Option<Claim> {
-        let fresh = self
-            .busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(job.clone());
-        fresh.then(|| Claim {
-            ctl: self.clone(),
-            job,
-        })
-    }
-
     /// What is known of the amphorae at run time, as of now. Taken
     /// inside the `Db` closure a decision runs in (the store's locks,
     /// then this leaf one), so whatever was stored before is in it too:
@@ -180,17 +132,13 @@ impl Handle {
 pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
     config.check_secrets()?;
     let token = config.admin_token()?;
-    if let Some(dir) = config
-        .database
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
+    if let Some(dir) = config.database.dir() {
         std::fs::create_dir_all(dir).map_err(|source| StartError::Dir {
             path: dir.display().to_string(),
             source,
         })?;
     }
-    let db = store::Db::open(&config.database)?;
+    let db = store::Db::open(&config.database).await?;
     let driver =
         distributor::open(&config.distributor).map_err(|source| StartError::Distributor {
             driver: match config.distributor {
@@ -215,10 +163,15 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
         liveness: liveness::Liveness::new(Instant::now()),
         agents,
         busy: Mutex::new(Default::default()),
+        name: config
+            .cluster
+            .name
+            .clone()
+            .unwrap_or_else(claim::default_name),
         metrics: Default::default(),
         config,
     });
-    api::amphorae::register_configured(&controller)?;
+    api::amphorae::register_configured(&controller).await?;
 
     let listener = tokio::net::TcpListener::bind(controller.config.listen)
         .await

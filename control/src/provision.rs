@@ -39,6 +39,10 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
         if ctl.agents.is_none() {
             continue;
         }
+        // Without the database nothing is decided (nor pushed).
+        if ctl.db.refresh().await.is_err() {
+            continue;
+        }
         let routed = ctl.routed.borrow().clone();
         let (jobs, now) = ctl.db.read(|s| {
             let view = ctl.view();
@@ -49,17 +53,17 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
             if let Job::Wipe(id) = &job {
                 wipe_tried.insert(id.clone(), now);
             }
-            let Some(claim) = ctl.claim(job) else {
+            let Some(claim) = ctl.claim(job.clone()).await else {
                 continue;
             };
             let ctl = ctl.clone();
-            tokio::spawn(async move {
-                match claim.job() {
+            tokio::spawn(claim.run(async move {
+                match &job {
                     Job::LoadBalancer(id) => converge(&ctl, id).await,
                     Job::Wipe(id) => wipe(&ctl, id).await,
                     Job::Key(_) => {}
                 }
-            });
+            }));
         }
     }
 }
@@ -184,31 +188,36 @@ async fn push_amphora(
 }
 
 /// Reserves the next generation of each amphora (stored first).
-fn next_generations(ctl: &Controller, ids: &[String]) -> Result<Vec<Amphora>, StoreError> {
-    ctl.db.write(|s, tx| -> Result<Vec<Amphora>, StoreError> {
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(a) = s.amphorae.get(id) {
-                let mut a = a.clone();
-                a.generation += 1;
-                tx.put(a.clone());
-                out.push(a);
+async fn next_generations(ctl: &Controller, ids: &[String]) -> Result<Vec<Amphora>, StoreError> {
+    ctl.db
+        .write(|s, tx| -> Result<Vec<Amphora>, StoreError> {
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(a) = s.amphorae.get(id) {
+                    let mut a = a.clone();
+                    a.generation += 1;
+                    tx.put(a.clone());
+                    out.push(a);
+                }
             }
-        }
-        Ok(out)
-    })
+            Ok(out)
+        })
+        .await
 }
 
 async fn converge(ctl: &Controller, lb_id: &str) {
+    // Claimed now: read afresh, as another controller may have pushed
+    // this change already.
+    if ctl.db.refresh().await.is_err() {
+        return;
+    }
     let Some((lb, mut amphorae)) = ctl.db.read(|s| {
-        s.load_balancers.get(lb_id).map(|lb| {
-            (
-                lb.clone(),
-                s.amphorae_of(lb_id)
-                    .map(|a| a.id.clone())
-                    .collect::<Vec<_>>(),
-            )
-        })
+        let lb = s.load_balancers.get(lb_id)?;
+        if !decide::provision::needs_push(s, lb) {
+            return None;
+        }
+        let amphorae: Vec<String> = s.amphorae_of(lb_id).map(|a| a.id.clone()).collect();
+        Some((lb.clone(), amphorae))
     }) else {
         return;
     };
@@ -228,15 +237,16 @@ async fn converge(ctl: &Controller, lb_id: &str) {
                     tx.put(a);
                 }
                 Ok(ids)
-            });
+            })
+            .await;
         match got {
             Ok(ids) => amphorae = ids,
-            Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]),
+            Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]).await,
         }
     }
-    let amphorae = match next_generations(ctl, &amphorae) {
+    let amphorae = match next_generations(ctl, &amphorae).await {
         Ok(a) => a,
-        Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]),
+        Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]).await,
     };
     let vip = (!deleting).then(|| lb.vip_address.clone());
     let pushes = amphorae.iter().map(|a| {
@@ -272,22 +282,25 @@ async fn converge(ctl: &Controller, lb_id: &str) {
         }
     }
     // Record on each amphora what it carries now.
-    let _ = ctl.db.write(|s, tx| -> Result<(), StoreError> {
-        for (id, r) in &results {
-            if let Some(a) = s.amphorae.get(id) {
-                let mut a = a.clone();
-                match r {
-                    Ok(()) => {
-                        a.vips = vip.iter().cloned().collect();
-                        a.error = None;
+    let _ = ctl
+        .db
+        .write(|s, tx| -> Result<(), StoreError> {
+            for (id, r) in &results {
+                if let Some(a) = s.amphorae.get(id) {
+                    let mut a = a.clone();
+                    match r {
+                        Ok(()) => {
+                            a.vips = vip.iter().cloned().collect();
+                            a.error = None;
+                        }
+                        Err(e) => a.error = Some(e.to_string()),
                     }
-                    Err(e) => a.error = Some(e.to_string()),
+                    tx.put(a);
                 }
-                tx.put(a);
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        })
+        .await;
     let outcome = if errors.is_empty() || deleting {
         // A delete completes whatever the amphorae said: one that did not
         // take the empty config is set aside (ERROR) and wiped when it
@@ -296,13 +309,13 @@ async fn converge(ctl: &Controller, lb_id: &str) {
     } else {
         Err(errors.join("; "))
     };
-    finish(ctl, lb_id, outcome, &failed);
+    finish(ctl, lb_id, outcome, &failed).await;
 }
 
 /// Pushes an amphora its load balancer's config (a new generation) and
 /// VIP again, once: the repairer's step, which has its own back-off.
 pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), ProvisionError> {
-    let mut got = next_generations(ctl, &[amphora.to_owned()])?;
+    let mut got = next_generations(ctl, &[amphora.to_owned()]).await?;
     let Some(a) = got.pop() else {
         return Err(ProvisionError::Gone(amphora.to_owned()));
     };
@@ -321,36 +334,42 @@ pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), ProvisionEr
     } else {
         ctl.metrics.add(&ctl.metrics.push_failures, 1);
     }
-    let _ = ctl.db.write(|s, tx| -> Result<(), StoreError> {
-        if let Some(a) = s.amphorae.get(amphora) {
-            if r.is_ok() {
-                let mut a = a.clone();
-                a.vips = vec![vip.clone()];
-                a.error = None;
-                a.next_attempt_at = None;
-                tx.put(a);
+    let _ = ctl
+        .db
+        .write(|s, tx| -> Result<(), StoreError> {
+            if let Some(a) = s.amphorae.get(amphora) {
+                if r.is_ok() {
+                    let mut a = a.clone();
+                    a.vips = vec![vip.clone()];
+                    a.error = None;
+                    a.next_attempt_at = None;
+                    tx.put(a);
+                }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        })
+        .await;
     Ok(r?)
 }
 
 /// Settles the statuses of everything under `lb_id` after a push
 /// ([`decide::provision::settle`]).
-fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[String]) {
-    let r = ctl.db.write(|s, tx| -> Result<Settled, StoreError> {
-        let o = outcome.as_ref().map(|_| ()).map_err(String::as_str);
-        Ok(decide::provision::settle(
-            s,
-            tx,
-            lb_id,
-            o,
-            failed,
-            &ctl.policy,
-            SystemTime::now(),
-        ))
-    });
+async fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[String]) {
+    let r = ctl
+        .db
+        .write(|s, tx| -> Result<Settled, StoreError> {
+            let o = outcome.as_ref().map(|_| ()).map_err(String::as_str);
+            Ok(decide::provision::settle(
+                s,
+                tx,
+                lb_id,
+                o,
+                failed,
+                &ctl.policy,
+                SystemTime::now(),
+            ))
+        })
+        .await;
     ctl.distribute.notify_one();
     match (&outcome, r) {
         (_, Err(e)) => {
@@ -370,7 +389,16 @@ fn finish(ctl: &Controller, lb_id: &str, outcome: Result<(), String>, failed: &[
 
 /// Empties a failed-over amphora (config and VIPs) and makes it a spare.
 async fn wipe(ctl: &Controller, id: &str) {
-    let Ok(mut got) = next_generations(ctl, &[id.to_owned()]) else {
+    if ctl.db.refresh().await.is_err()
+        || !ctl.db.read(|s| {
+            s.amphorae
+                .get(id)
+                .is_some_and(|a| a.status == AmphoraStatus::Error && a.load_balancer_id.is_none())
+        })
+    {
+        return;
+    }
+    let Ok(mut got) = next_generations(ctl, &[id.to_owned()]).await else {
         return;
     };
     let Some(a) = got.pop() else {
@@ -383,19 +411,22 @@ async fn wipe(ctl: &Controller, id: &str) {
     };
     match push_amphora(ctl, &a, &empty, None, ctl.config.push.attempts).await {
         Ok(()) => {
-            let _ = ctl.db.write(|s, tx| -> Result<(), StoreError> {
-                if let Some(a) = s.amphorae.get(id) {
-                    if a.status == AmphoraStatus::Error && a.load_balancer_id.is_none() {
-                        let mut a = a.clone();
-                        a.status = AmphoraStatus::Ready;
-                        a.vips.clear();
-                        a.error = None;
-                        a.updated_at = Some(crate::now());
-                        tx.put(a);
+            let _ = ctl
+                .db
+                .write(|s, tx| -> Result<(), StoreError> {
+                    if let Some(a) = s.amphorae.get(id) {
+                        if a.status == AmphoraStatus::Error && a.load_balancer_id.is_none() {
+                            let mut a = a.clone();
+                            a.status = AmphoraStatus::Ready;
+                            a.vips.clear();
+                            a.error = None;
+                            a.updated_at = Some(crate::now());
+                            tx.put(a);
+                        }
                     }
-                }
-                Ok(())
-            });
+                    Ok(())
+                })
+                .await;
             // However it left service (a failover of any kind, a
             // scale-in), its repair starts afresh if it serves again.
             ctl.liveness.failed_over(id);

@@ -40,11 +40,15 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
         if ctl.agents.is_none() {
             continue;
         }
-        retry_failed_changes(&ctl);
+        // Without the database nothing is decided (nor pushed).
+        if ctl.db.refresh().await.is_err() {
+            continue;
+        }
+        retry_failed_changes(&ctl).await;
         if ctl.policy.health.is_some() {
-            crate::keys_push::provision(&ctl);
-            for step in judge(&ctl, Instant::now()) {
-                act(&ctl, step);
+            crate::keys_push::provision(&ctl).await;
+            for step in judge(&ctl, Instant::now()).await {
+                act(&ctl, step).await;
             }
         }
     }
@@ -52,7 +56,7 @@ pub async fn run(ctl: Arc<Controller>, mut stopped: tokio::sync::watch::Receiver
 
 /// Load balancers whose own change failed go back to pending once their
 /// back-off passed, so the provisioner tries again.
-fn retry_failed_changes(ctl: &Controller) {
+async fn retry_failed_changes(ctl: &Controller) {
     let now = crate::now();
     let r = ctl.db.write(|s, tx| -> Result<usize, crate::store::StoreError> {
         let due = crate::decide::repair::due_retries(s, &now);
@@ -67,7 +71,7 @@ fn retry_failed_changes(ctl: &Controller) {
             tx.put(l);
         }
         Ok(due.len())
-    });
+    }).await;
     match r {
         Ok(0) => {}
         Ok(n) => {
@@ -80,7 +84,7 @@ fn retry_failed_changes(ctl: &Controller) {
 
 /// Judges every carrying amphora ([`crate::decide::repair::judge`]),
 /// stores what it decided, records the verdicts, and returns the steps.
-fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
+async fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
     // The view and the verdicts inside the write: a push that finished
     // (and was stored) before is in the view, and none lands between
     // judging and recording.
@@ -91,7 +95,8 @@ fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
             let j = crate::decide::repair::judge(s, &view, &ctl.policy, tx);
             ctl.liveness.judged(&j.verdicts);
             Ok((view, j))
-        });
+        })
+        .await;
     let (view, j) = match r {
         Ok(r) => r,
         Err(e) => {
@@ -117,27 +122,26 @@ fn judge(ctl: &Controller, now: Instant) -> Vec<Step> {
 
 /// Starts what `step` says, unless its load balancer is already being
 /// worked on (the next pass sees it again).
-fn act(ctl: &Arc<Controller>, step: Step) {
+async fn act(ctl: &Arc<Controller>, step: Step) {
     match step {
         Step::Repush {
             amphora,
             lb,
             reason,
         } => {
-            let Some(claim) = ctl.claim(Job::LoadBalancer(lb)) else {
+            let Some(claim) = ctl.claim(Job::LoadBalancer(lb)).await else {
                 return;
             };
             let ctl = ctl.clone();
-            tokio::spawn(async move {
+            tokio::spawn(claim.run(async move {
                 repush(&ctl, &amphora, &reason).await;
-                drop(claim);
-            });
+            }));
         }
         Step::FailOver {
             amphora,
             lb,
             reason,
-        } => fail_over(ctl, &amphora, &lb, &reason),
+        } => fail_over(ctl, &amphora, &lb, &reason).await,
     }
 }
 
@@ -170,13 +174,14 @@ async fn repush(ctl: &Controller, amphora: &str, reason: &str) {
                         tx.put(a);
                     }
                     Ok(())
-                });
+                })
+                .await;
         }
     }
 }
 
 /// Replaces an amphora no repair brought in step with a spare.
-fn fail_over(ctl: &Controller, amphora: &str, lb: &str, reason: &str) {
+async fn fail_over(ctl: &Controller, amphora: &str, lb: &str, reason: &str) {
     let r = ctl
         .db
         .write(|s, tx| -> Result<bool, crate::store::StoreError> {
@@ -200,7 +205,7 @@ fn fail_over(ctl: &Controller, amphora: &str, lb: &str, reason: &str) {
                     Ok(crate::decide::provision::replace(s, tx, lb, &pairs, reason, &crate::now()) > 0)
                 }
             }
-        });
+        }).await;
     match r {
         Ok(true) => {
             ctl.metrics.add(&ctl.metrics.failovers, 1);

@@ -30,7 +30,7 @@ impl Api {
         let dir = TempDir::new(tag);
         let config = ControlConfig {
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            database: dir.path("control.db"),
+            database: dir.path("control.db").into(),
             auth: Auth::Token {
                 token: Some(TOKEN.into()),
                 token_file: None,
@@ -48,6 +48,7 @@ impl Api {
             push: Push::default(),
             health: None,
             distributor: Default::default(),
+            cluster: Default::default(),
             limits,
         };
         let handle = rt.block_on(siphon_control::start(config)).unwrap();

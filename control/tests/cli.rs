@@ -32,7 +32,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
     let dir = TempDir::new("cli");
     let config = ControlConfig {
         listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        database: dir.path("control.db"),
+        database: dir.path("control.db").into(),
         auth: Auth::Token {
             token: Some("cli-admin-token-0123".into()),
             token_file: None,
@@ -50,6 +50,7 @@ fn the_cli_registers_creates_lists_and_reports_refusals() {
         push: Push::default(),
         health: None,
         distributor: Default::default(),
+        cluster: Default::default(),
         limits: Default::default(),
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
@@ -148,7 +149,7 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
     let dead_port = free_port();
     let config = ControlConfig {
         listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        database: dir.path("control.db"),
+        database: dir.path("control.db").into(),
         auth: Auth::Noauth,
         vip_subnets: vec![VipSubnet {
             id: "vips".into(),
@@ -179,6 +180,7 @@ fn a_push_no_amphora_takes_ends_in_error_with_the_reason() {
         },
         health: None,
         distributor: Default::default(),
+        cluster: Default::default(),
         limits: Default::default(),
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
@@ -254,22 +256,29 @@ fn migrate_creates_the_schema_is_idempotent_and_refuses_a_newer_one() {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let first = migrate();
     assert!(first.status.success(), "{}", text(&first.stderr));
-    let want = format!("{}: schema version 1\n", db.display());
+    let want = format!("{}: schema version 2\n", db.display());
     assert_eq!(text(&first.stdout), want);
     let again = migrate();
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(text(&again.stdout), want, "a second run changes nothing");
     // A schema from a newer release: refused, and left as it is.
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
-    drop(conn);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let sql = |q: &'static str| {
+        rt.block_on(async {
+            use sqlx::{Connection, Row};
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                .await
+                .unwrap();
+            let rows = sqlx::query(q).fetch_all(&mut c).await.unwrap();
+            rows.first().map(|r| r.get::<i64, _>(0))
+        })
+    };
+    sql("UPDATE schema_version SET version = 99");
     let newer = migrate();
     assert!(!newer.status.success());
     let err = text(&newer.stderr);
     assert!(err.contains("99"), "{err}");
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let v: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(v, 99);
+    assert_eq!(sql("SELECT version FROM schema_version"), Some(99));
 }

@@ -96,8 +96,9 @@ impl Postgres {
         let dir = TempDir::new("postgres");
         let password = format!("siphon-test-{}", std::process::id());
         let password_file = dir.path("password");
-        std::fs::write(&password_file, format!("{password}\n"))
-            .unwrap_or_else(|e| panic!("password file: {e}"));
+        // 0600 as every secret the controller reads; `postgres` owns it
+        // (for initdb) and root reads it anyway.
+        crate::pki::write_secret(&password_file, &format!("{password}\n"));
         let socket_dir = dir.path("socket");
         std::fs::create_dir(&socket_dir).unwrap_or_else(|e| panic!("socket dir: {e}"));
         // The server runs as `postgres`: its dir, socket dir and password

@@ -156,7 +156,7 @@ fn upsert(ctl: &Controller, s: &State, r: Registration) -> Result<Amphora, Fault
 }
 
 /// Registers (or updates) the amphorae of the config file.
-pub fn register_configured(ctl: &Controller) -> Result<(), StartError> {
+pub async fn register_configured(ctl: &Controller) -> Result<(), StartError> {
     for e in &ctl.config.amphorae {
         let ca = match &e.ca {
             Some(p) => Some(
@@ -184,6 +184,7 @@ pub fn register_configured(ctl: &Controller) -> Result<(), StartError> {
                 }
                 Ok(())
             })
+            .await
             .map_err(|f| StartError::Amphora {
                 id: e.id.clone(),
                 message: f.message,
@@ -210,44 +211,49 @@ async fn register(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         .unwrap_or_else(|| "lo".to_owned());
     let vrrp_ip = b.string("vrrp_ip", 64)?.set();
     b.finish()?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        if s.amphorae.contains_key(&id) {
-            return Err(Fault::conflict(format!(
-                "Amphora {id} is already registered"
-            )));
-        }
-        let a = upsert(
-            &ctl,
-            s,
-            Registration {
-                id: id.clone(),
-                address,
-                port,
-                server_name,
-                ca,
-                vip_interface,
-                vrrp_ip,
-            },
-        )?;
-        tx.put(a.clone());
-        Ok(amphora_view(&ctl, &a))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            if s.amphorae.contains_key(&id) {
+                return Err(Fault::conflict(format!(
+                    "Amphora {id} is already registered"
+                )));
+            }
+            let a = upsert(
+                &ctl,
+                s,
+                Registration {
+                    id: id.clone(),
+                    address,
+                    port,
+                    server_name,
+                    ca,
+                    vip_interface,
+                    vrrp_ip,
+                },
+            )?;
+            tx.put(a.clone());
+            Ok(amphora_view(&ctl, &a))
+        })
+        .await?;
     ctl.wake.notify_one();
     tracing::info!(amphora = %id, "amphora registered");
     Ok(wrapped(StatusCode::CREATED, "amphora", v))
 }
 
 async fn unregister(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let a = get_amphora(s, &id)?;
-        if let Some(lb) = &a.load_balancer_id {
-            return Err(Fault::conflict(format!(
-                "Amphora {id} carries load balancer {lb}: fail it over first"
-            )));
-        }
-        tx.delete(Kind::Amphora, &id);
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            let a = get_amphora(s, &id)?;
+            if let Some(lb) = &a.load_balancer_id {
+                return Err(Fault::conflict(format!(
+                    "Amphora {id} carries load balancer {lb}: fail it over first"
+                )));
+            }
+            tx.delete(Kind::Amphora, &id);
+            Ok(())
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -288,47 +294,53 @@ fn lb_of_amphora(s: &State, id: &str) -> Result<Option<String>, Fault> {
 /// Replaces this amphora with a spare (202). A spare itself is simply
 /// wiped and checked again.
 async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        match lb_of_amphora(s, &id)? {
-            Some(lb) => {
-                let failed = std::slice::from_ref(&id);
-                let pairs = crate::decide::spares::replacements(
-                    s,
-                    &ctl.view(),
-                    failed,
-                    &Default::default(),
-                );
-                let why = "failover requested through the API";
-                if crate::decide::provision::replace(s, tx, &lb, &pairs, why, &crate::now()) == 0 {
-                    return Err(Fault::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("No spare amphora to replace {id} with"),
-                    ));
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            match lb_of_amphora(s, &id)? {
+                Some(lb) => {
+                    let failed = std::slice::from_ref(&id);
+                    let pairs = crate::decide::spares::replacements(
+                        s,
+                        &ctl.view(),
+                        failed,
+                        &Default::default(),
+                    );
+                    let why = "failover requested through the API";
+                    if crate::decide::provision::replace(s, tx, &lb, &pairs, why, &crate::now())
+                        == 0
+                    {
+                        return Err(Fault::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("No spare amphora to replace {id} with"),
+                        ));
+                    }
+                }
+                None => {
+                    let mut a = s.amphorae[&id].clone();
+                    a.status = AmphoraStatus::Error;
+                    a.error = Some("failover requested through the API".into());
+                    tx.put(a);
                 }
             }
-            None => {
-                let mut a = s.amphorae[&id].clone();
-                a.status = AmphoraStatus::Error;
-                a.error = Some("failover requested through the API".into());
-                tx.put(a);
-            }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// Pushes this amphora's config again (202).
 async fn reconfigure(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        if let Some(lb) = lb_of_amphora(s, &id)? {
-            let mut l = s.load_balancers[&lb].clone();
-            l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            tx.put(l);
-        }
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            if let Some(lb) = lb_of_amphora(s, &id)? {
+                let mut l = s.load_balancers[&lb].clone();
+                l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                tx.put(l);
+            }
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::ACCEPTED.into_response())
 }
@@ -342,11 +354,14 @@ async fn rotate_key(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
         .health
         .as_ref()
         .map_or(std::time::Duration::from_secs(60), |h| h.key_grace());
-    let key_id = ctl.db.write(|s, tx| -> Result<u32, Fault> {
-        get_amphora(s, &id)?;
-        crate::keys_push::rotate(s, tx, &id, grace)
-            .map_err(|e| Fault::new(StatusCode::INTERNAL_SERVER_ERROR, e))
-    })?;
+    let key_id = ctl
+        .db
+        .write(|s, tx| -> Result<u32, Fault> {
+            get_amphora(s, &id)?;
+            crate::keys_push::rotate(s, tx, &id, grace)
+                .map_err(|e| Fault::new(StatusCode::INTERNAL_SERVER_ERROR, e))
+        })
+        .await?;
     tracing::info!(amphora = %id, key_id, "heartbeat key rotated");
     Ok((
         StatusCode::ACCEPTED,

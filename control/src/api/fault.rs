@@ -86,6 +86,14 @@ impl Fault {
 impl From<StoreError> for Fault {
     fn from(e: StoreError) -> Fault {
         tracing::error!(error = %e, "store write failed; nothing changed");
+        if e.is_unavailable() {
+            // Nothing was written: the client may retry, here or at
+            // another controller.
+            return Fault::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("The database is unavailable; nothing was changed, retry later: {e}"),
+            );
+        }
         Fault::internal(format!("The change was not stored: {e}"))
     }
 }

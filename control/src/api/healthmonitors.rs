@@ -150,86 +150,94 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         .int("max_retries", 1, 10)?
         .set()
         .ok_or_else(|| mandatory("max_retries"))?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let pool = get_pool(s, &pool_id)?;
-        lb_for_write(s, &pool.load_balancer_id)?;
-        mutable(&pool.common, "Pool")?;
-        if let Some(h) = s.monitor_of(&pool_id) {
-            return Err(Fault::conflict(format!(
-                "Pool {pool_id} already has health monitor {}",
-                h.common.id
-            )));
-        }
-        let mut h = HealthMonitor {
-            common,
-            load_balancer_id: pool.load_balancer_id.clone(),
-            pool_id: pool_id.clone(),
-            kind,
-            delay,
-            timeout,
-            max_retries,
-            max_retries_down: 3,
-            http_method: None,
-            url_path: None,
-            expected_codes: None,
-            http_version: None,
-            domain_name: None,
-        };
-        optional_fields(&mut b, &mut h)?;
-        b.finish()?;
-        lock(tx, s, &pool.load_balancer_id);
-        tx.put(h.clone());
-        proposed(s, tx.ops(), &pool.load_balancer_id)?;
-        Ok(view::value(&view::health_monitor(&h)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let pool = get_pool(s, &pool_id)?;
+            lb_for_write(s, &pool.load_balancer_id)?;
+            mutable(&pool.common, "Pool")?;
+            if let Some(h) = s.monitor_of(&pool_id) {
+                return Err(Fault::conflict(format!(
+                    "Pool {pool_id} already has health monitor {}",
+                    h.common.id
+                )));
+            }
+            let mut h = HealthMonitor {
+                common,
+                load_balancer_id: pool.load_balancer_id.clone(),
+                pool_id: pool_id.clone(),
+                kind,
+                delay,
+                timeout,
+                max_retries,
+                max_retries_down: 3,
+                http_method: None,
+                url_path: None,
+                expected_codes: None,
+                http_version: None,
+                domain_name: None,
+            };
+            optional_fields(&mut b, &mut h)?;
+            b.finish()?;
+            lock(tx, s, &pool.load_balancer_id);
+            tx.put(h.clone());
+            proposed(s, tx.ops(), &pool.load_balancer_id)?;
+            Ok(view::value(&view::health_monitor(&h)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::CREATED, "healthmonitor", v))
 }
 
 async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "healthmonitor")?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let mut h = get_monitor(s, &id)?.clone();
-        lb_for_write(s, &h.load_balancer_id)?;
-        mutable(&h.common, "Health Monitor")?;
-        update_common(&mut b, &mut h.common, false)?;
-        for f in ["type", "pool_id"] {
-            b.immutable(f)?;
-        }
-        if let Some(v) = b.int("delay", 0, MAX_SECONDS)?.set() {
-            h.delay = v;
-        }
-        if let Some(v) = b.int("timeout", 0, MAX_SECONDS)?.set() {
-            h.timeout = v;
-        }
-        if let Some(v) = b.int("max_retries", 1, 10)?.set() {
-            h.max_retries = v;
-        }
-        optional_fields(&mut b, &mut h)?;
-        b.finish()?;
-        let lb = h.load_balancer_id.clone();
-        let after = proposed(s, &[Op::put(h.clone())], &lb)?;
-        if super::dataplane_changes(s, &after, &lb) {
-            h.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            lock(tx, s, &lb);
-        }
-        tx.put(h.clone());
-        Ok(view::value(&view::health_monitor(&h)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let mut h = get_monitor(s, &id)?.clone();
+            lb_for_write(s, &h.load_balancer_id)?;
+            mutable(&h.common, "Health Monitor")?;
+            update_common(&mut b, &mut h.common, false)?;
+            for f in ["type", "pool_id"] {
+                b.immutable(f)?;
+            }
+            if let Some(v) = b.int("delay", 0, MAX_SECONDS)?.set() {
+                h.delay = v;
+            }
+            if let Some(v) = b.int("timeout", 0, MAX_SECONDS)?.set() {
+                h.timeout = v;
+            }
+            if let Some(v) = b.int("max_retries", 1, 10)?.set() {
+                h.max_retries = v;
+            }
+            optional_fields(&mut b, &mut h)?;
+            b.finish()?;
+            let lb = h.load_balancer_id.clone();
+            let after = proposed(s, &[Op::put(h.clone())], &lb)?;
+            if super::dataplane_changes(s, &after, &lb) {
+                h.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                lock(tx, s, &lb);
+            }
+            tx.put(h.clone());
+            Ok(view::value(&view::health_monitor(&h)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "healthmonitor", v))
 }
 
 async fn delete(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let mut h = get_monitor(s, &id)?.clone();
-        lb_for_write(s, &h.load_balancer_id)?;
-        mutable(&h.common, "Health Monitor")?;
-        lock(tx, s, &h.load_balancer_id);
-        h.common.provisioning_status = ProvisioningStatus::PendingDelete;
-        tx.put(h);
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            let mut h = get_monitor(s, &id)?.clone();
+            lb_for_write(s, &h.load_balancer_id)?;
+            mutable(&h.common, "Health Monitor")?;
+            lock(tx, s, &h.load_balancer_id);
+            h.common.provisioning_status = ProvisioningStatus::PendingDelete;
+            tx.put(h);
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -207,7 +207,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         tx.put(l.clone());
         let after = proposed(s, tx.ops(), &lb_id)?;
         Ok(view::value(&view::listener(&after, &l)))
-    })?;
+    }).await?;
     ctl.wake.notify_one();
     tracing::info!(listener = %id, "listener created");
     Ok(wrapped(StatusCode::CREATED, "listener", v))
@@ -215,62 +215,67 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
 
 async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "listener")?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let mut l = get_listener(s, &id)?.clone();
-        lb_for_write(s, &l.load_balancer_id)?;
-        mutable(&l.common, "Listener")?;
-        update_common(&mut b, &mut l.common, true)?;
-        for f in ["protocol", "protocol_port", "loadbalancer_id"] {
-            b.immutable(f)?;
-        }
-        if let Some(v) = b.int("connection_limit", -1, i64::from(i32::MAX))?.update() {
-            l.connection_limit = v.unwrap_or(-1);
-        }
-        if let Some(v) = b.string("default_pool_id", 36)?.update() {
-            if let Some(pool) = &v {
-                check_default_pool(s, pool, &l.load_balancer_id, l.protocol, Some(&id))?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let mut l = get_listener(s, &id)?.clone();
+            lb_for_write(s, &l.load_balancer_id)?;
+            mutable(&l.common, "Listener")?;
+            update_common(&mut b, &mut l.common, true)?;
+            for f in ["protocol", "protocol_port", "loadbalancer_id"] {
+                b.immutable(f)?;
             }
-            l.default_pool_id = v;
-        }
-        let [client, connect, member, inspect] = timeouts(&mut b)?;
-        for (field, value, default) in [
-            (&mut l.timeout_client_data, client, 50_000),
-            (&mut l.timeout_member_connect, connect, 5_000),
-            (&mut l.timeout_member_data, member, 50_000),
-            (&mut l.timeout_tcp_inspect, inspect, 0),
-        ] {
-            if let Some(v) = value.update() {
-                *field = v.unwrap_or(default);
+            if let Some(v) = b.int("connection_limit", -1, i64::from(i32::MAX))?.update() {
+                l.connection_limit = v.unwrap_or(-1);
             }
-        }
-        if let Some(v) = cidrs(&mut b)?.update() {
-            l.allowed_cidrs = v.unwrap_or_default();
-        }
-        refuse_tls(&mut b)?;
-        b.finish()?;
-        let lb = l.load_balancer_id.clone();
-        let after = proposed(s, &[Op::put(l.clone())], &lb)?;
-        if super::dataplane_changes(s, &after, &lb) {
-            l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            lock(tx, s, &lb);
-        }
-        tx.put(l.clone());
-        Ok(view::value(&view::listener(&after, &l)))
-    })?;
+            if let Some(v) = b.string("default_pool_id", 36)?.update() {
+                if let Some(pool) = &v {
+                    check_default_pool(s, pool, &l.load_balancer_id, l.protocol, Some(&id))?;
+                }
+                l.default_pool_id = v;
+            }
+            let [client, connect, member, inspect] = timeouts(&mut b)?;
+            for (field, value, default) in [
+                (&mut l.timeout_client_data, client, 50_000),
+                (&mut l.timeout_member_connect, connect, 5_000),
+                (&mut l.timeout_member_data, member, 50_000),
+                (&mut l.timeout_tcp_inspect, inspect, 0),
+            ] {
+                if let Some(v) = value.update() {
+                    *field = v.unwrap_or(default);
+                }
+            }
+            if let Some(v) = cidrs(&mut b)?.update() {
+                l.allowed_cidrs = v.unwrap_or_default();
+            }
+            refuse_tls(&mut b)?;
+            b.finish()?;
+            let lb = l.load_balancer_id.clone();
+            let after = proposed(s, &[Op::put(l.clone())], &lb)?;
+            if super::dataplane_changes(s, &after, &lb) {
+                l.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                lock(tx, s, &lb);
+            }
+            tx.put(l.clone());
+            Ok(view::value(&view::listener(&after, &l)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "listener", v))
 }
 
 async fn delete(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let mut l = get_listener(s, &id)?.clone();
-        lb_for_write(s, &l.load_balancer_id)?;
-        mutable(&l.common, "Listener")?;
-        lock(tx, s, &l.load_balancer_id);
-        l.common.provisioning_status = ProvisioningStatus::PendingDelete;
-        tx.put(l);
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            let mut l = get_listener(s, &id)?.clone();
+            lb_for_write(s, &l.load_balancer_id)?;
+            mutable(&l.common, "Listener")?;
+            lock(tx, s, &l.load_balancer_id);
+            l.common.provisioning_status = ProvisioningStatus::PendingDelete;
+            tx.put(l);
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -106,43 +106,46 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         (Topology::ActiveActive, n) => n.unwrap_or(2) as u32,
     };
     let id = common.id.clone();
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let vip = crate::vip::allocate(
-            &ctl.config.vip_subnets,
-            s,
-            subnet_id.as_deref(),
-            network_id.as_deref(),
-            address.as_deref(),
-        )?;
-        let spares = crate::decide::spares::take(s, &ctl.view(), amphora_count as usize)?;
-        if common.project_id.is_empty() {
-            common.project_id = String::new();
-        }
-        let lb = LoadBalancer {
-            common,
-            vip_address: vip.address.to_string(),
-            vip_subnet_id: vip.subnet.id.clone(),
-            vip_network_id: vip.subnet.network_id.clone(),
-            vip_port_id: crate::new_id(),
-            vip_qos_policy_id: qos,
-            provider: "siphon".to_owned(),
-            flavor_id: String::new(),
-            availability_zone,
-            topology,
-            amphora_count,
-            distributor_id: None,
-            retry: None,
-        };
-        tx.put(lb.clone());
-        for a in spares {
-            let mut a = a.clone();
-            a.load_balancer_id = Some(id.clone());
-            a.status = AmphoraStatus::Allocated;
-            a.updated_at = Some(crate::now());
-            tx.put(a);
-        }
-        Ok(view::value(&view::load_balancer(s, &lb)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let vip = crate::vip::allocate(
+                &ctl.config.vip_subnets,
+                s,
+                subnet_id.as_deref(),
+                network_id.as_deref(),
+                address.as_deref(),
+            )?;
+            let spares = crate::decide::spares::take(s, &ctl.view(), amphora_count as usize)?;
+            if common.project_id.is_empty() {
+                common.project_id = String::new();
+            }
+            let lb = LoadBalancer {
+                common,
+                vip_address: vip.address.to_string(),
+                vip_subnet_id: vip.subnet.id.clone(),
+                vip_network_id: vip.subnet.network_id.clone(),
+                vip_port_id: crate::new_id(),
+                vip_qos_policy_id: qos,
+                provider: "siphon".to_owned(),
+                flavor_id: String::new(),
+                availability_zone,
+                topology,
+                amphora_count,
+                distributor_id: None,
+                retry: None,
+            };
+            tx.put(lb.clone());
+            for a in spares {
+                let mut a = a.clone();
+                a.load_balancer_id = Some(id.clone());
+                a.status = AmphoraStatus::Allocated;
+                a.updated_at = Some(crate::now());
+                tx.put(a);
+            }
+            Ok(view::value(&view::load_balancer(s, &lb)))
+        })
+        .await?;
     ctl.wake.notify_one();
     tracing::info!(loadbalancer = %id, "load balancer created");
     Ok(wrapped(StatusCode::CREATED, "loadbalancer", v))
@@ -150,25 +153,28 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
 
 async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "loadbalancer")?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let mut lb = lb_for_write(s, &id)?.clone();
-        update_common(&mut b, &mut lb.common, true)?;
-        if let Some(q) = b.string("vip_qos_policy_id", 36)?.update() {
-            lb.vip_qos_policy_id = q;
-        }
-        b.unsupported("vip_sg_ids")?;
-        let count = b.int("amphora_count", 1, 64)?.set();
-        b.finish()?;
-        let after = super::proposed(s, &[crate::store::Op::put(lb.clone())], &id)?;
-        if super::dataplane_changes(s, &after, &id) {
-            lb.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-        }
-        if let Some(n) = count.map(|n| n as u32).filter(|n| *n != lb.amphora_count) {
-            rescale(&ctl, s, tx, &mut lb, n)?;
-        }
-        tx.put(lb.clone());
-        Ok(view::value(&view::load_balancer(s, &lb)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let mut lb = lb_for_write(s, &id)?.clone();
+            update_common(&mut b, &mut lb.common, true)?;
+            if let Some(q) = b.string("vip_qos_policy_id", 36)?.update() {
+                lb.vip_qos_policy_id = q;
+            }
+            b.unsupported("vip_sg_ids")?;
+            let count = b.int("amphora_count", 1, 64)?.set();
+            b.finish()?;
+            let after = super::proposed(s, &[crate::store::Op::put(lb.clone())], &id)?;
+            if super::dataplane_changes(s, &after, &id) {
+                lb.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+            }
+            if let Some(n) = count.map(|n| n as u32).filter(|n| *n != lb.amphora_count) {
+                rescale(&ctl, s, tx, &mut lb, n)?;
+            }
+            tx.put(lb.clone());
+            Ok(view::value(&view::load_balancer(s, &lb)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "loadbalancer", v))
 }
@@ -225,17 +231,20 @@ fn rescale(
 async fn delete(ctl: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
     let cascade = url::form_urlencoded::parse(q.unwrap_or_default().as_bytes())
         .any(|(k, v)| k == "cascade" && v.eq_ignore_ascii_case("true"));
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        super::lb_settled(s, &id)?;
-        let has_children = s.listeners_of(&id).next().is_some() || s.pools_of(&id).next().is_some();
-        if has_children && !cascade {
-            return Err(Fault::bad_request(format!(
-                "Cannot delete Load Balancer {id} - it has children"
-            )));
-        }
-        mark_deleted(s, tx, &id);
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            super::lb_settled(s, &id)?;
+            let has_children =
+                s.listeners_of(&id).next().is_some() || s.pools_of(&id).next().is_some();
+            if has_children && !cascade {
+                return Err(Fault::bad_request(format!(
+                    "Cannot delete Load Balancer {id} - it has children"
+                )));
+            }
+            mark_deleted(s, tx, &id);
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -384,7 +393,7 @@ async fn failover(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
         let why = "failover requested through the API";
         crate::decide::provision::replace(s, tx, &id, &pairs, why, &crate::now());
         Ok(())
-    })?;
+    }).await?;
     ctl.wake.notify_one();
     Ok(StatusCode::ACCEPTED.into_response())
 }

@@ -167,18 +167,21 @@ fn duplicate(s: &State, pool: &str, m: &Member) -> Result<(), Fault> {
 
 async fn create(ctl: Ctl, Path(pool_id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "member")?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let pool = get_pool(s, &pool_id)?;
-        lb_for_write(s, &pool.load_balancer_id)?;
-        mutable(&pool.common, "Pool")?;
-        let m = new_member(&mut b, pool, s)?;
-        b.finish()?;
-        duplicate(s, &pool_id, &m)?;
-        lock(tx, s, &pool.load_balancer_id);
-        tx.put(m.clone());
-        proposed(s, tx.ops(), &pool.load_balancer_id)?;
-        Ok(view::value(&view::member(&m)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let pool = get_pool(s, &pool_id)?;
+            lb_for_write(s, &pool.load_balancer_id)?;
+            mutable(&pool.common, "Pool")?;
+            let m = new_member(&mut b, pool, s)?;
+            b.finish()?;
+            duplicate(s, &pool_id, &m)?;
+            lock(tx, s, &pool.load_balancer_id);
+            tx.put(m.clone());
+            proposed(s, tx.ops(), &pool.load_balancer_id)?;
+            Ok(view::value(&view::member(&m)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::CREATED, "member", v))
 }
@@ -189,21 +192,24 @@ async fn update(
     bytes: axum::body::Bytes,
 ) -> ApiResult {
     let mut b = body::parse(&bytes, "member")?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let mut m = get_member(s, &pool_id, &id)?.clone();
-        lb_for_write(s, &m.load_balancer_id)?;
-        mutable(&m.common, "Member")?;
-        update_member(&mut b, &mut m)?;
-        b.finish()?;
-        let lb = m.load_balancer_id.clone();
-        let after = proposed(s, &[Op::put(m.clone())], &lb)?;
-        if super::dataplane_changes(s, &after, &lb) {
-            m.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            lock(tx, s, &lb);
-        }
-        tx.put(m.clone());
-        Ok(view::value(&view::member(&m)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let mut m = get_member(s, &pool_id, &id)?.clone();
+            lb_for_write(s, &m.load_balancer_id)?;
+            mutable(&m.common, "Member")?;
+            update_member(&mut b, &mut m)?;
+            b.finish()?;
+            let lb = m.load_balancer_id.clone();
+            let after = proposed(s, &[Op::put(m.clone())], &lb)?;
+            if super::dataplane_changes(s, &after, &lb) {
+                m.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                lock(tx, s, &lb);
+            }
+            tx.put(m.clone());
+            Ok(view::value(&view::member(&m)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "member", v))
 }
@@ -215,14 +221,16 @@ fn mark_deleted(tx: &mut Tx, m: &Member) {
 }
 
 async fn delete(ctl: Ctl, Path((pool_id, id)): Path<(String, String)>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let m = get_member(s, &pool_id, &id)?;
-        lb_for_write(s, &m.load_balancer_id)?;
-        mutable(&m.common, "Member")?;
-        lock(tx, s, &m.load_balancer_id);
-        mark_deleted(tx, m);
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            let m = get_member(s, &pool_id, &id)?;
+            lb_for_write(s, &m.load_balancer_id)?;
+            mutable(&m.common, "Member")?;
+            lock(tx, s, &m.load_balancer_id);
+            mark_deleted(tx, m);
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -246,65 +254,67 @@ async fn batch(
             "Invalid input: the body must be {\"members\": [...]}.",
         ));
     };
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let pool = get_pool(s, &pool_id)?;
-        lb_for_write(s, &pool.load_balancer_id)?;
-        mutable(&pool.common, "Pool")?;
-        let mut kept = std::collections::HashSet::new();
-        let mut changes: Vec<Member> = Vec::new();
-        for (i, item) in items.into_iter().enumerate() {
-            let mut b = Body::from_value(item, &format!("members[{i}]"))?;
-            let mut new = new_member(&mut b, pool, s)?;
-            b.finish()?;
-            if !kept.insert((new.address.clone(), new.protocol_port)) {
-                return Err(Fault::bad_request(format!(
-                    "members[{i}]: {}:{} is listed twice",
-                    new.address, new.protocol_port
-                )));
-            }
-            match s
-                .members_of(&pool_id)
-                .find(|m| m.address == new.address && m.protocol_port == new.protocol_port)
-            {
-                Some(old) => {
-                    let mut m = old.clone();
-                    m.common.name = new.common.name;
-                    m.common.admin_state_up = new.common.admin_state_up;
-                    m.common.tags = new.common.tags;
-                    m.weight = new.weight;
-                    m.backup = new.backup;
-                    m.monitor_address = new.monitor_address;
-                    m.monitor_port = new.monitor_port;
-                    if m != *old {
-                        mutable(&old.common, "Member")?;
-                        m.common.updated_at = Some(crate::now());
-                        m.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-                        changes.push(m);
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            let pool = get_pool(s, &pool_id)?;
+            lb_for_write(s, &pool.load_balancer_id)?;
+            mutable(&pool.common, "Pool")?;
+            let mut kept = std::collections::HashSet::new();
+            let mut changes: Vec<Member> = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                let mut b = Body::from_value(item, &format!("members[{i}]"))?;
+                let mut new = new_member(&mut b, pool, s)?;
+                b.finish()?;
+                if !kept.insert((new.address.clone(), new.protocol_port)) {
+                    return Err(Fault::bad_request(format!(
+                        "members[{i}]: {}:{} is listed twice",
+                        new.address, new.protocol_port
+                    )));
+                }
+                match s
+                    .members_of(&pool_id)
+                    .find(|m| m.address == new.address && m.protocol_port == new.protocol_port)
+                {
+                    Some(old) => {
+                        let mut m = old.clone();
+                        m.common.name = new.common.name;
+                        m.common.admin_state_up = new.common.admin_state_up;
+                        m.common.tags = new.common.tags;
+                        m.weight = new.weight;
+                        m.backup = new.backup;
+                        m.monitor_address = new.monitor_address;
+                        m.monitor_port = new.monitor_port;
+                        if m != *old {
+                            mutable(&old.common, "Member")?;
+                            m.common.updated_at = Some(crate::now());
+                            m.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                            changes.push(m);
+                        }
+                    }
+                    None => {
+                        new.common.provisioning_status = ProvisioningStatus::PendingCreate;
+                        changes.push(new);
                     }
                 }
-                None => {
-                    new.common.provisioning_status = ProvisioningStatus::PendingCreate;
-                    changes.push(new);
+            }
+            for m in changes {
+                tx.put(m);
+            }
+            if !additive {
+                for m in s.members_of(&pool_id) {
+                    if !kept.contains(&(m.address.clone(), m.protocol_port)) {
+                        mutable(&m.common, "Member")?;
+                        mark_deleted(tx, m);
+                    }
                 }
             }
-        }
-        for m in changes {
-            tx.put(m);
-        }
-        if !additive {
-            for m in s.members_of(&pool_id) {
-                if !kept.contains(&(m.address.clone(), m.protocol_port)) {
-                    mutable(&m.common, "Member")?;
-                    mark_deleted(tx, m);
-                }
+            if !tx.is_empty() {
+                lock(tx, s, &pool.load_balancer_id);
+                proposed(s, tx.ops(), &pool.load_balancer_id)?;
             }
-        }
-        if !tx.is_empty() {
-            lock(tx, s, &pool.load_balancer_id);
-            proposed(s, tx.ops(), &pool.load_balancer_id)?;
-        }
-        Ok(())
-    })?;
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::ACCEPTED.into_response())
 }

@@ -26,7 +26,7 @@ pub mod view;
 use std::sync::Arc;
 
 use axum::extract::{Request, State as AxState};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -58,6 +58,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
     Router::new()
         .nest("/v2", v2.clone())
         .nest("/v2.0", v2)
+        .layer(axum::middleware::from_fn_with_state(ctl.clone(), fresh))
         .layer(axum::middleware::from_fn_with_state(ctl.clone(), auth))
         // Discovery goes without a token, as in Octavia.
         .route("/", get(versions))
@@ -104,6 +105,38 @@ async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Reads first catch up with every controller's committed writes (one
+/// query when nothing changed). When the database does not answer, a
+/// read is served from this controller's cache and says so:
+/// `Warning: 110 - "Response is Stale"` and `X-Siphon-Stale`, the seconds
+/// since the database last answered. (Writes answer 503 meanwhile.)
+async fn fresh(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return next.run(req).await;
+    }
+    let stale = match ctl.db.refresh().await {
+        Ok(()) => None,
+        Err(e) => {
+            static STALE: crate::log_limit::LogLimit =
+                crate::log_limit::LogLimit::new(std::time::Duration::from_secs(10));
+            if let Some(held) = STALE.hit(std::time::Instant::now()) {
+                tracing::warn!(error = %e, held_back = held, "database not reachable: reads answered from the cache, marked stale");
+            }
+            Some(ctl.db.stale_for().unwrap_or_default())
+        }
+    };
+    let mut resp = next.run(req).await;
+    if let Some(d) = stale {
+        let h = resp.headers_mut();
+        h.insert(
+            hyper::header::WARNING,
+            HeaderValue::from_static("110 - \"Response is Stale\""),
+        );
+        h.insert("x-siphon-stale", HeaderValue::from(d.as_secs()));
+    }
+    resp
 }
 
 async fn metrics(AxState(ctl): Ctl) -> Response {

@@ -175,7 +175,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
         }
         let after = proposed(s, tx.ops(), &lb_id)?;
         Ok(view::value(&view::pool(&after, &p)))
-    })?;
+    }).await?;
     ctl.wake.notify_one();
     tracing::info!(pool = %id, "pool created");
     Ok(wrapped(StatusCode::CREATED, "pool", v))
@@ -183,31 +183,34 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
 
 async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {
     let mut b = body::parse(&bytes, "pool")?;
-    let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
-        let mut p = get_pool(s, &id)?.clone();
-        lb_for_write(s, &p.load_balancer_id)?;
-        mutable(&p.common, "Pool")?;
-        update_common(&mut b, &mut p.common, true)?;
-        for f in ["protocol", "listener_id", "loadbalancer_id"] {
-            b.immutable(f)?;
-        }
-        if let Some(a) = b.word("lb_algorithm", &[])?.set() {
-            p.lb_algorithm = a;
-        }
-        if let Some(sp) = session_persistence(&mut b)?.update() {
-            p.session_persistence = sp;
-        }
-        refuse_tls(&mut b)?;
-        b.finish()?;
-        let lb = p.load_balancer_id.clone();
-        let after = proposed(s, &[Op::put(p.clone())], &lb)?;
-        if super::dataplane_changes(s, &after, &lb) {
-            p.common.provisioning_status = ProvisioningStatus::PendingUpdate;
-            lock(tx, s, &lb);
-        }
-        tx.put(p.clone());
-        Ok(view::value(&view::pool(&after, &p)))
-    })?;
+    let v = ctl
+        .db
+        .write(|s, tx| -> Result<Value, Fault> {
+            let mut p = get_pool(s, &id)?.clone();
+            lb_for_write(s, &p.load_balancer_id)?;
+            mutable(&p.common, "Pool")?;
+            update_common(&mut b, &mut p.common, true)?;
+            for f in ["protocol", "listener_id", "loadbalancer_id"] {
+                b.immutable(f)?;
+            }
+            if let Some(a) = b.word("lb_algorithm", &[])?.set() {
+                p.lb_algorithm = a;
+            }
+            if let Some(sp) = session_persistence(&mut b)?.update() {
+                p.session_persistence = sp;
+            }
+            refuse_tls(&mut b)?;
+            b.finish()?;
+            let lb = p.load_balancer_id.clone();
+            let after = proposed(s, &[Op::put(p.clone())], &lb)?;
+            if super::dataplane_changes(s, &after, &lb) {
+                p.common.provisioning_status = ProvisioningStatus::PendingUpdate;
+                lock(tx, s, &lb);
+            }
+            tx.put(p.clone());
+            Ok(view::value(&view::pool(&after, &p)))
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(wrapped(StatusCode::OK, "pool", v))
 }
@@ -241,14 +244,16 @@ pub fn mark_pool_deleted(s: &State, tx: &mut Tx, pool: &Pool) {
 }
 
 async fn delete(ctl: Ctl, Path(id): Path<String>) -> ApiResult {
-    ctl.db.write(|s, tx| -> Result<(), Fault> {
-        let p = get_pool(s, &id)?;
-        lb_for_write(s, &p.load_balancer_id)?;
-        mutable(&p.common, "Pool")?;
-        lock(tx, s, &p.load_balancer_id);
-        mark_pool_deleted(s, tx, p);
-        Ok(())
-    })?;
+    ctl.db
+        .write(|s, tx| -> Result<(), Fault> {
+            let p = get_pool(s, &id)?;
+            lb_for_write(s, &p.load_balancer_id)?;
+            mutable(&p.common, "Pool")?;
+            lock(tx, s, &p.load_balancer_id);
+            mark_pool_deleted(s, tx, p);
+            Ok(())
+        })
+        .await?;
     ctl.wake.notify_one();
     Ok(StatusCode::NO_CONTENT.into_response())
 }

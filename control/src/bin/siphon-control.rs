@@ -51,19 +51,24 @@ fn main() -> anyhow::Result<()> {
         println!("{}: OK", cli.config.display());
         return Ok(());
     }
-    if matches!(cli.command, Some(Command::Migrate)) {
-        let db = &config.database;
-        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let version = siphon_control::store::Store::open(db)?.schema_version()?;
-        println!("{}: schema version {version}", db.display());
-        return Ok(());
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    if matches!(cli.command, Some(Command::Migrate)) {
+        let db = &config.database;
+        if let Some(dir) = db.dir() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let version = rt.block_on(async {
+            siphon_control::store::Store::open(db)
+                .await?
+                .schema_version()
+                .await
+        })?;
+        println!("{}: schema version {version}", db.name());
+        return Ok(());
+    }
     rt.block_on(async move {
         let handle = siphon_control::start(config).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -240,6 +240,12 @@ pub fn open(c: &config::Distributor) -> Result<Box<dyn Driver>, DistributorError
     })
 }
 
+/// Runs a store call from the pass, which runs on a blocking thread (its
+/// netlink calls block): the runtime's handle is there to wait on.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Handle::current().block_on(f)
+}
+
 /// Gives every load balancer and allocated amphora lacking one (or holding
 /// one below `first`, from an earlier setting) a distributor id, stored so
 /// it survives a restart.
@@ -254,34 +260,35 @@ fn assign_ids(ctl: &Controller, first: u32) {
     if !missing {
         return;
     }
-    let r = ctl
-        .db
-        .write(|s, tx| -> Result<(), crate::store::StoreError> {
-            let used = s
-                .load_balancers
-                .values()
-                .filter_map(|lb| lb.distributor_id)
-                .chain(s.amphorae.values().filter_map(|a| a.distributor_id))
-                .max();
-            let mut next = used.map_or(first, |m| m.saturating_add(1).max(first));
-            for lb in s.load_balancers.values() {
-                if lacks(lb.distributor_id) {
-                    let mut lb = lb.clone();
-                    lb.distributor_id = Some(next);
-                    next = next.saturating_add(1);
-                    tx.put(lb);
+    let r = block_on(
+        ctl.db
+            .write(|s, tx| -> Result<(), crate::store::StoreError> {
+                let used = s
+                    .load_balancers
+                    .values()
+                    .filter_map(|lb| lb.distributor_id)
+                    .chain(s.amphorae.values().filter_map(|a| a.distributor_id))
+                    .max();
+                let mut next = used.map_or(first, |m| m.saturating_add(1).max(first));
+                for lb in s.load_balancers.values() {
+                    if lacks(lb.distributor_id) {
+                        let mut lb = lb.clone();
+                        lb.distributor_id = Some(next);
+                        next = next.saturating_add(1);
+                        tx.put(lb);
+                    }
                 }
-            }
-            for a in s.amphorae.values() {
-                if a.load_balancer_id.is_some() && lacks(a.distributor_id) {
-                    let mut a = a.clone();
-                    a.distributor_id = Some(next);
-                    next = next.saturating_add(1);
-                    tx.put(a);
+                for a in s.amphorae.values() {
+                    if a.load_balancer_id.is_some() && lacks(a.distributor_id) {
+                        let mut a = a.clone();
+                        a.distributor_id = Some(next);
+                        next = next.saturating_add(1);
+                        tx.put(a);
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            }),
+    );
     if let Err(e) = r {
         tracing::error!(error = %e, "distributor ids not stored");
     }
@@ -316,6 +323,13 @@ impl Reconciler {
     }
 
     fn pass(&mut self, ctl: &Controller) {
+        // Without the database nothing is decided: what the kernel holds
+        // stays as it is until the state can be read fresh again.
+        if let Err(e) = block_on(ctl.db.refresh()) {
+            self.failed("database", &e.to_string());
+            return;
+        }
+        self.errors.remove("database");
         if let config::Distributor::LinuxEcmp(e) = &ctl.config.distributor {
             assign_ids(ctl, e.first_id);
         }
@@ -456,18 +470,19 @@ impl Reconciler {
         if changes.is_empty() {
             return;
         }
-        let _ = ctl
-            .db
-            .write(|s, tx| -> Result<(), crate::store::StoreError> {
-                for (id, want) in &changes {
-                    if let Some(a) = s.amphorae.get(id) {
-                        let mut a = a.clone();
-                        a.error = want.clone();
-                        tx.put(a);
+        let _ = block_on(
+            ctl.db
+                .write(|s, tx| -> Result<(), crate::store::StoreError> {
+                    for (id, want) in &changes {
+                        if let Some(a) = s.amphorae.get(id) {
+                            let mut a = a.clone();
+                            a.error = want.clone();
+                            tx.put(a);
+                        }
                     }
-                }
-                Ok(())
-            });
+                    Ok(())
+                }),
+        );
     }
 
     /// Amphorae some VIP is still sent to (kept from being emptied);

@@ -203,7 +203,7 @@ impl Rig {
         let vip_net = format!("127.{n}.{third}");
         let config = ControlConfig {
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            database: dir.path("control.db"),
+            database: dir.path("control.db").into(),
             auth,
             vip_subnets: vec![VipSubnet {
                 id: SUBNET.into(),
@@ -236,6 +236,7 @@ impl Rig {
                 retry_max_ms: 2_000,
             }),
             distributor: Default::default(),
+            cluster: Default::default(),
             limits: Default::default(),
         };
         let handle = rt.block_on(siphon_control::start(config.clone())).unwrap();
@@ -369,7 +370,7 @@ repair_timeout_ms = {repair}
 retry_max_ms = {retry}
 "#,
             listen = c.listen,
-            db = c.database.display(),
+            db = c.database.name(),
             sid = subnet.id,
             sname = subnet.name,
             net = subnet.network_id,

@@ -1,0 +1,502 @@
+//! The controller's store: SQLite (embedded, one file, nothing to
+//! install) or PostgreSQL (several controllers), through one query layer
+//! ([`sql`]).
+//!
+//! The database is the source of truth; each controller keeps the whole
+//! state in memory ([`Db`]) as a cache that knows the number of the last
+//! change it holds. Every change is a list of [`Op`]s written in one
+//! transaction, after catching the cache up and *before* the cache moves,
+//! so a failed write changes nothing anywhere; reads catch up first too
+//! ([`Db::refresh`]), so any controller reads its own and everyone else's
+//! committed writes. Schema changes are numbered migrations in
+//! `control/migrations/`, applied in order and recorded in
+//! `schema_version`.
+
+mod location;
+pub mod sql;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::config::ConfigError;
+use crate::model::{Amphora, Counters, HealthMonitor, Listener, LoadBalancer, Member, Pool, State};
+
+pub use location::Database;
+pub use sql::Store;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database {name}: {source}")]
+    Open { name: String, source: sqlx::Error },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("database schema version {found} is newer than this controller knows ({known})")]
+    TooNew { found: i64, known: i64 },
+    /// The database cannot be reached (down, restarting, network): the
+    /// write did not happen; retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    #[error("database: {0}")]
+    Sql(sqlx::Error),
+    /// The write was made under a claim another controller has taken
+    /// over since: its outcome is the other's to write.
+    #[error("claim on {job} was taken over (fence {fence}); nothing written")]
+    ClaimLost { job: String, fence: i64 },
+    #[error("database holds a document that does not parse ({table} {id}): {message}")]
+    Corrupt {
+        table: &'static str,
+        id: String,
+        message: String,
+    },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        if unreachable(&e) {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Sql(e)
+        }
+    }
+}
+
+/// Errors that say the database is not there, as opposed to a statement
+/// it refused.
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        // PostgreSQL's classes 08 (connection exception), 57P (operator
+        // intervention: shutdown, starting up) and 53300 (too many
+        // connections).
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A claim as the database knows it ([`crate::claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub job: String,
+    pub holder: String,
+    /// Bumped at every taking of the claim.
+    pub number: i64,
+}
+
+tokio::task_local! {
+    /// The claim the current task works under: its writes are fenced.
+    pub static FENCE: Fence;
+}
+
+/// One stored object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    LoadBalancer(LoadBalancer),
+    Listener(Listener),
+    Pool(Pool),
+    Member(Member),
+    HealthMonitor(HealthMonitor),
+    Amphora(Amphora),
+}
+
+/// The tables objects live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    LoadBalancer,
+    Listener,
+    Pool,
+    Member,
+    HealthMonitor,
+    Amphora,
+}
+
+impl Kind {
+    pub fn table(self) -> &'static str {
+        match self {
+            Kind::LoadBalancer => "load_balancer",
+            Kind::Listener => "listener",
+            Kind::Pool => "pool",
+            Kind::Member => "member",
+            Kind::HealthMonitor => "health_monitor",
+            Kind::Amphora => "amphora",
+        }
+    }
+}
+
+/// One change.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Box<Object>),
+    Delete(Kind, String),
+    Stats {
+        listener: String,
+        amphora: String,
+        counters: Counters,
+    },
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::LoadBalancer(_) => Kind::LoadBalancer,
+            Object::Listener(_) => Kind::Listener,
+            Object::Pool(_) => Kind::Pool,
+            Object::Member(_) => Kind::Member,
+            Object::HealthMonitor(_) => Kind::HealthMonitor,
+            Object::Amphora(_) => Kind::Amphora,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Object::LoadBalancer(v) => &v.common.id,
+            Object::Listener(v) => &v.common.id,
+            Object::Pool(v) => &v.common.id,
+            Object::Member(v) => &v.common.id,
+            Object::HealthMonitor(v) => &v.common.id,
+            Object::Amphora(v) => &v.id,
+        }
+    }
+}
+
+impl Op {
+    pub fn put(o: impl Into<Object>) -> Op {
+        Op::Put(Box::new(o.into()))
+    }
+}
+
+/// Applies `ops` to the in-memory state (after they were committed).
+pub fn apply(state: &mut State, ops: Vec<Op>) {
+    for op in ops {
+        match op {
+            Op::Put(o) => match *o {
+                Object::LoadBalancer(v) => {
+                    state.load_balancers.insert(v);
+                }
+                Object::Listener(v) => {
+                    state.listeners.insert(v);
+                }
+                Object::Pool(v) => {
+                    state.pools.insert(v);
+                }
+                Object::Member(v) => {
+                    state.members.insert(v);
+                }
+                Object::HealthMonitor(v) => {
+                    state.health_monitors.insert(v);
+                }
+                Object::Amphora(v) => {
+                    state.amphorae.insert(v);
+                }
+            },
+            Op::Delete(kind, id) => match kind {
+                Kind::LoadBalancer => {
+                    state.load_balancers.remove(&id);
+                }
+                Kind::Listener => {
+                    state.listeners.remove(&id);
+                    let gone: Vec<(String, String)> =
+                        state.stats_of(&id).map(|(k, _)| k.clone()).collect();
+                    for k in gone {
+                        state.stats.remove(&k);
+                    }
+                }
+                Kind::Pool => {
+                    state.pools.remove(&id);
+                }
+                Kind::Member => {
+                    state.members.remove(&id);
+                }
+                Kind::HealthMonitor => {
+                    state.health_monitors.remove(&id);
+                }
+                Kind::Amphora => {
+                    state.amphorae.remove(&id);
+                }
+            },
+            Op::Stats {
+                listener,
+                amphora,
+                counters,
+            } => {
+                if state.listeners.contains_key(&listener) {
+                    state.stats.insert((listener, amphora), counters);
+                }
+            }
+        }
+    }
+}
+
+/// A change being built: the ops to write, in order.
+#[derive(Debug, Default)]
+pub struct Tx {
+    ops: Vec<Op>,
+}
+
+impl Tx {
+    pub fn put(&mut self, o: impl Into<Object>) {
+        self.ops.push(Op::Put(Box::new(o.into())));
+    }
+
+    pub fn delete(&mut self, kind: Kind, id: &str) {
+        self.ops.push(Op::Delete(kind, id.to_owned()));
+    }
+
+    pub fn stats(&mut self, listener: &str, amphora: &str, counters: Counters) {
+        self.ops.push(Op::Stats {
+            listener: listener.to_owned(),
+            amphora: amphora.to_owned(),
+            counters,
+        });
+    }
+
+    /// Puts a copy of row `id` of `table` changed by `f`; nothing when
+    /// there is no such row.
+    pub fn edit<T: Clone + Into<Object>>(
+        &mut self,
+        table: &crate::model::Table<T>,
+        id: &str,
+        f: impl FnOnce(&mut T),
+    ) {
+        if let Some(row) = table.get(id) {
+            let mut row = row.clone();
+            f(&mut row);
+            self.put(row);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+}
+
+macro_rules! object_from {
+    ($($t:ident),*) => {
+        $(impl From<$t> for Object {
+            fn from(v: $t) -> Object {
+                Object::$t(v)
+            }
+        })*
+    };
+}
+object_from!(LoadBalancer, Listener, Pool, Member, HealthMonitor, Amphora);
+
+/// The store and the cache of it, kept in step.
+///
+/// Readers share the cache (an `RwLock`), so lists and gets, which write
+/// their JSON while they read, run on every core at once. Writers (and
+/// catch-ups) take turns in this process (`turn`), and on PostgreSQL with
+/// every other controller (an advisory lock): each catches the cache up,
+/// builds its change against it, commits, and only then holds the cache
+/// exclusively, for the apply alone.
+#[derive(Debug)]
+pub struct Db {
+    store: Store,
+    turn: tokio::sync::Mutex<()>,
+    state: RwLock<State>,
+    /// The change the cache holds (written with the cache).
+    seq: AtomicI64,
+    /// Since when the database has not answered (None: it does).
+    lost: Mutex<Option<Instant>>,
+}
+
+// A panic while holding a lock cannot leave the state half applied
+// (commit happens first, then a plain apply), so a poisoned lock is used
+// as it is.
+fn unpoisoned<G>(r: Result<G, std::sync::PoisonError<G>>) -> G {
+    r.unwrap_or_else(|e| e.into_inner())
+}
+
+impl Db {
+    pub async fn open(db: &Database) -> Result<Db, StoreError> {
+        let store = Store::open(db).await?;
+        let mut tx = store.begin_read().await?;
+        let (seq, state) = sql::load(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Db {
+            store,
+            turn: tokio::sync::Mutex::new(()),
+            state: RwLock::new(state),
+            seq: AtomicI64::new(seq),
+            lost: Mutex::new(None),
+        })
+    }
+
+    /// Reads the cache. API reads call [`Db::refresh`] first.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        let state = unpoisoned(self.state.read());
+        f(&state)
+    }
+
+    /// Catches the cache up with every committed change (one query when
+    /// there is none).
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let r = self.try_refresh().await;
+        self.note(r.as_ref().err());
+        r
+    }
+
+    async fn try_refresh(&self) -> Result<(), StoreError> {
+        if self.store.head().await? == self.seq.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _turn = self.turn.lock().await;
+        let mut tx = self.store.begin_read().await?;
+        self.catch_up(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn catch_up(&self, conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
+        let since = self.seq.load(Ordering::Acquire);
+        let caught = sql::catch_up(conn, since).await?;
+        let mut state = unpoisoned(self.state.write());
+        match caught {
+            sql::Caught::Current => {}
+            sql::Caught::Whole(head, s) => {
+                *state = *s;
+                self.seq.store(head, Ordering::Release);
+            }
+            sql::Caught::Rows {
+                head,
+                puts,
+                deletes,
+                stats,
+            } => {
+                let mut ops: Vec<Op> = deletes
+                    .into_iter()
+                    .map(|(k, id)| Op::Delete(k, id))
+                    .collect();
+                ops.extend(puts.into_iter().map(|o| Op::Put(Box::new(o))));
+                apply(&mut state, ops);
+                for (listener, rows) in stats {
+                    let gone: Vec<(String, String)> =
+                        state.stats_of(&listener).map(|(k, _)| k.clone()).collect();
+                    for k in gone {
+                        state.stats.remove(&k);
+                    }
+                    for (amphora, c) in rows {
+                        state.stats.insert((listener.clone(), amphora), c);
+                    }
+                }
+                self.seq.store(head, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the current state (caught up with every controller's
+    /// committed changes); the ops it records are committed and applied
+    /// only if it returns `Ok`, all of them or none.
+    pub async fn write<R, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&State, &mut Tx) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let r = self.try_write(f).await;
+        match &r {
+            Err(Failed::Store(e)) => self.note(Some(e)),
+            _ => self.note(None),
+        }
+        r.map_err(|e| match e {
+            Failed::Store(e) => E::from(e),
+            Failed::Refused(e) => e,
+        })
+    }
+
+    async fn try_write<R, E>(
+        &self,
+        f: impl FnOnce(&State, &mut Tx) -> Result<R, E>,
+    ) -> Result<R, Failed<E>> {
+        // Writers go one at a time, so the state `f` saw is still the
+        // state when its ops are applied.
+        let _turn = self.turn.lock().await;
+        let mut db = self.store.begin_write().await?;
+        if let Ok(f) = FENCE.try_with(Fence::clone) {
+            if !sql::holds(&mut db, &f).await? {
+                return Err(Failed::Store(StoreError::ClaimLost {
+                    job: f.job,
+                    fence: f.number,
+                }));
+            }
+        }
+        self.catch_up(&mut db).await?;
+        let mut tx = Tx::default();
+        let r = {
+            let state = unpoisoned(self.state.read());
+            f(&state, &mut tx).map_err(Failed::Refused)?
+        };
+        if tx.ops.is_empty() {
+            db.commit().await?;
+            return Ok(r);
+        }
+        let seq = sql::write_ops(&mut db, &tx.ops).await?;
+        db.commit().await?;
+        let mut state = unpoisoned(self.state.write());
+        apply(&mut state, tx.ops);
+        self.seq.store(seq, Ordering::Release);
+        Ok(r)
+    }
+
+    /// Remembers whether the database answered, for [`Db::stale_for`].
+    fn note(&self, failed: Option<&StoreError>) {
+        let mut lost = unpoisoned(self.lost.lock());
+        match failed {
+            None => *lost = None,
+            Some(e) if e.is_unavailable() => {
+                lost.get_or_insert_with(Instant::now);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// How long the database has been out of reach (None: it answers):
+    /// reads served from the cache meanwhile say so.
+    pub fn stale_for(&self) -> Option<Duration> {
+        unpoisoned(self.lost.lock()).map(|t| t.elapsed())
+    }
+
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        self.store.schema_version().await
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Why a write did not happen: the database, or `f` said no.
+enum Failed<E> {
+    Store(StoreError),
+    Refused(E),
+}
+
+impl<E> From<StoreError> for Failed<E> {
+    fn from(e: StoreError) -> Failed<E> {
+        Failed::Store(e)
+    }
+}
+
+impl<E> From<sqlx::Error> for Failed<E> {
+    fn from(e: sqlx::Error) -> Failed<E> {
+        Failed::Store(e.into())
+    }
+}
