@@ -12,7 +12,6 @@
 //!   circuit breaker, `failover_threshold`); the decision is
 //!   [`crate::decide::failover`]'s.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +20,7 @@ use tokio::net::UdpSocket;
 
 use crate::config::Health;
 use crate::decide::failover::Failover;
-use crate::decide::heartbeat::{fold, report, Last};
+use crate::decide::heartbeat::{fold, report, Batch, RESTAMP_EVERY};
 use crate::heartbeat_keys::{Gate, Refusal};
 use crate::model::{AmphoraStatus, State};
 use crate::store::Tx;
@@ -48,12 +47,24 @@ pub async fn receive(
     h: Health,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let seqs = ctl.db.read(|s| {
+    let mut seqs: std::collections::HashMap<String, u64> = ctl.db.read(|s| {
         s.amphorae
             .values()
             .map(|a| (a.id.clone(), a.heartbeat_seq))
             .collect()
     });
+    // What every controller took: a replayed beat is refused here too.
+    match ctl.db.store().heard_seqs().await {
+        Ok(taken) => {
+            for (id, seq) in taken {
+                let s = seqs.entry(id).or_default();
+                *s = (*s).max(seq);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "heartbeat sequence numbers of other controllers not read; starting from the stored ones")
+        }
+    }
     let started = SystemTime::now() - ctl.liveness.started().elapsed();
     let mut gate = Gate::new(
         bootstrap,
@@ -62,10 +73,9 @@ pub async fn receive(
         seqs,
     );
     let mut buf = vec![0u8; 65_536];
-    // With the flush while it runs, so receiving never waits on the
+    // One flush at a time, off this loop: receiving never waits on the
     // database.
-    let mut last = Some(Last::default());
-    let mut flushing: Option<tokio::task::JoinHandle<Last>> = None;
+    let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
     let mut pending: Vec<(Heartbeat, u32)> = Vec::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     let mut rejected: u64 = 0;
@@ -100,12 +110,10 @@ pub async fn receive(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && last.is_some() => {
+            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && flushing.is_none() => {
                 flush_at = None;
                 let beats = std::mem::take(&mut pending);
-                if let Some(l) = last.take() {
-                    flushing = Some(tokio::spawn(flush(ctl.clone(), beats, l)));
-                }
+                flushing = Some(tokio::spawn(flush(ctl.clone(), beats)));
             }
             r = async {
                 match flushing.as_mut() {
@@ -114,27 +122,28 @@ pub async fn receive(
                 }
             }, if flushing.is_some() => {
                 flushing = None;
-                // A flush that panicked loses its deltas' base: start over.
-                last = Some(r.unwrap_or_default());
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "heartbeat flush failed");
+                }
             }
             _ = stopped.wait_for(|s| *s) => return,
         }
     }
 }
 
-/// Stores what a batch of verified beats changed; gives back the
-/// counters' base for the next batch.
-async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32)>, mut last: Last) -> Last {
+/// Stores what a batch of verified beats changed: documents, and (for
+/// every controller to see) when this one heard each amphora and the
+/// counters as reported.
+async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32)>) {
     let stamp = crate::now();
-    if let Err(e) = ctl
+    let restamp_before = crate::stamp(SystemTime::now() - RESTAMP_EVERY);
+    let r = ctl
         .db
         .write(|s, tx| -> Result<(), crate::store::StoreError> {
-            // Inside the write: everything stored before is in
-            // the view too (see `Controller::view`).
+            // Inside the write: everything stored before is in the view
+            // too (see `Controller::view`).
             let view = ctl.view();
-            // Totals move through every beat of the batch, not
-            // from the stored value each time.
-            let mut totals = HashMap::new();
+            let mut batch = Batch::default();
             for (beat, key_id) in &beats {
                 fold(
                     &view,
@@ -143,21 +152,23 @@ async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32)>, mut last: Las
                     tx,
                     beat,
                     *key_id,
-                    &mut last,
-                    &mut totals,
+                    &mut batch,
                     &stamp,
+                    &restamp_before,
                 );
             }
-            for ((l, a), c) in totals {
-                tx.stats(&l, &a, c);
+            for (amphora, seq) in &batch.heard {
+                tx.heard(amphora, &ctl.name, *seq);
+            }
+            for ((l, a), (seq, raw)) in &batch.counters {
+                tx.stats(l, a, *seq, *raw);
             }
             Ok(())
         })
-        .await
-    {
+        .await;
+    if let Err(e) = r {
         tracing::error!(error = %e, "heartbeat results not stored");
     }
-    last
 }
 
 /// Fails over what went silent ([`crate::decide::failover::watch`]);
@@ -173,6 +184,24 @@ pub async fn watch(
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.wait_for(|s| *s) => return,
+        }
+        // What the other controllers heard, so silence is the whole
+        // fleet's; without the store, nothing is decided.
+        match ctl.db.store().heard_elsewhere(&ctl.name).await {
+            Ok(ages) => {
+                let now = Instant::now();
+                ctl.liveness.heard_elsewhere(
+                    ages.into_iter()
+                        .filter_map(|(id, ms)| {
+                            Some((id, now.checked_sub(Duration::from_millis(ms as u64))?))
+                        })
+                        .collect(),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeats of other controllers not read; no failover decided this round");
+                continue;
+            }
         }
         let r = ctl
             .db

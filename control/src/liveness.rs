@@ -83,6 +83,9 @@ pub struct Liveness {
     /// Shared with the views taken since the last change: a view costs
     /// a reference count, and the next change copies the table once.
     table: Mutex<Arc<HashMap<String, Live>>>,
+    /// When other controllers last heard each amphora (read from the
+    /// store each check): silence counts a heartbeat heard by any.
+    elsewhere: Mutex<Arc<HashMap<String, Instant>>>,
 }
 
 impl Liveness {
@@ -92,6 +95,7 @@ impl Liveness {
         Liveness {
             started,
             table: Mutex::new(Arc::default()),
+            elsewhere: Mutex::new(Arc::default()),
         }
     }
 
@@ -122,7 +126,17 @@ impl Liveness {
             now,
             started: self.started,
             live: self.read(Arc::clone),
+            elsewhere: self
+                .elsewhere
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
+    }
+
+    /// When other controllers last heard each amphora, as of now.
+    pub fn heard_elsewhere(&self, times: HashMap<String, Instant>) {
+        *self.elsewhere.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(times);
     }
 
     pub fn last_heard(&self, id: &str) -> Option<Instant> {
@@ -238,6 +252,7 @@ pub struct View {
     pub now: Instant,
     pub started: Instant,
     live: Arc<HashMap<String, Live>>,
+    elsewhere: Arc<HashMap<String, Instant>>,
 }
 
 impl View {
@@ -248,6 +263,7 @@ impl View {
             now,
             started,
             live: Arc::default(),
+            elsewhere: Arc::default(),
         }
     }
 
@@ -261,14 +277,39 @@ impl View {
         Arc::make_mut(&mut self.live).insert(id.to_owned(), live);
     }
 
+    /// When any controller last heard `id`.
     pub fn last_heard(&self, id: &str) -> Option<Instant> {
+        let here = self.heard_here(id);
+        let there = self.elsewhere.get(id).copied();
+        here.max(there)
+    }
+
+    /// When this controller last heard `id`.
+    pub fn heard_here(&self, id: &str) -> Option<Instant> {
         self.live.get(id).and_then(|l| l.heard)
     }
 
-    /// Whether `id` has been silent for longer than `timeout`.
+    /// Whether no controller has heard `id` for longer than `timeout`
+    /// (counted from this controller's start at the earliest: what others
+    /// heard while it was down is no reason to fail over at once).
     pub fn silent(&self, id: &str, timeout: Duration) -> bool {
-        let since = self.last_heard(id).unwrap_or(self.started);
+        let since = self
+            .last_heard(id)
+            .map_or(self.started, |h| h.max(self.started));
         self.now.saturating_duration_since(since) > timeout
+    }
+
+    /// Whether this controller has not heard `id` for longer than
+    /// `timeout`: its own reports of `id` are too old to judge by.
+    pub fn silent_here(&self, id: &str, timeout: Duration) -> bool {
+        let since = self.heard_here(id).unwrap_or(self.started);
+        self.now.saturating_duration_since(since) > timeout
+    }
+
+    /// Sets when other controllers heard `id` (tests build views by hand).
+    #[cfg(test)]
+    pub fn set_elsewhere(&mut self, id: &str, at: Instant) {
+        Arc::make_mut(&mut self.elsewhere).insert(id.to_owned(), at);
     }
 
     /// Whether the repairer judged `id` out of step.
@@ -314,6 +355,33 @@ mod tests {
         );
         assert!(!v.silent("a", 2 * s));
         assert!(v.silent("a", s / 2));
+    }
+
+    /// A heartbeat another controller heard keeps an amphora from
+    /// being silent (a controller cut off from the amphorae fails none
+    /// over), but this controller's own reports of it are still too old
+    /// to judge by; and nothing heard before this controller started
+    /// counts against the amphora.
+    #[test]
+    fn silence_is_the_fleets_judging_is_this_controllers() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut v = View::empty(t0 + 10 * s, t0 + 5 * s);
+        v.set(
+            "a",
+            Live {
+                heard: Some(t0 + 6 * s),
+                ..Live::default()
+            },
+        );
+        v.set_elsewhere("a", t0 + 9 * s);
+        assert!(!v.silent("a", 2 * s));
+        assert!(v.silent_here("a", 2 * s));
+        assert_eq!(v.last_heard("a"), Some(t0 + 9 * s));
+        // Heard elsewhere long before this controller started.
+        v.set_elsewhere("b", t0);
+        assert!(!v.silent("b", 6 * s), "counted from this start");
+        assert!(v.silent("b", 4 * s));
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use siphon_control::model::{Amphora, Counters, LoadBalancer, Pool, State};
+use siphon_control::model::{Amphora, Counters, Listener, LoadBalancer, Pool, State};
 use siphon_control::store::{Database, Db, Kind, Store, StoreError};
+use siphon_control::store::{Fence, FENCE};
 use siphon_testkit::postgres::Postgres;
 use siphon_testkit::TempDir;
 
@@ -20,39 +21,60 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn common(id: &str, description: &str) -> serde_json::Value {
-    json!({
+/// An API object: the fields every object has, and `extra`.
+fn object<T: serde::de::DeserializeOwned>(
+    id: &str,
+    description: &str,
+    extra: serde_json::Value,
+) -> T {
+    let mut v = json!({
         "id": id, "name": "", "description": description, "project_id": "",
         "admin_state_up": true, "provisioning_status": "ACTIVE",
         "operating_status": "ONLINE", "tags": [],
         "created_at": "2026-01-01T00:00:00", "updated_at": null,
-    })
+    });
+    if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
+    }
+    serde_json::from_value(v).unwrap()
 }
 
 fn lb(id: &str, description: &str) -> LoadBalancer {
-    let mut v = common(id, description);
-    let extra = json!({
-        "vip_address": "198.18.0.10", "vip_subnet_id": "s", "vip_network_id": "n",
-        "vip_port_id": "p", "vip_qos_policy_id": null, "provider": "siphon",
-        "flavor_id": "", "availability_zone": null, "topology": "SINGLE",
-        "amphora_count": 1,
-    });
-    v.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    serde_json::from_value(v).unwrap()
+    object(
+        id,
+        description,
+        json!({
+            "vip_address": "198.18.0.10", "vip_subnet_id": "s", "vip_network_id": "n",
+            "vip_port_id": "p", "vip_qos_policy_id": null, "provider": "siphon",
+            "flavor_id": "", "availability_zone": null, "topology": "SINGLE",
+            "amphora_count": 1,
+        }),
+    )
 }
 
 fn pool(id: &str, lb: &str) -> Pool {
-    let mut v = common(id, "");
-    let extra = json!({
-        "load_balancer_id": lb, "protocol": "TCP",
-        "lb_algorithm": "ROUND_ROBIN", "session_persistence": null,
-    });
-    v.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    serde_json::from_value(v).unwrap()
+    object(
+        id,
+        "",
+        json!({
+            "load_balancer_id": lb, "protocol": "TCP",
+            "lb_algorithm": "ROUND_ROBIN", "session_persistence": null,
+        }),
+    )
+}
+
+fn listener(id: &str, lb: &str) -> Listener {
+    object(
+        id,
+        "",
+        json!({
+            "load_balancer_id": lb, "protocol": "TCP", "protocol_port": 80,
+            "connection_limit": -1, "default_pool_id": null,
+            "timeout_client_data": 50000, "timeout_member_connect": 5000,
+            "timeout_member_data": 50000, "timeout_tcp_inspect": 0,
+            "allowed_cidrs": [],
+        }),
+    )
 }
 
 fn amphora(id: &str) -> Amphora {
@@ -117,7 +139,7 @@ async fn round_trip(name: &Database) {
         db.read(|s| s.amphorae.get("a1").cloned()),
         Some(amphora("a1"))
     );
-    // Counters beyond BIGINT stay at its top instead of failing a write.
+    // Counters beyond BIGINT are capped instead of failing a write.
     let huge = Counters {
         bytes_in: u64::MAX,
         bytes_out: 7,
@@ -125,28 +147,14 @@ async fn round_trip(name: &Database) {
         total_connections: 2,
         request_errors: 0,
     };
-    let listener: siphon_control::model::Listener = {
-        let mut v = common("l1", "");
-        let extra = json!({
-            "load_balancer_id": "lb1", "protocol": "TCP", "protocol_port": 80,
-            "connection_limit": -1, "default_pool_id": null,
-            "timeout_client_data": 50000, "timeout_member_connect": 5000,
-            "timeout_member_data": 50000, "timeout_tcp_inspect": 0,
-            "allowed_cidrs": [],
-        });
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value(v).unwrap()
-    };
     db.write(|_, tx| -> Result<(), StoreError> {
-        tx.put(listener);
+        tx.put(listener("l1", "lb1"));
         Ok(())
     })
     .await
     .unwrap();
     db.write(|_, tx| -> Result<(), StoreError> {
-        tx.stats("l1", "a1", huge);
+        tx.stats("l1", "a1", 1, huge);
         Ok(())
     })
     .await
@@ -154,10 +162,7 @@ async fn round_trip(name: &Database) {
     drop(db);
     let db = Db::open(name).await.unwrap();
     let got = db.read(|s| s.stats.get(&("l1".into(), "a1".into())).copied());
-    assert_eq!(
-        got.map(|c| (c.bytes_in, c.bytes_out)),
-        Some((i64::MAX as u64, 7))
-    );
+    assert_eq!(got.map(|c| (c.bytes_in, c.bytes_out)), Some((1 << 61, 7)));
     db.write(|_, tx| -> Result<(), StoreError> {
         tx.delete(Kind::Listener, "l1");
         tx.delete(Kind::Pool, "p1");
@@ -431,4 +436,270 @@ fn a_database_outage_refuses_writes_and_heals() {
         let db = Db::open(&name).await.unwrap();
         assert_eq!(db.read(|s| description(s, "lb1")).as_deref(), Some("after"));
     });
+}
+
+fn counters(bytes_in: u64, total: u64, active: u64) -> Counters {
+    Counters {
+        bytes_in,
+        bytes_out: 0,
+        active_connections: active,
+        total_connections: total,
+        request_errors: 0,
+    }
+}
+
+/// Counters as reported, stored by any number of controllers in any
+/// order: each heartbeat counts once, an older one not at all, and a
+/// dataplane restart (counters going down) adds the new values whole.
+async fn counted_once(a: &Db, b: &Db) {
+    put_lb(a, lb("lb1", "")).await;
+    a.write(|_, tx| -> Result<(), StoreError> {
+        tx.put(listener("l1", "lb1"));
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let total = |db: &Db| {
+        db.read(|s| {
+            s.stats
+                .get(&("l1".into(), "a1".into()))
+                .map(|c| (c.bytes_in, c.total_connections, c.active_connections))
+        })
+    };
+    report(a, 1, counters(100, 10, 3)).await;
+    report(b, 1, counters(100, 10, 3)).await; // the same beat, heard by b
+    assert_eq!(total(b), Some((100, 10, 3)));
+    report(b, 2, counters(150, 12, 2)).await;
+    report(a, 1, counters(100, 10, 3)).await; // a's late batch
+    assert_eq!(total(a), Some((150, 12, 2)));
+    report(a, 3, counters(30, 1, 1)).await; // the dataplane restarted
+    b.refresh().await.unwrap();
+    assert_eq!(total(b), Some((180, 13, 1)));
+}
+
+#[test]
+fn counters_count_each_heartbeat_once_on_sqlite() {
+    let dir = TempDir::new("store-counted");
+    rt().block_on(async {
+        let db = Db::open(&sqlite(&dir)).await.unwrap();
+        counted_once(&db, &db).await;
+    });
+}
+
+async fn report(db: &Db, seq: u64, c: Counters) {
+    db.write(|_, tx| -> Result<(), StoreError> {
+        tx.stats("l1", "a1", seq, c);
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Claims on the database's clock: one holder at a time, taken over once
+/// expired (with a new fence), and a write made under a lost claim is
+/// refused while the new holder's goes through.
+async fn claims(db: &Db) {
+    let store = db.store();
+    let ttl = Duration::from_millis(1_000);
+    let first = store
+        .take_claim("loadbalancer:x", "ctl-a", ttl)
+        .await
+        .unwrap();
+    assert_eq!(first, Some(1));
+    assert_eq!(
+        store
+            .take_claim("loadbalancer:x", "ctl-b", ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    let a = Fence {
+        job: "loadbalancer:x".into(),
+        holder: "ctl-a".into(),
+        number: 1,
+    };
+    assert!(store.renew_claim(&a, ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let second = store
+        .take_claim("loadbalancer:x", "ctl-b", ttl)
+        .await
+        .unwrap();
+    assert_eq!(second, Some(2), "taken over once expired");
+    assert!(
+        !store.renew_claim(&a, ttl).await.unwrap(),
+        "a's claim is gone"
+    );
+    let late = FENCE
+        .scope(a.clone(), put_lb_result(db, lb("fenced", "a")))
+        .await
+        .unwrap_err();
+    assert!(matches!(late, StoreError::ClaimLost { .. }), "{late}");
+    let b = Fence {
+        job: "loadbalancer:x".into(),
+        holder: "ctl-b".into(),
+        number: 2,
+    };
+    FENCE
+        .scope(b.clone(), put_lb_result(db, lb("fenced", "b")))
+        .await
+        .unwrap();
+    assert_eq!(db.read(|s| description(s, "fenced")).as_deref(), Some("b"));
+    // Released: anyone may take it at once, with a higher fence.
+    store.release_claim(&b).await.unwrap();
+    assert_eq!(
+        store
+            .take_claim("loadbalancer:x", "ctl-a", ttl)
+            .await
+            .unwrap(),
+        Some(3)
+    );
+}
+
+async fn put_lb_result(db: &Db, l: LoadBalancer) -> Result<(), StoreError> {
+    db.write(|_, tx| -> Result<(), StoreError> {
+        tx.put(l);
+        Ok(())
+    })
+    .await
+}
+
+#[test]
+fn claims_expire_fence_and_hand_over_on_sqlite() {
+    let dir = TempDir::new("store-claims");
+    rt().block_on(async { claims(&Db::open(&sqlite(&dir)).await.unwrap()).await });
+}
+
+/// Two controllers hear amphorae: each sees when the other last heard
+/// each one, and the newest sequence number taken by either.
+async fn heard(a: &Db) {
+    a.write(|_, tx| -> Result<(), StoreError> {
+        tx.heard("amp-1", "ctl-a", 41);
+        tx.heard("amp-1", "ctl-b", 42);
+        tx.heard("amp-2", "ctl-b", 7);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    a.write(|_, tx| -> Result<(), StoreError> {
+        tx.heard("amp-1", "ctl-b", 40); // an older beat: the seq stays
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let mut seqs = a.store().heard_seqs().await.unwrap();
+    seqs.sort();
+    assert_eq!(seqs, [("amp-1".into(), 42), ("amp-2".into(), 7)]);
+    let mut ages = a.store().heard_elsewhere("ctl-a").await.unwrap();
+    ages.sort();
+    assert_eq!(ages.len(), 2, "{ages:?}");
+    assert!(ages.iter().all(|(_, ms)| *ms < 5_000), "{ages:?}");
+    let mine = a.store().heard_elsewhere("ctl-b").await.unwrap();
+    assert_eq!(mine.len(), 1, "only ctl-a's rows: {mine:?}");
+}
+
+#[test]
+fn heartbeats_heard_are_shared_on_sqlite() {
+    let dir = TempDir::new("store-heard");
+    rt().block_on(async { heard(&Db::open(&sqlite(&dir)).await.unwrap()).await });
+}
+
+#[test]
+fn counters_claims_and_heartbeats_across_controllers_on_postgres() {
+    let Some((_pg, name)) =
+        postgres("counters_claims_and_heartbeats_across_controllers_on_postgres")
+    else {
+        return;
+    };
+    rt().block_on(async {
+        let a = Db::open(&name).await.unwrap();
+        let b = Db::open(&name).await.unwrap();
+        counted_once(&a, &b).await;
+        claims(&b).await;
+        heard(&a).await;
+    });
+}
+
+/// `siphon-control copy-store`: a single-node SQLite store into an empty
+/// PostgreSQL database, through the CLI; everything arrives (counters
+/// with their baselines, so the next heartbeat adds only what is new),
+/// and a second copy into the now non-empty database is refused.
+#[test]
+fn copy_store_moves_an_sqlite_install_to_postgres() {
+    let Some((pg, name)) = postgres("copy_store_moves_an_sqlite_install_to_postgres") else {
+        return;
+    };
+    let dir = TempDir::new("store-copy");
+    let from = sqlite(&dir);
+    let rt = rt();
+    let before = rt.block_on(async {
+        let db = Db::open(&from).await.unwrap();
+        put_lb(&db, lb("lb1", "moved")).await;
+        db.write(|_, tx| -> Result<(), StoreError> {
+            tx.put(listener("l1", "lb1"));
+            tx.put(pool("p1", "lb1"));
+            let mut a = amphora("a1");
+            a.load_balancer_id = Some("lb1".into());
+            tx.put(a);
+            tx.put(amphora("spare"));
+            tx.heard("a1", "old-controller", 9);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        report(&db, 9, counters(500, 5, 1)).await;
+        db.read(|s| s.clone())
+    });
+    let config = dir.path("control.toml");
+    let Database::Postgres { url, .. } = &name else {
+        unreachable!()
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{url}\"\npassword_file = \"{}\"\n[auth]\nmode = \"noauth\"\n",
+            pg.password_file.display()
+        ),
+    )
+    .unwrap();
+    let copy = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_siphon-control"))
+            .arg("--config")
+            .arg(&config)
+            .arg("copy-store")
+            .arg("--from")
+            .arg(dir.path("control.db"))
+            .output()
+            .unwrap()
+    };
+    let out = copy();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("5 objects, 1 counter rows, 1 heartbeat records"),
+        "{text}"
+    );
+    rt.block_on(async {
+        let db = Db::open(&name).await.unwrap();
+        let after = db.read(|s| s.clone());
+        assert_eq!(
+            after.load_balancers.get("lb1"),
+            before.load_balancers.get("lb1")
+        );
+        assert_eq!(after.amphorae.get("a1"), before.amphorae.get("a1"));
+        assert_eq!(after.amphorae.len(), 2);
+        assert_eq!(after.stats, before.stats);
+        assert_eq!(db.store().heard_seqs().await.unwrap(), [("a1".into(), 9)]);
+        // The next report adds only what is new since the copied one.
+        report(&db, 10, counters(650, 6, 2)).await;
+        let c = db.read(|s| s.stats[&("l1".to_owned(), "a1".to_owned())]);
+        assert_eq!((c.bytes_in, c.total_connections), (650, 6));
+    });
+    let again = copy();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr).into_owned();
+    assert!(err.contains("not empty"), "{err}");
 }

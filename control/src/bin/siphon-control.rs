@@ -32,6 +32,14 @@ enum Command {
     /// Create or upgrade the database's schema to this version's, print
     /// the schema version, and exit (`run` does the same at start).
     Migrate,
+    /// Copy an SQLite store (a single-node install's) into the database
+    /// this config names (PostgreSQL, empty), then exit: run it before the
+    /// controllers start on PostgreSQL. Both are migrated first.
+    CopyStore {
+        /// The SQLite file to copy from.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +75,22 @@ fn main() -> anyhow::Result<()> {
                 .await
         })?;
         println!("{}: schema version {version}", db.name());
+        return Ok(());
+    }
+    if let Some(Command::CopyStore { from }) = &cli.command {
+        let to = &config.database;
+        let copied = rt.block_on(siphon_control::store::copy(
+            &siphon_control::store::Database::Sqlite(from.clone()),
+            to,
+        ))?;
+        println!(
+            "{} -> {}: {} objects, {} counter rows, {} heartbeat records",
+            from.display(),
+            to.name(),
+            copied.objects,
+            copied.stats,
+            copied.heard
+        );
         return Ok(());
     }
     rt.block_on(async move {

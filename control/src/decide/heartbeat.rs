@@ -11,27 +11,20 @@ use crate::liveness::{Report, View};
 use crate::model::{AmphoraStatus, Counters, OperatingStatus, State};
 use crate::store::Tx;
 
-/// Counters as last reported, to turn absolute values into increments.
+/// What a batch of heartbeats leaves to store beside documents: the
+/// newest sequence number taken from each amphora, and the newest
+/// counters of each listener on it, as reported (the store turns them
+/// into totals, so every controller may store the same beat).
 #[derive(Debug, Default)]
-pub struct Last {
-    reported: HashMap<(String, String), Counters>,
+pub struct Batch {
+    pub heard: HashMap<String, u64>,
+    pub counters: HashMap<(String, String), (u64, Counters)>,
 }
 
-impl Last {
-    /// The increment since the last report; a counter that went down
-    /// means the dataplane restarted, so the new value is all new.
-    pub fn delta(&mut self, key: (String, String), now: Counters) -> Counters {
-        let prev = self.reported.insert(key, now).unwrap_or_default();
-        let d = |n: u64, p: u64| if n >= p { n - p } else { n };
-        Counters {
-            bytes_in: d(now.bytes_in, prev.bytes_in),
-            bytes_out: d(now.bytes_out, prev.bytes_out),
-            active_connections: now.active_connections,
-            total_connections: d(now.total_connections, prev.total_connections),
-            request_errors: d(now.request_errors, prev.request_errors),
-        }
-    }
-}
+/// How often an amphora's document is rewritten only to say when it was
+/// last heard: when is the `heard` table's (per controller, every beat);
+/// the document's stamp is for people reading the API.
+pub const RESTAMP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the amphora says it runs, for the repairer.
 pub fn report(beat: &Heartbeat) -> Report {
@@ -51,11 +44,12 @@ fn reported_vips(beat: &Heartbeat) -> Option<Vec<String>> {
         .filter(|v| !(beat.truncated && v.len() >= siphon_proto::heartbeat::MAX_VIPS))
 }
 
-/// Folds one heartbeat (signed with key `key_id`) into `tx`: when the
-/// amphora was heard, its status (a spare or a held amphora back in
-/// service), counter increments into `totals` (per listener and
-/// amphora), and operating statuses, from a dataplane that runs the
-/// config last pushed and is in step. `stamp`: now, for what is stored.
+/// Folds one heartbeat (signed with key `key_id`) into `tx` and `batch`:
+/// that the amphora was heard, its status (a spare or a held amphora
+/// back in service), its counters, and operating statuses, from a
+/// dataplane that runs the config last pushed and is in step. `stamp`:
+/// now, for what is stored; the document is rewritten for a new status,
+/// a key now held, or a stamp older than `restamp_before`.
 #[allow(clippy::too_many_arguments)]
 pub fn fold(
     view: &View,
@@ -64,28 +58,23 @@ pub fn fold(
     tx: &mut Tx,
     beat: &Heartbeat,
     key_id: u32,
-    last: &mut Last,
-    totals: &mut HashMap<(String, String), Counters>,
+    batch: &mut Batch,
     stamp: &str,
+    restamp_before: &str,
 ) {
     let Some(a) = s.amphorae.get(&beat.amphora_id) else {
         tracing::debug!(amphora = %beat.amphora_id, "heartbeat from an unregistered amphora");
         return;
     };
-    // Last seen, stored; and a spare or a recovered amphora is back in
-    // service.
-    // Replay protection across restarts, and proof its agent holds its
-    // own key.
+    // Replay protection across restarts (every controller's).
+    let seq = batch.heard.entry(a.id.clone()).or_default();
+    *seq = (*seq).max(beat.seq);
     let mut heard = a.clone();
-    heard.last_heartbeat = Some(stamp.to_owned());
-    heard.heartbeat_seq = heard.heartbeat_seq.max(beat.seq);
-    if heard
-        .heartbeat_key
-        .as_ref()
-        .is_some_and(|k| k.key_id == key_id)
-    {
-        heard.heartbeat_key_acked = true;
-    }
+    // Proof its agent holds its own key.
+    let acked =
+        !a.heartbeat_key_acked && a.heartbeat_key.as_ref().is_some_and(|k| k.key_id == key_id);
+    heard.heartbeat_key_acked |= acked;
+    // A spare or a recovered amphora is back in service.
     let next = match (a.status, &a.load_balancer_id) {
         (AmphoraStatus::Booting, None) => Some(AmphoraStatus::Ready),
         (AmphoraStatus::FailoverStopped, Some(_)) => Some(AmphoraStatus::Allocated),
@@ -93,10 +82,18 @@ pub fn fold(
     };
     if let Some(status) = next {
         heard.status = status;
-        heard.updated_at = heard.last_heartbeat.clone();
+        heard.updated_at = Some(stamp.to_owned());
         tracing::info!(amphora = %a.id, status = ?status, "amphora heard");
     }
-    tx.put(heard);
+    let restamp = a
+        .last_heartbeat
+        .as_deref()
+        .is_none_or(|t| t < restamp_before);
+    if acked || next.is_some() || restamp {
+        heard.last_heartbeat = Some(stamp.to_owned());
+        heard.heartbeat_seq = heard.heartbeat_seq.max(beat.seq);
+        tx.put(heard);
+    }
     let Some(lb_id) = &a.load_balancer_id else {
         return;
     };
@@ -105,23 +102,20 @@ pub fn fold(
             .get(&l.id)
             .is_some_and(|x| &x.load_balancer_id == lb_id)
         {
-            let now = Counters {
+            let raw = Counters {
                 bytes_in: l.bytes_in,
                 bytes_out: l.bytes_out,
                 active_connections: l.active_connections,
                 total_connections: l.total_connections,
                 request_errors: 0,
             };
-            let key = (l.id.clone(), a.id.clone());
-            let d = last.delta(key.clone(), now);
-            let stored = s.stats.get(&key).copied().unwrap_or_default();
-            let total = totals.entry(key).or_insert(stored);
-            let active = d.active_connections;
-            total.add(&Counters {
-                active_connections: 0,
-                ..d
-            });
-            total.active_connections = active;
+            let e = batch
+                .counters
+                .entry((l.id.clone(), a.id.clone()))
+                .or_insert((beat.seq, raw));
+            if beat.seq >= e.0 {
+                *e = (beat.seq, raw);
+            }
         }
     }
     // Statuses only from a dataplane running the config last pushed: an
@@ -296,14 +290,10 @@ mod tests {
         }
     }
 
-    fn fold_in(
-        w: &mut World,
-        b: &Heartbeat,
-        last: &mut Last,
-    ) -> HashMap<(String, String), Counters> {
-        let mut totals = HashMap::new();
-        w.write(|s, v, tx| fold(v, &policy(), s, tx, b, 1, last, &mut totals, "T"));
-        totals
+    fn fold_in(w: &mut World, b: &Heartbeat) -> Batch {
+        let mut batch = Batch::default();
+        w.write(|s, v, tx| fold(v, &policy(), s, tx, b, 1, &mut batch, "T", "S"));
+        batch
     }
 
     fn op(w: &World) -> [OperatingStatus; 4] {
@@ -324,9 +314,8 @@ mod tests {
         w.amp("s1", None, None).amp("held", Some("lb"), None);
         w.amphora("s1", |a| a.status = AmphoraStatus::Booting);
         w.amphora("held", |a| a.status = AmphoraStatus::FailoverStopped);
-        let mut last = Last::default();
         for id in ["s1", "held"] {
-            fold_in(&mut w, &beat(id, &[]), &mut last);
+            fold_in(&mut w, &beat(id, &[]));
         }
         assert_eq!(w.status("s1"), Some(AmphoraStatus::Ready));
         assert_eq!(w.status("held"), Some(AmphoraStatus::Allocated));
@@ -340,108 +329,113 @@ mod tests {
     #[test]
     fn members_pools_listeners_and_the_load_balancer_follow_the_report() {
         let mut w = world();
-        let mut last = Last::default();
-        fold_in(
-            &mut w,
-            &beat("a1", &[("m1", Online), ("m2", Online)]),
-            &mut last,
-        );
+        fold_in(&mut w, &beat("a1", &[("m1", Online), ("m2", Online)]));
         assert_eq!(op(&w), [Online, Online, Online, Online]);
-        fold_in(
-            &mut w,
-            &beat("a1", &[("m1", Error), ("m2", Online)]),
-            &mut last,
-        );
+        fold_in(&mut w, &beat("a1", &[("m1", Error), ("m2", Online)]));
         assert_eq!(op(&w), [Error, Degraded, Online, Degraded]);
-        fold_in(
-            &mut w,
-            &beat("a1", &[("m1", Error), ("m2", Error)]),
-            &mut last,
-        );
+        fold_in(&mut w, &beat("a1", &[("m1", Error), ("m2", Error)]));
         assert_eq!(op(&w), [Error, Error, Online, Error]);
     }
 
     #[test]
     fn a_missing_listener_is_an_error_unless_the_datagram_was_cut() {
         let mut w = world();
-        let mut last = Last::default();
         let mut b = beat("a1", &[]);
         b.listeners.clear();
         b.truncated = true;
-        fold_in(&mut w, &b, &mut last);
+        fold_in(&mut w, &b);
         assert_eq!(w.state.listeners["l1"].common.operating_status, Online);
         b.truncated = false;
-        fold_in(&mut w, &b, &mut last);
+        fold_in(&mut w, &b);
         assert_eq!(w.state.listeners["l1"].common.operating_status, Error);
         // Set down by the operator: OFFLINE, not missing.
         let mut l = w.state.listeners["l1"].clone();
         l.common.admin_state_up = false;
         w.put(l);
-        fold_in(&mut w, &b, &mut last);
+        fold_in(&mut w, &b);
         assert_eq!(w.state.listeners["l1"].common.operating_status, Offline);
     }
 
     #[test]
     fn another_amphora_silent_or_out_of_step_degrades_the_load_balancer() {
         let mut w = world();
-        let mut last = Last::default();
         let b = beat("a1", &[("m1", Online), ("m2", Online)]);
         w.heard("a2", 5 * SEC, Default::default());
-        fold_in(&mut w, &b, &mut last);
+        fold_in(&mut w, &b);
         assert_eq!(op(&w)[3], Degraded);
         w.heard("a2", SEC, Default::default())
             .live("a2", |l| l.drift = Some("lost its VIP".into()));
-        fold_in(&mut w, &b, &mut last);
+        fold_in(&mut w, &b);
         assert_eq!(op(&w)[3], Degraded);
         w.live("a2", |l| l.drift = None);
-        fold_in(&mut w, &b, &mut last);
+        fold_in(&mut w, &b);
         assert_eq!(op(&w)[3], Online);
     }
 
     #[test]
     fn statuses_are_not_taken_from_an_old_config_a_change_or_an_amphora_out_of_step() {
         let mut w = world();
-        let mut last = Last::default();
         let down = beat("a1", &[("m1", Error), ("m2", Error)]);
         let mut old = down.clone();
         old.generation = Some(0);
-        fold_in(&mut w, &old, &mut last);
+        fold_in(&mut w, &old);
         assert_eq!(op(&w), [Online; 4], "older generation");
         w.live("a1", |l| l.drift = Some("x".into()));
-        fold_in(&mut w, &down, &mut last);
+        fold_in(&mut w, &down);
         assert_eq!(op(&w), [Online; 4], "out of step");
         w.live("a1", |l| l.drift = None);
         w.load_balancer("lb", |l| {
             l.common.provisioning_status = ProvisioningStatus::PendingUpdate
         });
-        fold_in(&mut w, &down, &mut last);
+        fold_in(&mut w, &down);
         assert_eq!(op(&w), [Online; 4], "mid-change");
     }
 
     #[test]
-    fn counters_add_increments_and_survive_a_dataplane_restart() {
+    fn counters_are_kept_as_reported_newest_beat_first() {
         let mut w = world();
-        let mut last = Last::default();
         let key = ("l1".to_owned(), "a1".to_owned());
         let mut b = beat("a1", &[]);
-        let t = fold_in(&mut w, &b, &mut last);
-        assert_eq!((t[&key].bytes_in, t[&key].total_connections), (100, 10));
-        w.state.stats.insert(key.clone(), t[&key]);
+        let t = fold_in(&mut w, &b).counters;
+        assert_eq!((t[&key].0, t[&key].1.bytes_in), (7, 100));
+        // Two beats in one batch, the newer first: the newer stands.
+        let mut batch = Batch::default();
+        let older = b.clone();
+        b.seq = 8;
         b.listeners[0].bytes_in = 150;
-        b.listeners[0].total_connections = 12;
-        let t = fold_in(&mut w, &b, &mut last);
-        assert_eq!((t[&key].bytes_in, t[&key].total_connections), (150, 12));
-        w.state.stats.insert(key.clone(), t[&key]);
-        // The dataplane restarted: its counters start again from zero,
-        // and all of the new value is new.
-        b.listeners[0].bytes_in = 30;
-        b.listeners[0].total_connections = 1;
-        b.listeners[0].active_connections = 1;
-        let t = fold_in(&mut w, &b, &mut last);
-        let c = t[&key];
+        w.write(|s, v, tx| {
+            for x in [&b, &older] {
+                fold(v, &policy(), s, tx, x, 1, &mut batch, "T", "S");
+            }
+        });
+        assert_eq!(batch.counters[&key].1.bytes_in, 150);
+        assert_eq!(batch.heard["a1"], 8);
+    }
+
+    #[test]
+    fn the_document_is_rewritten_only_when_something_changed_or_its_stamp_is_old() {
+        let mut w = world();
+        let b = beat("a1", &[]);
+        w.amphora("a1", |a| a.last_heartbeat = Some("U".into()));
+        let mut batch = Batch::default();
+        let tx = w.write(|s, v, tx| {
+            fold(v, &policy(), s, tx, &b, 1, &mut batch, "V", "S");
+            tx.ops()
+                .iter()
+                .any(|o| matches!(o, crate::store::Op::Put(x) if x.id() == "a1"))
+        });
+        assert!(
+            !tx,
+            "a recent stamp and nothing new: no write of the document"
+        );
+        fold_in(&mut w, &b);
+        assert_eq!(w.state.amphorae["a1"].last_heartbeat.as_deref(), Some("U"));
+        w.amphora("a1", |a| a.last_heartbeat = Some("R".into()));
+        fold_in(&mut w, &b);
+        let a = &w.state.amphorae["a1"];
         assert_eq!(
-            (c.bytes_in, c.total_connections, c.active_connections),
-            (180, 13, 1)
+            (a.last_heartbeat.as_deref(), a.heartbeat_seq),
+            (Some("T"), 7)
         );
     }
 
@@ -452,7 +446,7 @@ mod tests {
             .listener("l2", "other", ProvisioningStatus::Active);
         let mut b = beat("a1", &[]);
         b.listeners[0].id = "l2".into();
-        assert!(fold_in(&mut w, &b, &mut Last::default()).is_empty());
+        assert!(fold_in(&mut w, &b).counters.is_empty());
     }
 
     #[test]

@@ -128,9 +128,11 @@ pub fn judge(s: &State, view: &View, p: &Policy, tx: &mut Tx) -> Judgement {
         let l = view.get(&a.id).unwrap_or(&none);
         let c = counts.entry(lb_id).or_default();
         c.0 += 1;
-        if !l.judgeable() || view.silent(&a.id, h.heartbeat_timeout) {
+        if !l.judgeable() || view.silent_here(&a.id, h.heartbeat_timeout) {
             // Silent ones are the health manager's; unjudged ones count
-            // as in step until a report says otherwise.
+            // as in step until a report says otherwise. Silent here is
+            // enough: this controller's reports of it are old (another
+            // that hears it judges it).
             if l.drift.is_none() {
                 c.1 += 1;
             }

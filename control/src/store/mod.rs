@@ -12,6 +12,7 @@
 //! `control/migrations/`, applied in order and recorded in
 //! `schema_version`.
 
+mod copy;
 mod location;
 pub mod sql;
 
@@ -24,6 +25,7 @@ use thiserror::Error;
 use crate::config::ConfigError;
 use crate::model::{Amphora, Counters, HealthMonitor, Listener, LoadBalancer, Member, Pool, State};
 
+pub use copy::{copy, Copied};
 pub use location::Database;
 pub use sql::Store;
 
@@ -45,6 +47,14 @@ pub enum StoreError {
     /// over since: its outcome is the other's to write.
     #[error("claim on {job} was taken over (fence {fence}); nothing written")]
     ClaimLost { job: String, fence: i64 },
+    #[error(
+        "database {name} is not empty ({rows} rows in {table}): copy only into a new database"
+    )]
+    NotEmpty {
+        name: String,
+        table: &'static str,
+        rows: i64,
+    },
     #[error("database holds a document that does not parse ({table} {id}): {message}")]
     Corrupt {
         table: &'static str,
@@ -143,10 +153,19 @@ impl Kind {
 pub enum Op {
     Put(Box<Object>),
     Delete(Kind, String),
+    /// Counters as `amphora`'s dataplane reported them in heartbeat
+    /// `seq` (totals move by the difference, in the database).
     Stats {
         listener: String,
         amphora: String,
-        counters: Counters,
+        seq: u64,
+        raw: Counters,
+    },
+    /// `controller` took `amphora`'s heartbeat `seq` just now.
+    Heard {
+        amphora: String,
+        controller: String,
+        seq: u64,
     },
 }
 
@@ -229,15 +248,8 @@ pub fn apply(state: &mut State, ops: Vec<Op>) {
                     state.amphorae.remove(&id);
                 }
             },
-            Op::Stats {
-                listener,
-                amphora,
-                counters,
-            } => {
-                if state.listeners.contains_key(&listener) {
-                    state.stats.insert((listener, amphora), counters);
-                }
-            }
+            // Totals are the database's sum: read back after the write.
+            Op::Stats { .. } | Op::Heard { .. } => {}
         }
     }
 }
@@ -257,11 +269,20 @@ impl Tx {
         self.ops.push(Op::Delete(kind, id.to_owned()));
     }
 
-    pub fn stats(&mut self, listener: &str, amphora: &str, counters: Counters) {
+    pub fn stats(&mut self, listener: &str, amphora: &str, seq: u64, raw: Counters) {
         self.ops.push(Op::Stats {
             listener: listener.to_owned(),
             amphora: amphora.to_owned(),
-            counters,
+            seq,
+            raw,
+        });
+    }
+
+    pub fn heard(&mut self, amphora: &str, controller: &str, seq: u64) {
+        self.ops.push(Op::Heard {
+            amphora: amphora.to_owned(),
+            controller: controller.to_owned(),
+            seq,
         });
     }
 
@@ -388,16 +409,7 @@ impl Db {
                     .collect();
                 ops.extend(puts.into_iter().map(|o| Op::Put(Box::new(o))));
                 apply(&mut state, ops);
-                for (listener, rows) in stats {
-                    let gone: Vec<(String, String)> =
-                        state.stats_of(&listener).map(|(k, _)| k.clone()).collect();
-                    for k in gone {
-                        state.stats.remove(&k);
-                    }
-                    for (amphora, c) in rows {
-                        state.stats.insert((listener.clone(), amphora), c);
-                    }
-                }
+                replace_stats(&mut state, stats);
                 self.seq.store(head, Ordering::Release);
             }
         }
@@ -448,10 +460,11 @@ impl Db {
             db.commit().await?;
             return Ok(r);
         }
-        let seq = sql::write_ops(&mut db, &tx.ops).await?;
+        let (seq, stats) = sql::write_ops(&self.store, &mut db, &tx.ops).await?;
         db.commit().await?;
         let mut state = unpoisoned(self.state.write());
         apply(&mut state, tx.ops);
+        replace_stats(&mut state, stats);
         self.seq.store(seq, Ordering::Release);
         Ok(r)
     }
@@ -480,6 +493,21 @@ impl Db {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+/// Each listener's stats rows as read from the database, in place of
+/// the cached ones.
+fn replace_stats(state: &mut State, stats: Vec<(String, Vec<(String, Counters)>)>) {
+    for (listener, rows) in stats {
+        let gone: Vec<(String, String)> =
+            state.stats_of(&listener).map(|(k, _)| k.clone()).collect();
+        for k in gone {
+            state.stats.remove(&k);
+        }
+        for (amphora, c) in rows {
+            state.stats.insert((listener.clone(), amphora), c);
+        }
     }
 }
 

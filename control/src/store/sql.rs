@@ -38,7 +38,7 @@ const STATS: &str = "listener_stats";
 
 #[derive(Debug)]
 pub struct Store {
-    pool: AnyPool,
+    pub(super) pool: AnyPool,
     postgres: bool,
     name: String,
 }
@@ -205,7 +205,7 @@ impl Store {
     /// running controllers' caches catch up through the change log.
     pub async fn commit(&self, ops: &[Op]) -> Result<i64, StoreError> {
         let mut tx = self.begin_write().await?;
-        let seq = write_ops(&mut tx, ops).await?;
+        let (seq, _) = write_ops(self, &mut tx, ops).await?;
         tx.commit().await?;
         Ok(seq)
     }
@@ -272,6 +272,31 @@ impl Store {
         Ok(())
     }
 
+    /// How long ago (milliseconds, database clock) controllers other
+    /// than `me` last heard each amphora.
+    pub async fn heard_elsewhere(&self, me: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        let sql = format!(
+            "SELECT amphora_id, {} - MAX(heard_at) FROM heard WHERE controller <> $1 \
+             GROUP BY amphora_id",
+            self.clock()
+        );
+        let rows = sqlx::query(&sql).bind(me).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)?.max(0))))
+            .collect()
+    }
+
+    /// The newest heartbeat sequence number any controller took, per
+    /// amphora.
+    pub async fn heard_seqs(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query("SELECT amphora_id, MAX(seq) FROM heard GROUP BY amphora_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)?.max(0) as u64)))
+            .collect()
+    }
+
     /// The number of the latest change.
     pub async fn head(&self) -> Result<i64, StoreError> {
         head(&mut *self.pool.acquire().await?).await
@@ -311,7 +336,7 @@ pub async fn holds(conn: &mut AnyConnection, f: &Fence) -> Result<bool, StoreErr
     Ok(found.is_some())
 }
 
-async fn head(conn: &mut AnyConnection) -> Result<i64, StoreError> {
+pub(super) async fn head(conn: &mut AnyConnection) -> Result<i64, StoreError> {
     Ok(
         sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM change_log")
             .fetch_one(conn)
@@ -484,10 +509,17 @@ fn put_state(s: &mut State, o: Object) {
     super::apply(s, vec![Op::Put(Box::new(o))]);
 }
 
-/// Writes `ops` and their change-log rows; returns the change's number.
-pub async fn write_ops(conn: &mut AnyConnection, ops: &[Op]) -> Result<i64, StoreError> {
+/// Writes `ops` and their change-log rows; returns the change's number
+/// and the stats rows it moved (per listener), read back.
+pub async fn write_ops(
+    store: &Store,
+    conn: &mut AnyConnection,
+    ops: &[Op],
+) -> Result<(i64, Vec<(String, Vec<(String, Counters)>)>), StoreError> {
     let seq = head(conn).await? + 1;
     let mut logged: BTreeSet<(&'static str, &str)> = BTreeSet::new();
+    let mut counted = Vec::new();
+    let mut heard = Vec::new();
     for op in ops {
         match op {
             Op::Put(o) => {
@@ -504,39 +536,24 @@ pub async fn write_ops(conn: &mut AnyConnection, ops: &[Op]) -> Result<i64, Stor
             Op::Stats {
                 listener,
                 amphora,
-                counters: c,
+                seq,
+                raw,
             } => {
-                // A listener deleted meanwhile has no row to count for.
-                let exists: Option<i64> =
-                    sqlx::query_scalar("SELECT 1 FROM listener WHERE id = $1")
-                        .bind(listener)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                if exists.is_none() {
-                    continue;
-                }
-                sqlx::query(
-                    "INSERT INTO listener_stats (listener_id, amphora_id, bytes_in, bytes_out, \
-                     active_connections, total_connections, request_errors) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                     ON CONFLICT (listener_id, amphora_id) DO UPDATE SET \
-                     bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out, \
-                     active_connections = excluded.active_connections, \
-                     total_connections = excluded.total_connections, \
-                     request_errors = excluded.request_errors",
-                )
-                .bind(listener)
-                .bind(amphora)
-                .bind(clamp(c.bytes_in))
-                .bind(clamp(c.bytes_out))
-                .bind(clamp(c.active_connections))
-                .bind(clamp(c.total_connections))
-                .bind(clamp(c.request_errors))
-                .execute(&mut *conn)
-                .await?;
+                counted.push((listener.as_str(), amphora.as_str(), *seq, *raw));
                 logged.insert((STATS, listener));
             }
+            Op::Heard {
+                amphora,
+                controller,
+                seq,
+            } => heard.push((amphora.as_str(), controller.as_str(), *seq)),
         }
+    }
+    for chunk in counted.chunks(ROWS_PER_STATEMENT) {
+        count(conn, chunk).await?;
+    }
+    for chunk in heard.chunks(ROWS_PER_STATEMENT) {
+        hear(store, conn, chunk).await?;
     }
     for (kind, id) in logged {
         sqlx::query("INSERT INTO change_log (seq, kind, id) VALUES ($1, $2, $3)")
@@ -552,7 +569,122 @@ pub async fn write_ops(conn: &mut AnyConnection, ops: &[Op]) -> Result<i64, Stor
             .execute(&mut *conn)
             .await?;
     }
-    Ok(seq)
+    let mut stats_now = Vec::new();
+    if !counted.is_empty() {
+        let mut by_listener: BTreeMap<String, Vec<(String, Counters)>> = BTreeMap::new();
+        for (l, a, c) in stats(conn, Some(seq - 1)).await? {
+            by_listener.entry(l).or_default().push((a, c));
+        }
+        stats_now = by_listener.into_iter().collect();
+    }
+    Ok((seq, stats_now))
+}
+
+/// Rows per multi-row statement (a row binds up to 8 values; PostgreSQL
+/// takes 65,535 per statement).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The counted columns: totals move by what the dataplane counted since
+/// the last report kept (`raw_*`).
+const COUNTED: [&str; 4] = [
+    "bytes_in",
+    "bytes_out",
+    "total_connections",
+    "request_errors",
+];
+
+/// A total stops growing here, and a reported counter is taken up to
+/// [`RAW_CAP`]: their sum stays inside BIGINT whatever an agent reports,
+/// so no heartbeat can make a write fail.
+const TOTAL_CAP: i64 = 1 << 62;
+const RAW_CAP: u64 = 1 << 61;
+
+/// Upserts counters as reported, for heartbeats newer than the stored one.
+async fn count(
+    conn: &mut AnyConnection,
+    rows: &[(&str, &str, u64, Counters)],
+) -> Result<(), StoreError> {
+    let mut values = Vec::new();
+    for i in 0..rows.len() {
+        let p: Vec<String> = (1..=8).map(|k| format!("${}", i * 8 + k)).collect();
+        // Totals start at the first report: everything counted so far.
+        values.push(format!(
+            "({l}, {a}, {bi}, {bo}, {ac}, {tc}, {re}, {bi2}, {bo2}, {tc2}, {re2}, {seq})",
+            l = p[0],
+            a = p[1],
+            bi = p[2],
+            bo = p[3],
+            ac = p[4],
+            tc = p[5],
+            re = p[6],
+            bi2 = p[2],
+            bo2 = p[3],
+            tc2 = p[5],
+            re2 = p[6],
+            seq = p[7],
+        ));
+    }
+    let mut set: Vec<String> = Vec::new();
+    for c in COUNTED {
+        set.push(format!(
+            "{c} = CASE WHEN listener_stats.{c} >= {TOTAL_CAP} THEN listener_stats.{c} \
+             WHEN excluded.raw_{c} >= listener_stats.raw_{c} \
+             THEN listener_stats.{c} + excluded.raw_{c} - listener_stats.raw_{c} \
+             ELSE listener_stats.{c} + excluded.raw_{c} END"
+        ));
+        set.push(format!("raw_{c} = excluded.raw_{c}"));
+    }
+    set.push("active_connections = excluded.active_connections".into());
+    set.push("seq = excluded.seq".into());
+    let sql = format!(
+        "INSERT INTO listener_stats (listener_id, amphora_id, bytes_in, bytes_out, \
+         active_connections, total_connections, request_errors, raw_bytes_in, raw_bytes_out, \
+         raw_total_connections, raw_request_errors, seq) VALUES {} \
+         ON CONFLICT (listener_id, amphora_id) DO UPDATE SET {} \
+         WHERE excluded.seq > listener_stats.seq",
+        values.join(", "),
+        set.join(", ")
+    );
+    let raw = |v: u64| clamp(v.min(RAW_CAP));
+    let mut q = sqlx::query(&sql);
+    for (l, a, seq, c) in rows {
+        q = q
+            .bind(*l)
+            .bind(*a)
+            .bind(raw(c.bytes_in))
+            .bind(raw(c.bytes_out))
+            .bind(raw(c.active_connections))
+            .bind(raw(c.total_connections))
+            .bind(raw(c.request_errors))
+            .bind(clamp(*seq));
+    }
+    q.execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Records that `controller` heard each amphora now (database clock),
+/// keeping the newest sequence number.
+async fn hear(
+    store: &Store,
+    conn: &mut AnyConnection,
+    rows: &[(&str, &str, u64)],
+) -> Result<(), StoreError> {
+    let now = store.clock();
+    let values: Vec<String> = (0..rows.len())
+        .map(|i| format!("(${}, ${}, ${}, {now})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+        .collect();
+    let sql = format!(
+        "INSERT INTO heard (amphora_id, controller, seq, heard_at) VALUES {} \
+         ON CONFLICT (amphora_id, controller) DO UPDATE SET heard_at = excluded.heard_at, \
+         seq = CASE WHEN excluded.seq > heard.seq THEN excluded.seq ELSE heard.seq END",
+        values.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (a, c, seq) in rows {
+        q = q.bind(*a).bind(*c).bind(clamp(*seq));
+    }
+    q.execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Counters are stored as BIGINT; beyond its range they stay at its top.
