@@ -131,13 +131,19 @@ impl Store {
     /// A write transaction: on PostgreSQL, once every other controller's
     /// writer is out of the way.
     pub async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if self.postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(WRITE_LOCK)
-                .execute(&mut *tx)
-                .await?;
+        if !self.postgres {
+            // SQLite: the write lock from the start. A deferred
+            // transaction that read first and writes after another
+            // connection wrote (a claim's renewal) fails at once with
+            // SQLITE_BUSY_SNAPSHOT; IMMEDIATE waits its turn instead
+            // (busy_timeout).
+            return Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?);
         }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_LOCK)
+            .execute(&mut *tx)
+            .await?;
         Ok(tx)
     }
 
