@@ -416,6 +416,16 @@ fn a_database_outage_refuses_writes_and_heals() {
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert!(db.refresh().await.unwrap_err().is_unavailable());
         assert!(db.stale_for().is_some());
+        // API reads answer from the cache at once: one a second tries
+        // the database (for at most READ_WAIT), the others do not wait.
+        let t = Instant::now();
+        assert!(db.refresh_read().await.unwrap_err().is_unavailable());
+        assert!(db.refresh_read().await.unwrap_err().is_unavailable());
+        assert!(
+            t.elapsed() < siphon_control::store::READ_WAIT + Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(
             db.read(|s| description(s, "lb1")).as_deref(),
             Some("before")
@@ -423,7 +433,7 @@ fn a_database_outage_refuses_writes_and_heals() {
         pg.start_server();
         let mut healed = false;
         for _ in 0..50 {
-            if db.refresh().await.is_ok() {
+            if db.refresh_read().await.is_ok() {
                 healed = true;
                 break;
             }

@@ -108,15 +108,16 @@ async fn auth(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
 }
 
 /// Reads first catch up with every controller's committed writes (one
-/// query when nothing changed). When the database does not answer, a
-/// read is served from this controller's cache and says so:
+/// query when nothing changed). When the database does not answer (in
+/// [`crate::store::READ_WAIT`]), a read is served from this controller's
+/// cache at once and says so:
 /// `Warning: 110 - "Response is Stale"` and `X-Siphon-Stale`, the seconds
 /// since the database last answered. (Writes answer 503 meanwhile.)
 async fn fresh(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return next.run(req).await;
     }
-    let stale = match ctl.db.refresh().await {
+    let stale = match ctl.db.refresh_read().await {
         Ok(()) => None,
         Err(e) => {
             static STALE: crate::log_limit::LogLimit =

@@ -41,6 +41,13 @@ pub enum StoreError {
     /// write did not happen; retry later.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// An API read did not get an answer in time.
+    #[error("database did not answer within {0:?}")]
+    Slow(Duration),
+    /// The database is known lost and another read tried it within the
+    /// last second.
+    #[error("database unreachable; tried again within a second")]
+    Lost,
     #[error("database: {0}")]
     Sql(sqlx::Error),
     /// The write was made under a claim another controller has taken
@@ -95,7 +102,10 @@ fn unreachable(e: &sqlx::Error) -> bool {
 
 impl StoreError {
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Slow(_) | StoreError::Lost
+        )
     }
 }
 
@@ -338,7 +348,16 @@ pub struct Db {
     seq: AtomicI64,
     /// Since when the database has not answered (None: it does).
     lost: Mutex<Option<Instant>>,
+    /// When an API read last tried the database while it was lost.
+    probed: Mutex<Option<Instant>>,
 }
+
+/// How long an API read waits for the database before it answers from
+/// the cache, marked stale.
+pub const READ_WAIT: Duration = Duration::from_millis(500);
+
+/// While the database is lost, one API read a second tries it.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 // A panic while holding a lock cannot leave the state half applied
 // (commit happens first, then a plain apply), so a poisoned lock is used
@@ -359,6 +378,7 @@ impl Db {
             state: RwLock::new(state),
             seq: AtomicI64::new(seq),
             lost: Mutex::new(None),
+            probed: Mutex::new(None),
         })
     }
 
@@ -374,6 +394,28 @@ impl Db {
         let r = self.try_refresh().await;
         self.note(r.as_ref().err());
         r
+    }
+
+    /// [`Db::refresh`] for an API read: within [`READ_WAIT`], and while
+    /// the database is known lost tried by one read a second only, so
+    /// reads answer from the cache at once during an outage.
+    pub async fn refresh_read(&self) -> Result<(), StoreError> {
+        if self.stale_for().is_some() {
+            let now = Instant::now();
+            let mut probed = unpoisoned(self.probed.lock());
+            if probed.is_some_and(|t| now.saturating_duration_since(t) < PROBE_EVERY) {
+                return Err(StoreError::Lost);
+            }
+            *probed = Some(now);
+        }
+        match tokio::time::timeout(READ_WAIT, self.refresh()).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = StoreError::Slow(READ_WAIT);
+                self.note(Some(&e));
+                Err(e)
+            }
+        }
     }
 
     async fn try_refresh(&self) -> Result<(), StoreError> {
