@@ -703,59 +703,39 @@ async fn put(conn: &mut AnyConnection, o: &Object) -> Result<(), StoreError> {
         // Serialising plain structs of strings and numbers cannot fail.
         serde_json::to_string(v).unwrap_or_default()
     }
-    let (sql, id, parent, doc) = match o {
-        Object::LoadBalancer(lb) => (
-            "INSERT INTO load_balancer (id, doc) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-            &lb.common.id,
-            None,
-            json(lb),
-        ),
+    // The document, and the relationship column beside it (kept in step
+    // too: an amphora moves between load balancers).
+    let (doc, parent) = match o {
+        Object::LoadBalancer(lb) => (json(lb), None),
         Object::Listener(l) => (
-            "INSERT INTO listener (id, doc, load_balancer_id) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-            &l.common.id,
-            Some(&l.load_balancer_id),
             json(l),
+            Some(("load_balancer_id", Some(&*l.load_balancer_id))),
         ),
         Object::Pool(p) => (
-            "INSERT INTO pool (id, doc, load_balancer_id) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-            &p.common.id,
-            Some(&p.load_balancer_id),
             json(p),
+            Some(("load_balancer_id", Some(&*p.load_balancer_id))),
         ),
-        Object::Member(m) => (
-            "INSERT INTO member (id, doc, pool_id) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-            &m.common.id,
-            Some(&m.pool_id),
-            json(m),
+        Object::Member(m) => (json(m), Some(("pool_id", Some(&*m.pool_id)))),
+        Object::HealthMonitor(h) => (json(h), Some(("pool_id", Some(&*h.pool_id)))),
+        Object::Amphora(a) => (
+            json(a),
+            Some(("load_balancer_id", a.load_balancer_id.as_deref())),
         ),
-        Object::HealthMonitor(h) => (
-            "INSERT INTO health_monitor (id, doc, pool_id) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-            &h.common.id,
-            Some(&h.pool_id),
-            json(h),
-        ),
-        Object::Amphora(a) => {
-            sqlx::query(
-                "INSERT INTO amphora (id, doc, load_balancer_id) VALUES ($1, $2, $3) \
-                 ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, \
-                 load_balancer_id = excluded.load_balancer_id",
-            )
-            .bind(&a.id)
-            .bind(json(a))
-            .bind(a.load_balancer_id.as_deref())
-            .execute(&mut *conn)
-            .await?;
-            return Ok(());
-        }
     };
-    let mut q = sqlx::query(sql).bind(id).bind(doc);
-    if let Some(parent) = parent {
-        q = q.bind(parent);
+    let table = o.kind().table();
+    let sql = match parent {
+        None => format!(
+            "INSERT INTO {table} (id, doc) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc"
+        ),
+        Some((column, _)) => format!(
+            "INSERT INTO {table} (id, doc, {column}) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, {column} = excluded.{column}"
+        ),
+    };
+    let mut q = sqlx::query(&sql).bind(o.id()).bind(doc);
+    if let Some((_, value)) = parent {
+        q = q.bind(value);
     }
     q.execute(&mut *conn).await?;
     Ok(())
