@@ -524,59 +524,6 @@ fn bad_requests_get_octavias_errors_and_change_nothing() {
     assert_eq!(rig.call(Method::DELETE, &path, None).status, 204);
 }
 
-/// A venv under `target/` with the pinned stock clients
-/// (`tests/stock/requirements.txt`), installed from PyPI once.
-fn stock_clients() -> std::path::PathBuf {
-    let venv = siphon_testkit::process::target_dir().join("stock-clients");
-    let req = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/requirements.txt");
-    let wanted = std::fs::read_to_string(&req).unwrap();
-    let marker = venv.join("installed-requirements.txt");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
-        return venv;
-    }
-    let run = |cmd: &mut std::process::Command| {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv));
-    run(std::process::Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-        .arg(&req));
-    std::fs::write(&marker, wanted).unwrap();
-    venv
-}
-
-/// `openstack ARGS -f json` (when it prints), as the stock CLI runs with
-/// no Keystone: `OS_AUTH_TYPE=none`, `OS_ENDPOINT=.../v2.0`.
-fn openstack(venv: &Path, endpoint: &str, args: &[&str]) -> Value {
-    let mut cmd = std::process::Command::new(venv.join("bin/openstack"));
-    cmd.args(args)
-        .env("OS_AUTH_TYPE", "none")
-        .env("OS_ENDPOINT", endpoint);
-    let stdout = stock_output(cmd, &format!("openstack {}", args.join(" ")));
-    serde_json::from_str(&stdout).unwrap_or(Value::Null)
-}
-
-/// Runs a stock client (outside any clouds.yaml) and returns its stdout;
-/// a failure fails the test with both outputs.
-fn stock_output(mut cmd: std::process::Command, label: &str) -> String {
-    let out = cmd.env_remove("OS_CLOUD").output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{label}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 #[test]
 fn the_stock_openstack_cli_and_sdk_drive_it_unchanged() {
     if !root_or_skip("stock clients (VIPs are plumbed through netlink)") {
@@ -877,7 +824,7 @@ fn a_controller_killed_mid_push_finishes_the_change_after_its_restart() {
     // The amphora recovers while no controller runs; the controller comes
     // back on the same store and finishes what it was doing, unasked.
     rig.amphorae[carrier].start_dataplane();
-    control.start(rig);
+    control.start(&rig.rt, &rig.client);
     let started = Instant::now();
     rig.wait_field(
         &format!("/v2/lbaas/pools/{pool}/members/{member}"),

@@ -12,6 +12,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
 use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSubnet};
+use siphon_control::store::Database;
 use siphon_testkit::agent::AgentToml;
 use siphon_testkit::dataplane::Dataplane;
 use siphon_testkit::pki::Ca;
@@ -36,13 +37,27 @@ pub struct Amphora {
     pub heartbeat_to: Vec<SocketAddr>,
     /// The fleet's bootstrap heartbeat key.
     pub heartbeat_key: PathBuf,
+    /// Lines of the agent's `[limits]` table (read at each agent start).
+    pub limits: String,
     pub state_dir: PathBuf,
     pub dataplane_socket: PathBuf,
     pub dir: TempDir,
 }
 
 impl Amphora {
-    pub fn start(id: &str, pki: &Pki, heartbeats: SocketAddr, key: &Path) -> Amphora {
+    /// Starts one heartbeating to every controller of `heartbeats`.
+    pub fn start(id: &str, pki: &Pki, heartbeats: &[SocketAddr], key: &Path) -> Amphora {
+        Amphora::start_with(id, pki, heartbeats, key, "")
+    }
+
+    /// The same, its agent with `limits` (lines of its `[limits]` table).
+    pub fn start_with(
+        id: &str,
+        pki: &Pki,
+        heartbeats: &[SocketAddr],
+        key: &Path,
+        limits: &str,
+    ) -> Amphora {
         let dir = TempDir::new(&format!("amp-{id}"));
         let dataplane_socket = dir.path("dataplane.sock");
         let dataplane = Dataplane::start(&dataplane_socket);
@@ -55,8 +70,9 @@ impl Amphora {
             agent: None,
             dataplane: Some(dataplane),
             port,
-            heartbeat_to: vec![heartbeats],
+            heartbeat_to: heartbeats.to_vec(),
             heartbeat_key: key.to_owned(),
+            limits: limits.into(),
             state_dir: dir.path("state"),
             dataplane_socket,
             dir,
@@ -96,7 +112,7 @@ impl Amphora {
             state_dir: &self.state_dir,
             client_ca: &self.dir.path("controller-ca.crt"),
             heartbeat: Some((self.heartbeat_to.as_slice(), self.heartbeat_key.as_path())),
-            limits: "",
+            limits: &self.limits,
         }
         .render();
         std::fs::write(self.dir.path("agent.toml"), config).unwrap();
@@ -157,6 +173,113 @@ pub struct Pki {
     pub amphora_ca: Ca,
 }
 
+impl Pki {
+    /// Two test CAs; the controller's client certificate, the amphora
+    /// CA and the fleet's bootstrap heartbeat key written to `dir`.
+    pub fn new(dir: &TempDir) -> Pki {
+        let pki = Pki {
+            controller_ca: Ca::new("controller CA"),
+            amphora_ca: Ca::new("amphora CA"),
+        };
+        pki.controller_ca.issue_to(
+            &["siphon-control"],
+            &dir.path("client.crt"),
+            &dir.path("client.key"),
+        );
+        std::fs::write(dir.path("amphora-ca.crt"), pki.amphora_ca.pem()).unwrap();
+        siphon_testkit::pki::write_secret(
+            &dir.path("heartbeat.key"),
+            "a heartbeat key of enough length\n",
+        );
+        pki
+    }
+}
+
+/// A VIP subnet of its own per rig, inside 127/8 (on loopback): its
+/// first three octets.
+pub fn vip_net() -> String {
+    let n = (std::process::id() % 200) as u8 + 20;
+    let third = free_port() % 250;
+    format!("127.{n}.{third}")
+}
+
+/// A controller's config with the files of [`Pki::new`] in `dir`, its own
+/// API and heartbeat ports, short timers, and `database`.
+pub fn control_config(
+    dir: &TempDir,
+    auth: Auth,
+    vip_net: &str,
+    database: Database,
+) -> ControlConfig {
+    ControlConfig {
+        listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        database,
+        auth,
+        vip_subnets: vec![VipSubnet {
+            id: SUBNET.into(),
+            name: "vips".into(),
+            network_id: NETWORK.into(),
+            network_name: "public".into(),
+            cidr: format!("{vip_net}.0/24").parse().unwrap(),
+            gateway_ip: None,
+        }],
+        amphorae: vec![],
+        agent_tls: Some(AgentTls {
+            cert: dir.path("client.crt"),
+            key: dir.path("client.key"),
+            ca: dir.path("amphora-ca.crt"),
+        }),
+        push: Push {
+            attempts: 3,
+            backoff_ms: 100,
+            timeout_ms: 3_000,
+        },
+        health: Some(Health {
+            listen: format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(),
+            key_file: Some(dir.path("heartbeat.key")),
+            key_grace_ms: 60_000,
+            heartbeat_timeout_ms: 1_000,
+            check_interval_ms: 50,
+            clock_window_ms: 30_000,
+            failover_threshold: None,
+            repair_timeout_ms: 5_000,
+            retry_max_ms: 2_000,
+        }),
+        distributor: Default::default(),
+        cluster: Default::default(),
+        limits: Default::default(),
+    }
+}
+
+/// Registers `amphorae` through `client` and waits until each is `READY`.
+pub fn register(rt: &tokio::runtime::Runtime, client: &Client, amphorae: &[Amphora]) {
+    for a in amphorae {
+        let body =
+            json!({"amphora": {"id": a.id, "lb_network_ip": "127.0.0.1", "agent_port": a.port()}});
+        let r = rt
+            .block_on(client.call(Method::POST, "/v2/octavia/amphorae", Some(&body)))
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let start = Instant::now();
+    for a in amphorae {
+        loop {
+            let path = format!("/v2/octavia/amphorae/{}", a.id);
+            let r = rt.block_on(client.call(Method::GET, &path, None)).unwrap();
+            if r.body["amphora"]["status"] == "READY" {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{} not READY: {}",
+                a.id,
+                r.body
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A controller with its files, two amphorae and a client.
 pub struct Rig {
     pub rt: Arc<tokio::runtime::Runtime>,
@@ -183,70 +306,18 @@ impl Rig {
     pub fn with_auth(tag: &str, amphorae: &[&str], auth: Auth) -> Rig {
         let rt = siphon_testkit::runtime();
         let dir = TempDir::new(&format!("control-{tag}"));
-        let pki = Pki {
-            controller_ca: Ca::new("controller CA"),
-            amphora_ca: Ca::new("amphora CA"),
-        };
-        pki.controller_ca.issue_to(
-            &["siphon-control"],
-            &dir.path("client.crt"),
-            &dir.path("client.key"),
-        );
-        std::fs::write(dir.path("amphora-ca.crt"), pki.amphora_ca.pem()).unwrap();
-        siphon_testkit::pki::write_secret(
-            &dir.path("heartbeat.key"),
-            "a heartbeat key of enough length\n",
-        );
-        // A VIP subnet of its own per rig, inside 127/8 (on loopback).
-        let n = (std::process::id() % 200) as u8 + 20;
-        let third = free_port() % 250;
-        let vip_net = format!("127.{n}.{third}");
-        let config = ControlConfig {
-            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            database: dir.path("control.db").into(),
-            auth,
-            vip_subnets: vec![VipSubnet {
-                id: SUBNET.into(),
-                name: "vips".into(),
-                network_id: NETWORK.into(),
-                network_name: "public".into(),
-                cidr: format!("{vip_net}.0/24").parse().unwrap(),
-                gateway_ip: None,
-            }],
-            amphorae: vec![],
-            agent_tls: Some(AgentTls {
-                cert: dir.path("client.crt"),
-                key: dir.path("client.key"),
-                ca: dir.path("amphora-ca.crt"),
-            }),
-            push: Push {
-                attempts: 3,
-                backoff_ms: 100,
-                timeout_ms: 3_000,
-            },
-            health: Some(Health {
-                listen: format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(),
-                key_file: Some(dir.path("heartbeat.key")),
-                key_grace_ms: 60_000,
-                heartbeat_timeout_ms: 1_000,
-                check_interval_ms: 50,
-                clock_window_ms: 30_000,
-                failover_threshold: None,
-                repair_timeout_ms: 5_000,
-                retry_max_ms: 2_000,
-            }),
-            distributor: Default::default(),
-            cluster: Default::default(),
-            limits: Default::default(),
-        };
+        let pki = Pki::new(&dir);
+        let vip_net = vip_net();
+        let config = control_config(&dir, auth, &vip_net, dir.path("control.db").into());
         let handle = rt.block_on(siphon_control::start(config.clone())).unwrap();
         let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();
         let hb = handle.heartbeat_addr.unwrap();
         let amps: Vec<Amphora> = amphorae
             .iter()
-            .map(|id| Amphora::start(id, &pki, hb, &dir.path("heartbeat.key")))
+            .map(|id| Amphora::start(id, &pki, &[hb], &dir.path("heartbeat.key")))
             .collect();
-        let rig = Rig {
+        register(&rt, &client, &amps);
+        Rig {
             rt,
             config,
             handle: Some(handle),
@@ -254,26 +325,7 @@ impl Rig {
             amphorae: amps,
             vip_net,
             _dir: dir,
-        };
-        for i in 0..rig.amphorae.len() {
-            let (id, port) = (rig.amphorae[i].id.clone(), rig.amphorae[i].port());
-            let a = rig.call(
-                Method::POST,
-                "/v2/octavia/amphorae",
-                Some(json!({"amphora": {"id": id, "lb_network_ip": "127.0.0.1", "agent_port": port}})),
-            );
-            assert_eq!(a.status, 201, "{:?}", a.body);
         }
-        for a in amphorae {
-            rig.wait_field(
-                &format!("/v2/octavia/amphorae/{a}"),
-                "amphora",
-                "status",
-                "READY",
-                Duration::from_secs(5),
-            );
-        }
-        rig
     }
 
     pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
@@ -338,64 +390,8 @@ impl Rig {
         if let Some(h) = self.handle.take() {
             self.rt.block_on(h.stop());
         }
-        let c = &self.config;
-        let h = c.health.as_ref().unwrap();
-        let tls = c.agent_tls.as_ref().unwrap();
-        let subnet = &c.vip_subnets[0];
-        let toml = format!(
-            r#"listen = "{listen}"
-database = "{db}"
-[auth]
-mode = "token"
-token = "{TOKEN}"
-[[vip_subnets]]
-id = "{sid}"
-name = "{sname}"
-network_id = "{net}"
-cidr = "{cidr}"
-[agent_tls]
-cert = "{cert}"
-key = "{key}"
-ca = "{ca}"
-[push]
-attempts = {attempts}
-backoff_ms = {backoff}
-timeout_ms = {timeout}
-[health]
-listen = "{hb}"
-key_file = "{hb_key}"
-heartbeat_timeout_ms = {hb_timeout}
-check_interval_ms = {check}
-repair_timeout_ms = {repair}
-retry_max_ms = {retry}
-"#,
-            listen = c.listen,
-            db = c.database.name(),
-            sid = subnet.id,
-            sname = subnet.name,
-            net = subnet.network_id,
-            cidr = subnet.cidr,
-            cert = tls.cert.display(),
-            key = tls.key.display(),
-            ca = tls.ca.display(),
-            attempts = c.push.attempts,
-            backoff = c.push.backoff_ms,
-            timeout = c.push.timeout_ms,
-            hb = h.listen,
-            hb_key = h.key_file.as_ref().unwrap().display(),
-            hb_timeout = h.heartbeat_timeout_ms,
-            check = h.check_interval_ms,
-            repair = h.repair_timeout_ms,
-            retry = h.retry_max_ms,
-        );
-        let path = self._dir.path("control.toml");
-        std::fs::write(&path, toml).unwrap();
-        let mut p = ControllerProcess {
-            config: path,
-            log: self._dir.path("control.log"),
-            child: None,
-        };
-        p.start(self);
+        let mut p = ControllerProcess::new(&self.config, &self._dir, "control");
+        p.start(&self.rt, &self.client);
         p
     }
 
@@ -497,6 +493,85 @@ pub fn greetings(addr: SocketAddr, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// `config` as the controller's TOML file says it (the parts the tests
+/// set).
+pub fn controller_toml(c: &ControlConfig) -> String {
+    let h = c.health.as_ref().unwrap();
+    let tls = c.agent_tls.as_ref().unwrap();
+    let subnet = &c.vip_subnets[0];
+    let auth = match &c.auth {
+        Auth::Token { token, .. } => {
+            format!(
+                "mode = \"token\"\ntoken = \"{}\"",
+                token.as_deref().unwrap()
+            )
+        }
+        Auth::Noauth => "mode = \"noauth\"".into(),
+    };
+    let database = match &c.database {
+        Database::Sqlite(path) => format!("database = \"{}\"", path.display()),
+        Database::Postgres {
+            url,
+            password_file,
+            max_connections,
+        } => format!(
+            "[database]\nurl = \"{url}\"\npassword_file = \"{}\"\nmax_connections = {max_connections}",
+            password_file.as_ref().unwrap().display()
+        ),
+    };
+    let cluster = match &c.cluster.name {
+        Some(name) => format!("name = \"{name}\"\n"),
+        None => String::new(),
+    };
+    format!(
+        r#"listen = "{listen}"
+[auth]
+{auth}
+{database}
+[cluster]
+{cluster}claim_ttl_ms = {ttl}
+[[vip_subnets]]
+id = "{sid}"
+name = "{sname}"
+network_id = "{net}"
+cidr = "{cidr}"
+[agent_tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+[push]
+attempts = {attempts}
+backoff_ms = {backoff}
+timeout_ms = {timeout}
+[health]
+listen = "{hb}"
+key_file = "{hb_key}"
+heartbeat_timeout_ms = {hb_timeout}
+check_interval_ms = {check}
+repair_timeout_ms = {repair}
+retry_max_ms = {retry}
+"#,
+        listen = c.listen,
+        ttl = c.cluster.claim_ttl_ms,
+        sid = subnet.id,
+        sname = subnet.name,
+        net = subnet.network_id,
+        cidr = subnet.cidr,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        ca = tls.ca.display(),
+        attempts = c.push.attempts,
+        backoff = c.push.backoff_ms,
+        timeout = c.push.timeout_ms,
+        hb = h.listen,
+        hb_key = h.key_file.as_ref().unwrap().display(),
+        hb_timeout = h.heartbeat_timeout_ms,
+        check = h.check_interval_ms,
+        repair = h.repair_timeout_ms,
+        retry = h.retry_max_ms,
+    )
+}
+
 /// `siphon-control` run as its own process (see
 /// [`Rig::controller_process`]); killed with SIGKILL on drop.
 pub struct ControllerProcess {
@@ -506,17 +581,37 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// Starts it and waits until its API answers.
-    pub fn start(&mut self, rig: &Rig) {
+    /// Writes `config` as `<name>.toml` in `dir` (logging to `<name>.log`);
+    /// not started yet.
+    pub fn new(config: &ControlConfig, dir: &TempDir, name: &str) -> ControllerProcess {
+        let path = dir.path(&format!("{name}.toml"));
+        std::fs::write(&path, controller_toml(config)).unwrap();
+        ControllerProcess {
+            config: path,
+            log: dir.path(&format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    /// Starts it and waits until its API answers `client`.
+    pub fn start(&mut self, rt: &tokio::runtime::Runtime, client: &Client) {
+        self.spawn();
+        self.wait_up(rt, client);
+    }
+
+    /// Starts the process, without waiting.
+    pub fn spawn(&mut self) {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-control"));
         cmd.args(["--config", self.config.to_str().unwrap()]);
-        let child = Proc::spawn(cmd, &self.log);
-        self.child = Some(child);
+        self.child = Some(Proc::spawn(cmd, &self.log));
+    }
+
+    /// Waits until its API answers `client`.
+    pub fn wait_up(&mut self, rt: &tokio::runtime::Runtime, client: &Client) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let up = rig
-                .rt
-                .block_on(rig.client.call(Method::GET, "/v2/octavia/amphorae", None))
+            let up = rt
+                .block_on(client.call(Method::GET, "/v2/octavia/amphorae", None))
                 .is_ok_and(|a| a.status == 200);
             if up {
                 return;
@@ -524,14 +619,75 @@ impl ControllerProcess {
             assert!(
                 Instant::now() < deadline,
                 "siphon-control did not start: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILL: no shutdown of any kind.
     pub fn kill(&mut self) {
         self.child = None;
     }
+}
+
+/// A venv under `target/` with the pinned stock clients
+/// (`tests/stock/requirements.txt`), installed from PyPI once.
+pub fn stock_clients() -> std::path::PathBuf {
+    let venv = siphon_testkit::process::target_dir().join("stock-clients");
+    let req = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/stock/requirements.txt");
+    let wanted = std::fs::read_to_string(&req).unwrap();
+    let marker = venv.join("installed-requirements.txt");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+        return venv;
+    }
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv));
+    run(std::process::Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&req));
+    std::fs::write(&marker, wanted).unwrap();
+    venv
+}
+
+/// `openstack ARGS -f json` (when it prints), as the stock CLI runs with
+/// no Keystone: `OS_AUTH_TYPE=none`, `OS_ENDPOINT=.../v2.0`.
+pub fn openstack(venv: &Path, endpoint: &str, args: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(venv.join("bin/openstack"));
+    cmd.args(args)
+        .env("OS_AUTH_TYPE", "none")
+        .env("OS_ENDPOINT", endpoint);
+    let stdout = stock_output(cmd, &format!("openstack {}", args.join(" ")));
+    serde_json::from_str(&stdout).unwrap_or(Value::Null)
+}
+
+/// Runs a stock client (outside any clouds.yaml) and returns its stdout;
+/// a failure fails the test with both outputs.
+pub fn stock_output(mut cmd: std::process::Command, label: &str) -> String {
+    let out = cmd.env_remove("OS_CLOUD").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{label}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
