@@ -710,6 +710,30 @@ fn ten_seconds_without_the_database_change_nothing_that_runs_and_writes_get_a_cl
                 c.nodes[n].name
             );
         }
+        // Once a controller knows the database lost, a write is refused
+        // at once, with the cause.
+        for n in 0..3 {
+            let t = Instant::now();
+            let a = c.call(
+                n,
+                Method::POST,
+                "/v2/lbaas/loadbalancers",
+                Some(json!({"loadbalancer": {"name": "while-down", "vip_subnet_id": SUBNET}})),
+            );
+            let took = t.elapsed();
+            let why = a.fault().unwrap_or_default();
+            assert_eq!(a.status, 503, "through {}: {}", c.nodes[n].name, a.body);
+            assert!(
+                why.contains("refused"),
+                "through {}: {why}",
+                c.nodes[n].name
+            );
+            assert!(
+                took < Duration::from_secs(2),
+                "through {}: 503 after {took:?}",
+                c.nodes[n].name
+            );
+        }
         // Reads answer from each controller's cache, and say so.
         for n in &c.nodes {
             let (status, head, body) = raw_get(n.config.listen, &lb_path);

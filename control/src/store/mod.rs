@@ -391,9 +391,41 @@ impl Db {
     /// Catches the cache up with every committed change (one query when
     /// there is none).
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let r = self.try_refresh().await;
+        let r = match self.reachable().await {
+            Ok(()) => self.try_refresh().await,
+            Err(e) => Err(e),
+        };
+        let r = match r {
+            Err(e) => Err(self.explain(e).await),
+            Ok(()) => Ok(()),
+        };
         self.note(r.as_ref().err());
         r
+    }
+
+    /// While the database is known lost, whether it takes a connection
+    /// again (within [`READ_WAIT`]): until it does, work that needs it
+    /// fails at once, with the reason, instead of waiting out the pool.
+    async fn reachable(&self) -> Result<(), StoreError> {
+        if self.stale_for().is_none() {
+            return Ok(());
+        }
+        self.store.reach(READ_WAIT).await
+    }
+
+    /// A pool that timed out says nothing of why: a connection made
+    /// outside it does (refused, no route). When that one succeeds, the
+    /// pool's connections were all busy, and the timeout stands.
+    async fn explain(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Unavailable(sqlx::Error::PoolTimedOut) => {
+                match self.store.reach(READ_WAIT).await {
+                    Err(why) => why,
+                    Ok(()) => e,
+                }
+            }
+            e => e,
+        }
     }
 
     /// [`Db::refresh`] for an API read: within [`READ_WAIT`], and while
@@ -465,7 +497,14 @@ impl Db {
         &self,
         f: impl FnOnce(&State, &mut Tx) -> Result<R, E>,
     ) -> Result<R, E> {
-        let r = self.try_write(f).await;
+        let r = match self.reachable().await {
+            Ok(()) => self.try_write(f).await,
+            Err(e) => Err(Failed::Store(e)),
+        };
+        let r = match r {
+            Err(Failed::Store(e)) => Err(Failed::Store(self.explain(e).await)),
+            r => r,
+        };
         match &r {
             Err(Failed::Store(e)) => self.note(Some(e)),
             _ => self.note(None),

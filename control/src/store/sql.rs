@@ -39,6 +39,8 @@ const STATS: &str = "listener_stats";
 #[derive(Debug)]
 pub struct Store {
     pub(super) pool: AnyPool,
+    /// How to connect outside the pool ([`Store::reach`]).
+    options: AnyConnectOptions,
     postgres: bool,
     name: String,
 }
@@ -100,11 +102,12 @@ impl Store {
             .max_connections(max)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |conn, _| Box::pin(sqlite_pragmas(conn, !postgres)))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(at)?;
         let store = Store {
             pool,
+            options,
             postgres,
             name,
         };
@@ -304,6 +307,23 @@ impl Store {
     }
 
     /// The number of the latest change.
+    /// Whether the database takes a new connection within `limit`: one
+    /// made outside the pool, so that an outage is told as the network or
+    /// the server tells it (refused, no route, a refused password) and at
+    /// once, not as a pool that kept retrying until its acquire timeout.
+    pub async fn reach(&self, limit: Duration) -> Result<(), StoreError> {
+        use sqlx::{ConnectOptions, Connection};
+        match tokio::time::timeout(limit, self.options.connect()).await {
+            Ok(Ok(conn)) => {
+                // Closed politely when it can be; it was only a probe.
+                let _ = conn.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(StoreError::from(e)),
+            Err(_) => Err(StoreError::Slow(limit)),
+        }
+    }
+
     pub async fn head(&self) -> Result<i64, StoreError> {
         head(&mut *self.pool.acquire().await?).await
     }
