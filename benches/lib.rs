@@ -1,1 +1,3 @@
-//! Siphon benchmarks live in `benches/`; this crate has no library code.
+//! Siphon benchmarks live in `benches/`; this crate holds what they share.
+
+pub mod control_fixture;

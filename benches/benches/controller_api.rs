@@ -9,69 +9,32 @@
 //! - `list_100`: `GET /v2/lbaas/loadbalancers?limit=100&marker=...` (a page
 //!   somewhere in the store each time);
 //! - throughput: `CLIENTS` (8) keep-alive clients on their own threads for
-//!   `SECONDS` (5) each, on `get_one` and on `list_100`.
+//!   `SECONDS` (5) each, on `get_one` and on `list_100`;
+//! - `create`: `POST /v2/lbaas/loadbalancers`, `CREATES` (1,000) of them
+//!   over `CLIENTS` clients, each taking one of as many spare amphorae
+//!   (in the fixture; no agents run, so they stay `PENDING_CREATE`).
+//!
+//! `STORE=postgres` runs the same on a throwaway PostgreSQL server
+//! (`siphon_testkit::postgres`: Debian's `postgresql`, as root) instead
+//! of an SQLite file.
 //!
 //! Criterion times each request; the p50/p99 printed in the summary are
 //! over every request criterion made. Run with
 //! `cargo bench -p siphon-benches --bench controller_api`; environment:
 //! `LBS`, `CLIENTS`, `SECONDS`, `MEASURE_S` (criterion's measurement time,
-//! 5).
+//! 5), `CREATES`, `STORE` (`sqlite` or `postgres`).
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a bench stops on a broken fixture
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use serde_json::{json, Value};
+use serde_json::json;
+use siphon_benches::control_fixture::*;
 use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
 use siphon_control::store::{Database, Object, Op, Store};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A deterministic UUID-shaped id (ids sort like random UUIDs would:
-/// not in creation order).
-fn id(kind: u32, i: usize) -> String {
-    let h = (i as u64)
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .rotate_left(17)
-        ^ u64::from(kind);
-    format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (h >> 32) as u32,
-        (h >> 16) as u16,
-        h as u16 & 0xfff,
-        kind,
-        i
-    )
-}
-
-fn common(id: &str, name: String, created: &str) -> Value {
-    json!({
-        "id": id, "name": name, "description": "", "project_id": "bench",
-        "admin_state_up": true, "provisioning_status": "ACTIVE",
-        "operating_status": "ONLINE", "tags": [], "created_at": created,
-        "updated_at": null, "deployed": true,
-    })
-}
-
-fn with(mut base: Value, extra: Value) -> Value {
-    if let (Value::Object(b), Value::Object(e)) = (&mut base, extra) {
-        b.extend(e);
-    }
-    base
-}
-
-fn object<T: serde::de::DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("fixture matches the model")
-}
 
 /// Every object of `n` load balancers, in parent-first order.
 fn fixture(n: usize) -> Vec<Op> {
@@ -127,81 +90,18 @@ fn fixture(n: usize) -> Vec<Op> {
     ops
 }
 
-/// Octavia's timestamp format for a Unix time.
-fn time_of(t: i64) -> String {
-    let days = t.div_euclid(86_400);
-    let secs = t.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-/// One keep-alive HTTP/1.1 connection.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Conn {
-    fn open(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_nodelay(true).expect("nodelay");
-        Conn {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-        }
-    }
-
-    /// GETs `path`; the status and the body's length.
-    fn get(&mut self, path: &str) -> (u16, usize) {
-        write!(self.writer, "GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").expect("send");
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("status line");
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status");
-        let mut length = 0;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).expect("header");
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().expect("content-length");
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body).expect("body");
-        (status, length)
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+/// `n` spare amphorae (`READY`, carrying nothing) for the creates.
+fn spares(n: usize) -> Vec<Op> {
+    (0..n)
+        .map(|i| {
+            Op::Put(Box::new(Object::Amphora(object(amphora(
+                &id(6, i),
+                None,
+                0,
+                &[],
+            )))))
+        })
+        .collect()
 }
 
 /// The path of the `i`-th request of a kind.
@@ -282,6 +182,37 @@ fn throughput(
     (n as f64 / wall, cpu / n.max(1) as u32)
 }
 
+/// `n` load balancer creates over `clients` keep-alive clients: every
+/// request's latency (sorted), and creates/s.
+fn creates(addr: SocketAddr, n: usize, clients: usize) -> (Vec<Duration>, f64) {
+    let t = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(addr);
+                let mut mine = Vec::new();
+                for i in (c..n).step_by(clients) {
+                    let body = format!(
+                        r#"{{"loadbalancer": {{"name": "new-{i}", "vip_subnet_id": "bench-subnet"}}}}"#
+                    );
+                    let t = Instant::now();
+                    let (status, _) = conn.post("/v2/lbaas/loadbalancers", &body);
+                    mine.push(t.elapsed());
+                    assert_eq!(status, 201, "create {i}");
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("client thread"))
+        .collect();
+    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    all.sort();
+    (all, rate)
+}
+
 fn main() {
     let n = env("LBS", 10_000);
     let clients = env("CLIENTS", 8);
@@ -290,16 +221,35 @@ fn main() {
 
     let dir = std::env::temp_dir().join(format!("siphon-api-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let db = dir.join("control.db");
+    let n_creates = env("CREATES", 1_000);
+    let postgres = std::env::var("STORE").is_ok_and(|s| s == "postgres");
+    // The server lives until the end of the run (stopped and removed on
+    // drop).
+    let mut server = None;
+    let db = if postgres {
+        let Some(pg) = siphon_testkit::postgres::Postgres::start_or_skip("controller_api") else {
+            return;
+        };
+        pg.create_database("siphon");
+        let db = Database::Postgres {
+            url: pg.url("siphon"),
+            password_file: Some(pg.password_file.clone()),
+            max_connections: 8,
+        };
+        server = Some(pg);
+        db
+    } else {
+        Database::Sqlite(dir.join("control.db"))
+    };
     let t = Instant::now();
-    let ops = fixture(n);
+    let mut ops = fixture(n);
+    ops.extend(spares(n_creates));
     let objects = ops.len();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let db = Database::Sqlite(db);
     rt.block_on(async {
         Store::open(&db)
             .await
@@ -385,8 +335,10 @@ fn main() {
         .map(|kind| (kind, throughput(addr, kind, &ids, clients, seconds)))
         .collect();
     c.final_summary();
+    let (created, create_rate) = creates(addr, n_creates, clients);
 
-    println!("\n## siphon-control API, {n} load balancers ({objects} objects)\n");
+    let backend = if postgres { "PostgreSQL" } else { "SQLite" };
+    println!("\n## siphon-control API on {backend}, {n} load balancers ({objects} objects)\n");
     println!(
         "stored in {:.1} s, loaded by the controller in {:.1} s; a page of 100: {len} bytes\n",
         stored.as_secs_f64(),
@@ -405,6 +357,13 @@ fn main() {
             2.0 / cpu.as_secs_f64().max(1e-9)
         );
     }
+    println!(
+        "| create | {:.2} ms | {:.2} ms | {} | {create_rate:.0} | | |",
+        ms(percentile(&created, 0.5)),
+        ms(percentile(&created, 0.99)),
+        created.len()
+    );
     rt.block_on(handle.stop());
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,7 +12,8 @@
 //!   circuit breaker, `failover_threshold`); the decision is
 //!   [`crate::decide::failover`]'s.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use siphon_proto::heartbeat::Heartbeat;
@@ -22,8 +23,8 @@ use crate::config::Health;
 use crate::decide::failover::Failover;
 use crate::decide::heartbeat::{fold, report, Batch, RESTAMP_EVERY};
 use crate::heartbeat_keys::{Gate, Refusal};
-use crate::model::{AmphoraStatus, State};
-use crate::store::Tx;
+use crate::model::{AmphoraStatus, Counters, State};
+use crate::store::{Heard, Tx};
 use crate::{Controller, StartError};
 
 /// Longest time heartbeat-driven changes wait before they are stored.
@@ -76,7 +77,8 @@ pub async fn receive(
     // One flush at a time, off this loop: receiving never waits on the
     // database.
     let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
-    let mut pending: Vec<(Heartbeat, u32)> = Vec::new();
+    let mut pending: Vec<(Heartbeat, u32, Instant)> = Vec::new();
+    let stored: Stored = Arc::default();
     let mut flush_at: Option<tokio::time::Instant> = None;
     let mut rejected: u64 = 0;
     loop {
@@ -94,9 +96,10 @@ pub async fn receive(
                     Ok((beat, key_id)) => {
                         // `Gate` took it only from a registered amphora: a
                         // stranger's beats never get here.
-                        ctl.liveness.heard(&beat.amphora_id, Instant::now(), report(&beat));
+                        let now = Instant::now();
+                        ctl.liveness.heard(&beat.amphora_id, now, report(&beat));
                         ctl.metrics.add(&ctl.metrics.heartbeats_accepted, 1);
-                        pending.push((beat, key_id));
+                        pending.push((beat, key_id, now));
                         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH);
                     }
                     Err(e) => {
@@ -113,7 +116,7 @@ pub async fn receive(
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && flushing.is_none() => {
                 flush_at = None;
                 let beats = std::mem::take(&mut pending);
-                flushing = Some(tokio::spawn(flush(ctl.clone(), beats)));
+                flushing = Some(tokio::spawn(flush(ctl.clone(), beats, stored.clone())));
             }
             r = async {
                 match flushing.as_mut() {
@@ -131,43 +134,102 @@ pub async fn receive(
     }
 }
 
-/// Stores what a batch of verified beats changed: documents, and (for
-/// every controller to see) when this one heard each amphora and the
-/// counters as reported.
-async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32)>) {
+/// Counters as this controller last stored them, per (listener,
+/// amphora): a beat whose counters did not move stores none.
+type Stored = Arc<Mutex<HashMap<(String, String), Counters>>>;
+
+/// Stores what a batch of verified beats changed: when this controller
+/// heard each amphora (for every controller to see), and, only when there
+/// is any, what changed in documents and counters.
+///
+/// The `heard` rows are this controller's own and go in a statement of
+/// their own; the writers' turn (shared by every controller) is taken
+/// only for documents and for counters that moved, so a fleet that
+/// merely keeps beating costs the other controllers' decisions no wait.
+async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32, Instant)>, stored: Stored) {
     let stamp = crate::now();
     let restamp_before = crate::stamp(SystemTime::now() - RESTAMP_EVERY);
+    let fold_all = |s: &State, tx: &mut Tx| {
+        // Inside a read or write: everything stored before is in the
+        // view too (see `Controller::view`).
+        let view = ctl.view();
+        let mut batch = Batch::default();
+        for (beat, key_id, _) in &beats {
+            fold(
+                &view,
+                &ctl.policy,
+                s,
+                tx,
+                beat,
+                *key_id,
+                &mut batch,
+                &stamp,
+                &restamp_before,
+            );
+        }
+        batch
+    };
+    let moved = |batch: Batch| -> Vec<((String, String), (u64, Counters))> {
+        let stored = stored.lock().unwrap_or_else(|e| e.into_inner());
+        batch
+            .counters
+            .into_iter()
+            .filter(|(k, (_, raw))| stored.get(k) != Some(raw))
+            .collect()
+    };
+    let (heard, to_write) = ctl.db.read(|s| {
+        let mut scratch = Tx::default();
+        let mut batch = fold_all(s, &mut scratch);
+        let heard = std::mem::take(&mut batch.heard);
+        (heard, !scratch.is_empty() || !moved(batch).is_empty())
+    });
+
+    // When each was heard, as an age: the database stamps it on its own
+    // clock minus that, so a beat counts from when it came, not from
+    // when its batch was stored (up to FLUSH later, which would stretch
+    // every other controller's silence by as much).
+    let now = Instant::now();
+    let mut came: HashMap<&str, Instant> = HashMap::new();
+    for (beat, _, at) in &beats {
+        let t = came.entry(beat.amphora_id.as_str()).or_insert(*at);
+        *t = (*t).max(*at);
+    }
+    let rows: Vec<Heard> = heard
+        .iter()
+        .map(|(amphora, seq)| Heard {
+            amphora,
+            controller: &ctl.name,
+            seq: *seq,
+            age: came
+                .get(amphora.as_str())
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t)),
+        })
+        .collect();
+    if let Err(e) = ctl.db.store().hear(&rows).await {
+        tracing::error!(error = %e, "heartbeats heard not stored");
+    }
+    if !to_write {
+        return;
+    }
     let r = ctl
         .db
-        .write(|s, tx| -> Result<(), crate::store::StoreError> {
-            // Inside the write: everything stored before is in the view
-            // too (see `Controller::view`).
-            let view = ctl.view();
-            let mut batch = Batch::default();
-            for (beat, key_id) in &beats {
-                fold(
-                    &view,
-                    &ctl.policy,
-                    s,
-                    tx,
-                    beat,
-                    *key_id,
-                    &mut batch,
-                    &stamp,
-                    &restamp_before,
-                );
-            }
-            for (amphora, seq) in &batch.heard {
-                tx.heard(amphora, &ctl.name, *seq);
-            }
-            for ((l, a), (seq, raw)) in &batch.counters {
+        .write(|s, tx| -> Result<_, crate::store::StoreError> {
+            let moved = moved(fold_all(s, tx));
+            for ((l, a), (seq, raw)) in &moved {
                 tx.stats(l, a, *seq, *raw);
             }
-            Ok(())
+            Ok(moved)
         })
         .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "heartbeat results not stored");
+    match r {
+        Ok(moved) => {
+            let mut stored = stored.lock().unwrap_or_else(|e| e.into_inner());
+            stored.extend(moved.into_iter().map(|(k, (_, raw))| (k, raw)));
+            // Forget listeners that are gone.
+            ctl.db
+                .read(|s| stored.retain(|(l, _), _| s.listeners.contains_key(l)));
+        }
+        Err(e) => tracing::error!(error = %e, "heartbeat results not stored"),
     }
 }
 
@@ -202,6 +264,18 @@ pub async fn watch(
                 tracing::warn!(error = %e, "heartbeats of other controllers not read; no failover decided this round");
                 continue;
             }
+        }
+        // Decided on the (caught-up) cache first: the write, which takes
+        // the writers' turn on every controller, only when there is
+        // something to write. It decides again on the state it holds.
+        if ctl.db.refresh().await.is_err() {
+            continue;
+        }
+        let quiet = ctl
+            .db
+            .read(|s| crate::decide::failover::watch(s, &ctl.view(), &ctl.policy).is_empty());
+        if quiet {
+            continue;
         }
         let r = ctl
             .db

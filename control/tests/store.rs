@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use siphon_control::model::{Amphora, Counters, Listener, LoadBalancer, Pool, State};
-use siphon_control::store::{Database, Db, Kind, Store, StoreError};
+use siphon_control::store::{Database, Db, Heard, Kind, Store, StoreError};
 use siphon_control::store::{Fence, FENCE};
 use siphon_testkit::postgres::Postgres;
 use siphon_testkit::TempDir;
@@ -580,29 +580,39 @@ fn claims_expire_fence_and_hand_over_on_sqlite() {
 }
 
 /// Two controllers hear amphorae: each sees when the other last heard
-/// each one, and the newest sequence number taken by either.
+/// each one (when the beat came, not when it was stored), and the newest
+/// sequence number taken by either.
 async fn heard(a: &Db) {
-    a.write(|_, tx| -> Result<(), StoreError> {
-        tx.heard("amp-1", "ctl-a", 41);
-        tx.heard("amp-1", "ctl-b", 42);
-        tx.heard("amp-2", "ctl-b", 7);
-        Ok(())
-    })
-    .await
-    .unwrap();
-    a.write(|_, tx| -> Result<(), StoreError> {
-        tx.heard("amp-1", "ctl-b", 40); // an older beat: the seq stays
-        Ok(())
-    })
-    .await
-    .unwrap();
+    let row = |amphora, controller, seq, age| Heard {
+        amphora,
+        controller,
+        seq,
+        age,
+    };
+    let now = Duration::ZERO;
+    a.store()
+        .hear(&[
+            row("amp-1", "ctl-a", 41, now),
+            row("amp-1", "ctl-b", 42, now),
+            // Heard 20 s before it was stored.
+            row("amp-2", "ctl-b", 7, Duration::from_secs(20)),
+        ])
+        .await
+        .unwrap();
+    // An older beat, stored late: neither its number nor its time goes
+    // back.
+    a.store()
+        .hear(&[row("amp-1", "ctl-b", 40, Duration::from_secs(60))])
+        .await
+        .unwrap();
     let mut seqs = a.store().heard_seqs().await.unwrap();
     seqs.sort();
     assert_eq!(seqs, [("amp-1".into(), 42), ("amp-2".into(), 7)]);
     let mut ages = a.store().heard_elsewhere("ctl-a").await.unwrap();
     ages.sort();
     assert_eq!(ages.len(), 2, "{ages:?}");
-    assert!(ages.iter().all(|(_, ms)| *ms < 5_000), "{ages:?}");
+    assert!(ages[0].1 < 5_000, "{ages:?}");
+    assert!((20_000..25_000).contains(&ages[1].1), "{ages:?}");
     let mine = a.store().heard_elsewhere("ctl-b").await.unwrap();
     assert_eq!(mine.len(), 1, "only ctl-a's rows: {mine:?}");
 }
@@ -651,11 +661,19 @@ fn copy_store_moves_an_sqlite_install_to_postgres() {
             a.load_balancer_id = Some("lb1".into());
             tx.put(a);
             tx.put(amphora("spare"));
-            tx.heard("a1", "old-controller", 9);
             Ok(())
         })
         .await
         .unwrap();
+        db.store()
+            .hear(&[Heard {
+                amphora: "a1",
+                controller: "old-controller",
+                seq: 9,
+                age: Duration::ZERO,
+            }])
+            .await
+            .unwrap();
         report(&db, 9, counters(500, 5, 1)).await;
         db.read(|s| s.clone())
     });

@@ -52,7 +52,7 @@ pub async fn copy(from: &Database, to: &Database) -> Result<Copied, StoreError> 
     ops.extend(state.health_monitors.values().cloned().map(Op::put));
     ops.extend(state.amphorae.values().cloned().map(Op::put));
     let objects = ops.len();
-    sql::write_ops(&dst, &mut tx, &ops).await?;
+    sql::write_ops(&mut tx, &ops).await?;
     let stats = sqlx::query(&format!("SELECT {STATS_COLUMNS} FROM listener_stats"))
         .fetch_all(&mut *read)
         .await?;

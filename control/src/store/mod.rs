@@ -27,7 +27,7 @@ use crate::model::{Amphora, Counters, HealthMonitor, Listener, LoadBalancer, Mem
 
 pub use copy::{copy, Copied};
 pub use location::Database;
-pub use sql::Store;
+pub use sql::{Heard, Store};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -171,12 +171,6 @@ pub enum Op {
         seq: u64,
         raw: Counters,
     },
-    /// `controller` took `amphora`'s heartbeat `seq` just now.
-    Heard {
-        amphora: String,
-        controller: String,
-        seq: u64,
-    },
 }
 
 impl Object {
@@ -259,7 +253,7 @@ pub fn apply(state: &mut State, ops: Vec<Op>) {
                 }
             },
             // Totals are the database's sum: read back after the write.
-            Op::Stats { .. } | Op::Heard { .. } => {}
+            Op::Stats { .. } => {}
         }
     }
 }
@@ -285,14 +279,6 @@ impl Tx {
             amphora: amphora.to_owned(),
             seq,
             raw,
-        });
-    }
-
-    pub fn heard(&mut self, amphora: &str, controller: &str, seq: u64) {
-        self.ops.push(Op::Heard {
-            amphora: amphora.to_owned(),
-            controller: controller.to_owned(),
-            seq,
         });
     }
 
@@ -541,7 +527,7 @@ impl Db {
             db.commit().await?;
             return Ok(r);
         }
-        let (seq, stats) = sql::write_ops(&self.store, &mut db, &tx.ops).await?;
+        let (seq, stats) = sql::write_ops(&mut db, &tx.ops).await?;
         db.commit().await?;
         let mut state = unpoisoned(self.state.write());
         apply(&mut state, tx.ops);

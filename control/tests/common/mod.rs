@@ -508,6 +508,7 @@ pub fn controller_toml(c: &ControlConfig) -> String {
         }
         Auth::Noauth => "mode = \"noauth\"".into(),
     };
+    // A path is a top-level key (before any table); PostgreSQL a table.
     let database = match &c.database {
         Database::Sqlite(path) => format!("database = \"{}\"", path.display()),
         Database::Postgres {
@@ -525,9 +526,9 @@ pub fn controller_toml(c: &ControlConfig) -> String {
     };
     format!(
         r#"listen = "{listen}"
+{database}
 [auth]
 {auth}
-{database}
 [cluster]
 {cluster}claim_ttl_ms = {ttl}
 [[vip_subnets]]
