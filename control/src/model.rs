@@ -354,6 +354,10 @@ pub trait Row {
     fn pool(&self) -> Option<&str> {
         None
     }
+    /// The address it holds (a load balancer: its VIP).
+    fn address(&self) -> Option<std::net::IpAddr> {
+        None
+    }
 }
 
 /// The secondary indexes of a [`Table`].
@@ -381,6 +385,9 @@ pub struct Table<T> {
     by_name: Postings,
     by_lb: Postings,
     by_pool: Postings,
+    /// Address → ids of the objects holding it (a VIP is taken or not
+    /// without a scan of every load balancer).
+    by_address: HashMap<std::net::IpAddr, BTreeSet<String>>,
 }
 
 impl<T> Default for Table<T> {
@@ -391,6 +398,7 @@ impl<T> Default for Table<T> {
             by_name: HashMap::new(),
             by_lb: HashMap::new(),
             by_pool: HashMap::new(),
+            by_address: HashMap::new(),
         }
     }
 }
@@ -440,6 +448,9 @@ impl<T: Row> Table<T> {
         }
         link(&mut self.by_lb, v.load_balancer(), &id);
         link(&mut self.by_pool, v.pool(), &id);
+        if let Some(a) = v.address() {
+            self.by_address.entry(a).or_default().insert(id.clone());
+        }
         self.rows.insert(id, v);
         old
     }
@@ -453,6 +464,14 @@ impl<T: Row> Table<T> {
         }
         unlink(&mut self.by_lb, old.load_balancer(), id);
         unlink(&mut self.by_pool, old.pool(), id);
+        if let Some(a) = old.address() {
+            if let Some(ids) = self.by_address.get_mut(&a) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_address.remove(&a);
+                }
+            }
+        }
         Some(old)
     }
 
@@ -471,6 +490,11 @@ impl<T: Row> Table<T> {
         .get(key)
     }
 
+    /// Whether an object holds address `a`.
+    pub fn holds_address(&self, a: &std::net::IpAddr) -> bool {
+        self.by_address.contains_key(a)
+    }
+
     /// The objects an index holds under `key`, by id.
     pub fn with<'a>(&'a self, by: By, key: &str) -> impl Iterator<Item = &'a T> + 'a {
         self.ids(by, key)
@@ -482,6 +506,9 @@ impl<T: Row> Table<T> {
 
 macro_rules! row {
     ($t:ty, |$s:ident| lb: $lb:expr, pool: $pool:expr) => {
+        row!($t, |$s| lb: $lb, pool: $pool, address: None);
+    };
+    ($t:ty, |$s:ident| lb: $lb:expr, pool: $pool:expr, address: $address:expr) => {
         impl Row for $t {
             fn id(&self) -> &str {
                 &self.common.id
@@ -502,11 +529,16 @@ macro_rules! row {
                 let $s = self;
                 $pool
             }
+            #[allow(unused_variables)]
+            fn address(&self) -> Option<std::net::IpAddr> {
+                let $s = self;
+                $address
+            }
         }
     };
 }
 
-row!(LoadBalancer, |_lb| lb: None, pool: None);
+row!(LoadBalancer, |l| lb: None, pool: None, address: l.vip_address.parse().ok());
 row!(Listener, |l| lb: Some(l.load_balancer_id.as_str()), pool: l.default_pool_id.as_deref());
 row!(Pool, |p| lb: Some(p.load_balancer_id.as_str()), pool: None);
 row!(Member, |m| lb: Some(m.load_balancer_id.as_str()), pool: Some(m.pool_id.as_str()));

@@ -1,7 +1,6 @@
 //! VIP allocation from the subnets the controller is given, and the
 //! Neutron-shaped views of those subnets that the stock CLI looks up.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
@@ -94,11 +93,7 @@ pub fn allocate(
         }
         (None, None) => return Err(VipError::NoneGiven),
     };
-    let used: HashSet<IpAddr> = s
-        .load_balancers
-        .values()
-        .filter_map(|lb| lb.vip_address.parse().ok())
-        .collect();
+    let used = |a: &IpAddr| s.load_balancers.holds_address(a);
     let address = match wanted {
         Some(a) => {
             let (subnet, cidr) = (subnet.id.clone(), subnet.cidr);
@@ -116,7 +111,7 @@ pub fn allocate(
                     cidr,
                 });
             }
-            if used.contains(&a) {
+            if used(&a) {
                 return Err(VipError::Taken { address: a, subnet });
             }
             a
@@ -124,7 +119,7 @@ pub fn allocate(
         None => subnet
             .cidr
             .hosts()
-            .find(|a| Some(*a) != subnet.gateway_ip && !used.contains(a))
+            .find(|a| Some(*a) != subnet.gateway_ip && !used(a))
             .ok_or_else(|| VipError::Exhausted(subnet.id.clone()))?,
     };
     Ok(Vip {
@@ -276,5 +271,8 @@ mod tests {
             Err(VipError::Exhausted(_))
         ));
         assert!(allocate(&tiny, &State::default(), Some("s"), None, None).is_ok());
+        // Given back with its load balancer (the address index follows).
+        taken.load_balancers.remove("lb");
+        assert!(allocate(&tiny, &taken, Some("s"), None, None).is_ok());
     }
 }
