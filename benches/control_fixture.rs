@@ -8,6 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use siphon_control::config::{Auth, ControlConfig, VipSubnet};
+use siphon_control::store::{Database, Op, Store};
+use siphon_testkit::postgres::Postgres;
 
 pub fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -163,4 +166,72 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A throwaway PostgreSQL server with an empty database `siphon`, and how
+/// a controller names it; `None` (with the reason printed) without root
+/// or Debian's `postgresql`.
+pub fn postgres(bench: &str) -> Option<(Postgres, Database)> {
+    let pg = Postgres::start_or_skip(bench)?;
+    pg.create_database("siphon");
+    let db = Database::Postgres {
+        url: pg.url("siphon"),
+        password_file: Some(pg.password_file.clone()),
+        max_connections: 8,
+    };
+    Some((pg, db))
+}
+
+/// A controller on `database` for the benches: any free port, no auth,
+/// VIPs from 198.18.0.0/15 (`bench-subnet`), no agents, no health manager.
+pub fn control_config(database: Database) -> ControlConfig {
+    let subnet = VipSubnet {
+        id: "bench-subnet".into(),
+        name: "bench".into(),
+        network_id: "bench-net".into(),
+        network_name: String::new(),
+        cidr: "198.18.0.0/15".parse().expect("cidr"),
+        gateway_ip: None,
+    };
+    ControlConfig::local(database, Auth::Noauth, vec![subnet])
+}
+
+/// CPU time this process's threads named `name` have used (utime +
+/// stime from `/proc/self/task/*/stat`, in clock ticks of 10 ms).
+pub fn threads_cpu(name: &str) -> Duration {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the `(comm)`: state is the 3rd field, utime the
+        // 14th, stime the 15th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        ticks += rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// Writes `ops` into the store `db` names (migrating it first), in one
+/// transaction.
+pub fn store(rt: &tokio::runtime::Runtime, db: &Database, ops: &[Op]) {
+    rt.block_on(async {
+        Store::open(db)
+            .await
+            .expect("store")
+            .commit(ops)
+            .await
+            .expect("fixture stored");
+    });
 }

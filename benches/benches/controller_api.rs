@@ -33,8 +33,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode};
 use serde_json::json;
 use siphon_benches::control_fixture::*;
-use siphon_control::config::{Auth, ControlConfig, Push, VipSubnet};
-use siphon_control::store::{Database, Object, Op, Store};
+use siphon_control::store::{Database, Object, Op};
 
 /// Every object of `n` load balancers, in parent-first order.
 fn fixture(n: usize) -> Vec<Op> {
@@ -119,28 +118,7 @@ fn path(kind: &str, ids: &[String], i: usize) -> String {
 /// 10 ms): the clients share the machine, so this says what the
 /// controller itself costs per request.
 fn server_cpu() -> Duration {
-    let mut ticks = 0u64;
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "tokio-rt-worker" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        // Fields after the `(comm)`: state is the 3rd field, utime the 14th.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        ticks += f.iter().sum::<u64>();
-    }
-    Duration::from_millis(ticks * 10)
+    threads_cpu("tokio-rt-worker")
 }
 
 /// `clients` keep-alive clients for `seconds`: requests/s, and the
@@ -222,19 +200,13 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("siphon-api-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let n_creates = env("CREATES", 1_000);
-    let postgres = std::env::var("STORE").is_ok_and(|s| s == "postgres");
+    let on_postgres = std::env::var("STORE").is_ok_and(|s| s == "postgres");
     // The server lives until the end of the run (stopped and removed on
     // drop).
     let mut server = None;
-    let db = if postgres {
-        let Some(pg) = siphon_testkit::postgres::Postgres::start_or_skip("controller_api") else {
+    let db = if on_postgres {
+        let Some((pg, db)) = postgres("controller_api") else {
             return;
-        };
-        pg.create_database("siphon");
-        let db = Database::Postgres {
-            url: pg.url("siphon"),
-            password_file: Some(pg.password_file.clone()),
-            max_connections: 8,
         };
         server = Some(pg);
         db
@@ -250,36 +222,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
-        Store::open(&db)
-            .await
-            .expect("store")
-            .commit(&ops)
-            .await
-            .expect("fixture stored");
-    });
+    store(&rt, &db, &ops);
     drop(ops);
     let stored = t.elapsed();
-    let config = ControlConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        database: db.clone(),
-        auth: Auth::Noauth,
-        vip_subnets: vec![VipSubnet {
-            id: "bench-subnet".into(),
-            name: "bench".into(),
-            network_id: "bench-net".into(),
-            network_name: String::new(),
-            cidr: "198.18.0.0/15".parse().expect("cidr"),
-            gateway_ip: None,
-        }],
-        amphorae: vec![],
-        agent_tls: None,
-        push: Push::default(),
-        health: None,
-        distributor: Default::default(),
-        cluster: Default::default(),
-        limits: Default::default(),
-    };
+    let config = control_config(db.clone());
     let t = Instant::now();
     let handle = rt
         .block_on(siphon_control::start(config))
@@ -337,7 +283,7 @@ fn main() {
     c.final_summary();
     let (created, create_rate) = creates(addr, n_creates, clients);
 
-    let backend = if postgres { "PostgreSQL" } else { "SQLite" };
+    let backend = if on_postgres { "PostgreSQL" } else { "SQLite" };
     println!("\n## siphon-control API on {backend}, {n} load balancers ({objects} objects)\n");
     println!(
         "stored in {:.1} s, loaded by the controller in {:.1} s; a page of 100: {len} bytes\n",

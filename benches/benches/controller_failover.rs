@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use siphon_benches::control_fixture::*;
-use siphon_control::config::{AgentTls, Auth, Cluster, ControlConfig, Health, Push, VipSubnet};
-use siphon_control::store::{Database, Object, Op, Store};
+use siphon_control::config::{AgentTls, Cluster, ControlConfig, Health, Push};
+use siphon_control::store::{Database, Object, Op};
 use siphon_proto::heartbeat::{self, Heartbeat, ListenerBeat};
 use siphon_proto::keys::PushedKey;
 use siphon_proto::status::OperatingStatus;
@@ -136,50 +136,15 @@ fn beat(a: &Amp, seq: u64) -> Vec<u8> {
     heartbeat::seal(&heartbeat::key(a.key.secret()), a.key.key_id, &b)
 }
 
-/// CPU time of this process's threads named `name` (utime + stime, in
-/// ticks of 10 ms).
-fn cpu_of(name: &str) -> Duration {
-    let mut ticks = 0u64;
-    for task in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        ticks += rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    Duration::from_millis(ticks * 10)
-}
-
 /// `[health]` as an empty table in the config gives it: every default.
 fn default_health() -> Health {
     serde_json::from_value(json!({})).expect("health defaults")
 }
 
+/// A controller of the three: agents (whose port refuses) over mutual
+/// TLS, the health manager with its defaults, one push attempt.
 fn config(name: &str, db: &Database, dir: &std::path::Path) -> ControlConfig {
     ControlConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        database: db.clone(),
-        auth: Auth::Noauth,
-        vip_subnets: vec![VipSubnet {
-            id: "bench-subnet".into(),
-            name: "bench".into(),
-            network_id: "bench-net".into(),
-            network_name: String::new(),
-            cidr: "198.18.0.0/15".parse().expect("cidr"),
-            gateway_ip: None,
-        }],
-        amphorae: vec![],
         agent_tls: Some(AgentTls {
             cert: dir.join("client.crt"),
             key: dir.join("client.key"),
@@ -194,12 +159,11 @@ fn config(name: &str, db: &Database, dir: &std::path::Path) -> ControlConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..default_health()
         }),
-        distributor: Default::default(),
         cluster: Cluster {
             name: Some(name.into()),
             ..Cluster::default()
         },
-        limits: Default::default(),
+        ..control_config(db.clone())
     }
 }
 
@@ -208,14 +172,8 @@ fn main() {
     let victims = env("VICTIMS", 5);
     let warmup = Duration::from_secs(env("WARMUP_S", 10) as u64);
     let steady = Duration::from_secs(env("STEADY_S", 20) as u64);
-    let Some(pg) = siphon_testkit::postgres::Postgres::start_or_skip("controller_failover") else {
+    let Some((pg, db)) = postgres("controller_failover") else {
         return;
-    };
-    pg.create_database("siphon");
-    let db = Database::Postgres {
-        url: pg.url("siphon"),
-        password_file: Some(pg.password_file.clone()),
-        max_connections: 8,
     };
     let dir = siphon_testkit::TempDir::new("failover-bench");
     let ca = Ca::new("amphora CA");
@@ -228,14 +186,7 @@ fn main() {
 
     let (ops, amps) = fleet(n, victims + 5);
     let setup = tokio::runtime::Runtime::new().expect("runtime");
-    setup.block_on(async {
-        Store::open(&db)
-            .await
-            .expect("store")
-            .commit(&ops)
-            .await
-            .expect("fixture stored");
-    });
+    store(&setup, &db, &ops);
 
     // Each controller on a runtime of its own, whose threads carry its
     // name: their CPU is told apart.
@@ -301,14 +252,14 @@ fn main() {
     };
 
     std::thread::sleep(warmup);
-    let cpu0: Vec<Duration> = NAMES.iter().map(|n| cpu_of(n)).collect();
+    let cpu0: Vec<Duration> = NAMES.iter().map(|n| threads_cpu(n)).collect();
     let t0 = Instant::now();
     std::thread::sleep(steady);
     let wall = t0.elapsed();
     let cpu: Vec<f64> = NAMES
         .iter()
         .zip(&cpu0)
-        .map(|(n, c)| (cpu_of(n) - *c).as_secs_f64() / wall.as_secs_f64() * 100.0)
+        .map(|(n, c)| (threads_cpu(n) - *c).as_secs_f64() / wall.as_secs_f64() * 100.0)
         .collect();
     let mut conn = Conn::open(api);
     let (status, _) = conn.get("/v2/octavia/amphorae?limit=1");

@@ -49,6 +49,32 @@ pub struct ControlConfig {
     pub cluster: Cluster,
 }
 
+impl ControlConfig {
+    /// What a config file with only `database`, `auth` and `vip_subnets`
+    /// gives (no agents, so nothing is pushed; no health manager), on
+    /// `127.0.0.1` at a port the system picks: for tests and benches,
+    /// which set what else they need.
+    pub fn local(
+        database: crate::store::Database,
+        auth: Auth,
+        vip_subnets: Vec<VipSubnet>,
+    ) -> ControlConfig {
+        ControlConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database,
+            auth,
+            vip_subnets,
+            amphorae: vec![],
+            agent_tls: None,
+            push: Push::default(),
+            health: None,
+            distributor: Distributor::default(),
+            limits: Limits::default(),
+            cluster: Cluster::default(),
+        }
+    }
+}
+
 /// How this controller works beside others on one store.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

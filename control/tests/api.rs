@@ -7,7 +7,7 @@
 use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
-use siphon_control::config::{Auth, ControlConfig, Limits, Push, VipSubnet};
+use siphon_control::config::{Auth, ControlConfig, Limits, VipSubnet};
 use siphon_testkit::free_port;
 use siphon_testkit::TempDir;
 
@@ -28,28 +28,22 @@ impl Api {
     fn start_with(tag: &str, limits: Limits) -> Api {
         let rt = siphon_testkit::runtime();
         let dir = TempDir::new(tag);
+        let subnet = VipSubnet {
+            id: "vips".into(),
+            name: "vips".into(),
+            network_id: "net".into(),
+            network_name: String::new(),
+            cidr: "198.18.7.0/24".parse().unwrap(),
+            gateway_ip: None,
+        };
+        let auth = Auth::Token {
+            token: Some(TOKEN.into()),
+            token_file: None,
+        };
         let config = ControlConfig {
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            database: dir.path("control.db").into(),
-            auth: Auth::Token {
-                token: Some(TOKEN.into()),
-                token_file: None,
-            },
-            vip_subnets: vec![VipSubnet {
-                id: "vips".into(),
-                name: "vips".into(),
-                network_id: "net".into(),
-                network_name: String::new(),
-                cidr: "198.18.7.0/24".parse().unwrap(),
-                gateway_ip: None,
-            }],
-            amphorae: vec![],
-            agent_tls: None,
-            push: Push::default(),
-            health: None,
-            distributor: Default::default(),
-            cluster: Default::default(),
             limits,
+            ..ControlConfig::local(dir.path("control.db").into(), auth, vec![subnet])
         };
         let handle = rt.block_on(siphon_control::start(config)).unwrap();
         let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();

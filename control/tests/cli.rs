@@ -30,28 +30,21 @@ fn siphon(endpoint: &str, token: &str, args: &[&str]) -> (bool, Value, String) {
 fn the_cli_registers_creates_lists_and_reports_refusals() {
     let rt = siphon_testkit::runtime();
     let dir = TempDir::new("cli");
+    let subnet = VipSubnet {
+        id: "vips".into(),
+        name: "vips".into(),
+        network_id: "net".into(),
+        network_name: String::new(),
+        cidr: "198.18.5.0/24".parse().unwrap(),
+        gateway_ip: Some("198.18.5.1".parse().unwrap()),
+    };
+    let auth = Auth::Token {
+        token: Some("cli-admin-token-0123".into()),
+        token_file: None,
+    };
     let config = ControlConfig {
         listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-        database: dir.path("control.db").into(),
-        auth: Auth::Token {
-            token: Some("cli-admin-token-0123".into()),
-            token_file: None,
-        },
-        vip_subnets: vec![VipSubnet {
-            id: "vips".into(),
-            name: "vips".into(),
-            network_id: "net".into(),
-            network_name: String::new(),
-            cidr: "198.18.5.0/24".parse().unwrap(),
-            gateway_ip: Some("198.18.5.1".parse().unwrap()),
-        }],
-        amphorae: vec![],
-        agent_tls: None,
-        push: Push::default(),
-        health: None,
-        distributor: Default::default(),
-        cluster: Default::default(),
-        limits: Default::default(),
+        ..ControlConfig::local(dir.path("control.db").into(), auth, vec![subnet])
     };
     let handle = rt.block_on(siphon_control::start(config)).unwrap();
     let ep = format!("http://{}", handle.addr);

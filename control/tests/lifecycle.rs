@@ -554,14 +554,7 @@ fn the_stock_openstack_cli_and_sdk_drive_it_unchanged() {
     let shown = os(&["loadbalancer", "show", "cli-lb", "-f", "json"]);
     assert_eq!(shown["id"], lb["id"]);
     let listed = os(&["loadbalancer", "list", "-f", "json"]);
-    assert!(
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["name"] == "cli-lb"),
-        "{listed}"
-    );
+    assert!(lists(&listed, "name", "cli-lb"), "{listed}");
     let p = port.to_string();
     os(&[
         "loadbalancer",

@@ -376,15 +376,7 @@ fn an_object_made_through_one_controller_is_seen_and_edited_through_the_others_a
         let text = format!("set through {} by the CLI", n.name);
         os(&["loadbalancer", "set", "--description", &text, &lb, "--wait"]);
         let listed = os(&["loadbalancer", "list", "-f", "json"]);
-        assert!(
-            listed
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|l| l["id"] == lb.as_str()),
-            "through {}: {listed}",
-            n.name
-        );
+        assert!(lists(&listed, "id", &lb), "through {}: {listed}", n.name);
         let other = &c.nodes[(i + 1) % 3];
         let endpoint = format!("http://{}/v2.0", other.config.listen);
         let shown = openstack(

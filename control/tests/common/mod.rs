@@ -482,6 +482,14 @@ impl Drop for Rig {
     }
 }
 
+/// Whether a listing (a JSON array, as the stock CLI prints one) has an
+/// entry whose `field` is `want`.
+pub fn lists(listing: &Value, field: &str, want: &str) -> bool {
+    listing
+        .as_array()
+        .is_some_and(|l| l.iter().any(|x| x[field] == want))
+}
+
 /// Which backends answer `n` connections to `addr`.
 pub fn greetings(addr: SocketAddr, n: usize) -> Vec<String> {
     (0..n)
