@@ -205,7 +205,7 @@ async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32, Instant)>, stor
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t)),
         })
         .collect();
-    if let Err(e) = ctl.db.store().hear(&rows).await {
+    if let Err(e) = ctl.db.hear(&rows).await {
         tracing::error!(error = %e, "heartbeats heard not stored");
     }
     if !to_write {
@@ -214,15 +214,20 @@ async fn flush(ctl: Arc<Controller>, beats: Vec<(Heartbeat, u32, Instant)>, stor
     let r = ctl
         .db
         .write(|s, tx| -> Result<_, crate::store::StoreError> {
-            let moved = moved(fold_all(s, tx));
+            let mut batch = fold_all(s, tx);
+            let back = std::mem::take(&mut batch.back);
+            let moved = moved(batch);
             for ((l, a), (seq, raw)) in &moved {
                 tx.stats(l, a, *seq, *raw);
             }
-            Ok(moved)
+            Ok((moved, back))
         })
         .await;
     match r {
-        Ok(moved) => {
+        Ok((moved, back)) => {
+            for (amphora, status) in back {
+                tracing::info!(%amphora, ?status, "amphora heard");
+            }
             let mut stored = stored.lock().unwrap_or_else(|e| e.into_inner());
             stored.extend(moved.into_iter().map(|(k, (_, raw))| (k, raw)));
             // Forget listeners that are gone.

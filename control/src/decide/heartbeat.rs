@@ -19,6 +19,9 @@ use crate::store::Tx;
 pub struct Batch {
     pub heard: HashMap<String, u64>,
     pub counters: HashMap<(String, String), (u64, Counters)>,
+    /// Amphorae back in service, and their new status (logged once
+    /// stored).
+    pub back: Vec<(String, AmphoraStatus)>,
 }
 
 /// How often an amphora's document is rewritten only to say when it was
@@ -83,7 +86,7 @@ pub fn fold(
     if let Some(status) = next {
         heard.status = status;
         heard.updated_at = Some(stamp.to_owned());
-        tracing::info!(amphora = %a.id, status = ?status, "amphora heard");
+        batch.back.push((a.id.clone(), status));
     }
     let restamp = a
         .last_heartbeat

@@ -377,13 +377,23 @@ impl Db {
     /// Catches the cache up with every committed change (one query when
     /// there is none).
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        self.guarded(self.try_refresh()).await
+    }
+
+    /// Runs `op` on the database: refused at once (with the cause) while
+    /// the database is known lost, a pool timeout explained, and whether
+    /// the database answered remembered for [`Db::stale_for`].
+    async fn guarded<R>(
+        &self,
+        op: impl std::future::Future<Output = Result<R, StoreError>>,
+    ) -> Result<R, StoreError> {
         let r = match self.reachable().await {
-            Ok(()) => self.try_refresh().await,
+            Ok(()) => op.await,
             Err(e) => Err(e),
         };
         let r = match r {
             Err(e) => Err(self.explain(e).await),
-            Ok(()) => Ok(()),
+            ok => ok,
         };
         self.note(r.as_ref().err());
         r
@@ -412,6 +422,12 @@ impl Db {
             }
             e => e,
         }
+    }
+
+    /// Records heartbeats heard ([`Store::hear`]), failing at once while
+    /// the database is known lost, as writes do.
+    pub async fn hear(&self, rows: &[Heard<'_>]) -> Result<(), StoreError> {
+        self.guarded(self.store.hear(rows)).await
     }
 
     /// [`Db::refresh`] for an API read: within [`READ_WAIT`], and while
