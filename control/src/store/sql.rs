@@ -632,26 +632,19 @@ async fn count(
     conn: &mut AnyConnection,
     rows: &[(&str, &str, u64, Counters)],
 ) -> Result<(), StoreError> {
-    let mut values = Vec::new();
-    for i in 0..rows.len() {
-        let p: Vec<String> = (1..=8).map(|k| format!("${}", i * 8 + k)).collect();
-        // Totals start at the first report: everything counted so far.
-        values.push(format!(
-            "({l}, {a}, {bi}, {bo}, {ac}, {tc}, {re}, {bi2}, {bo2}, {tc2}, {re2}, {seq})",
-            l = p[0],
-            a = p[1],
-            bi = p[2],
-            bo = p[3],
-            ac = p[4],
-            tc = p[5],
-            re = p[6],
-            bi2 = p[2],
-            bo2 = p[3],
-            tc2 = p[5],
-            re2 = p[6],
-            seq = p[7],
-        ));
-    }
+    // Per row, 8 parameters: listener, amphora, the five counters as
+    // reported, seq. The four counted ones go in twice: totals start at
+    // the first report (everything counted so far), and as the raw
+    // baseline.
+    let values: Vec<String> = (0..rows.len())
+        .map(|i| {
+            let p: Vec<String> = [1, 2, 3, 4, 5, 6, 7, 3, 4, 6, 7, 8]
+                .iter()
+                .map(|k| format!("${}", i * 8 + k))
+                .collect();
+            format!("({})", p.join(", "))
+        })
+        .collect();
     let mut set: Vec<String> = Vec::new();
     for c in COUNTED {
         set.push(format!(
