@@ -6,6 +6,7 @@
 //! It is never on the forwarding path: if the agent dies, the dataplane
 //! keeps serving the config it has.
 
+pub mod announce;
 pub mod api;
 pub mod config;
 pub mod heartbeat;

@@ -22,9 +22,11 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::LinkAttribute;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::announce::{self, Link};
 use crate::store::{Store, StoreError, VIPS_FILE};
 
 const EEXIST: i32 = 17;
@@ -193,8 +195,12 @@ pub fn check_removals(plan: &Plan, owned: &Owned, present: &[IpNet]) -> Result<(
     Ok(())
 }
 
-/// The index of the interface called `name`; `None` when there is none.
-async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, VipError> {
+/// The index of the interface called `name`, and the link to announce
+/// VIPs on if it has a hardware address; `None` when there is none.
+async fn link_of(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<(u32, Option<Link>)>, VipError> {
     let link = handle
         .link()
         .get()
@@ -203,7 +209,14 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32
         .try_next()
         .await;
     match link {
-        Ok(Some(l)) => Ok(Some(l.header.index)),
+        Ok(Some(l)) => {
+            let index = l.header.index;
+            let announce = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(hw) => Link::ethernet(index, hw),
+                _ => None,
+            });
+            Ok(Some((index, announce)))
+        }
         Ok(None) => Ok(None),
         Err(e) if code(&e) == Some(ENODEV) => Ok(None),
         Err(e) => Err(VipError::Netlink(e.to_string())),
@@ -293,7 +306,7 @@ impl Vips {
         let nl = |e: rtnetlink::Error| VipError::Netlink(e.to_string());
         let mut out = Vec::new();
         for (name, nets) in &self.wanted().0 {
-            let Some(index) = link_index(handle, name).await? else {
+            let Some((index, _)) = link_of(handle, name).await? else {
                 continue;
             };
             let present: Vec<IpNet> = handle
@@ -347,7 +360,7 @@ impl Vips {
             rtnetlink::new_connection().map_err(|e| VipError::Netlink(e.to_string()))?;
         let driver = tokio::spawn(conn);
         let result = async {
-            let index = link_index(&handle, &name)
+            let (index, link) = link_of(&handle, &name)
                 .await?
                 .ok_or_else(|| VipError::NoInterface(name.clone()))?;
             let present: Vec<AddressMessage> = handle
@@ -437,6 +450,13 @@ impl Vips {
             if next != *owned {
                 self.store.write(VIPS_FILE, &next)?;
                 *owned = next;
+            }
+            // Every address asked for is on the link now: the neighbours
+            // learn where (again, if it was here already: harmless, and
+            // it heals a cache that went wrong).
+            if let Some(link) = link {
+                let addrs = plan.add.iter().map(IpNet::addr).collect();
+                announce::spawn(name.clone(), link, addrs);
             }
             Ok(out)
         }

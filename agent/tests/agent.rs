@@ -768,6 +768,119 @@ fn vips_are_plumbed_through_netlink_and_only_the_agents_own_are_removed() {
     drop(agent);
 }
 
+/// The hardware address of `dev`, as `ip` prints it (`-n NS` when in a
+/// namespace).
+fn mac_of(ns: Option<&siphon_testkit::netns::Netns>, dev: &str) -> String {
+    let mut cmd = std::process::Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", &ns.name]);
+    }
+    let out = cmd
+        .args(["-o", "link", "show", "dev", dev])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no hardware address: {text}"))
+        .to_owned()
+}
+
+/// What this namespace's neighbour table says of `addr` on `dev`.
+fn neighbour(dev: &str, addr: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["neigh", "show", addr, "dev", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_vip_added_is_announced_and_the_neighbours_forget_the_node_that_had_it() {
+    let test = "a_vip_added_is_announced_and_the_neighbours_forget_the_node_that_had_it";
+    if !siphon_testkit::root_or_skip(test) {
+        return;
+    }
+    // This namespace is the router; the VIP is on the link's subnet and
+    // was, before, at another node (a made-up hardware address, learned
+    // as a dynamic entry would be).
+    let ns = siphon_testkit::netns::Netns::create("garp").unwrap();
+    let outside = format!("spha{}", std::process::id() % 100_000);
+    ns.veth(&outside, "198.18.8.1/24", "vip0", "198.18.8.2/24", 1500)
+        .unwrap();
+    siphon_testkit::netns::ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:8::1/64",
+        "dev",
+        &outside,
+        "nodad",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:8::2/64",
+        "dev",
+        "vip0",
+        "nodad",
+    ])
+    .unwrap();
+    let old = "02:00:5e:00:00:99";
+    for vip in ["198.18.8.10", "2001:db8:8::10"] {
+        siphon_testkit::netns::ip(&[
+            "neigh",
+            "replace",
+            vip,
+            "lladdr",
+            old,
+            "dev",
+            &outside,
+            "nud",
+            "reachable",
+        ])
+        .unwrap();
+        assert!(neighbour(&outside, vip).contains(old));
+    }
+    let mac = mac_of(Some(&ns), "vip0");
+    let dir = TempDir::new("garp");
+    let pki = Pki::new();
+    let cfg = agent_config(&dir, &pki, &dir.path("dp.sock"));
+    let agent = ns.enter(|| siphon_agent::start(&cfg).unwrap()).unwrap();
+    let body = serde_json::json!({"interface": "vip0", "add": ["198.18.8.10", "2001:db8:8::10"]});
+    let r = local(&agent.local_socket, Method::PUT, "/v1/vips", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Every announcement repeats within two seconds; the first does it.
+    for vip in ["198.18.8.10", "2001:db8:8::10"] {
+        let moved = siphon_testkit::eventually(Duration::from_secs(4), || {
+            neighbour(&outside, vip).contains(&mac)
+        });
+        assert!(
+            moved,
+            "{vip}: still {:?}, want {mac}",
+            neighbour(&outside, vip)
+        );
+    }
+    // And traffic goes there: a listener on each VIP in the namespace
+    // takes a connection from here (the IPv6 one once its duplicate
+    // address detection is over).
+    for vip in ["198.18.8.10:0", "[2001:db8:8::10]:0"] {
+        let mut bound = None;
+        siphon_testkit::eventually(Duration::from_secs(5), || {
+            bound = ns.enter(|| std::net::TcpListener::bind(vip)).unwrap().ok();
+            bound.is_some()
+        });
+        let l = bound.unwrap_or_else(|| panic!("cannot bind {vip}"));
+        let to = l.local_addr().unwrap();
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("{to}: {e}"));
+    }
+    drop(agent);
+}
+
 /// The VIPs listed in the next heartbeat on `manager` that `until`
 /// accepts (checked with `verifier`); panics after 5 s.
 fn vips_reported(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use siphon_proto::http::{self, Reply, Request, Target};
 
 use crate::eventually;
+use crate::netns::Netns;
 use crate::process::{binary, Proc};
 
 #[derive(Debug)]
@@ -21,7 +22,17 @@ impl Dataplane {
     /// Starts it on `socket` (its log beside it) and waits until its API
     /// answers.
     pub fn start(socket: &Path) -> Dataplane {
-        let mut cmd = Command::new(binary("siphon-dataplane"));
+        Dataplane::start_in(None, socket)
+    }
+
+    /// The same, inside `netns` when given (its control socket is a file:
+    /// reachable from anywhere).
+    pub fn start_in(netns: Option<&Netns>, socket: &Path) -> Dataplane {
+        let bin = binary("siphon-dataplane");
+        let mut cmd = match netns {
+            Some(ns) => ns.command(bin),
+            None => Command::new(bin),
+        };
         cmd.args(["run", "--workers", "1", "--socket"])
             .arg(socket)
             .env("RUST_LOG", "info");
@@ -56,12 +67,7 @@ impl Dataplane {
 
     /// The generation it runs.
     pub fn generation(&self) -> u64 {
-        let r = self.get("/v1/generation");
-        let v: serde_json::Value = serde_json::from_str(&r.body)
-            .unwrap_or_else(|e| panic!("/v1/generation {:?}: {e}", r.body));
-        v["generation"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("/v1/generation: {}", r.body))
+        generation_at(&self.socket)
     }
 
     /// Applies a JSON config directly (not through an agent).
@@ -74,4 +80,17 @@ impl Dataplane {
     pub fn log_text(&self) -> String {
         self.proc.log_text()
     }
+}
+
+/// The generation the dataplane on control socket `socket` runs (for a
+/// thread that cannot borrow its [`Dataplane`]).
+pub fn generation_at(socket: &Path) -> u64 {
+    let target = Target::Unix(socket.to_owned());
+    let r = http::send_blocking(&target, Request::get("/v1/generation"))
+        .unwrap_or_else(|e| panic!("GET /v1/generation: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&r.body)
+        .unwrap_or_else(|e| panic!("/v1/generation {:?}: {e}", r.body));
+    v["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("/v1/generation: {}", r.body))
 }

@@ -6,7 +6,6 @@
 pub mod agent;
 pub mod dataplane;
 pub mod dir;
-pub mod firewall;
 pub mod http;
 pub mod netns;
 pub mod pki;

@@ -75,6 +75,54 @@ impl Netns {
         self.ip(&["link", "set", inside, "up"])
     }
 
+    /// A bridge called `name` in this namespace, up: a switch the hosts
+    /// of [`Netns::plug`] share.
+    pub fn bridge(&self, name: &str) -> io::Result<()> {
+        self.ip(&["link", "add", name, "type", "bridge"])?;
+        self.ip(&["link", "set", name, "up"])
+    }
+
+    /// Plugs a host into `bridge` (of this namespace) through a veth
+    /// pair: `port` on the bridge, `host_if` in `host` (another
+    /// namespace; `None`: this process's), up there with `addrs` (CIDRs,
+    /// IPv6 ones without duplicate address detection). `host_if` must be
+    /// unique where it goes; the pair goes when this namespace does.
+    pub fn plug(
+        &self,
+        bridge: &str,
+        port: &str,
+        host: Option<&Netns>,
+        host_if: &str,
+        addrs: &[&str],
+    ) -> io::Result<()> {
+        let pid = std::process::id().to_string();
+        let to = host.map_or(pid.as_str(), |h| h.name.as_str());
+        self.ip(&[
+            "link", "add", port, "type", "veth", "peer", "name", host_if, "netns", to,
+        ])?;
+        self.ip(&["link", "set", port, "master", bridge, "up"])?;
+        let on_host = |args: &[&str]| match host {
+            Some(h) => h.ip(args),
+            None => ip(args),
+        };
+        for a in addrs {
+            if a.contains(':') {
+                on_host(&["addr", "add", a, "dev", host_if, "nodad"])?;
+            } else {
+                on_host(&["addr", "add", a, "dev", host_if])?;
+            }
+        }
+        on_host(&["link", "set", host_if, "up"])
+    }
+
+    /// `program` to be run inside the namespace (`ip netns exec`, which
+    /// execs it: the child's pid is the program's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
     /// Runs `f` on a thread inside the namespace: sockets it opens belong
     /// to the namespace and stay there wherever they are used later.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {

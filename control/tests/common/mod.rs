@@ -15,6 +15,7 @@ use siphon_control::config::{AgentTls, Auth, ControlConfig, Health, Push, VipSub
 use siphon_control::store::Database;
 use siphon_testkit::agent::AgentToml;
 use siphon_testkit::dataplane::Dataplane;
+use siphon_testkit::netns::Netns;
 use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
 use siphon_testkit::TempDir;
@@ -42,6 +43,20 @@ pub struct Amphora {
     pub state_dir: PathBuf,
     pub dataplane_socket: PathBuf,
     pub dir: TempDir,
+    /// Its own host, when it has one (else it shares this one's
+    /// loopback). Dropped after its processes.
+    pub host: Option<Host>,
+}
+
+/// The network namespace an amphora runs in, as a machine of its own.
+pub struct Host {
+    pub ns: Netns,
+    /// Its management address: its agent listens there.
+    pub mgmt: std::net::IpAddr,
+    /// Where its VIPs go.
+    pub vip_interface: String,
+    /// Its interfaces other than `lo` (taken down when it dies).
+    pub links: Vec<String>,
 }
 
 impl Amphora {
@@ -58,9 +73,22 @@ impl Amphora {
         key: &Path,
         limits: &str,
     ) -> Amphora {
+        Amphora::start_on(None, id, pki, heartbeats, key, limits)
+    }
+
+    /// The same on `host` when given: its dataplane and agent run there,
+    /// the agent on the management address.
+    pub fn start_on(
+        host: Option<Host>,
+        id: &str,
+        pki: &Pki,
+        heartbeats: &[SocketAddr],
+        key: &Path,
+        limits: &str,
+    ) -> Amphora {
         let dir = TempDir::new(&format!("amp-{id}"));
         let dataplane_socket = dir.path("dataplane.sock");
-        let dataplane = Dataplane::start(&dataplane_socket);
+        let dataplane = Dataplane::start_in(host.as_ref().map(|h| &h.ns), &dataplane_socket);
         pki.amphora_ca
             .issue_to(&[id], &dir.path("agent.crt"), &dir.path("agent.key"));
         std::fs::write(dir.path("controller-ca.crt"), pki.controller_ca.pem()).unwrap();
@@ -76,9 +104,29 @@ impl Amphora {
             state_dir: dir.path("state"),
             dataplane_socket,
             dir,
+            host,
         };
         amp.start_agent();
         amp
+    }
+
+    /// Where the controller reaches its agent.
+    pub fn addr(&self) -> SocketAddr {
+        let ip = self
+            .host
+            .as_ref()
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |h| h.mgmt);
+        SocketAddr::new(ip, self.port)
+    }
+
+    /// Whether a TCP connection to its agent gets in (from its own host).
+    fn agent_up(&self) -> bool {
+        let addr = self.addr();
+        let connect = || std::net::TcpStream::connect(addr).is_ok();
+        match &self.host {
+            Some(h) => h.ns.enter(connect).unwrap_or(false),
+            None => connect(),
+        }
     }
 
     /// Stops the dataplane (SIGKILL: its config is gone with it).
@@ -106,7 +154,7 @@ impl Amphora {
         self.stop_agent();
         let config = AgentToml {
             id: &self.id,
-            listen: format!("127.0.0.1:{}", self.port),
+            listen: self.addr().to_string(),
             dir: &self.dir.0,
             dataplane_socket: &self.dataplane_socket,
             state_dir: &self.state_dir,
@@ -116,14 +164,15 @@ impl Amphora {
         }
         .render();
         std::fs::write(self.dir.path("agent.toml"), config).unwrap();
-        let mut cmd = std::process::Command::new(process::binary("siphon-agent"));
+        let bin = process::binary("siphon-agent");
+        let mut cmd = match &self.host {
+            Some(h) => h.ns.command(bin),
+            None => std::process::Command::new(bin),
+        };
         cmd.arg("--config").arg(self.dir.path("agent.toml"));
         let agent = Proc::spawn(cmd, &self.dir.path("agent.log"));
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         assert!(
-            eventually(Duration::from_secs(10), || {
-                std::net::TcpStream::connect(addr).is_ok()
-            }),
+            eventually(Duration::from_secs(10), || self.agent_up()),
             "siphon-agent {} did not start: {}",
             self.id,
             agent.log_text()
@@ -139,6 +188,14 @@ impl Amphora {
     pub fn kill(&mut self) {
         self.agent = None;
         self.stop_dataplane();
+        if let Some(h) = &self.host {
+            // Its links go dark: nothing it had answers any more, its
+            // VIPs included.
+            for l in &h.links {
+                let _ = h.ns.ip(&["link", "set", l, "down"]);
+            }
+            return;
+        }
         // A dead machine's addresses die with it. Here every amphora
         // shares `lo`, so the VIPs this one's agent added are taken off
         // by hand (a spare that adds one still there would find it
@@ -254,8 +311,10 @@ pub fn control_config(
 /// Registers `amphorae` through `client` and waits until each is `READY`.
 pub fn register(rt: &tokio::runtime::Runtime, client: &Client, amphorae: &[Amphora]) {
     for a in amphorae {
-        let body =
-            json!({"amphora": {"id": a.id, "lb_network_ip": "127.0.0.1", "agent_port": a.port()}});
+        let mut body = json!({"amphora": {"id": a.id, "lb_network_ip": a.addr().ip().to_string(), "agent_port": a.port()}});
+        if let Some(h) = &a.host {
+            body["amphora"]["vip_interface"] = h.vip_interface.clone().into();
+        }
         let r = rt
             .block_on(client.call(Method::POST, "/v2/octavia/amphorae", Some(&body)))
             .unwrap();
@@ -587,6 +646,8 @@ pub struct ControllerProcess {
     config: std::path::PathBuf,
     log: std::path::PathBuf,
     child: Option<Proc>,
+    /// The network namespace it runs in, if not this one.
+    netns: Option<String>,
 }
 
 impl ControllerProcess {
@@ -599,7 +660,14 @@ impl ControllerProcess {
             config: path,
             log: dir.path(&format!("{name}.log")),
             child: None,
+            netns: None,
         }
+    }
+
+    /// To run in `ns` (which must outlive it).
+    pub fn in_netns(mut self, ns: &Netns) -> ControllerProcess {
+        self.netns = Some(ns.name.clone());
+        self
     }
 
     /// Starts it and waits until its API answers `client`.
@@ -610,7 +678,15 @@ impl ControllerProcess {
 
     /// Starts the process, without waiting.
     pub fn spawn(&mut self) {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_siphon-control"));
+        let bin = env!("CARGO_BIN_EXE_siphon-control");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, bin]);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
         cmd.args(["--config", self.config.to_str().unwrap()]);
         self.child = Some(Proc::spawn(cmd, &self.log));
     }
