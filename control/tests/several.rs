@@ -380,6 +380,16 @@ impl Cluster {
         self.amphorae.iter_mut().find(|a| a.id == id).unwrap()
     }
 
+    /// Holds the only slot of `id`'s agent (see [`ONE_SLOT`]): a
+    /// connection that says nothing, opened on the amphora's own host
+    /// (this process is not on the management network).
+    fn plug(&self, id: &str) -> TcpStream {
+        let a = self.amphorae.iter().find(|a| a.id == id).unwrap();
+        let to = a.addr();
+        let host = &a.host.as_ref().unwrap().ns;
+        host.enter(|| TcpStream::connect(to)).unwrap().unwrap()
+    }
+
     /// `siphon_control_failovers_total` summed over the running
     /// controllers.
     fn failovers(&self) -> f64 {
@@ -449,15 +459,28 @@ fn backends(c: &Cluster) -> [Backend; 2] {
     ]
 }
 
+/// Load balancer "web" over backends b1 and b2, served: the backends
+/// (kept for the test's length), its id and VIP.
+fn web(c: &Cluster) -> ([Backend; 2], String, SocketAddr) {
+    let bs = backends(c);
+    let (lb, vip) = c.build_lb("web", &[&bs[0], &bs[1]], free_port());
+    wait_served(vip, &["b1", "b2"], Duration::from_secs(10));
+    (bs, lb, vip)
+}
+
+/// An agent's `[limits]` for the tests that catch a push in the middle:
+/// one controller connection at a time, and a minute for its TLS
+/// handshake. A silent connection the test opens ([`Cluster::plug`])
+/// holds the only slot, so a push to that amphora waits until it goes.
+const ONE_SLOT: &str =
+    "max_connections = 1\nheader_read_timeout_ms = 60000\nidle_timeout_ms = 60000";
+
 #[test]
 fn an_object_made_through_one_controller_is_seen_and_edited_through_the_others_at_once() {
     let Some(c) = Cluster::new("visible", &["amp-v1", "amp-v2"], "", |_| {}) else {
         return;
     };
-    let bs = backends(&c);
-    let port = free_port();
-    let (lb, vip) = c.build_lb("web", &[&bs[0], &bs[1]], port);
-    wait_served(vip, &["b1", "b2"], Duration::from_secs(10));
+    let (_bs, lb, vip) = web(&c);
     let path = format!("/v2/lbaas/loadbalancers/{lb}");
 
     // Each controller edits in turn; the very next read through every
@@ -565,21 +588,16 @@ fn holder(c: &Cluster, job: &str) -> Option<String> {
 
 #[test]
 fn a_controller_killed_holding_a_failover_has_it_finished_by_another_within_the_claim_expiry() {
-    // Each agent serves one controller connection at a time, and waits a
-    // minute for a TLS handshake: a connection the test opens and leaves
-    // silent holds the only slot, so a push to that amphora waits. That
-    // is how the failover is caught in the middle.
-    let limits = "max_connections = 1\nheader_read_timeout_ms = 60000\nidle_timeout_ms = 60000";
-    let Some(mut c) = Cluster::new("claim", &["amp-c1", "amp-c2", "amp-c3"], limits, |cfg| {
+    // The spares' agents' slots held (ONE_SLOT) catch the failover in
+    // the middle.
+    let Some(mut c) = Cluster::new("claim", &["amp-c1", "amp-c2", "amp-c3"], ONE_SLOT, |cfg| {
         // One long attempt: the push hangs for its whole timeout.
         cfg.push.attempts = 1;
         cfg.push.timeout_ms = 15_000;
     }) else {
         return;
     };
-    let bs = backends(&c);
-    let (lb, vip) = c.build_lb("web", &[&bs[0], &bs[1]], free_port());
-    wait_served(vip, &["b1", "b2"], Duration::from_secs(10));
+    let (_bs, lb, vip) = web(&c);
     wait_keys_held(&c);
     let carrier = c.carriers(0, &lb).pop().unwrap();
     let spares: Vec<String> = c
@@ -588,17 +606,7 @@ fn a_controller_killed_holding_a_failover_has_it_finished_by_another_within_the_
         .map(|a| a.id.clone())
         .filter(|id| *id != carrier)
         .collect();
-    // Opened on each spare's own host (this process is not on the
-    // management network).
-    let plugs: Vec<TcpStream> = spares
-        .iter()
-        .map(|id| {
-            let a = c.amphorae.iter().find(|a| a.id == *id).unwrap();
-            let to = a.addr();
-            let host = &a.host.as_ref().unwrap().ns;
-            host.enter(|| TcpStream::connect(to)).unwrap().unwrap()
-        })
-        .collect();
+    let plugs: Vec<TcpStream> = spares.iter().map(|id| c.plug(id)).collect();
     // Accepted into the agents' one slot before anything else comes.
     std::thread::sleep(Duration::from_millis(300));
 
@@ -800,9 +808,7 @@ fn ten_seconds_without_the_database_change_nothing_that_runs_and_writes_get_a_cl
     let Some(mut c) = Cluster::new("dbdown", &["amp-d1", "amp-d2"], "", |_| {}) else {
         return;
     };
-    let bs = backends(&c);
-    let (lb, vip) = c.build_lb("web", &[&bs[0], &bs[1]], free_port());
-    wait_served(vip, &["b1", "b2"], Duration::from_secs(10));
+    let (_bs, lb, vip) = web(&c);
     c.wait_field(
         0,
         &format!("/v2/lbaas/loadbalancers/{lb}"),
@@ -1000,9 +1006,7 @@ fn fifty_conflicting_writes_over_three_controllers_have_one_winner_each_and_lose
     let Some(c) = Cluster::new("conflict", &["amp-w1", "amp-w2"], "", |_| {}) else {
         return;
     };
-    let bs = backends(&c);
-    let (lb, vip) = c.build_lb("web", &[&bs[0], &bs[1]], free_port());
-    wait_served(vip, &["b1", "b2"], Duration::from_secs(10));
+    let (_bs, lb, vip) = web(&c);
     let lb_path = format!("/v2/lbaas/loadbalancers/{lb}");
     // Eight ports, five writers each wanting a listener on it: eight
     // conflicts. Ten more writers rename the load balancer or redescribe
@@ -1140,26 +1144,17 @@ fn fifty_conflicting_writes_over_three_controllers_have_one_winner_each_and_lose
 #[test]
 fn the_database_stopped_mid_push_loses_nothing_and_all_settles_once_it_is_back() {
     use std::sync::atomic::AtomicBool;
-    // As in the claim test: the carrier's agent serves one connection at
-    // a time, and the test holds that slot, so the next push waits.
-    let limits = "max_connections = 1\nheader_read_timeout_ms = 60000\nidle_timeout_ms = 60000";
-    let Some(mut c) = Cluster::new("midpush", &["amp-m1", "amp-m2"], limits, |cfg| {
+    // The carrier's agent's slot held (ONE_SLOT): the next push waits.
+    let Some(mut c) = Cluster::new("midpush", &["amp-m1", "amp-m2"], ONE_SLOT, |cfg| {
         cfg.push.timeout_ms = 15_000;
     }) else {
         return;
     };
-    let bs = backends(&c);
-    let (lb, vip) = c.build_lb("web", &[&bs[0], &bs[1]], free_port());
-    wait_served(vip, &["b1", "b2"], Duration::from_secs(10));
+    let (_bs, lb, vip) = web(&c);
     wait_keys_held(&c);
     let carrier = c.carriers(0, &lb).pop().unwrap();
-    let (socket, plug) = {
-        let a = c.amphorae.iter().find(|a| a.id == carrier).unwrap();
-        let to = a.addr();
-        let host = &a.host.as_ref().unwrap().ns;
-        let plug = host.enter(|| TcpStream::connect(to)).unwrap().unwrap();
-        (a.dataplane_socket.clone(), plug)
-    };
+    let plug = c.plug(&carrier);
+    let socket = c.amp(&carrier).dataplane_socket.clone();
     let pools = c
         .get(0, &format!("/v2/lbaas/pools?loadbalancer_id={lb}"))
         .body;
