@@ -20,6 +20,12 @@
 //! - `PUT /v1/heartbeat-key`: `{"key_id": N >= 1, "key": "<64 hex>"}`, this
 //!   amphora's own heartbeat key; persisted, then every later heartbeat is
 //!   signed with it. Idempotent.
+//! - `PUT /v1/bgp`: the BGP peering ([`crate::bgp::Peering`]: our AS,
+//!   1 to 8 peers with AS and optional MD5 password, hold time, BFD),
+//!   checked, persisted, and brought to the local BIRD; `DELETE /v1/bgp`
+//!   ends it; `GET /v1/bgp`: the peering (passwords blanked), each
+//!   session's state and the VIPs announced. 400 on an agent without
+//!   `[bgp]`.
 //!
 //! Bodies that do not parse, or break a rule, get 400 with
 //! `{"error": "..."}` and change nothing.
@@ -73,6 +79,15 @@ pub struct Agent {
     /// The key the controller pushed; pushes are serialised through it.
     pub pushed_key: tokio::sync::Mutex<Option<PushedKey>>,
     pub vips: Arc<Vips>,
+    /// The peering and the announcer's status, with `[bgp]` configured.
+    pub bgp: Option<BgpControl>,
+}
+
+/// The API's side of the announcer ([`crate::bgp::run`]).
+#[derive(Debug)]
+pub struct BgpControl {
+    pub peering: tokio::sync::watch::Sender<Option<crate::bgp::Peering>>,
+    pub status: crate::bgp::Shared,
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -83,6 +98,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/certificates", put(put_certificates))
         .route("/v1/vips", put(put_vips))
+        .route("/v1/bgp", get(get_bgp).put(put_bgp).delete(delete_bgp))
         .route("/v1/heartbeat-key", put(put_heartbeat_key))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
@@ -225,6 +241,66 @@ async fn put_vips(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> R
         Err(e) if e.is_bad_request() => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// The peering with passwords blanked, and the announcer's status.
+async fn get_bgp(State(agent): State<Arc<Agent>>) -> Response {
+    let Some(bgp) = &agent.bgp else {
+        return no_bgp();
+    };
+    let mut peering = bgp.peering.borrow().clone();
+    for p in peering.iter_mut().flat_map(|p| p.peers.iter_mut()) {
+        if p.password.is_some() {
+            p.password = Some("***".into());
+        }
+    }
+    Json(serde_json::json!({"peering": peering, "status": bgp.status.get()})).into_response()
+}
+
+fn no_bgp() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "this agent announces nothing over BGP: its config has no [bgp] (the local BIRD)",
+    )
+}
+
+/// Sets the peering: checked whole, persisted, then handed to the
+/// announcer (which brings BIRD in line within a tenth of a second).
+async fn put_bgp(State(agent): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
+    let Some(bgp) = &agent.bgp else {
+        return no_bgp();
+    };
+    let peering: crate::bgp::Peering = match parse_body(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if let Err(e) = peering.check() {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    set_peering(&agent, bgp, Some(peering))
+}
+
+/// No BGP any more: the sessions close (nothing is announced).
+async fn delete_bgp(State(agent): State<Arc<Agent>>) -> Response {
+    let Some(bgp) = &agent.bgp else {
+        return no_bgp();
+    };
+    set_peering(&agent, bgp, None)
+}
+
+fn set_peering(agent: &Agent, bgp: &BgpControl, peering: Option<crate::bgp::Peering>) -> Response {
+    if *bgp.peering.borrow() == peering {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if let Err(e) = agent.store.write(crate::store::BGP_FILE, &peering) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    tracing::info!(
+        peers = peering.as_ref().map_or(0, |p| p.peers.len()),
+        "BGP peering set"
+    );
+    bgp.peering.send_replace(peering);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 #[derive(Debug, Deserialize)]

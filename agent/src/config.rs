@@ -34,6 +34,10 @@ pub struct AgentConfig {
     pub heartbeat: Option<Heartbeat>,
     #[serde(default)]
     pub limits: Limits,
+    /// Announcing VIPs over BGP through a local BIRD (`[bgp]`): where it
+    /// is. Without it, `PUT /v1/bgp` is refused.
+    #[serde(default)]
+    pub bgp: Option<crate::bgp::BgpSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

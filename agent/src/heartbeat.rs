@@ -15,7 +15,18 @@ use siphon_proto::StatusReport;
 /// Room kept for `"vips":[...]` with [`MAX_VIPS`] of the longest: quotes
 /// and a comma each, plus the key, and the persisted generation set after
 /// [`from_dataplane`] (a few bytes: 64 are kept).
-const RESERVED: usize = MAX_VIPS * (MAX_VIP_LEN + 3) + 16 + 64;
+const RESERVED: usize = MAX_VIPS * (MAX_VIP_LEN + 3) + 16 + 64 + BGP_ROOM;
+
+/// Room kept for `"bgp":{...}`: the VIPs announced (as the VIPs), each
+/// session (peer, state, BFD state: [`BGP_WORD`] each at most), and an
+/// error of at most [`BGP_ERROR`] bytes.
+const BGP_ROOM: usize = 64
+    + MAX_VIPS * (MAX_VIP_LEN + 3)
+    + siphon_proto::bgp::MAX_PEERS * (3 * (BGP_WORD + 12) + 8)
+    + BGP_ERROR
+    + 16;
+const BGP_WORD: usize = 48;
+const BGP_ERROR: usize = 300;
 
 /// The key heartbeats are signed with now, shared between the API (which
 /// replaces it when the controller pushes one) and the sender.
@@ -65,6 +76,7 @@ pub fn from_dataplane(
         members: Vec::new(),
         truncated: false,
         vips: None,
+        bgp: None,
     };
     let Some(status) = status else {
         return beat;
@@ -126,6 +138,39 @@ pub fn set_vips(beat: &mut Heartbeat, vips: Option<Vec<String>>) {
     });
 }
 
+/// Sets the BGP status on a payload, cut to fit the room kept for it:
+/// words that JSON would escape or that are too long are left out (then
+/// `truncated`), the error shortened.
+pub fn set_bgp(beat: &mut Heartbeat, status: Option<siphon_proto::bgp::BgpStatus>) {
+    let fits = |w: &str, max: usize| {
+        w.len() <= max
+            && w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":./-_".contains(&b))
+    };
+    let plain = |w: &str| fits(w, BGP_WORD);
+    beat.bgp = status.map(|mut s| {
+        let (sessions, announced) = (s.sessions.len(), s.announced.len());
+        s.sessions
+            .retain(|x| plain(&x.peer) && plain(&x.state) && x.bfd.as_deref().is_none_or(plain));
+        s.sessions.truncate(siphon_proto::bgp::MAX_PEERS);
+        s.announced.retain(|a| fits(a, MAX_VIP_LEN));
+        s.announced.truncate(MAX_VIPS);
+        if s.sessions.len() != sessions || s.announced.len() != announced {
+            beat.truncated = true;
+        }
+        if let Some(e) = &mut s.error {
+            // A character is at most 4 bytes, escaped or not.
+            let short: String = e
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(BGP_ERROR / 4)
+                .collect();
+            *e = short;
+        }
+        s
+    });
+}
+
 /// What the sender needs.
 #[derive(Debug, Clone)]
 pub struct Sender {
@@ -141,6 +186,8 @@ pub struct Sender {
     /// The agent's VIPs, listed in every heartbeat as present on their
     /// interface (`None`: none are listed).
     pub vips: Option<Arc<crate::vips::Vips>>,
+    /// The BGP announcer's status, on an agent with `[bgp]`.
+    pub bgp: Option<crate::bgp::Shared>,
 }
 
 /// How long a heartbeat waits for the address dump before it goes without
@@ -149,12 +196,16 @@ const DUMP_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A netlink connection kept across heartbeats (remade after a failure).
 #[derive(Default)]
-struct Netlink(Option<(rtnetlink::Handle, tokio::task::JoinHandle<()>)>);
+pub(crate) struct Netlink(Option<(rtnetlink::Handle, tokio::task::JoinHandle<()>)>);
 
 impl Netlink {
     /// The VIPs `vips` holds now, or `None` when netlink did not say
     /// within `limit`.
-    async fn held(&mut self, vips: &crate::vips::Vips, limit: Duration) -> Option<Vec<String>> {
+    pub(crate) async fn held(
+        &mut self,
+        vips: &crate::vips::Vips,
+        limit: Duration,
+    ) -> Option<Vec<String>> {
         if self.0.is_none() {
             match rtnetlink::new_connection() {
                 Ok((conn, handle, _)) => self.0 = Some((handle, tokio::spawn(conn))),
@@ -263,6 +314,7 @@ pub async fn run(sender: Sender, mut stop: tokio::sync::watch::Receiver<bool>) {
         );
         beat.persisted_generation = *sender.persisted.borrow();
         set_vips(&mut beat, held);
+        set_bgp(&mut beat, sender.bgp.as_ref().map(crate::bgp::Shared::get));
         let datagram = signing.seal(&beat);
         for d in &sender.destinations {
             let sock = if d.is_ipv6() { &v6 } else { &v4 };
@@ -336,6 +388,47 @@ mod tests {
             .collect()
     }
 
+    /// The biggest BGP status there can be (and some more, to be cut).
+    fn biggest_bgp() -> siphon_proto::bgp::BgpStatus {
+        use siphon_proto::bgp::{BgpStatus, Session, MAX_PEERS};
+        let word = "x".repeat(BGP_WORD);
+        BgpStatus {
+            sessions: (0..MAX_PEERS + 3)
+                .map(|_| Session {
+                    peer: word.clone(),
+                    state: word.clone(),
+                    bfd: Some(word.clone()),
+                })
+                .collect(),
+            announced: longest_vips(MAX_VIPS + 5),
+            error: Some("\u{1F600}\"".repeat(500)),
+        }
+    }
+
+    #[test]
+    fn bgp_words_that_json_would_escape_are_left_out_and_say_so() {
+        use siphon_proto::bgp::{BgpStatus, Session};
+        let mut b = from_dataplane("amp", 1, SystemTime::now(), None, None);
+        let session = |peer: &str| Session {
+            peer: peer.into(),
+            state: "Established".into(),
+            bfd: Some("Up".into()),
+        };
+        let status = BgpStatus {
+            sessions: vec![session("198.18.9.1"), session("2001:db8:9::1")],
+            announced: vec!["198.18.109.10/32".into()],
+            error: None,
+        };
+        set_bgp(&mut b, Some(status.clone()));
+        assert!(!b.truncated);
+        assert_eq!(b.bgp.as_ref(), Some(&status));
+        let mut odd = status;
+        odd.sessions.push(session("\"x\""));
+        set_bgp(&mut b, Some(odd));
+        assert!(b.truncated);
+        assert_eq!(b.bgp.unwrap().sessions.len(), 2);
+    }
+
     #[test]
     fn vips_never_make_a_datagram_too_big() {
         assert_eq!(longest_vips(1)[0].len(), MAX_VIP_LEN);
@@ -351,6 +444,8 @@ mod tests {
             set_vips(&mut b, Some(longest_vips(MAX_VIPS + 5)));
             assert!(b.truncated);
             assert_eq!(b.vips.as_ref().unwrap().len(), MAX_VIPS);
+            set_bgp(&mut b, Some(biggest_bgp()));
+            assert_eq!(b.bgp.as_ref().unwrap().announced.len(), MAX_VIPS);
             let d = seal(&key(b"k"), u32::MAX, &b);
             assert!(d.len() <= MAX_DATAGRAM, "{n} members: {} bytes", d.len());
         }

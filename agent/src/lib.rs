@@ -8,6 +8,8 @@
 
 pub mod announce;
 pub mod api;
+pub mod bgp;
+pub mod bird;
 pub mod config;
 pub mod heartbeat;
 pub use siphon_proto::keys;
@@ -128,6 +130,35 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
     let keys = Keys::new(pushed.as_ref().map(PushedKey::signing_key).or(bootstrap));
     let (persisted_generation, persisted_rx) =
         watch::channel(persisted.as_ref().map(|c| c.generation));
+    // BGP: the peering persisted (a corrupt file is set aside: no
+    // peering until the controller sets it again).
+    let bgp = match &cfg.bgp {
+        Some(settings) => {
+            let peering = store
+                .read_or_set_aside::<Option<bgp::Peering>>(store::BGP_FILE)?
+                .flatten();
+            let (tx, rx) = watch::channel(peering);
+            let status = bgp::Shared::default();
+            let announcer = bgp::Announcer {
+                speaker: bgp::Speaker::new(settings),
+                peering: rx,
+                dataplane: Target::Unix(cfg.dataplane_socket.clone()),
+                persisted: persisted_rx.clone(),
+                vips: vips.clone(),
+                status: status.clone(),
+                withdraw_delay: Duration::from_millis(settings.withdraw_delay_ms),
+            };
+            Some((
+                api::BgpControl {
+                    peering: tx,
+                    status,
+                },
+                announcer,
+            ))
+        }
+        None => None,
+    };
+    let (bgp_control, announcer) = bgp.unzip();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("siphon-agent")
@@ -163,6 +194,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
         keys: keys.clone(),
         pushed_key: tokio::sync::Mutex::new(pushed),
         vips: vips.clone(),
+        bgp: bgp_control,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let heartbeats = cfg.heartbeat.as_ref().map(|hb| {
@@ -175,6 +207,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
                 keys,
                 persisted: persisted_rx,
                 vips: Some(vips),
+                bgp: agent.bgp.as_ref().map(|b| b.status.clone()),
             },
             stop_rx.clone(),
         )
@@ -186,6 +219,7 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
             runtime.block_on(async move {
                 let app = api::router(agent.clone());
                 tokio::spawn(watch_dataplane(agent.clone(), stop_rx.clone()));
+                let announcer = announcer.map(|a| tokio::spawn(bgp::run(a, stop_rx.clone())));
                 if let Some(h) = heartbeats {
                     tokio::spawn(h);
                 }
@@ -196,6 +230,11 @@ pub fn start(cfg: &AgentConfig) -> Result<Handle, StartError> {
                 });
                 if let Err(e) = local.await {
                     tracing::error!(error = %e, "local API failed");
+                }
+                // Stopping: the VIPs withdrawn and the routers given time
+                // before the agent exits.
+                if let Some(a) = announcer {
+                    let _ = a.await;
                 }
             });
         })

@@ -21,6 +21,8 @@ use thiserror::Error;
 pub const CONFIG_FILE: &str = "config.json";
 pub const HEARTBEAT_KEY_FILE: &str = "heartbeat-key.json";
 pub const VIPS_FILE: &str = "vips.json";
+/// The BGP peering the controller set (`null`: none).
+pub const BGP_FILE: &str = "bgp.json";
 
 #[derive(Debug, Error)]
 pub enum StoreError {

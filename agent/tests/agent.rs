@@ -65,6 +65,7 @@ fn agent_config(dir: &TempDir, pki: &Pki, dataplane: &Path) -> AgentConfig {
         },
         heartbeat: None,
         limits: Limits::default(),
+        bgp: None,
     }
 }
 
@@ -1516,4 +1517,190 @@ fn idle_clients_cannot_exhaust_the_agent_and_the_controller_still_gets_in() {
         "{} fds after, {baseline} before",
         agent.fds()
     );
+}
+
+/// The router's BIRD: takes /32 and /128 VIPs of 198.18.109.0/24 and
+/// 2001:db8:109::/64 from any amphora on its link, over BGP with BFD,
+/// and installs them (several next hops merged: ECMP) in its kernel.
+const ROUTER_BIRD: &str = r#"
+router id 198.18.9.1;
+protocol device {}
+protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }
+protocol kernel k4 { merge paths on; ipv4 { import none; export all; }; }
+protocol kernel k6 { merge paths on; ipv6 { import none; export all; }; }
+protocol bgp amps4 {
+  local 198.18.9.1 as 64512; neighbor range 198.18.9.0/24 as 64513;
+  bfd on; hold time 3; keepalive time 1;
+  ipv4 { import where net ~ [ 198.18.109.0/24{32,32} ]; export none; };
+}
+protocol bgp amps6 {
+  local 2001:db8:9::1 as 64512; neighbor range 2001:db8:9::/64 as 64513;
+  bfd on; hold time 3; keepalive time 1;
+  ipv6 { import where net ~ [ 2001:db8:109::/64{128,128} ]; export none; };
+}
+"#;
+
+/// Whether `ns`'s routing table has a route to `vip` through a next hop.
+fn routed(ns: &siphon_testkit::netns::Netns, vip: &str) -> bool {
+    let family = if vip.contains(':') { "-6" } else { "-4" };
+    let out = std::process::Command::new("ip")
+        .args([family, "-n", &ns.name, "route", "show", vip])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("via")
+}
+
+#[test]
+fn vips_are_announced_over_bgp_only_while_the_dataplane_serves_them() {
+    use siphon_testkit::bird::Bird;
+    use siphon_testkit::netns::Netns;
+    let test = "vips_are_announced_over_bgp_only_while_the_dataplane_serves_them";
+    if !siphon_testkit::root_or_skip(test) {
+        return;
+    }
+    // A router and an amphora on one link.
+    let router_ns = Netns::create("bgp-rt").unwrap();
+    let amp = Netns::create("bgp-amp").unwrap();
+    router_ns.bridge("br0").unwrap();
+    router_ns
+        .ip(&["addr", "add", "198.18.9.1/24", "dev", "br0"])
+        .unwrap();
+    router_ns
+        .ip(&["addr", "add", "2001:db8:9::1/64", "dev", "br0", "nodad"])
+        .unwrap();
+    router_ns
+        .plug(
+            "br0",
+            "p-amp",
+            Some(&amp),
+            "eth0",
+            &["198.18.9.2/24", "2001:db8:9::2/64"],
+        )
+        .unwrap();
+    let Some(router) = Bird::start_or_skip(test, &router_ns, "router", ROUTER_BIRD) else {
+        return;
+    };
+    // The amphora's BIRD starts on a file with nothing in it; the agent
+    // owns that file from then on.
+    let Some(speaker) = Bird::start_or_skip(test, &amp, "amphora", "protocol device {}\n") else {
+        return;
+    };
+    let dir = TempDir::new("bgp");
+    let socket = dir.path("dp.sock");
+    let mut dataplane = Dataplane::start_in(Some(&amp), &socket);
+    let pki = Pki::new();
+    let mut cfg = agent_config(&dir, &pki, &socket);
+    cfg.bgp = Some(siphon_agent::bgp::BgpSettings {
+        bird_socket: speaker.socket.clone(),
+        bird_config: speaker.config.clone(),
+        withdraw_delay_ms: 300,
+    });
+    let agent = amp.enter(|| siphon_agent::start(&cfg).unwrap()).unwrap();
+    let call = |method: Method, path: &str, body: Value| {
+        let r = local(&agent.local_socket, method, path, &body);
+        let v = serde_json::from_str::<Value>(&r.body).unwrap_or_default();
+        (r.status, v)
+    };
+    let b = Backend::start(&siphon_testkit::runtime(), "b", "127.0.0.1");
+    let body: Value = serde_json::from_str(&push_body(1, free_port(), &b, 1)).unwrap();
+    assert_eq!(call(Method::PUT, "/v1/config", body).0, 200);
+    let vips = ["198.18.109.10", "2001:db8:109::10"];
+    let (code, body) = call(
+        Method::PUT,
+        "/v1/vips",
+        serde_json::json!({"interface": "lo", "add": vips}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let peering = serde_json::json!({
+        "local_as": 64513,
+        "peers": [{"address": "198.18.9.1", "asn": 64512, "password": "not shown"},
+                  {"address": "2001:db8:9::1", "asn": 64512}],
+        "hold_time_s": 3,
+        "bfd": {"min_rx_ms": 100, "min_tx_ms": 100, "multiplier": 3}
+    });
+    // The router has no password for the IPv4 session: first without.
+    let mut plain = peering.clone();
+    plain["peers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("password");
+    let (code, body) = call(Method::PUT, "/v1/bgp", plain.clone());
+    assert_eq!(code, 204, "{body}");
+
+    // Both VIPs routed to the amphora by the router, from BGP.
+    let announced = |want: bool| {
+        eventually(Duration::from_secs(15), || {
+            vips.iter().all(|v| routed(&router_ns, v) == want)
+        })
+    };
+    assert!(
+        announced(true),
+        "not announced: {}\n{}",
+        router.birdc("show protocols"),
+        speaker.birdc("show protocols all")
+    );
+    let up = eventually(Duration::from_secs(5), || {
+        let s = call(Method::GET, "/v1/bgp", Value::Null).1;
+        let sessions = s["status"]["sessions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        sessions.len() == 2
+            && sessions
+                .iter()
+                .all(|x| x["state"] == "Established" && x["bfd"] == "Up")
+            && s["status"]["announced"].as_array().map_or(0, Vec::len) == 2
+    });
+    assert!(up, "{}", call(Method::GET, "/v1/bgp", Value::Null).1);
+
+    // A peering BIRD would refuse, or one that would inject config: 400,
+    // nothing changes.
+    for bad in [
+        serde_json::json!({"local_as": 0, "peers": plain["peers"]}),
+        serde_json::json!({"local_as": 64513, "peers": []}),
+        serde_json::json!({"local_as": 64513, "peers": [{"address": "198.18.9.1", "asn": 64512,
+            "password": "x\"; }; protocol kernel { ipv4 { export all; }; }; #"}]}),
+    ] {
+        let (code, body) = call(Method::PUT, "/v1/bgp", bad);
+        assert_eq!(code, 400, "{body}");
+    }
+    let shown = call(Method::GET, "/v1/bgp", Value::Null).1;
+    assert_eq!(shown["peering"], plain, "{shown}");
+    assert!(vips.iter().all(|v| routed(&router_ns, v)));
+
+    // The dataplane dies: both VIPs withdrawn.
+    drop(dataplane);
+    let killed = Instant::now();
+    assert!(announced(false), "still announced with the dataplane dead");
+    let withdrawn = killed.elapsed();
+    // Back (empty): the agent puts its config back, then announces.
+    dataplane = Dataplane::start_in(Some(&amp), &socket);
+    let back = Instant::now();
+    assert!(announced(true), "not announced again");
+    eprintln!(
+        "dataplane killed: withdrawn from the router after {} ms; back: announced again after {} ms",
+        withdrawn.as_millis(),
+        back.elapsed().as_millis()
+    );
+    assert!(withdrawn < Duration::from_secs(2), "{withdrawn:?}");
+
+    // A password shown blanked.
+    let (code, _) = call(Method::PUT, "/v1/bgp", peering);
+    assert_eq!(code, 204);
+    let shown = call(Method::GET, "/v1/bgp", Value::Null).1;
+    assert_eq!(shown["peering"]["peers"][0]["password"], "***", "{shown}");
+    let (code, _) = call(Method::PUT, "/v1/bgp", plain);
+    assert_eq!(code, 204);
+    assert!(announced(true));
+
+    // The agent stops: withdrawn first, the routers given the delay.
+    let stopping = Instant::now();
+    drop(agent);
+    let stopped = stopping.elapsed();
+    assert!(
+        vips.iter().all(|v| !routed(&router_ns, v)),
+        "still routed once the agent stopped"
+    );
+    assert!(stopped >= Duration::from_millis(300), "{stopped:?}");
+    drop(dataplane);
 }

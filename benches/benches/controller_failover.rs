@@ -132,6 +132,7 @@ fn beat(a: &Amp, seq: u64) -> Vec<u8> {
         members: vec![],
         truncated: false,
         vips: carries.then(|| vec![a.vip.clone()]),
+        bgp: None,
     };
     heartbeat::seal(&heartbeat::key(a.key.secret()), a.key.key_id, &b)
 }

@@ -211,6 +211,7 @@ mod tests {
             members: vec![],
             truncated: false,
             vips: None,
+            bgp: None,
         }
     }
 

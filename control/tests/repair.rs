@@ -369,6 +369,7 @@ fn a_heartbeat_signed_with_another_amphoras_key_is_refused() {
             members: vec![],
             truncated: false,
             vips: None,
+            bgp: None,
         };
         sock.send_to(&seal(&key(k), id, &beat), hb).unwrap();
     };

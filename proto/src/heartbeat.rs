@@ -77,6 +77,11 @@ pub struct Heartbeat {
     /// At most [`MAX_VIPS`]; a longer list is cut and `truncated` set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vips: Option<Vec<String>>,
+    /// Its BGP sessions and the VIPs it announces, on an amphora that
+    /// announces over BGP; `None` elsewhere. At most
+    /// [`crate::bgp::MAX_PEERS`] sessions and [`MAX_VIPS`] VIPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::bgp::BgpStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,6 +322,7 @@ mod tests {
             members: vec![],
             truncated: false,
             vips: Some(vec!["198.18.0.7/32".into()]),
+            bgp: None,
         }
     }
 

@@ -7,6 +7,8 @@
 //!   JSON, and its validation;
 //! - [`status`] and [`stats`]: the operating status and the counters the
 //!   dataplane reports;
+//! - [`bgp`]: the BGP peering the controller asks an agent for, and the
+//!   sessions and announcements the agent reports;
 //! - [`heartbeat`]: the signed UDP heartbeat an agent sends and a health
 //!   manager verifies, and [`keys`], the heartbeat key the controller
 //!   pushes to an agent;
@@ -22,6 +24,7 @@
 #[macro_use]
 pub mod words;
 
+pub mod bgp;
 pub mod config;
 pub mod heartbeat;
 pub mod http;

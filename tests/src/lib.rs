@@ -4,6 +4,7 @@
 //! here opens real sockets.
 
 pub mod agent;
+pub mod bird;
 pub mod dataplane;
 pub mod dir;
 pub mod http;

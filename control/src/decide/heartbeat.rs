@@ -290,6 +290,7 @@ mod tests {
                 .collect(),
             truncated: false,
             vips: None,
+            bgp: None,
         }
     }
 
