@@ -91,6 +91,9 @@ pub fn render(peering: Option<&Peering>, vips: &BTreeSet<IpNet>) -> String {
     let Some(p) = peering else {
         return c;
     };
+    if let Some(id) = p.router_id {
+        let _ = writeln!(c, "router id {id};");
+    }
     if let Some(b) = &p.bfd {
         let _ = writeln!(
             c,
@@ -405,6 +408,7 @@ mod tests {
                     password: None,
                 },
             ],
+            router_id: Some("198.18.1.11".parse().unwrap()),
             hold_time_s: 3,
             bfd: Some(Bfd {
                 min_rx_ms: 100,
@@ -442,6 +446,7 @@ mod tests {
         assert!(c.contains("bfd on;") && c.contains("multiplier 3;"));
         assert!(c.contains("hold time 3;") && c.contains("keepalive time 1;"));
         assert!(!c.contains("protocol kernel"), "nothing goes to the kernel");
+        assert!(c.contains("router id 198.18.1.11;"));
     }
 
     #[test]

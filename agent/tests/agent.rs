@@ -1613,6 +1613,7 @@ fn vips_are_announced_over_bgp_only_while_the_dataplane_serves_them() {
     assert_eq!(code, 200, "{body}");
     let peering = serde_json::json!({
         "local_as": 64513,
+        "router_id": "198.18.9.2",
         "peers": [{"address": "198.18.9.1", "asn": 64512, "password": "not shown"},
                   {"address": "2001:db8:9::1", "asn": 64512}],
         "hold_time_s": 3,

@@ -168,6 +168,108 @@ pub enum Distributor {
     /// The VIP routed on a Linux router over a resilient nexthop group,
     /// one nexthop per healthy amphora.
     LinuxEcmp(LinuxEcmp),
+    /// Every amphora announces the VIPs it serves to the operator's
+    /// routers over BGP (through its agent and a local BIRD); the routers
+    /// spread with ECMP and take a dead amphora out by BFD, with no
+    /// controller in that path.
+    Bgp(Bgp),
+}
+
+/// The peering the controller gives every amphora it pushes to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bgp {
+    /// The amphorae's AS.
+    pub local_as: u32,
+    /// The routers they peer with.
+    pub peers: Vec<BgpPeer>,
+    /// BGP hold time, seconds (keepalives a third of it).
+    #[serde(default = "default_bgp_hold")]
+    pub hold_time_s: u16,
+    /// BFD on every session (the routers must run it too): how a dead
+    /// amphora is taken out in a fraction of a second.
+    #[serde(default)]
+    pub bfd: Option<siphon_proto::bgp::Bfd>,
+}
+
+fn default_bgp_hold() -> u16 {
+    9
+}
+
+impl Bgp {
+    /// The peering an amphora gets: the peers of the network its
+    /// address on the VIP network (`data_address`) is in, and those of
+    /// every network; passwords read from their files. `None` peers: the
+    /// error says which file, or what BIRD would refuse.
+    pub fn peering_for(
+        &self,
+        data_address: Option<IpAddr>,
+    ) -> Result<siphon_proto::bgp::Peering, ConfigError> {
+        let mut peers = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let applies = match (p.network, data_address) {
+                (Some(n), Some(a)) => n.contains(&a),
+                (Some(_), None) => false,
+                (None, _) => true,
+            };
+            if !applies {
+                continue;
+            }
+            let password = match &p.password_file {
+                Some(f) => {
+                    let field = format!("distributor.peers[{i}].password_file");
+                    let raw = read_secret(f, &field)?;
+                    let text = String::from_utf8(raw).map_err(|_| ConfigError::Invalid {
+                        path: f.clone(),
+                        field,
+                        problem: "not UTF-8".into(),
+                    })?;
+                    Some(text.trim_end_matches(['\n', '\r']).to_owned())
+                }
+                None => None,
+            };
+            peers.push(siphon_proto::bgp::Peer {
+                address: p.address,
+                asn: p.asn,
+                password,
+            });
+        }
+        let router_id = match data_address {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        };
+        let peering = siphon_proto::bgp::Peering {
+            local_as: self.local_as,
+            router_id,
+            peers,
+            hold_time_s: self.hold_time_s,
+            bfd: self.bfd.clone(),
+        };
+        peering.check().map_err(|e| ConfigError::Invalid {
+            path: PathBuf::from("(config)"),
+            field: "distributor".into(),
+            problem: match data_address {
+                Some(a) => format!("the peering of an amphora at {a}: {e}"),
+                None => e.to_string(),
+            },
+        })?;
+        Ok(peering)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpPeer {
+    pub address: IpAddr,
+    pub asn: u32,
+    /// The session's TCP MD5 password, in a file (mode 0600).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Only amphorae whose address on the VIP network (`vrrp_ip`, else
+    /// `lb_network_ip`) is in this network peer with it: a peering per
+    /// network. Absent: every amphora.
+    #[serde(default)]
+    pub network: Option<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -499,6 +601,21 @@ impl ControlConfig {
         if let Some(t) = &self.agent_tls {
             read_secret(&t.key, "agent_tls.key")?;
         }
+        if let Distributor::Bgp(b) = &self.distributor {
+            // Every password file, whatever network it is for.
+            let all = Bgp {
+                peers: b
+                    .peers
+                    .iter()
+                    .map(|p| BgpPeer {
+                        network: None,
+                        ..p.clone()
+                    })
+                    .collect(),
+                ..b.clone()
+            };
+            all.peering_for(None)?;
+        }
         Ok(())
     }
 
@@ -609,6 +726,28 @@ impl ControlConfig {
                     "health".into(),
                     "heartbeat_timeout_ms and check_interval_ms must be at least 10",
                 ));
+            }
+        }
+        if let Distributor::Bgp(b) = &config.distributor {
+            // The shape of every peering: what BIRD would refuse (the
+            // passwords are checked with the other secrets).
+            let whole = siphon_proto::bgp::Peering {
+                local_as: b.local_as,
+                peers: b
+                    .peers
+                    .iter()
+                    .map(|p| siphon_proto::bgp::Peer {
+                        address: p.address,
+                        asn: p.asn,
+                        password: None,
+                    })
+                    .collect(),
+                router_id: None,
+                hold_time_s: b.hold_time_s,
+                bfd: b.bfd.clone(),
+            };
+            if let Err(e) = whole.check() {
+                return Err(invalid("distributor".into(), &e.to_string()));
             }
         }
         if let Distributor::LinuxEcmp(d) = &config.distributor {
@@ -749,6 +888,52 @@ mod tests {
     }
 
     #[test]
+    fn a_bgp_peering_per_network_with_passwords_from_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("siphon-bgp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("peer-password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = Path::new("c.toml");
+        let text = format!(
+            "[auth]\nmode = \"noauth\"\n[distributor]\ndriver = \"bgp\"\nlocal_as = 64513\nhold_time_s = 3\n\
+             bfd = {{ min_rx_ms = 100, min_tx_ms = 100, multiplier = 3 }}\n\
+             [[distributor.peers]]\naddress = \"198.18.1.1\"\nasn = 64512\nnetwork = \"198.18.1.0/24\"\npassword_file = {pw:?}\n\
+             [[distributor.peers]]\naddress = \"198.18.2.1\"\nasn = 64512\nnetwork = \"198.18.2.0/24\"\n\
+             [[distributor.peers]]\naddress = \"2001:db8:1::1\"\nasn = 64512\n"
+        );
+        let c = ControlConfig::parse(&text, p).unwrap_or_else(|e| panic!("{e}"));
+        c.check_secrets().unwrap_or_else(|e| panic!("{e}"));
+        let Distributor::Bgp(b) = &c.distributor else {
+            panic!("{:?}", c.distributor)
+        };
+        // An amphora on the first network: its router and the IPv6 one.
+        let first = b.peering_for(Some("198.18.1.20".parse().unwrap())).unwrap();
+        let peers: Vec<String> = first.peers.iter().map(|p| p.address.to_string()).collect();
+        assert_eq!(peers, ["198.18.1.1", "2001:db8:1::1"]);
+        assert_eq!(first.peers[0].password.as_deref(), Some("s3cret"));
+        assert_eq!(first.hold_time_s, 3);
+        let second = b.peering_for(Some("198.18.2.20".parse().unwrap())).unwrap();
+        assert_eq!(second.peers[0].address.to_string(), "198.18.2.1");
+        assert_eq!(second.peers[0].password, None);
+        // A password others can read is refused, as every secret.
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = c.check_secrets().unwrap_err().to_string();
+        assert!(e.contains("distributor.peers[0].password_file"), "{e}");
+        // What BIRD would refuse is refused at load.
+        let e = |t: String| ControlConfig::parse(&t, p).unwrap_err().to_string();
+        let bgp = "[auth]\nmode = \"noauth\"\n[distributor]\ndriver = \"bgp\"\n";
+        assert!(e(format!(
+            "{bgp}local_as = 0\npeers = [{{ address = \"198.18.1.1\", asn = 1 }}]\n"
+        ))
+        .contains("AS number"));
+        assert!(e(format!("{bgp}local_as = 64513\npeers = []\n")).contains("peers"));
+        assert!(e(format!("{bgp}local_as = 64513\nhold_time_s = 1\npeers = [{{ address = \"198.18.1.1\", asn = 1 }}]\n")).contains("hold_time_s"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn problems_name_the_field() {
         let p = Path::new("c.toml");
         let e = |t: &str| {
@@ -764,7 +949,8 @@ mod tests {
         let gw = "[auth]\nmode = \"noauth\"\n[[vip_subnets]]\nid = \"s\"\nnetwork_id = \"n\"\ncidr = \"198.18.0.0/24\"\ngateway_ip = \"198.19.0.1\"\n";
         assert!(e(gw).contains("gateway_ip"));
         let na = "[auth]\nmode = \"noauth\"\n";
-        assert!(e(&format!("{na}[distributor]\ndriver = \"bgp\"\n")).contains("bgp"));
+        assert!(e(&format!("{na}[distributor]\ndriver = \"bgp\"\n")).contains("local_as"));
+        assert!(e(&format!("{na}[distributor]\ndriver = \"bgp-ecmp\"\n")).contains("bgp-ecmp"));
         assert!(e(&format!("{na}[distributor]\ndriver = \"linux-ecmp\"\n")).contains("interface"));
         let bad_if = format!("{na}[distributor]\ndriver = \"linux-ecmp\"\ninterface = \"a/b\"\n");
         assert!(

@@ -144,6 +144,7 @@ pub async fn start(config: ControlConfig) -> Result<Handle, StartError> {
             driver: match config.distributor {
                 config::Distributor::Noop => "noop",
                 config::Distributor::LinuxEcmp(_) => "linux-ecmp",
+                config::Distributor::Bgp(_) => "bgp",
             },
             source,
         })?;

@@ -27,6 +27,9 @@ pub struct Report {
     pub persisted_generation: Option<Option<u64>>,
     /// The VIPs its agent holds (`None`: not reported).
     pub vips: Option<Vec<String>>,
+    /// Its BGP sessions and announcements (`None`: it announces nothing
+    /// over BGP, or an older agent).
+    pub bgp: Option<siphon_proto::bgp::BgpStatus>,
 }
 
 /// One amphora's run-time record.
@@ -141,6 +144,20 @@ impl Liveness {
 
     pub fn last_heard(&self, id: &str) -> Option<Instant> {
         self.read(|t| t.get(id).and_then(|l| l.heard))
+    }
+
+    /// What `id`'s last heartbeat said of BGP.
+    pub fn bgp(&self, id: &str) -> Option<siphon_proto::bgp::BgpStatus> {
+        self.read(|t| t.get(id).and_then(|l| l.report.as_ref()?.bgp.clone()))
+    }
+
+    /// Every BGP status last heard, for the metrics.
+    pub fn bgp_all(&self) -> Vec<siphon_proto::bgp::BgpStatus> {
+        self.read(|t| {
+            t.values()
+                .filter_map(|l| l.report.as_ref()?.bgp.clone())
+                .collect()
+        })
     }
 
     /// A verified heartbeat of `id` arrived `at`, saying `report`.

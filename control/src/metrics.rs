@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ::metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
+use siphon_proto::bgp::BgpStatus;
+
 use crate::model::{AmphoraStatus, ProvisioningStatus, State};
 
 /// Counters the controller's tasks move.
@@ -37,8 +39,9 @@ impl Metrics {
         g.store(v, Ordering::Relaxed);
     }
 
-    /// The page, with the store's object counts by status.
-    pub fn render(&self, s: &State) -> String {
+    /// The page, with the store's object counts by status and what the
+    /// amphorae last said of BGP (`bgp`: one status per amphora heard).
+    pub fn render(&self, s: &State, bgp: &[BgpStatus]) -> String {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -86,6 +89,27 @@ impl Metrics {
             counter!("siphon_control_heartbeats_total", "result" => "rejected")
                 .absolute(get(&self.heartbeats_rejected));
             gauge!("siphon_control_amphorae_out_of_step").set(get(&self.out_of_step) as f64);
+            if !bgp.is_empty() {
+                describe_gauge!(
+                    "siphon_control_bgp_sessions",
+                    "Amphorae's BGP sessions, by state, as last heard"
+                );
+                describe_gauge!(
+                    "siphon_control_bgp_announced_vips",
+                    "VIPs the amphorae announce over BGP, as last heard"
+                );
+                let sessions = || bgp.iter().flat_map(|b| &b.sessions);
+                let up = sessions().filter(|x| x.state == "Established").count();
+                let bfd_down = sessions()
+                    .filter(|x| x.bfd.as_deref().is_some_and(|b| b != "Up"))
+                    .count();
+                gauge!("siphon_control_bgp_sessions", "state" => "established").set(up as f64);
+                gauge!("siphon_control_bgp_sessions", "state" => "other")
+                    .set((sessions().count() - up) as f64);
+                gauge!("siphon_control_bgp_sessions", "state" => "bfd_down").set(bfd_down as f64);
+                let announced: usize = bgp.iter().map(|b| b.announced.len()).sum();
+                gauge!("siphon_control_bgp_announced_vips").set(announced as f64);
+            }
             for (status, name) in [
                 (AmphoraStatus::Booting, "BOOTING"),
                 (AmphoraStatus::Ready, "READY"),

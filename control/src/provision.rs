@@ -92,6 +92,13 @@ pub enum PushError {
     Unreachable { amphora: String, source: AgentError },
     #[error("encoding the push: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The BGP peering cannot be made (a password file unreadable): the
+    /// operator must act; every push to an amphora fails until then.
+    #[error("the BGP peering for amphora {amphora}: {source}")]
+    Peering {
+        amphora: String,
+        source: crate::config::ConfigError,
+    },
 }
 
 /// Why a load balancer's change, or an amphora's re-push, did not reach
@@ -177,6 +184,18 @@ async fn push_amphora(
     }))?;
     let config = serde_json::to_vec(config)?;
     let n = attempts;
+    // Over BGP the agent announces the VIP it serves: its peering goes
+    // first (idempotent: the agent answers the same for the same).
+    if let (crate::config::Distributor::Bgp(b), Some(_)) = (&ctl.config.distributor, vip) {
+        let peering = b
+            .peering_for(a.data_address())
+            .map_err(|source| PushError::Peering {
+                amphora: a.id.clone(),
+                source,
+            })?;
+        let body = serde_json::to_vec(&peering)?;
+        push(ctl, a, Method::PUT, "/v1/bgp", body, n).await?;
+    }
     if vip.is_some() {
         push(ctl, a, Method::PUT, "/v1/vips", vips, n).await?;
         push(ctl, a, Method::PUT, "/v1/config", config, n).await?;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use siphon_testkit::agent::AgentToml;
+use siphon_testkit::bird::Bird;
 use siphon_testkit::netns::Netns;
 use siphon_testkit::pki::Ca;
 use siphon_testkit::process::{self, Proc};
@@ -56,12 +57,14 @@ fn sh(ns: &Netns, script: &str) {
     assert!(st.success(), "{script}");
 }
 
-/// One amphora: its namespace, address and processes.
+/// One amphora: its namespace, address and processes (and its BIRD,
+/// over BGP).
 struct Amp {
     id: String,
     addr: String,
     dir: PathBuf,
     procs: Vec<Proc>,
+    bird: Option<Bird>,
     ns: Netns,
 }
 
@@ -70,6 +73,8 @@ struct Amp {
 struct World {
     controller: Option<Proc>,
     amps: Vec<Amp>,
+    /// The router's BGP daemon, over BGP.
+    bird: Option<Bird>,
     rt: Netns,
     cl: Netns,
     /// The backends' namespace, kept for the test's length.
@@ -98,7 +103,9 @@ impl Drop for World {
         self.controller.take();
         for a in &mut self.amps {
             a.procs.clear();
+            a.bird = None;
         }
+        self.bird = None;
     }
 }
 
@@ -173,6 +180,7 @@ impl World {
                 addr,
                 dir: adir,
                 procs: Vec::new(),
+                bird: None,
                 ns,
             });
         }
@@ -181,6 +189,7 @@ impl World {
         World {
             controller: None,
             amps,
+            bird: None,
             rt,
             cl,
             _be: be,
@@ -189,8 +198,18 @@ impl World {
         }
     }
 
-    /// Certificates, the controller's config, and the controller itself.
+    /// Certificates, the controller's config, and the controller itself,
+    /// driving the router's nexthops (`linux-ecmp`).
     fn start_controller(&mut self) {
+        let distributor = format!(
+            "driver = \"linux-ecmp\"\nnetns = \"/run/netns/{}\"\ninterface = \"br0\"\nbuckets = 128\nidle_timer_s = 1\nresync_s = 1\n",
+            self.rt.name
+        );
+        self.start_controller_with(&distributor);
+    }
+
+    /// The same with `distributor` (the lines of its table).
+    fn start_controller_with(&mut self, distributor: &str) {
         let d = &self.dir;
         let controller_ca = Ca::new("controller CA");
         let amphora_ca = Ca::new("amphora CA");
@@ -234,19 +253,12 @@ heartbeat_timeout_ms = 600
 check_interval_ms = 50
 failover_threshold = 3
 [distributor]
-driver = "linux-ecmp"
-netns = "/run/netns/{rt}"
-interface = "br0"
-buckets = 128
-idle_timer_s = 1
-resync_s = 1
-"#,
+{distributor}"#,
             db = d.path("control.db").display(),
             client_crt = d.path("client.crt").display(),
             client_key = d.path("client.key").display(),
             amphora_ca = d.path("amphora-ca.crt").display(),
             hb = d.path("heartbeat.key").display(),
-            rt = self.rt.name,
         );
         std::fs::write(d.path("control.toml"), config).unwrap();
         self.spawn_controller("control.log");
@@ -293,6 +305,14 @@ resync_s = 1
             limits: "",
         }
         .render();
+        let config = match &a.bird {
+            Some(b) => format!(
+                "{config}[bgp]\nbird_socket = \"{}\"\nbird_config = \"{}\"\nwithdraw_delay_ms = 500\n",
+                b.socket.display(),
+                b.config.display()
+            ),
+            None => config,
+        };
         let conf = a.dir.join("agent.toml");
         std::fs::write(&conf, config).unwrap();
         // The agent connects to the dataplane's socket: let it appear.
@@ -605,7 +625,16 @@ fn lb_status(w: &World, lb: &str) -> Value {
     w.siphon(&["loadbalancer", "show", lb])["loadbalancer"].clone()
 }
 
-fn route_present(w: &World) -> bool {
+/// New connections after `dead` died: every one served, none by it.
+fn all_avoid(cl: &Netns, dead: &str) {
+    for (src, r) in connections(cl, SOURCES * 4) {
+        let (_, amphora) = r.unwrap_or_else(|e| panic!("{src} after the kill: {e}"));
+        assert_ne!(amphora, dead);
+    }
+}
+
+/// The router's routes to the VIP (`ip -j route show`).
+fn vip_routes(w: &World) -> Vec<Value> {
     let out = Command::new("ip")
         .args([
             "-n",
@@ -618,7 +647,29 @@ fn route_present(w: &World) -> bool {
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array().is_some_and(|a| !a.is_empty())
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn route_present(w: &World) -> bool {
+    !vip_routes(w).is_empty()
+}
+
+/// Checks `conns` all served, over every one of `amphorae`, each
+/// source on one backend; how many sources more than one amphora carried.
+fn check_spread(conns: &[(IpAddr, Result<Answer, String>)], amphorae: usize) -> usize {
+    let mut per_source: BTreeMap<IpAddr, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for (src, r) in conns {
+        let (backend, amphora) = r.clone().unwrap_or_else(|e| panic!("{src}: {e}"));
+        let e = per_source.entry(*src).or_default();
+        e.0.insert(backend);
+        e.1.insert(amphora);
+    }
+    let carriers: BTreeSet<&String> = per_source.values().flat_map(|(_, a)| a).collect();
+    assert_eq!(carriers.len(), amphorae, "carried by {carriers:?}");
+    for (src, (backends, _)) in &per_source {
+        assert_eq!(backends.len(), 1, "{src} reached {backends:?}");
+    }
+    per_source.values().filter(|(_, a)| a.len() > 1).count()
 }
 
 fn wait_field(w: &World, lb: &str, field: &str, want: &str) {
@@ -645,24 +696,10 @@ fn wait_lb(w: &World, lb: &str, within: Duration) {
     }
 }
 
-#[test]
-fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
-    if !root_or_skip("active-active in network namespaces") {
-        return;
-    }
-    siphon_testkit::raise_fd_limit();
-    let mut w = World::build(5);
-    w.start_controller();
-    for i in 1..=5 {
-        w.start_amphora(i);
-    }
-    for i in 1..=3 {
-        w.register(i);
-    }
-    for id in ["a1", "a2", "a3"] {
-        w.wait_amphora(id, "READY", Duration::from_secs(10));
-    }
-
+/// The load balancer, through the CLI: TCP 80 and UDP 53 on the VIP, on
+/// three amphorae, both keyed on the client's address, over the three
+/// backends; `ACTIVE`.
+fn create_lb(w: &World) -> String {
     // The load balancer, through the CLI: TCP 80 and UDP 53, both keyed
     // on the client's address.
     let lb = w.siphon(&[
@@ -727,7 +764,29 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
             ]);
         }
     }
-    wait_lb(&w, &lb, Duration::from_secs(10));
+    wait_lb(w, &lb, Duration::from_secs(10));
+    lb
+}
+
+#[test]
+fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
+    if !root_or_skip("active-active in network namespaces") {
+        return;
+    }
+    siphon_testkit::raise_fd_limit();
+    let mut w = World::build(5);
+    w.start_controller();
+    for i in 1..=5 {
+        w.start_amphora(i);
+    }
+    for i in 1..=3 {
+        w.register(i);
+    }
+    for id in ["a1", "a2", "a3"] {
+        w.wait_amphora(id, "READY", Duration::from_secs(10));
+    }
+
+    let lb = create_lb(&w);
 
     // The same config on every amphora, and the VIP routed over all three.
     let configs = w.configs(&[1, 2, 3]);
@@ -738,23 +797,10 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
 
     // Many sources: spread over the three, each source on one backend.
     let conns = connections(&w.cl, SOURCES * 6);
-    let mut per_source: BTreeMap<IpAddr, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
-    for (src, r) in &conns {
-        let (backend, amphora) = r.clone().unwrap_or_else(|e| panic!("{src}: {e}"));
-        let e = per_source.entry(*src).or_default();
-        e.0.insert(backend);
-        e.1.insert(amphora);
-    }
-    let carriers: BTreeSet<&String> = per_source.values().flat_map(|(_, a)| a).collect();
-    assert_eq!(carriers.len(), 3, "carried by {carriers:?}");
-    for (src, (backends, _)) in &per_source {
-        assert_eq!(backends.len(), 1, "{src} reached {backends:?}");
-    }
-    let multi = per_source.values().filter(|(_, a)| a.len() > 1).count();
+    let multi = check_spread(&conns, 3);
     println!(
-        "spread: {} connections from {SOURCES} sources over {} amphorae; {multi} sources were carried by more than one amphora and each kept one backend",
+        "spread: {} connections from {SOURCES} sources over 3 amphorae; {multi} sources were carried by more than one amphora and each kept one backend",
         conns.len(),
-        carriers.len()
     );
     assert!(multi > 0);
 
@@ -779,13 +825,7 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
         "{failover:?} ({gone:?} of polling)"
     );
     // From then on, new connections succeed, on the survivors.
-    let after = connections(&w.cl, SOURCES * 4);
-    for (src, r) in &after {
-        let (_, amphora) = r
-            .clone()
-            .unwrap_or_else(|e| panic!("{src} after the kill: {e}"));
-        assert_ne!(amphora, dead);
-    }
+    all_avoid(&w.cl, &dead);
     // UDP flows keep their backend, wherever they are carried now.
     let (changed, moved) = recheck(&mut udp);
     println!(
@@ -998,4 +1038,177 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     for id in ["a1", "a3", "a4"] {
         w.wait_amphora(id, "READY", Duration::from_secs(10));
     }
+}
+
+/// The router's BIRD: BGP with BFD from any amphora on br0, VIPs of
+/// 198.18.100.0/24 taken as /32s, several next hops merged into one
+/// multipath route (plain ECMP: Linux re-hashes when one goes).
+const ROUTER_BIRD: &str = r#"
+router id 198.18.1.1;
+protocol device {}
+protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }
+protocol kernel { merge paths on; ipv4 { import none; export all; }; }
+protocol bgp amphorae {
+  local 198.18.1.1 as 64512; neighbor range 198.18.1.0/24 as 64513;
+  bfd on; hold time 3; keepalive time 1;
+  ipv4 { import where net ~ [ 198.18.100.0/24{32,32} ]; export none; };
+}
+"#;
+
+/// The next hops of the VIP's route on the router, as BGP put it there.
+fn bgp_targets(w: &World) -> BTreeSet<String> {
+    let mut hops = BTreeSet::new();
+    for r in &vip_routes(w) {
+        if let Some(g) = r["gateway"].as_str() {
+            hops.insert(g.to_owned());
+        }
+        for n in r["nexthops"].as_array().into_iter().flatten() {
+            if let Some(g) = n["gateway"].as_str() {
+                hops.insert(g.to_owned());
+            }
+        }
+    }
+    hops
+}
+
+fn wait_bgp(w: &World, want: &BTreeSet<String>, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let now = bgp_targets(w);
+        if &now == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "VIP routed via {now:?}, want {want:?}: {}",
+            w.bird
+                .as_ref()
+                .map(|b| b.birdc("show protocols"))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
+    let test = "active-active over BGP in network namespaces";
+    if !root_or_skip(test) {
+        return;
+    }
+    siphon_testkit::raise_fd_limit();
+    let mut w = World::build(3);
+    let Some(router) = Bird::start_or_skip(test, &w.rt, "router", ROUTER_BIRD) else {
+        return;
+    };
+    w.bird = Some(router);
+    w.start_controller_with(
+        "driver = \"bgp\"\nlocal_as = 64513\nhold_time_s = 3\n\
+         bfd = { min_rx_ms = 100, min_tx_ms = 100, multiplier = 3 }\n\
+         [[distributor.peers]]\naddress = \"198.18.1.1\"\nasn = 64512\n",
+    );
+    for i in 1..=3 {
+        let a = &w.amps[i - 1];
+        let bird = Bird::start_or_skip(test, &a.ns, &a.id, "protocol device {}\n").unwrap();
+        w.amps[i - 1].bird = Some(bird);
+        w.start_amphora(i);
+        w.register(i);
+    }
+    for id in ["a1", "a2", "a3"] {
+        w.wait_amphora(id, "READY", Duration::from_secs(10));
+    }
+    let _lb = create_lb(&w);
+    // The route comes from BGP, one next hop per amphora.
+    let all = w.addrs(&[1, 2, 3]);
+    wait_bgp(&w, &all, Duration::from_secs(15));
+    // Each amphora says so in its heartbeat: session up, BFD up, VIP
+    // announced.
+    let up = |w: &World, id: &str| {
+        let a = &w.siphon(&["amphora", "show", id])["amphora"];
+        let s = &a["bgp"]["sessions"][0];
+        s["state"] == "Established"
+            && s["bfd"] == "Up"
+            && a["bgp"]["announced"][0] == format!("{VIP}/32")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !["a1", "a2", "a3"].iter().all(|id| up(&w, id)) {
+        assert!(
+            Instant::now() < deadline,
+            "{:#}",
+            w.siphon(&["amphora", "list"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Spread and agreement: every source on one backend, whichever
+    // amphora the router hashed it to.
+    let conns = connections(&w.cl, SOURCES * 6);
+    check_spread(&conns, 3);
+    println!(
+        "over BGP: {} connections from {SOURCES} sources spread over 3 amphorae, each source on one backend",
+        conns.len(),
+    );
+
+    // a1's dataplane dies, its agent lives: a1 withdraws the VIP.
+    let socket = w.amps[0].dir.join("dataplane.sock");
+    w.amps[0].procs[0].kill();
+    let killed = Instant::now();
+    let withdrawn = wait_bgp(&w, &w.addrs(&[2, 3]), Duration::from_secs(5));
+    println!(
+        "a1's dataplane killed: withdrawn from the router {} ms later",
+        killed.elapsed().as_millis()
+    );
+    assert!(withdrawn < Duration::from_secs(1), "{withdrawn:?}");
+    // A new dataplane: the agent puts the config back, a1 announces again.
+    let dataplane = process::binary("siphon-dataplane");
+    let p = spawn_in(
+        &w.amps[0].ns,
+        &dataplane,
+        &[
+            "run",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--workers",
+            "1",
+        ],
+        w.amps[0].dir.join("dataplane-2.log"),
+    );
+    w.amps[0].procs[0] = p;
+    wait_bgp(&w, &all, Duration::from_secs(5));
+
+    // Every controller stopped; then a2 dies (processes killed, link
+    // down). The routers alone take it out, by BFD.
+    if let Some(mut c) = w.controller.take() {
+        c.kill();
+    }
+    let mut udp = flows(&w.cl, SOURCES * 2);
+    let mut held = hold(&w.cl, SOURCES * 2);
+    let dead = w.amps[1].addr.clone();
+    let on_dead = held.iter().filter(|h| h.seen.1 == dead).count();
+    let udp_on_dead = udp.iter().filter(|f| f.seen.1 == dead).count();
+    let killed = Instant::now();
+    w.kill_amphora(2);
+    wait_bgp(&w, &w.addrs(&[1, 3]), Duration::from_secs(5));
+    let outage = killed.elapsed();
+    println!(
+        "a2 killed with no controller running: out of the router's route {} ms later (BFD 100 ms x 3)",
+        outage.as_millis()
+    );
+    assert!(outage < Duration::from_secs(1), "{outage:?}");
+    all_avoid(&w.cl, &dead);
+    // UDP flows keep their backend (Maglev on every amphora); established
+    // TCP on the survivors: plain ECMP re-hashes over the two left, so
+    // some move to an amphora that has no socket for them.
+    let (changed, moved) = recheck(&mut udp);
+    assert_eq!(changed, 0, "UDP flows changed backend");
+    let (mut on_survivors, mut broken) = (0, 0);
+    for h in held.iter_mut().filter(|h| h.seen.1 != dead) {
+        on_survivors += 1;
+        broken += usize::from(!h.alive());
+    }
+    println!(
+        "after the loss: {moved} of {} UDP flows moved amphora ({udp_on_dead} were on a2), none changed backend; \
+         established TCP on the survivors: {broken} of {on_survivors} broken by the router's re-hash ({on_dead} were on a2)",
+        udp.len()
+    );
 }

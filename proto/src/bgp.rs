@@ -20,6 +20,11 @@ pub struct Peering {
     /// This amphora's AS.
     pub local_as: u32,
     pub peers: Vec<Peer>,
+    /// The BGP router id: the amphora's IPv4 address facing the routers
+    /// (absent: BIRD picks one of its addresses, which may be a VIP that
+    /// every amphora shares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<std::net::Ipv4Addr>,
     /// BGP hold time, seconds (3 to 65535; keepalives a third of it).
     #[serde(default = "default_hold")]
     pub hold_time_s: u16,
@@ -168,6 +173,7 @@ mod tests {
                     password: None,
                 },
             ],
+            router_id: None,
             hold_time_s: 3,
             bfd: Some(Bfd {
                 min_rx_ms: 100,

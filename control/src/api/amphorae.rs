@@ -34,7 +34,7 @@ fn amphora_view(ctl: &Controller, a: &Amphora) -> Value {
         .liveness
         .last_heard(&a.id)
         .map(|t| t.elapsed().as_millis() as u64);
-    view::amphora(a, ago)
+    view::amphora(a, ago, ctl.liveness.bgp(&a.id).as_ref())
 }
 
 async fn list(ctl: Ctl, RawQuery(q): RawQuery, at: SelfUrl) -> ApiResult {

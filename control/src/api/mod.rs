@@ -141,7 +141,8 @@ async fn fresh(AxState(ctl): Ctl, req: Request, next: Next) -> Response {
 }
 
 async fn metrics(AxState(ctl): Ctl) -> Response {
-    let page = ctl.db.read(|s| ctl.metrics.render(s));
+    let bgp = ctl.liveness.bgp_all();
+    let page = ctl.db.read(|s| ctl.metrics.render(s, &bgp));
     (
         [(
             hyper::header::CONTENT_TYPE,

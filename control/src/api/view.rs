@@ -311,7 +311,13 @@ pub fn health_monitor(h: &HealthMonitor) -> HealthMonitorView<'_> {
     }
 }
 
-pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
+/// An amphora as the API shows it; `bgp`: what its last heartbeat said
+/// of its BGP sessions and announcements (Siphon's extension).
+pub fn amphora(
+    a: &Amphora,
+    last_seen_ms_ago: Option<u64>,
+    bgp: Option<&siphon_proto::bgp::BgpStatus>,
+) -> Value {
     json!({
         "id": a.id,
         "loadbalancer_id": a.load_balancer_id,
@@ -343,5 +349,6 @@ pub fn amphora(a: &Amphora, last_seen_ms_ago: Option<u64>) -> Value {
         "next_attempt_at": a.next_attempt_at,
         "heartbeat_key_id": a.heartbeat_key.as_ref().map(|k| k.key_id),
         "heartbeat_key_acked": a.heartbeat_key_acked,
+        "bgp": bgp,
     })
 }

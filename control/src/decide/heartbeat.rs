@@ -35,6 +35,7 @@ pub fn report(beat: &Heartbeat) -> Report {
         generation: beat.generation,
         persisted_generation: Some(beat.persisted_generation),
         vips: reported_vips(beat),
+        bgp: beat.bgp.clone(),
     }
 }
 

@@ -267,6 +267,7 @@ mod tests {
             generation: Some(1),
             persisted_generation: Some(Some(1)),
             vips: Some(vec!["198.18.0.1/32".into()]),
+            bgp: None,
         }
     }
 
@@ -306,18 +307,21 @@ mod tests {
             generation: Some(5),
             persisted_generation: Some(None),
             vips: None,
+            bgp: None,
         };
         assert!(drift(5, None, &lost).unwrap().contains("keeps no config"));
         let old = Report {
             generation: Some(5),
             persisted_generation: Some(Some(4)),
             vips: None,
+            bgp: None,
         };
         assert!(drift(5, None, &old).unwrap().contains("keeps generation 4"));
         let no_vip = Report {
             generation: Some(5),
             persisted_generation: Some(Some(5)),
             vips: Some(vec!["198.18.0.9".into()]),
+            bgp: None,
         };
         assert!(drift(5, Some("198.18.0.7"), &no_vip)
             .unwrap()

@@ -21,9 +21,12 @@
 //!   controller: a flushed route, nexthops the kernel dropped when the
 //!   link lost carrier, an interface or namespace created anew.
 //!
-//! Drivers: `noop` (the network delivers the VIP; nothing to program) and
+//! Drivers: `noop` (the network delivers the VIP; nothing to program),
 //! `linux-ecmp` ([`LinuxEcmp`]: the VIP routed on a Linux router over a
-//! resilient nexthop group, one nexthop per amphora, through [`nexthop`]).
+//! resilient nexthop group, one nexthop per amphora, through [`nexthop`]),
+//! and `bgp` (each amphora announces its VIPs to the operator's routers:
+//! nothing to program here either; the peering is pushed with the VIPs,
+//! see [`crate::provision`]).
 
 pub mod nexthop;
 
@@ -235,7 +238,9 @@ impl Driver for LinuxEcmp {
 /// The driver the config names.
 pub fn open(c: &config::Distributor) -> Result<Box<dyn Driver>, DistributorError> {
     Ok(match c {
-        config::Distributor::Noop => Box::new(Noop),
+        // Over BGP the amphorae announce their VIPs themselves (the
+        // peering goes with each push): nothing to program here.
+        config::Distributor::Noop | config::Distributor::Bgp(_) => Box::new(Noop),
         config::Distributor::LinuxEcmp(e) => Box::new(LinuxEcmp::open(e)?),
     })
 }
