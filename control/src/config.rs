@@ -197,6 +197,50 @@ fn default_bgp_hold() -> u16 {
 }
 
 impl Bgp {
+    /// Peer `i`, its password read from its file (mode 0600).
+    fn peer(&self, i: usize) -> Result<siphon_proto::bgp::Peer, ConfigError> {
+        let p = &self.peers[i];
+        let password = match &p.password_file {
+            Some(f) => {
+                let field = format!("distributor.peers[{i}].password_file");
+                let raw = read_secret(f, &field)?;
+                let text = String::from_utf8(raw).map_err(|_| ConfigError::Invalid {
+                    path: f.clone(),
+                    field,
+                    problem: "not UTF-8".into(),
+                })?;
+                Some(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            None => None,
+        };
+        Ok(siphon_proto::bgp::Peer {
+            address: p.address,
+            asn: p.asn,
+            password,
+        })
+    }
+
+    /// Every peer's password file read and its password one BIRD takes,
+    /// whatever network the peer is for.
+    fn check_passwords(&self) -> Result<(), ConfigError> {
+        for i in 0..self.peers.len() {
+            let peer = self.peer(i)?;
+            let alone = siphon_proto::bgp::Peering {
+                local_as: self.local_as,
+                router_id: None,
+                peers: vec![peer],
+                hold_time_s: self.hold_time_s,
+                bfd: self.bfd.clone(),
+            };
+            alone.check().map_err(|e| ConfigError::Invalid {
+                path: self.peers[i].password_file.clone().unwrap_or_default(),
+                field: format!("distributor.peers[{i}].password_file"),
+                problem: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
     /// The peering an amphora gets: the peers of the network its
     /// address on the VIP network (`data_address`) is in, and those of
     /// every network; passwords read from their files. `None` peers: the
@@ -215,24 +259,7 @@ impl Bgp {
             if !applies {
                 continue;
             }
-            let password = match &p.password_file {
-                Some(f) => {
-                    let field = format!("distributor.peers[{i}].password_file");
-                    let raw = read_secret(f, &field)?;
-                    let text = String::from_utf8(raw).map_err(|_| ConfigError::Invalid {
-                        path: f.clone(),
-                        field,
-                        problem: "not UTF-8".into(),
-                    })?;
-                    Some(text.trim_end_matches(['\n', '\r']).to_owned())
-                }
-                None => None,
-            };
-            peers.push(siphon_proto::bgp::Peer {
-                address: p.address,
-                asn: p.asn,
-                password,
-            });
+            peers.push(self.peer(i)?);
         }
         let router_id = match data_address {
             Some(IpAddr::V4(a)) => Some(a),
@@ -602,19 +629,7 @@ impl ControlConfig {
             read_secret(&t.key, "agent_tls.key")?;
         }
         if let Distributor::Bgp(b) = &self.distributor {
-            // Every password file, whatever network it is for.
-            let all = Bgp {
-                peers: b
-                    .peers
-                    .iter()
-                    .map(|p| BgpPeer {
-                        network: None,
-                        ..p.clone()
-                    })
-                    .collect(),
-                ..b.clone()
-            };
-            all.peering_for(None)?;
+            b.check_passwords()?;
         }
         Ok(())
     }
@@ -917,10 +932,22 @@ mod tests {
         let second = b.peering_for(Some("198.18.2.20".parse().unwrap())).unwrap();
         assert_eq!(second.peers[0].address.to_string(), "198.18.2.1");
         assert_eq!(second.peers[0].password, None);
-        // A password others can read is refused, as every secret.
+        // A password others can read is refused, as every secret, and
+        // one BIRD would not take too; the error names the peer.
         std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = c.check_secrets().unwrap_err().to_string();
         assert!(e.contains("distributor.peers[0].password_file"), "{e}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let quoted = dir.join("quoted-password");
+        std::fs::write(&quoted, "a\"b\n").unwrap();
+        std::fs::set_permissions(&quoted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut c2 = c.clone();
+        let Distributor::Bgp(b2) = &mut c2.distributor else {
+            unreachable!()
+        };
+        b2.peers[2].password_file = Some(quoted);
+        let e = c2.check_secrets().unwrap_err().to_string();
+        assert!(e.contains("distributor.peers[2].password_file"), "{e}");
         // What BIRD would refuse is refused at load.
         let e = |t: String| ControlConfig::parse(&t, p).unwrap_err().to_string();
         let bgp = "[auth]\nmode = \"noauth\"\n[distributor]\ndriver = \"bgp\"\n";
