@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use siphon_proto::http::{self, Request, Target};
+use siphon_proto::http::Target;
 use tokio::sync::watch;
 
 use ipnet::IpNet;
@@ -294,14 +294,11 @@ async fn serving(dataplane: &Target, persisted: Option<u64>) -> bool {
     let Some(want) = persisted else {
         return false;
     };
-    let asked = http::send(dataplane, Request::get("/v1/generation"));
-    let Ok(Ok(r)) = tokio::time::timeout(CHECK_EVERY, asked).await else {
+    let asked = crate::running_generation(dataplane);
+    let Ok(Ok(Some(running))) = tokio::time::timeout(CHECK_EVERY, asked).await else {
         return false;
     };
-    serde_json::from_str::<serde_json::Value>(&r.body)
-        .ok()
-        .and_then(|v| v["generation"].as_u64())
-        .is_some_and(|g| g >= want)
+    running >= want
 }
 
 /// Every [`CHECK_EVERY`]: the VIPs to announce (those held, while the

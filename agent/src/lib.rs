@@ -316,6 +316,14 @@ async fn serve_tls(
 
 /// Puts the persisted config back whenever the dataplane runs an older
 /// generation than it: at start, and after the dataplane restarted.
+/// The generation the dataplane runs (`None`: its answer did not say).
+pub(crate) async fn running_generation(dataplane: &Target) -> Result<Option<u64>, http::HttpError> {
+    let r = http::send(dataplane, Request::get("/v1/generation")).await?;
+    Ok(serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["generation"].as_u64()))
+}
+
 async fn watch_dataplane(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
     let mut reachable = true;
     // A generation the dataplane refused is not retried (it would only be
@@ -330,10 +338,8 @@ async fn watch_dataplane(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
         let Some(config) = persisted.as_ref() else {
             continue;
         };
-        let running = match http::send(&agent.dataplane, Request::get("/v1/generation")).await {
-            Ok(r) => serde_json::from_str::<serde_json::Value>(&r.body)
-                .ok()
-                .and_then(|v| v["generation"].as_u64()),
+        let running = match running_generation(&agent.dataplane).await {
+            Ok(g) => g,
             Err(e) => {
                 if reachable {
                     tracing::warn!(error = %e, "dataplane unreachable");

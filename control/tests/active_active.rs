@@ -44,8 +44,8 @@ const API: &str = "http://127.0.0.1:9876";
 
 /// `bin args` inside `ns`, output in `log`; killed on drop.
 fn spawn_in(ns: &Netns, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name]).arg(bin).args(args);
+    let mut cmd = ns.command(bin);
+    cmd.args(args);
     Proc::spawn(cmd, &log)
 }
 

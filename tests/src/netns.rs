@@ -27,6 +27,14 @@ pub fn ip(args: &[&str]) -> io::Result<()> {
     }
 }
 
+/// `program` to be run inside the namespace called `name` (`ip netns
+/// exec`, which execs it: the child's pid is the program's).
+pub fn exec(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", name]).arg(program);
+    c
+}
+
 /// A network namespace, deleted on drop (with the veth ends inside it,
 /// which takes their peers outside with them).
 #[derive(Debug)]
@@ -115,12 +123,9 @@ impl Netns {
         on_host(&["link", "set", host_if, "up"])
     }
 
-    /// `program` to be run inside the namespace (`ip netns exec`, which
-    /// execs it: the child's pid is the program's).
+    /// `program` to be run inside the namespace: [`exec`].
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        exec(&self.name, program)
     }
 
     /// Runs `f` on a thread inside the namespace: sockets it opens belong

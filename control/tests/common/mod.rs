@@ -680,11 +680,7 @@ impl ControllerProcess {
     pub fn spawn(&mut self) {
         let bin = env!("CARGO_BIN_EXE_siphon-control");
         let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", ns, bin]);
-                c
-            }
+            Some(ns) => siphon_testkit::netns::exec(ns, bin),
             None => std::process::Command::new(bin),
         };
         cmd.args(["--config", self.config.to_str().unwrap()]);
