@@ -22,11 +22,22 @@ struct Cli {
     log: String,
 }
 
+const NETLINK_PARSER: &str = "netlink_packet_route";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The netlink parser warns on every interface dump of a kernel newer
+    // than it (a longer IPv6 settings block it skips): noise every 100 ms
+    // on any host with IPv6, unless asked for by name.
+    let named = |f: &str| f.contains(NETLINK_PARSER);
+    if !std::env::var("RUST_LOG").is_ok_and(|f| named(&f)) && !named(&cli.log) {
+        if let Ok(d) = format!("{NETLINK_PARSER}=error").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

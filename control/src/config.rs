@@ -313,9 +313,16 @@ pub struct LinuxEcmp {
     #[serde(default = "default_buckets")]
     pub buckets: u16,
     /// Seconds a bucket must be idle before it moves to a new nexthop: a
-    /// scale-out or a recovery takes only idle flows.
+    /// scale-out or a recovery takes only idle flows. The least: each
+    /// VIP's group waits at least its listeners' longest data timeout
+    /// plus `idle_margin_s`, so no connection still open is moved.
     #[serde(default = "default_idle_timer_s")]
     pub idle_timer_s: u32,
+    /// Seconds added to the listeners' longest data timeout for a VIP's
+    /// idle timer (the dataplane's close and the router's clock are not
+    /// in step).
+    #[serde(default = "default_idle_margin_s")]
+    pub idle_margin_s: u32,
     /// Seconds a group may stay unbalanced (a new amphora short of its
     /// share because no bucket went idle) before busy buckets move too,
     /// resetting their flows; 0: never.
@@ -546,6 +553,9 @@ fn default_buckets() -> u16 {
 }
 fn default_idle_timer_s() -> u32 {
     120
+}
+fn default_idle_margin_s() -> u32 {
+    5
 }
 fn default_first_id() -> u32 {
     1_000_000
@@ -787,6 +797,7 @@ impl ControlConfig {
             }
             for (field, v) in [
                 ("idle_timer_s", d.idle_timer_s),
+                ("idle_margin_s", d.idle_margin_s),
                 ("unbalanced_timer_s", d.unbalanced_timer_s),
             ] {
                 if v > MAX_TIMER_S {
@@ -992,6 +1003,7 @@ mod tests {
             Distributor::LinuxEcmp(LinuxEcmp {
                 buckets: 128,
                 idle_timer_s: 120,
+                idle_margin_s: 5,
                 ..
             })
         ));

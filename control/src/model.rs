@@ -115,6 +115,26 @@ pub struct LoadBalancer {
     /// or the load balancer is deleted.
     #[serde(default)]
     pub retry: Option<Retry>,
+    /// VIPs beyond the first, on other subnets of its network (Octavia's
+    /// `additional_vips`): a dual-stack load balancer has one of each
+    /// family. Every listener binds them all.
+    #[serde(default)]
+    pub additional_vips: Vec<AdditionalVip>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdditionalVip {
+    pub subnet_id: String,
+    pub ip_address: String,
+}
+
+impl LoadBalancer {
+    /// Every VIP address: the first, then the additional ones.
+    pub fn vips(&self) -> Vec<String> {
+        std::iter::once(self.vip_address.clone())
+            .chain(self.additional_vips.iter().map(|v| v.ip_address.clone()))
+            .collect()
+    }
 }
 
 /// A failed change waiting for its next attempt.
@@ -140,6 +160,20 @@ pub struct Listener {
     pub timeout_member_data: i64,
     pub timeout_tcp_inspect: i64,
     pub allowed_cidrs: Vec<String>,
+}
+
+/// Octavia's listener timeout range (ms): 0 to 24 days.
+pub const MAX_TIMEOUT_MS: i64 = 24 * 24 * 60 * 60 * 1000;
+
+impl Listener {
+    /// The longest (ms) a connection of this listener stays open while
+    /// idle before the dataplane closes it; `None` when a data timeout is
+    /// 0 (never).
+    pub fn idle_bound_ms(&self) -> Option<u64> {
+        let client = u64::try_from(self.timeout_client_data).ok()?;
+        let member = u64::try_from(self.timeout_member_data).ok()?;
+        (client > 0 && member > 0).then_some(client.max(member))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,9 +388,9 @@ pub trait Row {
     fn pool(&self) -> Option<&str> {
         None
     }
-    /// The address it holds (a load balancer: its VIP).
-    fn address(&self) -> Option<std::net::IpAddr> {
-        None
+    /// The addresses it holds (a load balancer: its VIPs).
+    fn addresses(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
     }
 }
 
@@ -448,7 +482,7 @@ impl<T: Row> Table<T> {
         }
         link(&mut self.by_lb, v.load_balancer(), &id);
         link(&mut self.by_pool, v.pool(), &id);
-        if let Some(a) = v.address() {
+        for a in v.addresses() {
             self.by_address.entry(a).or_default().insert(id.clone());
         }
         self.rows.insert(id, v);
@@ -464,7 +498,7 @@ impl<T: Row> Table<T> {
         }
         unlink(&mut self.by_lb, old.load_balancer(), id);
         unlink(&mut self.by_pool, old.pool(), id);
-        if let Some(a) = old.address() {
+        for a in old.addresses() {
             if let Some(ids) = self.by_address.get_mut(&a) {
                 ids.remove(id);
                 if ids.is_empty() {
@@ -506,9 +540,9 @@ impl<T: Row> Table<T> {
 
 macro_rules! row {
     ($t:ty, |$s:ident| lb: $lb:expr, pool: $pool:expr) => {
-        row!($t, |$s| lb: $lb, pool: $pool, address: None);
+        row!($t, |$s| lb: $lb, pool: $pool, addresses: Vec::new());
     };
-    ($t:ty, |$s:ident| lb: $lb:expr, pool: $pool:expr, address: $address:expr) => {
+    ($t:ty, |$s:ident| lb: $lb:expr, pool: $pool:expr, addresses: $addresses:expr) => {
         impl Row for $t {
             fn id(&self) -> &str {
                 &self.common.id
@@ -530,15 +564,15 @@ macro_rules! row {
                 $pool
             }
             #[allow(unused_variables)]
-            fn address(&self) -> Option<std::net::IpAddr> {
+            fn addresses(&self) -> Vec<std::net::IpAddr> {
                 let $s = self;
-                $address
+                $addresses
             }
         }
     };
 }
 
-row!(LoadBalancer, |l| lb: None, pool: None, address: l.vip_address.parse().ok());
+row!(LoadBalancer, |l| lb: None, pool: None, addresses: l.vips().iter().filter_map(|a| a.parse().ok()).collect());
 row!(Listener, |l| lb: Some(l.load_balancer_id.as_str()), pool: l.default_pool_id.as_deref());
 row!(Pool, |p| lb: Some(p.load_balancer_id.as_str()), pool: None);
 row!(Member, |m| lb: Some(m.load_balancer_id.as_str()), pool: Some(m.pool_id.as_str()));

@@ -167,26 +167,27 @@ pub async fn push(
     }
 }
 
-/// VIPs, then config (the listeners bind the VIP); for a delete, the
-/// reverse.
+/// VIPs, then config (the listeners bind the VIPs); for a delete (no
+/// `vips`), the reverse.
 async fn push_amphora(
     ctl: &Controller,
     a: &Amphora,
     config: &siphon_proto::Config,
-    vip: Option<&str>,
+    vips: &[String],
     attempts: u32,
 ) -> Result<(), PushError> {
-    let remove: Vec<&String> = a.vips.iter().filter(|v| Some(v.as_str()) != vip).collect();
-    let vips = serde_json::to_vec(&json!({
+    let serving = !vips.is_empty();
+    let remove: Vec<&String> = a.vips.iter().filter(|v| !vips.contains(v)).collect();
+    let vips_body = serde_json::to_vec(&json!({
         "interface": a.vip_interface,
-        "add": vip.into_iter().collect::<Vec<_>>(),
+        "add": vips,
         "remove": remove,
     }))?;
     let config = serde_json::to_vec(config)?;
     let n = attempts;
     // Over BGP the agent announces the VIP it serves: its peering goes
     // first (idempotent: the agent answers the same for the same).
-    if let (crate::config::Distributor::Bgp(b), Some(_)) = (&ctl.config.distributor, vip) {
+    if let (crate::config::Distributor::Bgp(b), true) = (&ctl.config.distributor, serving) {
         let peering = b
             .peering_for(a.data_address())
             .map_err(|source| PushError::Peering {
@@ -196,12 +197,12 @@ async fn push_amphora(
         let body = serde_json::to_vec(&peering)?;
         push(ctl, a, Method::PUT, "/v1/bgp", body, n).await?;
     }
-    if vip.is_some() {
-        push(ctl, a, Method::PUT, "/v1/vips", vips, n).await?;
+    if serving {
+        push(ctl, a, Method::PUT, "/v1/vips", vips_body, n).await?;
         push(ctl, a, Method::PUT, "/v1/config", config, n).await?;
     } else {
         push(ctl, a, Method::PUT, "/v1/config", config, n).await?;
-        push(ctl, a, Method::PUT, "/v1/vips", vips, n).await?;
+        push(ctl, a, Method::PUT, "/v1/vips", vips_body, n).await?;
     }
     Ok(())
 }
@@ -267,7 +268,7 @@ async fn converge(ctl: &Controller, lb_id: &str) {
         Ok(a) => a,
         Err(e) => return finish(ctl, lb_id, Err(e.to_string()), &[]).await,
     };
-    let vip = (!deleting).then(|| lb.vip_address.clone());
+    let vips = if deleting { Vec::new() } else { lb.vips() };
     let pushes = amphorae.iter().map(|a| {
         let config = ctl.db.read(|s| {
             let lb = s
@@ -277,12 +278,12 @@ async fn converge(ctl: &Controller, lb_id: &str) {
                 .unwrap_or_else(|| lb.clone());
             crate::render::config(s, &lb, a.generation)
         });
-        let vip = vip.clone();
+        let vips = &vips;
         async move {
             let attempts = ctl.config.push.attempts;
             (
                 a.id.clone(),
-                push_amphora(ctl, a, &config, vip.as_deref(), attempts).await,
+                push_amphora(ctl, a, &config, vips, attempts).await,
             )
         }
     });
@@ -309,7 +310,7 @@ async fn converge(ctl: &Controller, lb_id: &str) {
                     let mut a = a.clone();
                     match r {
                         Ok(()) => {
-                            a.vips = vip.iter().cloned().collect();
+                            a.vips = vips.clone();
                             a.error = None;
                         }
                         Err(e) => a.error = Some(e.to_string()),
@@ -338,16 +339,13 @@ pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), ProvisionEr
     let Some(a) = got.pop() else {
         return Err(ProvisionError::Gone(amphora.to_owned()));
     };
-    let Some((config, vip)) = ctl.db.read(|s| {
+    let Some((config, vips)) = ctl.db.read(|s| {
         let lb = s.load_balancers.get(a.load_balancer_id.as_deref()?)?;
-        Some((
-            crate::render::config(s, lb, a.generation),
-            lb.vip_address.clone(),
-        ))
+        Some((crate::render::config(s, lb, a.generation), lb.vips()))
     }) else {
         return Err(ProvisionError::Unassigned(amphora.to_owned()));
     };
-    let r = push_amphora(ctl, &a, &config, Some(&vip), 1).await;
+    let r = push_amphora(ctl, &a, &config, &vips, 1).await;
     if r.is_ok() {
         ctl.liveness.pushed(amphora, Instant::now());
     } else {
@@ -359,7 +357,7 @@ pub async fn push_one(ctl: &Controller, amphora: &str) -> Result<(), ProvisionEr
             if let Some(a) = s.amphorae.get(amphora) {
                 if r.is_ok() {
                     let mut a = a.clone();
-                    a.vips = vec![vip.clone()];
+                    a.vips = vips.clone();
                     a.error = None;
                     a.next_attempt_at = None;
                     tx.put(a);
@@ -428,7 +426,7 @@ async fn wipe(ctl: &Controller, id: &str) {
         listeners: Vec::new(),
         pools: Vec::new(),
     };
-    match push_amphora(ctl, &a, &empty, None, ctl.config.push.attempts).await {
+    match push_amphora(ctl, &a, &empty, &[], ctl.config.push.attempts).await {
         Ok(()) => {
             let _ = ctl
                 .db

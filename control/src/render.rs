@@ -70,7 +70,7 @@ fn listener(lb: &LoadBalancer, l: &Listener, pool: Option<&str>) -> dp::Listener
     dp::Listener {
         id: l.common.id.clone(),
         protocol: l.protocol,
-        bind_addresses: vec![lb.vip_address.clone()],
+        bind_addresses: lb.vips(),
         protocol_port: i64::from(l.protocol_port),
         connection_limit: l.connection_limit,
         timeout_client_data: l.timeout_client_data.max(0) as u64,

@@ -67,6 +67,19 @@ pub fn allocate(
     network_id: Option<&str>,
     address: Option<&str>,
 ) -> Result<Vip, VipError> {
+    allocate_avoiding(subnets, s, subnet_id, network_id, address, &[])
+}
+
+/// [`allocate`], with `also_taken` (given to the same load balancer
+/// already) counted as held.
+pub fn allocate_avoiding(
+    subnets: &[VipSubnet],
+    s: &State,
+    subnet_id: Option<&str>,
+    network_id: Option<&str>,
+    address: Option<&str>,
+    also_taken: &[IpAddr],
+) -> Result<Vip, VipError> {
     let wanted: Option<IpAddr> = match address {
         Some(a) => Some(
             a.parse()
@@ -93,7 +106,7 @@ pub fn allocate(
         }
         (None, None) => return Err(VipError::NoneGiven),
     };
-    let used = |a: &IpAddr| s.load_balancers.holds_address(a);
+    let used = |a: &IpAddr| s.load_balancers.holds_address(a) || also_taken.contains(a);
     let address = match wanted {
         Some(a) => {
             let (subnet, cidr) = (subnet.id.clone(), subnet.cidr);

@@ -25,6 +25,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use siphon_testkit::agent::AgentToml;
 use siphon_testkit::bird::Bird;
@@ -36,10 +37,19 @@ use siphon_testkit::TempDir;
 
 const VIP: &str = "198.18.100.10";
 const SUBNET: &str = "6d0f4a2e-3b1c-4e5d-9f8a-1b2c3d4e5f60";
+/// The BGP test's second VIP (dual stack), from the VIP network's IPv6
+/// subnet.
+const VIP6: &str = "2001:db8:100::10";
+const SUBNET6: &str = "9a3c5e7f-1b2d-4c6e-8f0a-3d4e5f6a7b82";
+/// IPv6 client sources (the first ones of `source6`).
+const SOURCES6: usize = 8;
 const NETWORK: &str = "7e1a5b3f-4c2d-4f6e-8a9b-2c3d4e5f6a71";
 const TOKEN: &str = "active-active-token";
 /// Client source addresses: 198.18.0.10 and up.
 const SOURCES: usize = 24;
+/// The linux-ecmp test's resilient group idle timer: its listeners' 6 s
+/// data timeouts plus idle_margin_s.
+const IDLE_TIMER: Duration = Duration::from_secs(7);
 const API: &str = "http://127.0.0.1:9876";
 
 /// `bin args` inside `ns`, output in `log`; killed on drop.
@@ -120,10 +130,14 @@ impl World {
             &rt,
             "echo 1 > /proc/sys/net/ipv4/ip_forward && \
              echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy && \
-             echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter",
+             echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && \
+             echo 1 > /proc/sys/net/ipv6/conf/all/forwarding && \
+             echo 1 > /proc/sys/net/ipv6/fib_multipath_hash_policy",
         );
         rt.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
         rt.ip(&["addr", "add", "198.18.1.1/24", "dev", "br0"])
+            .unwrap();
+        rt.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "br0", "nodad"])
             .unwrap();
         rt.ip(&["link", "set", "br0", "up"]).unwrap();
         // Client and backends, each on a link of its own.
@@ -156,6 +170,15 @@ impl World {
             let gw = rt_addr.split('/').next().unwrap();
             ns.ip(&["route", "add", "default", "via", gw]).unwrap();
         }
+        // The client has IPv6 sources too.
+        rt.ip(&["addr", "add", "2001:db8::1/64", "dev", "vc", "nodad"])
+            .unwrap();
+        for i in 0..SOURCES6 {
+            let a = format!("{}/64", source6(i));
+            cl.ip(&["addr", "add", &a, "dev", "eth0", "nodad"]).unwrap();
+        }
+        cl.ip(&["-6", "route", "add", "default", "via", "2001:db8::1"])
+            .unwrap();
         // Amphorae on the bridge.
         let mut amps = Vec::new();
         for i in 1..=amphorae {
@@ -170,8 +193,13 @@ impl World {
             let addr = format!("198.18.1.{}", 10 + i);
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])
                 .unwrap();
+            let addr6 = format!("2001:db8:1::{}/64", 10 + i);
+            ns.ip(&["addr", "add", &addr6, "dev", "eth0", "nodad"])
+                .unwrap();
             ns.ip(&["link", "set", "eth0", "up"]).unwrap();
             ns.ip(&["route", "add", "default", "via", "198.18.1.1"])
+                .unwrap();
+            ns.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"])
                 .unwrap();
             let adir = dir.path(&format!("a{i}"));
             std::fs::create_dir_all(&adir).unwrap();
@@ -202,7 +230,7 @@ impl World {
     /// driving the router's nexthops (`linux-ecmp`).
     fn start_controller(&mut self) {
         let distributor = format!(
-            "driver = \"linux-ecmp\"\nnetns = \"/run/netns/{}\"\ninterface = \"br0\"\nbuckets = 128\nidle_timer_s = 1\nresync_s = 1\n",
+            "driver = \"linux-ecmp\"\nnetns = \"/run/netns/{}\"\ninterface = \"br0\"\nbuckets = 128\nidle_timer_s = 1\nidle_margin_s = 1\nresync_s = 1\n",
             self.rt.name
         );
         self.start_controller_with(&distributor);
@@ -238,6 +266,11 @@ id = "{SUBNET}"
 name = "vips"
 network_id = "{NETWORK}"
 cidr = "198.18.100.0/24"
+[[vip_subnets]]
+id = "{SUBNET6}"
+name = "vips6"
+network_id = "{NETWORK}"
+cidr = "2001:db8:100::/64"
 [agent_tls]
 cert = "{client_crt}"
 key = "{client_key}"
@@ -279,20 +312,37 @@ failover_threshold = 3
         }
     }
 
+    /// Amphora `i`'s dataplane, as its unit runs it: on SIGTERM it drops
+    /// new connection attempts for 1.5 s while its agent withdraws the
+    /// VIP, then drains.
+    fn spawn_dataplane(&self, i: usize, log: &str) -> Proc {
+        let a = &self.amps[i - 1];
+        let sock = a.dir.join("dataplane.sock");
+        spawn_in(
+            &a.ns,
+            &process::binary("siphon-dataplane"),
+            &[
+                "run",
+                "--socket",
+                sock.to_str().unwrap(),
+                "--workers",
+                "1",
+                "--drain-delay-ms",
+                "1500",
+            ],
+            a.dir.join(log),
+        )
+    }
+
     /// Starts amphora `i`'s dataplane and agent (heartbeats every 200 ms).
     fn start_amphora(&mut self, i: usize) {
-        let dataplane = process::binary("siphon-dataplane");
         let agent = process::binary("siphon-agent");
         let hb = self.dir.path("heartbeat.key");
         let ca = self.dir.path("controller-ca.crt");
+        let dataplane = self.spawn_dataplane(i, "dataplane.log");
         let a = &mut self.amps[i - 1];
         let sock = a.dir.join("dataplane.sock");
-        a.procs.push(spawn_in(
-            &a.ns,
-            &dataplane,
-            &["run", "--socket", sock.to_str().unwrap(), "--workers", "1"],
-            a.dir.join("dataplane.log"),
-        ));
+        a.procs.push(dataplane);
         let heartbeats_to: [SocketAddr; 1] = ["198.18.1.1:5555".parse().unwrap()];
         let config = AgentToml {
             id: &a.id,
@@ -499,6 +549,10 @@ fn source(i: usize) -> IpAddr {
     format!("198.18.0.{}", 10 + i % SOURCES).parse().unwrap()
 }
 
+fn source6(i: usize) -> IpAddr {
+    format!("2001:db8::{}", 10 + i % SOURCES6).parse().unwrap()
+}
+
 /// Who answered a flow: the backend, and the amphora that carried it.
 type Answer = (String, String);
 
@@ -517,9 +571,13 @@ struct Held {
 impl Held {
     /// Opened in the client's namespace.
     fn open(src: IpAddr) -> std::io::Result<Held> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let vip = SocketAddr::new(if src.is_ipv4() { VIP } else { VIP6 }.parse().unwrap(), 80);
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(vip),
+            socket2::Type::STREAM,
+            None,
+        )?;
         sock.bind(&SocketAddr::new(src, 0).into())?;
-        let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
         sock.connect_timeout(&vip.into(), Duration::from_secs(2))?;
         let s: TcpStream = sock.into();
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -542,24 +600,65 @@ impl Held {
     }
 }
 
+/// One short connection from `src` (greeted, one echo): who answered.
+fn greeted(src: IpAddr) -> Result<Answer, String> {
+    let mut h = Held::open(src).map_err(|e| e.to_string())?;
+    if h.alive() {
+        Ok(h.seen.clone())
+    } else {
+        Err("no echo".into())
+    }
+}
+
 /// `n` short connections spread over the sources: who answered each.
 fn connections(cl: &Netns, n: usize) -> Vec<(IpAddr, Result<Answer, String>)> {
+    connections_from(cl, n, source)
+}
+
+/// The same from `source(0)`, `source(1)`, ...
+fn connections_from(
+    cl: &Netns,
+    n: usize,
+    source: fn(usize) -> IpAddr,
+) -> Vec<(IpAddr, Result<Answer, String>)> {
+    cl.enter(|| (0..n).map(|i| (source(i), greeted(source(i)))).collect())
+        .unwrap()
+}
+
+/// One connection of a [`load`].
+#[derive(Debug)]
+struct Attempt {
+    started: Instant,
+    took: Duration,
+    answer: Result<Answer, String>,
+}
+
+/// New connections one after another (10 ms apart) for `run`, from
+/// `source(first)`, `source(first + stride)`, ...: a steady load when
+/// several run at once.
+fn load(
+    cl: &Netns,
+    source: fn(usize) -> IpAddr,
+    first: usize,
+    stride: usize,
+    run: Duration,
+) -> Vec<Attempt> {
     cl.enter(|| {
-        (0..n)
-            .map(|i| {
-                let src = source(i);
-                let r = Held::open(src)
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut h| {
-                        if h.alive() {
-                            Ok(h.seen.clone())
-                        } else {
-                            Err("no echo".into())
-                        }
-                    });
-                (src, r)
-            })
-            .collect()
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let mut i = first;
+        while start.elapsed() < run {
+            let started = Instant::now();
+            let answer = greeted(source(i));
+            out.push(Attempt {
+                started,
+                took: started.elapsed(),
+                answer,
+            });
+            i += stride;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        out
     })
     .unwrap()
 }
@@ -626,8 +725,8 @@ fn lb_status(w: &World, lb: &str) -> Value {
 }
 
 /// New connections after `dead` died: every one served, none by it.
-fn all_avoid(cl: &Netns, dead: &str) {
-    for (src, r) in connections(cl, SOURCES * 4) {
+fn all_avoid(cl: &Netns, dead: &str, source: fn(usize) -> IpAddr) {
+    for (src, r) in connections_from(cl, SOURCES * 4, source) {
         let (_, amphora) = r.unwrap_or_else(|e| panic!("{src} after the kill: {e}"));
         assert_ne!(amphora, dead);
     }
@@ -635,15 +734,13 @@ fn all_avoid(cl: &Netns, dead: &str) {
 
 /// The router's routes to the VIP (`ip -j route show`).
 fn vip_routes(w: &World) -> Vec<Value> {
+    routes_to(w, &format!("{VIP}/32"))
+}
+
+fn routes_to(w: &World, prefix: &str) -> Vec<Value> {
+    let family = if prefix.contains(':') { "-6" } else { "-4" };
     let out = Command::new("ip")
-        .args([
-            "-n",
-            &w.rt.name,
-            "-j",
-            "route",
-            "show",
-            &format!("{VIP}/32"),
-        ])
+        .args(["-n", &w.rt.name, family, "-j", "route", "show", prefix])
         .output()
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -699,10 +796,11 @@ fn wait_lb(w: &World, lb: &str, within: Duration) {
 /// The load balancer, through the CLI: TCP 80 and UDP 53 on the VIP, on
 /// three amphorae, both keyed on the client's address, over the three
 /// backends; `ACTIVE`.
-fn create_lb(w: &World) -> String {
+fn create_lb(w: &World, lb_fields: &[&str], listener_fields: &[&str]) -> String {
     // The load balancer, through the CLI: TCP 80 and UDP 53, both keyed
-    // on the client's address.
-    let lb = w.siphon(&[
+    // on the client's address, with `lb_fields` and `listener_fields`
+    // (`--set k=v`).
+    let mut args = vec![
         "loadbalancer",
         "create",
         "--name",
@@ -716,12 +814,14 @@ fn create_lb(w: &World) -> String {
         "--amphora-count",
         "3",
         "--wait",
-    ])["loadbalancer"]["id"]
+    ];
+    args.extend_from_slice(lb_fields);
+    let lb = w.siphon(&args)["loadbalancer"]["id"]
         .as_str()
         .unwrap()
         .to_owned();
     for (proto, port, member_port) in [("TCP", "80", "8080"), ("UDP", "53", "5353")] {
-        let l = w.siphon(&[
+        let mut args = vec![
             "listener",
             "create",
             "--protocol",
@@ -731,7 +831,9 @@ fn create_lb(w: &World) -> String {
             "--loadbalancer",
             &lb,
             "--wait",
-        ])["listener"]["id"]
+        ];
+        args.extend_from_slice(listener_fields);
+        let l = w.siphon(&args)["listener"]["id"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -786,7 +888,24 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
         w.wait_amphora(id, "READY", Duration::from_secs(10));
     }
 
-    let lb = create_lb(&w);
+    // Idle connections are closed after 6 s, so the router's buckets move
+    // to a joining amphora only once idle for 7 s (6 s + idle_margin_s;
+    // idle_timer_s = 1 is only the least).
+    let timeouts = [
+        "--set",
+        "timeout_client_data=6000",
+        "--set",
+        "timeout_member_data=6000",
+    ];
+    let lb = create_lb(&w, &[], &timeouts);
+    // A listener that would keep an idle connection forever is refused:
+    // its bucket could move under it.
+    let listeners = w.siphon(&["listener", "list"]);
+    let l = listeners["listeners"][0]["id"].as_str().unwrap();
+    let e = w
+        .try_siphon(&["listener", "set", l, "--set", "timeout_member_data=0"])
+        .unwrap_err();
+    assert!(e.contains("must both be above 0"), "{e}");
 
     // The same config on every amphora, and the VIP routed over all three.
     let configs = w.configs(&[1, 2, 3]);
@@ -825,7 +944,7 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
         "{failover:?} ({gone:?} of polling)"
     );
     // From then on, new connections succeed, on the survivors.
-    all_avoid(&w.cl, &dead);
+    all_avoid(&w.cl, &dead, source);
     // UDP flows keep their backend, wherever they are carried now.
     let (changed, moved) = recheck(&mut udp);
     println!(
@@ -857,8 +976,8 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     wait_lb(&w, &lb, Duration::from_secs(10));
     wait_field(&w, &lb, "operating_status", "ONLINE");
     assert_eq!(w.configs(&[1, 3, 4])[0], w.configs(&[1, 3, 4])[2]);
-    // Buckets move to it once idle for idle_timer_s (1 s).
-    std::thread::sleep(Duration::from_millis(2500));
+    // Buckets move to it once idle for the group's idle timer (7 s).
+    std::thread::sleep(IDLE_TIMER + Duration::from_millis(1000));
     let conns = connections(&w.cl, SOURCES * 4);
     let by_a4 = conns
         .iter()
@@ -868,8 +987,9 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
     println!("a4 carried {by_a4} of {} new connections", conns.len());
     assert!(by_a4 > 0);
 
-    // Scale-out, 3 → 4: UDP flows keep their backend; resilient buckets
-    // take only idle flows to the new amphora.
+    // Scale-out, 3 → 4: UDP flows keep their backend, and no TCP
+    // connection is reset: the resilient group's buckets move only once
+    // idle for longer than the dataplane keeps an idle connection.
     w.register(5);
     w.wait_amphora("a5", "READY", Duration::from_secs(10));
     recheck(&mut udp);
@@ -891,8 +1011,10 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
             (busy, broken)
         })
     };
-    // Idle for longer than idle_timer_s: their buckets may move.
+    // Idle for longer than idle_timer_s (1 s), which alone would have let
+    // their buckets move (6–14 of 25 were reset that way).
     std::thread::sleep(Duration::from_millis(1500));
+    let idle_since = Instant::now() - Duration::from_millis(1500);
     w.siphon(&[
         "loadbalancer",
         "set",
@@ -902,7 +1024,12 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
         "--wait",
     ]);
     w.wait_group(&w.addrs(&[1, 3, 4, 5]), Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(1000));
+    let idle_for = idle_since.elapsed();
+    assert!(
+        idle_for < Duration::from_secs(6),
+        "idle {idle_for:?}: past the listener's timeout, the check below means nothing"
+    );
     chat.store(false, std::sync::atomic::Ordering::Relaxed);
     let (mut busy, _) = talker.join().unwrap();
     let busy_reset = busy
@@ -914,18 +1041,20 @@ fn one_load_balancer_on_n_amphorae_survives_a_loss_and_scales_out() {
         .filter_map(|h| (!h.alive()).then_some(()))
         .count();
     let (changed, moved) = recheck(&mut udp);
-    let tcp_total = busy.len() + idle.len();
-    let reset = busy_reset + idle_reset;
     println!(
-        "scale-out 3→4: {changed} of {} UDP flows changed backend ({moved} moved amphora); {reset} of {tcp_total} TCP connections reset ({:.2}): {busy_reset} of {} active, {idle_reset} of {} idle",
+        "scale-out 3→4: {changed} of {} UDP flows changed backend ({moved} moved amphora); TCP reset: {busy_reset} of {} active, {idle_reset} of {} idle for {:.1} s (idle timer {} s)",
         udp.len(),
-        reset as f64 / tcp_total as f64,
         busy.len(),
-        idle.len()
+        idle.len(),
+        idle_for.as_secs_f64(),
+        IDLE_TIMER.as_secs()
     );
     assert_eq!(changed, 0);
     assert_eq!(busy_reset, 0, "active flows keep their amphora");
-    assert!(reset * 4 <= tcp_total, "{reset} of {tcp_total} reset");
+    assert_eq!(idle_reset, 0, "idle flows keep their amphora");
+    drop((busy, idle));
+    // a5 takes buckets once they were idle for the idle timer.
+    std::thread::sleep(IDLE_TIMER + Duration::from_millis(1000));
     let conns = connections(&w.cl, SOURCES * 4);
     assert!(conns.iter().all(|(_, r)| r.is_ok()));
     let by_a5 = conns
@@ -1048,39 +1177,55 @@ router id 198.18.1.1;
 protocol device {}
 protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }
 protocol kernel { merge paths on; ipv4 { import none; export all; }; }
+protocol kernel { merge paths on; ipv6 { import none; export all; }; }
 protocol bgp amphorae {
   local 198.18.1.1 as 64512; neighbor range 198.18.1.0/24 as 64513;
   bfd on; hold time 3; keepalive time 1;
   ipv4 { import where net ~ [ 198.18.100.0/24{32,32} ]; export none; };
 }
+protocol bgp amphorae6 {
+  local 2001:db8:1::1 as 64512; neighbor range 2001:db8:1::/64 as 64513;
+  bfd on; hold time 3; keepalive time 1;
+  ipv6 { import where net ~ [ 2001:db8:100::/64{128,128} ]; export none; };
+}
 "#;
 
-/// The next hops of the VIP's route on the router, as BGP put it there.
-fn bgp_targets(w: &World) -> BTreeSet<String> {
+/// The next hops of the route to `prefix` on the router, as BGP put them
+/// there, each named by its amphora's IPv4 address (a`i` is 198.18.1.1`i`
+/// and 2001:db8:1::1`i`).
+fn bgp_targets(w: &World, prefix: &str) -> BTreeSet<String> {
     let mut hops = BTreeSet::new();
-    for r in &vip_routes(w) {
+    let mut add = |g: &str| match g.strip_prefix("2001:db8:1::") {
+        Some(host) => hops.insert(format!("198.18.1.{host}")),
+        None => hops.insert(g.to_owned()),
+    };
+    for r in &routes_to(w, prefix) {
         if let Some(g) = r["gateway"].as_str() {
-            hops.insert(g.to_owned());
+            add(g);
         }
         for n in r["nexthops"].as_array().into_iter().flatten() {
             if let Some(g) = n["gateway"].as_str() {
-                hops.insert(g.to_owned());
+                add(g);
             }
         }
     }
     hops
 }
 
+/// Waits until both VIPs are routed to exactly the amphorae `want`.
 fn wait_bgp(w: &World, want: &BTreeSet<String>, within: Duration) -> Duration {
     let t = Instant::now();
     loop {
-        let now = bgp_targets(w);
-        if &now == want {
+        let now = [
+            bgp_targets(w, &format!("{VIP}/32")),
+            bgp_targets(w, &format!("{VIP6}/128")),
+        ];
+        if now.iter().all(|n| n == want) {
             return t.elapsed();
         }
         assert!(
             t.elapsed() < within,
-            "VIP routed via {now:?}, want {want:?}: {}",
+            "VIPs routed via {now:?}, want {want:?}: {}",
             w.bird
                 .as_ref()
                 .map(|b| b.birdc("show protocols"))
@@ -1105,7 +1250,8 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
     w.start_controller_with(
         "driver = \"bgp\"\nlocal_as = 64513\nhold_time_s = 3\n\
          bfd = { min_rx_ms = 100, min_tx_ms = 100, multiplier = 3 }\n\
-         [[distributor.peers]]\naddress = \"198.18.1.1\"\nasn = 64512\n",
+         [[distributor.peers]]\naddress = \"198.18.1.1\"\nasn = 64512\n\
+         [[distributor.peers]]\naddress = \"2001:db8:1::1\"\nasn = 64512\n",
     );
     for i in 1..=3 {
         let a = &w.amps[i - 1];
@@ -1117,18 +1263,28 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
     for id in ["a1", "a2", "a3"] {
         w.wait_amphora(id, "READY", Duration::from_secs(10));
     }
-    let _lb = create_lb(&w);
-    // The route comes from BGP, one next hop per amphora.
+    // Dual stack: an IPv6 VIP beside the IPv4 one, each announced over
+    // the session of its family.
+    let additional =
+        format!(r#"additional_vips=[{{"subnet_id": "{SUBNET6}", "ip_address": "{VIP6}"}}]"#);
+    let lb = create_lb(&w, &["--set", &additional], &[]);
+    let shown = &w.siphon(&["loadbalancer", "show", &lb])["loadbalancer"];
+    assert_eq!(shown["additional_vips"][0]["ip_address"], VIP6, "{shown:#}");
+    // The routes come from BGP, one next hop per amphora.
     let all = w.addrs(&[1, 2, 3]);
     wait_bgp(&w, &all, Duration::from_secs(15));
     // Each amphora says so in its heartbeat: session up, BFD up, VIP
     // announced.
     let up = |w: &World, id: &str| {
         let a = &w.siphon(&["amphora", "show", id])["amphora"];
-        let s = &a["bgp"]["sessions"][0];
-        s["state"] == "Established"
-            && s["bfd"] == "Up"
-            && a["bgp"]["announced"][0] == format!("{VIP}/32")
+        let sessions = a["bgp"]["sessions"].as_array().cloned().unwrap_or_default();
+        let announced = a["bgp"]["announced"].to_string();
+        sessions.len() == 2
+            && sessions
+                .iter()
+                .all(|s| s["state"] == "Established" && s["bfd"] == "Up")
+            && announced.contains(&format!("{VIP}/32"))
+            && announced.contains(&format!("{VIP6}/128"))
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !["a1", "a2", "a3"].iter().all(|id| up(&w, id)) {
@@ -1144,13 +1300,15 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
     // amphora the router hashed it to.
     let conns = connections(&w.cl, SOURCES * 6);
     check_spread(&conns, 3);
+    let conns6 = connections_from(&w.cl, SOURCES6 * 12, source6);
+    check_spread(&conns6, 3);
     println!(
-        "over BGP: {} connections from {SOURCES} sources spread over 3 amphorae, each source on one backend",
+        "over BGP: {} IPv4 connections from {SOURCES} sources and {} IPv6 ones from {SOURCES6} spread over 3 amphorae, each source on one backend",
         conns.len(),
+        conns6.len(),
     );
 
     // a1's dataplane dies, its agent lives: a1 withdraws the VIP.
-    let socket = w.amps[0].dir.join("dataplane.sock");
     w.amps[0].procs[0].kill();
     let killed = Instant::now();
     let withdrawn = wait_bgp(&w, &w.addrs(&[2, 3]), Duration::from_secs(5));
@@ -1160,20 +1318,77 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
     );
     assert!(withdrawn < Duration::from_secs(1), "{withdrawn:?}");
     // A new dataplane: the agent puts the config back, a1 announces again.
-    let dataplane = process::binary("siphon-dataplane");
-    let p = spawn_in(
-        &w.amps[0].ns,
-        &dataplane,
-        &[
-            "run",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--workers",
-            "1",
-        ],
-        w.amps[0].dir.join("dataplane-2.log"),
+    w.amps[0].procs[0] = w.spawn_dataplane(1, "dataplane-2.log");
+    wait_bgp(&w, &all, Duration::from_secs(5));
+
+    // Graceful drain: a2's dataplane gets SIGTERM under a steady load of
+    // new connections. It drops new SYNs unanswered (the clients send
+    // them again 1 s later) while its agent withdraws the VIP, and closes
+    // its listener only after that (--drain-delay-ms 1500): not one
+    // connection fails. a2 is the router's middle next hop, whose removal
+    // moves no other amphora's flows (see below).
+    let run = Duration::from_millis(3000);
+    let (attempts, withdrawn) = std::thread::scope(|s| {
+        // Four loaders over IPv4, two over IPv6.
+        let loaders: Vec<_> = (0..4)
+            .map(|k| (source as fn(usize) -> IpAddr, k, 4))
+            .chain((0..2).map(|k| (source6 as fn(usize) -> IpAddr, k, 2)))
+            .map(|(from, k, stride)| {
+                let cl = &w.cl;
+                s.spawn(move || load(cl, from, k, stride, run))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(700));
+        let termed = Instant::now();
+        w.amps[1].procs[0].signal(Signal::SIGTERM);
+        wait_bgp(&w, &w.addrs(&[1, 3]), Duration::from_secs(5));
+        let withdrawn = termed.elapsed();
+        let attempts: Vec<Attempt> = loaders
+            .into_iter()
+            .flat_map(|l| l.join().unwrap())
+            .collect();
+        (attempts, (termed, withdrawn))
+    });
+    let (termed, withdrawn) = withdrawn;
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.answer.is_err()).collect();
+    let a2 = w.amps[1].addr.clone();
+    let on_a2 = |after: bool| {
+        attempts
+            .iter()
+            .filter(|a| (a.started >= termed) == after)
+            .filter(|a| a.answer.as_ref().is_ok_and(|x| x.1 == a2))
+            .count()
+    };
+    let retried = attempts
+        .iter()
+        .filter(|a| a.took >= Duration::from_millis(900))
+        .count();
+    println!(
+        "graceful drain: a2's dataplane SIGTERMed under {} new connections in {} s: {} failed; \
+         a2 withdrawn from the router {} ms after SIGTERM; a2 carried {} before, {} after; \
+         {retried} waited for a SYN retry (longest {} ms)",
+        attempts.len(),
+        run.as_secs(),
+        failed.len(),
+        withdrawn.as_millis(),
+        on_a2(false),
+        on_a2(true),
+        attempts
+            .iter()
+            .map(|a| a.took)
+            .max()
+            .unwrap_or_default()
+            .as_millis()
     );
-    w.amps[0].procs[0] = p;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(on_a2(false) > 0, "a2 carried nothing before its SIGTERM");
+    assert_eq!(
+        w.amps[1].procs[0].wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "a2's dataplane did not drain and exit"
+    );
+    // Back: the agent puts the config back, a2 announces again.
+    w.amps[1].procs[0] = w.spawn_dataplane(2, "dataplane-2.log");
     wait_bgp(&w, &all, Duration::from_secs(5));
 
     // Every controller stopped; then a2 dies (processes killed, link
@@ -1191,11 +1406,12 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
     wait_bgp(&w, &w.addrs(&[1, 3]), Duration::from_secs(5));
     let outage = killed.elapsed();
     println!(
-        "a2 killed with no controller running: out of the router's route {} ms later (BFD 100 ms x 3)",
+        "a2 killed with no controller running: out of the router's routes to both VIPs {} ms later (BFD 100 ms x 3)",
         outage.as_millis()
     );
     assert!(outage < Duration::from_secs(1), "{outage:?}");
-    all_avoid(&w.cl, &dead);
+    all_avoid(&w.cl, &dead, source);
+    all_avoid(&w.cl, &dead, source6);
     // UDP flows keep their backend (Maglev on every amphora); established
     // TCP on the survivors: plain ECMP re-hashes over the two left, so
     // some move to an amphora that has no socket for them.

@@ -7,7 +7,7 @@
 use hyper::Method;
 use serde_json::{json, Value};
 use siphon_control::client::{Answer, Client};
-use siphon_control::config::{Auth, ControlConfig, Limits, VipSubnet};
+use siphon_control::config::{Auth, ControlConfig, Distributor, Limits, LinuxEcmp, VipSubnet};
 use siphon_testkit::free_port;
 use siphon_testkit::TempDir;
 
@@ -26,25 +26,37 @@ impl Api {
     }
 
     fn start_with(tag: &str, limits: Limits) -> Api {
+        Api::start_configured(tag, |c| c.limits = limits)
+    }
+
+    /// With the VIP network's subnets `vips` (198.18.7.0/24) and `vips6`
+    /// (2001:db8:7::/64), and `elsewhere` on another network; `tune`
+    /// changes the rest.
+    fn start_configured(tag: &str, tune: impl FnOnce(&mut ControlConfig)) -> Api {
         let rt = siphon_testkit::runtime();
         let dir = TempDir::new(tag);
-        let subnet = VipSubnet {
-            id: "vips".into(),
-            name: "vips".into(),
-            network_id: "net".into(),
+        let subnet = |id: &str, network: &str, cidr: &str| VipSubnet {
+            id: id.into(),
+            name: id.into(),
+            network_id: network.into(),
             network_name: String::new(),
-            cidr: "198.18.7.0/24".parse().unwrap(),
+            cidr: cidr.parse().unwrap(),
             gateway_ip: None,
         };
+        let subnets = vec![
+            subnet("vips", "net", "198.18.7.0/24"),
+            subnet("vips6", "net", "2001:db8:7::/64"),
+            subnet("elsewhere", "other", "198.18.8.0/24"),
+        ];
         let auth = Auth::Token {
             token: Some(TOKEN.into()),
             token_file: None,
         };
-        let config = ControlConfig {
+        let mut config = ControlConfig {
             listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            limits,
-            ..ControlConfig::local(dir.path("control.db").into(), auth, vec![subnet])
+            ..ControlConfig::local(dir.path("control.db").into(), auth, subnets)
         };
+        tune(&mut config);
         let handle = rt.block_on(siphon_control::start(config)).unwrap();
         let client = Client::new(&format!("http://{}", handle.addr), Some(TOKEN.into())).unwrap();
         Api {
@@ -487,6 +499,121 @@ fn a_load_balancer_with_an_unknown_zone_or_a_non_host_vip_is_refused() {
     );
     let a = api.call(Method::GET, path, None);
     assert_eq!(a.body["loadbalancers"], json!([]), "{}", a.body);
+}
+
+#[test]
+fn additional_vips_are_checked_before_any_amphora_is_taken() {
+    let lb = |additional: Value| {
+        Some(json!({ "loadbalancer": {
+            "vip_subnet_id": "vips", "vip_address": "198.18.7.5", "additional_vips": additional
+        }}))
+    };
+    let path = "/v2/lbaas/loadbalancers";
+    let api = Api::start("api-additional-vips");
+    expect_faults(
+        &api,
+        vec![
+            (
+                Method::POST,
+                path,
+                lb(json!("vips6")),
+                400,
+                "Expected 'list'",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([{"ip_address": "2001:db8:7::5"}])),
+                400,
+                "Mandatory field missing: additional_vips.subnet_id",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "nope"}])),
+                400,
+                "Subnet nope could not be found",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "elsewhere"}])),
+                400,
+                "not on the VIP network net",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "vips6", "ip_address": "2001:db8:8::5"}])),
+                400,
+                "not in subnet vips6",
+            ),
+            // The first VIP's own address, or twice the same one.
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "vips", "ip_address": "198.18.7.5"}])),
+                409,
+                "already allocated",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([
+                    {"subnet_id": "vips6", "ip_address": "2001:db8:7::5"},
+                    {"subnet_id": "vips6", "ip_address": "2001:db8:7::5"}
+                ])),
+                409,
+                "already allocated",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "vips6", "port_id": "p"}])),
+                501,
+                "port_id",
+            ),
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "vips6", "name": "x"}])),
+                400,
+                "Unknown attribute",
+            ),
+            // Dual stack passes every check (no spare amphora here).
+            (
+                Method::POST,
+                path,
+                lb(json!([{"subnet_id": "vips6"}])),
+                503,
+                "No spare amphora",
+            ),
+        ],
+    );
+    drop(api);
+    // linux-ecmp routes one VIP per load balancer.
+    let api = Api::start_configured("api-additional-vips-ecmp", |c| {
+        c.distributor = Distributor::LinuxEcmp(LinuxEcmp {
+            netns: None,
+            interface: "lo".into(),
+            buckets: 128,
+            idle_timer_s: 120,
+            idle_margin_s: 5,
+            unbalanced_timer_s: 0,
+            first_id: 1_000_000,
+            resync_s: 10,
+        })
+    });
+    expect_faults(
+        &api,
+        vec![(
+            Method::POST,
+            path,
+            lb(json!([{"subnet_id": "vips6"}])),
+            400,
+            "not supported with the linux-ecmp distributor",
+        )],
+    );
 }
 
 /// How long until the server closes `conn` (reads give end of file or an

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use siphon_control::distributor::nexthop::{Resilience, Rtnl};
-use siphon_control::distributor::{Driver, LinuxEcmp, Spread, Target};
+use siphon_control::distributor::{Driver, IdleBound, LinuxEcmp, Spread, Target};
 use siphon_testkit::netns::Netns;
 use siphon_testkit::root_or_skip;
 
@@ -157,6 +157,7 @@ fn the_linux_ecmp_driver_leaves_out_what_it_cannot_set_up_and_replaces_leftovers
         interface: inside.clone(),
         buckets: 128,
         idle_timer_s: 30,
+        idle_margin_s: 5,
         unbalanced_timer_s: 0,
         first_id: 10,
         resync_s: 10,
@@ -176,6 +177,8 @@ fn the_linux_ecmp_driver_leaves_out_what_it_cannot_set_up_and_replaces_leftovers
             // Not on the interface's network: the kernel refuses it.
             target(13, "198.19.77.13", "a3"),
         ],
+        // Shorter than idle_timer_s: that one holds.
+        idle: IdleBound::Within(20_000),
     };
     let skipped = driver.apply(&spread).unwrap();
     assert_eq!(skipped.len(), 1, "{skipped:?}");
@@ -184,11 +187,34 @@ fn the_linux_ecmp_driver_leaves_out_what_it_cannot_set_up_and_replaces_leftovers
     assert_eq!(group_members(&ns, "20"), [11, 12]);
     let g = ip_json(&ns, &["nexthop", "show", "id", "20"]);
     assert_eq!(g[0]["resilient_args"]["buckets"], 128, "{g}");
+    assert_eq!(g[0]["resilient_args"]["idle_timer"], 30, "{g}");
     let r = ip_json(&ns, &["route", "show", "198.18.98.1"]);
     assert_eq!(r[0]["nhid"], 20, "{r}");
+    // A listener's longer data timeout (100.5 s) lengthens the group's
+    // idle timer past it, by the margin; one without a timeout gets the
+    // longest Octavia allows (24 days).
+    let idle_timer = |driver: &mut LinuxEcmp, idle| {
+        driver
+            .apply(&Spread {
+                idle,
+                ..spread.clone()
+            })
+            .unwrap();
+        ip_json(&ns, &["nexthop", "show", "id", "20"])[0]["resilient_args"]["idle_timer"].clone()
+    };
+    assert_eq!(idle_timer(&mut driver, IdleBound::Within(100_500)), 106);
+    // (iproute2 prints it with six significant digits: 2.0736e+06.)
+    let longest = idle_timer(&mut driver, IdleBound::Unbounded);
+    let longest = longest.as_f64().unwrap();
+    assert!(
+        (longest - f64::from(24 * 86_400 + 5)).abs() < 10.0,
+        "{longest}"
+    );
     // Applying again changes nothing; withdrawing removes route and group.
     driver.apply(&spread).unwrap();
     assert_eq!(group_members(&ns, "20"), [11, 12]);
+    let g = ip_json(&ns, &["nexthop", "show", "id", "20"]);
+    assert_eq!(g[0]["resilient_args"]["idle_timer"], 30, "{g}");
     driver.withdraw(20, spread.vip).unwrap();
     assert_eq!(
         ip_json(&ns, &["route", "show", "198.18.98.1"]),

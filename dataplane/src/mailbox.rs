@@ -39,6 +39,12 @@ pub enum Command {
         pool: Arc<PoolRt>,
         balancer: Arc<Balancer>,
     },
+    /// Keep the TCP listeners open but drop every new connection
+    /// attempt unanswered (see [`crate::server::Server::quiesce`]); the
+    /// worker's id on `ack` once done.
+    Quiesce {
+        ack: crossbeam_channel::Sender<usize>,
+    },
     /// Stop accepting, finish connections until the deadline, then exit.
     Drain {
         deadline: Instant,

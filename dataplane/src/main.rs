@@ -161,6 +161,14 @@ struct Tuning {
     /// Seconds established connections get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Milliseconds after SIGTERM during which the TCP listeners stay open
+    /// but drop new connection attempts unanswered (clients send their SYN
+    /// again after 1 s), before the drain closes them: time for the
+    /// routers to move the VIP elsewhere (the agent withdraws it as soon
+    /// as the control API is gone), so no client is refused. 0: close
+    /// them at once (attempts are refused).
+    #[arg(long, default_value_t = 0)]
+    drain_delay_ms: u64,
     /// Take a member out after this many refused (or reset, unreachable)
     /// connects in a row (0: never). Failures on the proxy's own side
     /// (descriptors, memory, local ports) never count.
@@ -334,29 +342,39 @@ fn run(path: Option<&Path>, control: &Control, tuning: &Tuning) -> Result<()> {
     Ok(())
 }
 
-/// Drains; a second SIGTERM or SIGINT meanwhile closes what is left at
-/// once.
+/// Drains (after `--drain-delay-ms` of dropping new connection attempts);
+/// a second SIGTERM or SIGINT meanwhile closes what is left at once.
 fn drain(server: &Arc<Server>, sigs: SignalFd, tuning: &Tuning) {
+    // Signals are read on a thread of their own while this one waits; the
+    // thread ends with the process.
+    let (cut_tx, cut_rx) = crossbeam_channel::bounded::<()>(1);
+    let watched = server.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("siphon-signals".into())
+        .spawn(move || while_draining(&watched, &sigs, &cut_tx))
+    {
+        tracing::warn!(error = %e, "cannot watch signals during the drain");
+    }
+    if tuning.drain_delay_ms > 0 {
+        server.quiesce();
+        tracing::info!(
+            drain_delay_ms = tuning.drain_delay_ms,
+            "stopping: new connection attempts dropped (clients retry them) while the VIP is withdrawn; established connections go on"
+        );
+        // Ended early by a second stop signal.
+        let _ = cut_rx.recv_timeout(Duration::from_millis(tuning.drain_delay_ms));
+    }
     tracing::info!(
         drain_timeout_s = tuning.drain_timeout,
         "stopping: no new connections, draining established ones (SIGTERM again to stop now)"
     );
-    // Signals are read on a thread of their own while this one waits for
-    // the workers; the thread ends with the process.
-    let watched = server.clone();
-    if let Err(e) = std::thread::Builder::new()
-        .name("siphon-signals".into())
-        .spawn(move || while_draining(&watched, &sigs))
-    {
-        tracing::warn!(error = %e, "cannot watch signals during the drain");
-    }
     server.shutdown(Duration::from_secs(tuning.drain_timeout));
     tracing::info!("stopped");
 }
 
 /// Signals during a drain: SIGTERM/SIGINT cut it short, SIGUSR1 still
 /// logs the counters, SIGHUP is ignored (no config is applied any more).
-fn while_draining(server: &Server, sigs: &SignalFd) {
+fn while_draining(server: &Server, sigs: &SignalFd, cut: &crossbeam_channel::Sender<()>) {
     loop {
         let info = match sigs.read_signal() {
             Ok(Some(info)) => info,
@@ -369,6 +387,7 @@ fn while_draining(server: &Server, sigs: &SignalFd) {
         match Signal::try_from(info.ssi_signo as i32) {
             Ok(Signal::SIGTERM | Signal::SIGINT) => {
                 tracing::warn!("second stop signal: closing the remaining connections now");
+                let _ = cut.try_send(());
                 server.cut_drain();
             }
             Ok(Signal::SIGUSR1) => log_counters(server),

@@ -374,6 +374,31 @@ impl Server {
 }
 
 impl Server {
+    /// The start of a graceful stop, before [`Server::shutdown`]: every
+    /// TCP listener stays open but drops new connection attempts unanswered
+    /// (clients send their SYN again, from 1 s on), while established
+    /// connections and UDP flows go on. Meanwhile routers that learn the
+    /// VIP's withdrawal (the agent withdraws it once the control API is
+    /// gone) send new flows to other amphorae, and none was refused.
+    /// Returns once every worker did so (or after a second).
+    pub fn quiesce(&self) {
+        let (ack, acks) = crossbeam_channel::unbounded();
+        let n = {
+            let core = self.core();
+            for w in &core.workers {
+                w.send(Command::Quiesce { ack: ack.clone() });
+            }
+            core.workers.len()
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..n {
+            if acks.recv_deadline(deadline).is_err() {
+                tracing::warn!("a worker did not confirm it drops new connection attempts");
+                return;
+            }
+        }
+    }
+
     /// Ends a drain under way at once: every worker closes the connections
     /// it still has and exits, so [`Server::shutdown`] returns (a second
     /// SIGTERM). A worker takes the earlier deadline of a second `Drain`.

@@ -318,13 +318,22 @@ impl Worker {
             match self.rx.try_recv() {
                 Ok(Command::Apply(u)) => self.apply(u),
                 Ok(Command::Balancer { pool, balancer }) => self.live.set_balancer(&pool, balancer),
+                Ok(Command::Quiesce { ack }) => {
+                    for (_, l) in self.listeners.iter() {
+                        if let Err(e) = drop_syns(&l.sock) {
+                            tracing::warn!(worker = self.id, addr = %l.addr, error = %e, "cannot make the listener drop new connection attempts: they are refused when it closes");
+                        }
+                    }
+                    let _ = ack.send(self.id);
+                }
                 Ok(Command::Drain { deadline }) => {
                     let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
                     for k in keys {
                         self.unlisten(k);
                     }
                     self.udp.close_all(self.poll.registry());
-                    self.drain = Some(deadline);
+                    // A second drain (SIGTERM again) only ever shortens it.
+                    self.drain = Some(self.drain.map_or(deadline, |d| d.min(deadline)));
                     self.spread.publish(self.id, spread::CLOSED);
                 }
                 Ok(Command::Adopt {
@@ -886,6 +895,36 @@ fn idle_deadline(c: &Conn) -> Option<Instant> {
 /// Whether the flow's local address feeds the choice or the PROXY header.
 fn needs_local(pool: &PoolRt) -> bool {
     pool.algorithm() == LbAlgorithm::Maglev
+}
+
+/// Has the kernel drop new connection attempts to `listener` (a socket
+/// filter): a SYN is dropped silently, not answered with a reset as once
+/// the listener is closed, so the client sends it again (after 1 s, 3 s,
+/// ...), by which time the routers have sent the VIP elsewhere. Every
+/// other packet passes: a handshake under way completes and is accepted.
+fn drop_syns(listener: &TcpListener) -> io::Result<()> {
+    use libc::{
+        sock_filter, BPF_ABS, BPF_ALU, BPF_AND, BPF_B, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET,
+    };
+    const fn op(code: u32, jt: u8, jf: u8, k: u32) -> sock_filter {
+        sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        }
+    }
+    // A TCP socket's filter sees the packet from the TCP header on: byte
+    // 13 holds the flags. SYN without ACK: drop (keep 0 bytes); anything
+    // else: keep it whole.
+    const SYN_ONLY: [sock_filter; 5] = [
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 13),
+        op(BPF_ALU | BPF_AND | BPF_K, 0, 0, 0x12),
+        op(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0x02),
+        op(BPF_RET | BPF_K, 0, 0, 0),
+        op(BPF_RET | BPF_K, 0, 0, u32::MAX),
+    ];
+    SockRef::from(listener).attach_filter(&SYN_ONLY)
 }
 
 /// Makes the coming close a reset (`SO_LINGER` 0), so the peer sees a

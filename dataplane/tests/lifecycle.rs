@@ -585,6 +585,67 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     ));
 }
 
+/// Connects to `port` on loopback within `within`.
+fn try_connect(port: u16, within: Duration) -> std::io::Result<std::net::TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.connect_timeout(&addr(port).into(), within)?;
+    Ok(s.into())
+}
+
+#[test]
+fn with_a_drain_delay_sigterm_drops_new_syns_while_the_api_is_gone_then_drains() {
+    let rt = siphon_testkit::runtime();
+    let b = Backend::start(&rt, "b0", "127.0.0.1");
+    let port = free_port();
+    let dir = TempDir::new("term-delay");
+    let (mut proc, socket) = running_with_api(&b, port, &dir, &["--drain-delay-ms", "2500"]);
+    let (mut held, _) = connect_greeting(addr(port)).expect("connect");
+    let termed = Instant::now();
+    proc.signal(Signal::SIGTERM);
+    assert!(proc.wait_log("new connection attempts dropped", 1, Duration::from_secs(5)));
+    // The control API is gone at once (the agent withdraws the VIP) ...
+    assert!(eventually(Duration::from_secs(2), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_err()
+    }));
+    // ... new connection attempts get no answer (the client's kernel
+    // sends the SYN again), not a reset ...
+    let e = try_connect(port, Duration::from_millis(500)).expect_err("accepted while quiescing");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(
+        termed.elapsed() < Duration::from_millis(2000),
+        "the check came too late"
+    );
+    // ... and established connections go on.
+    roundtrip(&mut held, b"quiescing but alive").expect("echo while quiescing");
+    // After the delay: the drain proper, the listener closed (refused).
+    assert!(proc.wait_log("draining established ones", 1, Duration::from_secs(5)));
+    assert!(termed.elapsed() >= Duration::from_millis(2500));
+    let e = try_connect(port, Duration::from_millis(500)).expect_err("accepted while draining");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    roundtrip(&mut held, b"draining but alive").expect("echo while draining");
+    drop(held);
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        proc.log_text()
+    );
+
+    // A second SIGTERM ends the delay (and the drain) at once.
+    let dir = TempDir::new("term-delay-cut");
+    let (mut proc, _socket) = running_with_api(&b, port, &dir, &["--drain-delay-ms", "60000"]);
+    let (_held, _) = connect_greeting(addr(port)).expect("connect");
+    proc.signal(Signal::SIGTERM);
+    assert!(proc.wait_log("new connection attempts dropped", 1, Duration::from_secs(5)));
+    proc.signal(Signal::SIGTERM);
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        proc.log_text()
+    );
+}
+
 #[test]
 fn api_timeouts_are_set_from_the_command_line() {
     use std::io::Read;

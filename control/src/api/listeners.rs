@@ -16,16 +16,16 @@ use super::{
     lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
     wrapped, ApiResult, Ctl, SelfUrl,
 };
+use crate::config::Distributor;
 use crate::model::{
     By, Listener, ListenerProtocol, OperatingStatus, Pool, ProvisioningStatus, State,
+    MAX_TIMEOUT_MS,
 };
 use crate::store::Op;
 use crate::Controller;
 
 /// Octavia's listener protocols that are not L4: refused as unsupported.
 const NOT_L4: &[&str] = &["HTTP", "HTTPS", "TERMINATED_HTTPS", "SCTP", "PROMETHEUS"];
-/// Octavia's timeout range (ms): 0 to 24 days.
-const MAX_TIMEOUT_MS: i64 = 24 * 24 * 60 * 60 * 1000;
 /// TLS and L7 fields of Octavia listeners, refused when set.
 const UNSUPPORTED: &[&str] = &[
     "default_pool",
@@ -104,6 +104,23 @@ fn timeouts(b: &mut Body) -> Result<[Field<i64>; 4], Fault> {
         b.int("timeout_member_data", 0, MAX_TIMEOUT_MS)?,
         b.int("timeout_tcp_inspect", 0, MAX_TIMEOUT_MS)?,
     ])
+}
+
+/// Under `linux-ecmp` a joining amphora takes the router's buckets that
+/// stayed idle for the group's idle timer, which is derived from the
+/// listeners' data timeouts (see [`crate::distributor::LinuxEcmp`]): a
+/// listener that never closes an idle connection would have it moved to
+/// an amphora that has no socket for it, and reset. Refused.
+fn check_idle_bound(ctl: &Controller, l: &Listener) -> Result<(), Fault> {
+    if l.idle_bound_ms().is_some() || !matches!(ctl.config.distributor, Distributor::LinuxEcmp(_)) {
+        return Ok(());
+    }
+    Err(Fault::bad_request(format!(
+        "Validation failure: timeout_client_data ({}) and timeout_member_data ({}) must both be above 0 \
+         with the linux-ecmp distributor: an idle connection that never times out would be reset \
+         when an amphora joins the load balancer",
+        l.timeout_client_data, l.timeout_member_data
+    )))
 }
 
 fn refuse_tls(b: &mut Body) -> Result<(), Fault> {
@@ -203,6 +220,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
             timeout_tcp_inspect: inspect.or(0),
             allowed_cidrs,
         };
+        check_idle_bound(&ctl, &l)?;
         lock(tx, s, &lb_id);
         tx.put(l.clone());
         let after = proposed(s, tx.ops(), &lb_id)?;
@@ -250,6 +268,7 @@ async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> A
             }
             refuse_tls(&mut b)?;
             b.finish()?;
+            check_idle_bound(&ctl, &l)?;
             let lb = l.load_balancer_id.clone();
             let after = proposed(s, &[Op::put(l.clone())], &lb)?;
             if super::dataplane_changes(s, &after, &lb) {

@@ -8,16 +8,18 @@ use axum::Router;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-use super::body::{self, Field};
+use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::query::{list_rows, Rows};
 use super::{
     lb_for_write, listing_state, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
     SelfUrl,
 };
+use crate::config::Distributor;
 use crate::decide::spares::Scale;
 use crate::model::{
-    AmphoraStatus, By, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus, State, Topology,
+    AdditionalVip, AmphoraStatus, By, Counters, LoadBalancer, OperatingStatus, ProvisioningStatus,
+    State, Topology,
 };
 use crate::Controller;
 
@@ -65,10 +67,10 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     let network_id = b.string("vip_network_id", 36)?.set();
     let address = b.string("vip_address", 64)?.set();
     let qos = b.string("vip_qos_policy_id", 36)?.set();
+    let additional = additional_vips(&mut b)?;
     for unsupported in [
         "vip_port_id",
         "vip_sg_ids",
-        "additional_vips",
         "listeners",
         "pools",
         "flavor_id",
@@ -116,6 +118,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
                 network_id.as_deref(),
                 address.as_deref(),
             )?;
+            let additional_vips = allocate_additional(&ctl, s, &vip, &additional)?;
             let spares = crate::decide::spares::take(s, &ctl.view(), amphora_count as usize)?;
             if common.project_id.is_empty() {
                 common.project_id = String::new();
@@ -134,6 +137,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
                 amphora_count,
                 distributor_id: None,
                 retry: None,
+                additional_vips,
             };
             tx.put(lb.clone());
             for a in spares {
@@ -149,6 +153,85 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     ctl.wake.notify_one();
     tracing::info!(loadbalancer = %id, "load balancer created");
     Ok(wrapped(StatusCode::CREATED, "loadbalancer", v))
+}
+
+/// Octavia's `additional_vips`: `[{"subnet_id": ..., "ip_address": ...}]`,
+/// the address optional (`port_id` refused: Siphon makes no ports).
+fn additional_vips(b: &mut Body) -> Result<Vec<(String, Option<String>)>, Fault> {
+    let items = match b.value("additional_vips") {
+        Field::Absent | Field::Null => return Ok(Vec::new()),
+        Field::Set(Value::Array(items)) => items,
+        Field::Set(v) => {
+            return Err(Fault::invalid(
+                "additional_vips",
+                v,
+                "Wrong type. Expected 'list'",
+            ))
+        }
+    };
+    if items.len() > MAX_ADDITIONAL_VIPS {
+        return Err(Fault::invalid(
+            "additional_vips",
+            items.len(),
+            &format!("At most {MAX_ADDITIONAL_VIPS} additional VIPs"),
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let mut v = Body::from_value(item, "additional_vips")?;
+        let subnet = v.string("subnet_id", 36)?.set().ok_or_else(|| {
+            Fault::bad_request("Mandatory field missing: additional_vips.subnet_id")
+        })?;
+        let address = v.string("ip_address", 64)?.set();
+        v.unsupported("port_id")?;
+        v.finish()?;
+        out.push((subnet, address));
+    }
+    Ok(out)
+}
+
+/// Additional VIPs a load balancer may have.
+const MAX_ADDITIONAL_VIPS: usize = 4;
+
+/// Each additional VIP from its subnet, which must be of the first VIP's
+/// network (as in Octavia), with an address no other VIP holds. Only
+/// where the amphorae deliver every VIP themselves: `linux-ecmp` routes
+/// one VIP per load balancer over its group.
+fn allocate_additional(
+    ctl: &crate::Controller,
+    s: &crate::model::State,
+    first: &crate::vip::Vip,
+    wanted: &[(String, Option<String>)],
+) -> Result<Vec<AdditionalVip>, Fault> {
+    if !wanted.is_empty() && matches!(ctl.config.distributor, Distributor::LinuxEcmp(_)) {
+        return Err(Fault::bad_request(
+            "Validation failure: additional_vips are not supported with the linux-ecmp distributor (one route per load balancer); use bgp or noop",
+        ));
+    }
+    let mut taken = vec![first.address];
+    let mut out = Vec::new();
+    for (subnet, address) in wanted {
+        let v = crate::vip::allocate_avoiding(
+            &ctl.config.vip_subnets,
+            s,
+            Some(subnet),
+            None,
+            address.as_deref(),
+            &taken,
+        )?;
+        if v.subnet.network_id != first.subnet.network_id {
+            return Err(Fault::bad_request(format!(
+                "Validation failure: additional VIP subnet {subnet} is not on the VIP network {}",
+                first.subnet.network_id
+            )));
+        }
+        taken.push(v.address);
+        out.push(AdditionalVip {
+            subnet_id: v.subnet.id.clone(),
+            ip_address: v.address.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 async fn update(ctl: Ctl, Path(id): Path<String>, bytes: axum::body::Bytes) -> ApiResult {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::decide::{failover, Policy};
-use crate::distributor::{Spread, Target};
+use crate::distributor::{IdleBound, Spread, Target};
 use crate::liveness::View;
 use crate::model::{AmphoraStatus, ProvisioningStatus, State};
 
@@ -72,10 +72,19 @@ pub fn desired(
                 group,
                 vip,
                 targets,
+                idle: idle_bound(s, &lb.common.id),
             },
         );
     }
     out
+}
+
+/// How long a connection to load balancer `lb`'s VIP can stay idle: the
+/// longest of its listeners' bounds.
+pub fn idle_bound(s: &State, lb: &str) -> IdleBound {
+    s.listeners_of(lb)
+        .try_fold(0, |longest, l| Some(longest.max(l.idle_bound_ms()?)))
+        .map_or(IdleBound::Unbounded, IdleBound::Within)
 }
 
 /// One call to the driver.
@@ -184,6 +193,29 @@ mod tests {
             s.targets[0].address,
             "198.19.0.1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn a_vips_idle_bound_is_its_slowest_listeners_unless_one_never_times_out() {
+        let mut w = world();
+        assert_eq!(want(&w, &HashMap::new())["lb"].idle, IdleBound::Within(0));
+        w.listener("l1", "lb", ProvisioningStatus::Active).listener(
+            "l2",
+            "lb",
+            ProvisioningStatus::Active,
+        );
+        let set = |w: &mut World, id: &str, client: i64, member: i64| {
+            let mut l = w.state.listeners.get(id).cloned().unwrap();
+            (l.timeout_client_data, l.timeout_member_data) = (client, member);
+            w.state.listeners.insert(l);
+        };
+        set(&mut w, "l1", 1_000, 90_000);
+        assert_eq!(
+            want(&w, &HashMap::new())["lb"].idle,
+            IdleBound::Within(90_000)
+        );
+        set(&mut w, "l2", 0, 1_000);
+        assert_eq!(want(&w, &HashMap::new())["lb"].idle, IdleBound::Unbounded);
     }
 
     #[test]

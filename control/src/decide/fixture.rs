@@ -89,6 +89,7 @@ impl World {
             amphora_count: count,
             distributor_id: Some(u32::from(n)),
             retry: None,
+            additional_vips: Vec::new(),
         });
         self
     }

@@ -17,7 +17,7 @@ use crate::store::Tx;
 /// What `a` lacks of what it should run, or `None` when it is in step.
 /// `want_generation`: the generation last pushed to it; `vip`: the VIP it
 /// must hold.
-pub fn drift(want_generation: u64, vip: Option<&str>, r: &Report) -> Option<String> {
+pub fn drift(want_generation: u64, vips: &[String], r: &Report) -> Option<String> {
     match r.generation {
         None => return Some("its dataplane does not answer its agent".into()),
         Some(g) if g < want_generation => {
@@ -38,8 +38,8 @@ pub fn drift(want_generation: u64, vip: Option<&str>, r: &Report) -> Option<Stri
             None => return Some("its agent keeps no config".into()),
         }
     }
-    if let (Some(vip), Some(held)) = (vip, &r.vips) {
-        if !holds(held, vip) {
+    if let Some(held) = &r.vips {
+        if let Some(vip) = vips.iter().find(|v| !holds(held, v)) {
             return Some(format!(
                 "its agent does not hold the VIP {vip} (missing from its interface)"
             ));
@@ -141,10 +141,13 @@ pub fn judge(s: &State, view: &View, p: &Policy, tx: &mut Tx) -> Judgement {
         let unsaid = Report::default();
         let report = l.report.as_ref().unwrap_or(&unsaid);
         // A load balancer whose creation failed never had its VIP placed.
-        let vip = (lb.common.provisioning_status != ProvisioningStatus::Error
-            || lb.common.deployed)
-            .then_some(lb.vip_address.as_str());
-        match drift(a.generation, vip, report) {
+        let vips =
+            if lb.common.provisioning_status != ProvisioningStatus::Error || lb.common.deployed {
+                lb.vips()
+            } else {
+                Vec::new()
+            };
+        match drift(a.generation, &vips, report) {
             None => {
                 c.1 += 1;
                 j.verdicts.push((a.id.clone(), Verdict::InStep));
@@ -295,12 +298,12 @@ mod tests {
 
     #[test]
     fn drift_names_what_is_missing() {
-        assert_eq!(drift(5, None, &report(Some(5))), None);
-        assert_eq!(drift(5, None, &report(Some(6))), None);
-        assert!(drift(5, None, &report(Some(0)))
+        assert_eq!(drift(5, &[], &report(Some(5))), None);
+        assert_eq!(drift(5, &[], &report(Some(6))), None);
+        assert!(drift(5, &[], &report(Some(0)))
             .unwrap()
             .contains("runs generation 0"));
-        assert!(drift(5, None, &report(None))
+        assert!(drift(5, &[], &report(None))
             .unwrap()
             .contains("does not answer"));
         let lost = Report {
@@ -309,46 +312,52 @@ mod tests {
             vips: None,
             bgp: None,
         };
-        assert!(drift(5, None, &lost).unwrap().contains("keeps no config"));
+        assert!(drift(5, &[], &lost).unwrap().contains("keeps no config"));
         let old = Report {
             generation: Some(5),
             persisted_generation: Some(Some(4)),
             vips: None,
             bgp: None,
         };
-        assert!(drift(5, None, &old).unwrap().contains("keeps generation 4"));
+        assert!(drift(5, &[], &old).unwrap().contains("keeps generation 4"));
         let no_vip = Report {
             generation: Some(5),
             persisted_generation: Some(Some(5)),
             vips: Some(vec!["198.18.0.9".into()]),
             bgp: None,
         };
-        assert!(drift(5, Some("198.18.0.7"), &no_vip)
+        assert!(drift(5, &["198.18.0.7".into()], &no_vip)
             .unwrap()
             .contains("VIP 198.18.0.7"));
-        assert_eq!(drift(5, Some("198.18.0.9"), &no_vip), None);
+        assert_eq!(drift(5, &["198.18.0.9".into()], &no_vip), None);
         // As agents list them: with a prefix, IPv6 however written.
         let listed = Report {
             vips: Some(vec!["198.18.0.9/32".into(), "2001:db8::9/128".into()]),
             ..no_vip.clone()
         };
-        assert_eq!(drift(5, Some("198.18.0.9"), &listed), None);
-        assert_eq!(drift(5, Some("2001:db8::9"), &listed), None);
-        assert_eq!(drift(5, Some("2001:DB8:0::9"), &listed), None);
-        assert!(drift(5, Some("198.18.0.90"), &listed).is_some());
+        assert_eq!(drift(5, &["198.18.0.9".into()], &listed), None);
+        assert_eq!(drift(5, &["2001:db8::9".into()], &listed), None);
+        assert_eq!(drift(5, &["2001:DB8:0::9".into()], &listed), None);
+        assert!(drift(5, &["198.18.0.90".into()], &listed).is_some());
+        // Dual stack: both held, or the missing one named.
+        let both = ["198.18.0.9".into(), "2001:db8::9".into()];
+        assert_eq!(drift(5, &both, &listed), None);
+        assert!(drift(5, &both, &no_vip)
+            .unwrap()
+            .contains("VIP 2001:db8::9"));
         // None listed: missing; not said: not judged.
         let none = Report {
             vips: Some(vec![]),
             ..no_vip.clone()
         };
-        assert!(drift(5, Some("198.18.0.9"), &none)
+        assert!(drift(5, &["198.18.0.9".into()], &none)
             .unwrap()
             .contains("missing"));
         let unsaid = Report {
             vips: None,
             ..no_vip
         };
-        assert_eq!(drift(5, Some("198.18.0.9"), &unsaid), None);
+        assert_eq!(drift(5, &["198.18.0.9".into()], &unsaid), None);
     }
 
     #[test]

@@ -61,6 +61,20 @@ pub struct Spread {
     pub group: u32,
     pub vip: IpAddr,
     pub targets: Vec<Target>,
+    /// How long a connection to the VIP can stay idle before the
+    /// dataplane closes it.
+    pub idle: IdleBound,
+}
+
+/// The longest a connection to a VIP stays open while idle, from its
+/// listeners' data timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleBound {
+    /// Every listener closes idle connections, the slowest after this
+    /// many ms (0: the VIP has no listener).
+    Within(u64),
+    /// Some listener never does (a data timeout of 0).
+    Unbounded,
 }
 
 #[derive(Debug, Error)]
@@ -118,7 +132,16 @@ impl Driver for Noop {
 /// group of them. The router hashes each flow (with
 /// `fib_multipath_hash_policy=1`, on its addresses and ports) to a bucket
 /// and each bucket to a nexthop; removing a nexthop moves only its
-/// buckets, adding one takes only buckets idle for `idle_timer_s`.
+/// buckets, adding one takes only buckets idle for the group's idle timer.
+///
+/// That timer is per VIP: at least `idle_timer_s`, and at least the
+/// longest data timeout of the VIP's listeners plus `idle_margin_s`. A
+/// bucket is idle only while no packet of its flows comes from clients,
+/// so once it is idle that long the dataplane has closed every
+/// connection in it, and the amphora that takes it over resets nothing
+/// that was still open. A listener without a timeout (refused by the API
+/// under this driver; one stored before gets 24 days, Octavia's largest
+/// timeout, and a warning) cannot have that guarantee.
 ///
 /// Ids from `first_id` up are Siphon's: an object of the wrong kind found
 /// at one (left by an earlier run) is replaced.
@@ -131,7 +154,10 @@ pub struct LinuxEcmp {
     interface: String,
     ifindex: u32,
     resilience: Resilience,
+    idle_margin_s: u32,
     resync: Duration,
+    /// Groups already warned about for an unbounded idle time.
+    warned: std::collections::HashSet<u32>,
 }
 
 fn inode(netns: &Option<PathBuf>) -> Option<u64> {
@@ -157,8 +183,34 @@ impl LinuxEcmp {
                 idle_timer_s: c.idle_timer_s,
                 unbalanced_timer_s: c.unbalanced_timer_s,
             },
+            idle_margin_s: c.idle_margin_s,
             resync: Duration::from_secs(u64::from(c.resync_s)),
+            warned: Default::default(),
         })
+    }
+
+    /// The group's resilience for `spread`: its idle timer outlasts every
+    /// idle connection to the VIP (see [`LinuxEcmp`]).
+    fn resilience(&mut self, spread: &Spread) -> Resilience {
+        let longest_ms = match spread.idle {
+            IdleBound::Within(ms) => {
+                self.warned.remove(&spread.group);
+                ms
+            }
+            IdleBound::Unbounded => {
+                if self.warned.insert(spread.group) {
+                    tracing::warn!(vip = %spread.vip, "a listener of this VIP has a data timeout of 0: an idle connection to it may be reset when an amphora joins; its idle timer is set for 24 days");
+                }
+                crate::model::MAX_TIMEOUT_MS.unsigned_abs()
+            }
+        };
+        let derived = u32::try_from(longest_ms.div_ceil(1000))
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.idle_margin_s);
+        Resilience {
+            idle_timer_s: self.resilience.idle_timer_s.max(derived),
+            ..self.resilience
+        }
     }
 
     fn gateway(&mut self, t: &Target) -> Result<(), NetlinkError> {
@@ -174,14 +226,15 @@ impl LinuxEcmp {
     }
 
     fn group(&mut self, spread: &Spread, members: &[u32]) -> Result<(), NetlinkError> {
-        match self.rtnl.set_group(spread.group, members, &self.resilience) {
+        let resilience = self.resilience(spread);
+        match self.rtnl.set_group(spread.group, members, &resilience) {
             Ok(()) => Ok(()),
             // Another bucket count than the existing group's (the kernel
             // keeps it fixed), or a plain nexthop at this id: made anew,
             // and the route with it.
             Err(e) if e.is_invalid() => {
                 self.rtnl.delete_nexthop(spread.group)?;
-                self.rtnl.set_group(spread.group, members, &self.resilience)
+                self.rtnl.set_group(spread.group, members, &resilience)
             }
             Err(e) => Err(e),
         }
@@ -419,7 +472,7 @@ impl Reconciler {
         let changed = self
             .applied
             .get(lb)
-            .is_none_or(|b| b.targets != spread.targets);
+            .is_none_or(|b| b.targets != spread.targets || b.idle != spread.idle);
         let skipped = match self.driver.apply(&spread) {
             Ok(skipped) => skipped,
             Err(e) => {
@@ -433,7 +486,7 @@ impl Reconciler {
                 .iter()
                 .map(|t| t.address.to_string())
                 .collect();
-            tracing::info!(loadbalancer = %lb, vip = %spread.vip, driver = self.driver.name(), ?targets, "VIP distributed");
+            tracing::info!(loadbalancer = %lb, vip = %spread.vip, driver = self.driver.name(), ?targets, idle = ?spread.idle, "VIP distributed");
         }
         let mut clean = true;
         for t in &spread.targets {
