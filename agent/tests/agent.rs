@@ -1582,7 +1582,8 @@ fn vips_are_announced_over_bgp_only_while_the_dataplane_serves_them() {
     };
     // The amphora's BIRD starts on a file with nothing in it; the agent
     // owns that file from then on.
-    let Some(speaker) = Bird::start_or_skip(test, &amp, "amphora", "protocol device {}\n") else {
+    let Some(mut speaker) = Bird::start_or_skip(test, &amp, "amphora", "protocol device {}\n")
+    else {
         return;
     };
     let dir = TempDir::new("bgp");
@@ -1690,9 +1691,26 @@ fn vips_are_announced_over_bgp_only_while_the_dataplane_serves_them() {
     assert_eq!(code, 204);
     let shown = call(Method::GET, "/v1/bgp", Value::Null).1;
     assert_eq!(shown["peering"]["peers"][0]["password"], "***", "{shown}");
-    let (code, _) = call(Method::PUT, "/v1/bgp", plain);
+    // BIRD killed right after the agent brought it a new peering, and started
+    // again by its supervisor: the agent's file is whole, BIRD takes it,
+    // and the VIPs are announced again with the new peering.
+    let (code, _) = call(Method::PUT, "/v1/bgp", plain.clone());
     assert_eq!(code, 204);
-    assert!(announced(true));
+    let restarted = Instant::now();
+    speaker.restart(&amp);
+    assert!(announced(true), "not announced after BIRD's restart");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let b = call(Method::GET, "/v1/bgp", Value::Null).1;
+            b["status"]["error"].is_null() && b["peering"] == plain
+        }),
+        "{}",
+        call(Method::GET, "/v1/bgp", Value::Null).1
+    );
+    eprintln!(
+        "BIRD killed after a peering change and restarted: announced again {} ms later (a new BGP session)",
+        restarted.elapsed().as_millis()
+    );
 
     // The agent stops: withdrawn first, the routers given the delay.
     let stopping = Instant::now();

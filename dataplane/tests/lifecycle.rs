@@ -277,12 +277,7 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
     // ... and once it ends, the process exits 0 without waiting the full grace period.
     drop(held);
     let t0 = Instant::now();
-    assert_eq!(
-        proc.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        proc.log_text()
-    );
+    exits_zero(&mut proc, Duration::from_secs(10));
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
 
@@ -490,8 +485,33 @@ members = [
     }
 }
 
-/// A running dataplane with one listener in front of `b` and its control
-/// socket, with `--drain-timeout 60` and `extra` arguments.
+/// A running dataplane with one listener (`port`) in front of a backend
+/// of its own, and its control socket.
+struct WithApi {
+    proc: Proc,
+    socket: std::path::PathBuf,
+    port: u16,
+    /// Kept for as long as the test binds it (`_keep`).
+    _keep: (Backend, std::sync::Arc<tokio::runtime::Runtime>, TempDir),
+}
+
+impl WithApi {
+    /// With `--drain-timeout 60` and `extra` arguments.
+    fn start(tag: &str, extra: &[&str]) -> WithApi {
+        let rt = siphon_testkit::runtime();
+        let b = Backend::start(&rt, "b0", "127.0.0.1");
+        let port = free_port();
+        let dir = TempDir::new(tag);
+        let (proc, socket) = running_with_api(&b, port, &dir, extra);
+        WithApi {
+            proc,
+            socket,
+            port,
+            _keep: (b, rt, dir),
+        }
+    }
+}
+
 fn running_with_api(
     b: &Backend,
     port: u16,
@@ -525,11 +545,12 @@ fn running_with_api(
 #[test]
 fn half_sent_api_requests_never_hold_sigterm() {
     use std::io::Write;
-    let rt = siphon_testkit::runtime();
-    let b = Backend::start(&rt, "b0", "127.0.0.1");
-    let port = free_port();
-    let dir = TempDir::new("term-api");
-    let (mut proc, socket) = running_with_api(&b, port, &dir, &[]);
+    let WithApi {
+        mut proc,
+        socket,
+        _keep,
+        ..
+    } = WithApi::start("term-api", &[]);
     // One client stopped in the middle of its headers, one in the middle
     // of its body, one that never said anything.
     let mut held = Vec::new();
@@ -545,22 +566,18 @@ fn half_sent_api_requests_never_hold_sigterm() {
     std::thread::sleep(Duration::from_millis(200));
     proc.signal(Signal::SIGTERM);
     // No connection to drain: out at once, whatever the API clients do.
-    assert_eq!(
-        proc.wait_exit(Duration::from_secs(5)),
-        Some(0),
-        "{}",
-        proc.log_text()
-    );
+    exits_zero(&mut proc, Duration::from_secs(5));
     assert!(!socket.exists(), "the control socket file stays behind");
 }
 
 #[test]
 fn a_second_sigterm_ends_the_drain_at_once() {
-    let rt = siphon_testkit::runtime();
-    let b = Backend::start(&rt, "b0", "127.0.0.1");
-    let port = free_port();
-    let dir = TempDir::new("term-twice");
-    let (mut proc, _socket) = running_with_api(&b, port, &dir, &[]);
+    let WithApi {
+        mut proc,
+        port,
+        _keep,
+        ..
+    } = WithApi::start("term-twice", &[]);
     let (mut held, _) = connect_greeting(addr(port)).expect("connect");
     proc.signal(Signal::SIGTERM);
     assert!(proc.wait_log("draining", 1, Duration::from_secs(5)));
@@ -568,12 +585,7 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     assert_eq!(proc.try_wait().expect("wait"), None, "exited early");
     // The operator does not want to wait the 60 s.
     proc.signal(Signal::SIGTERM);
-    assert_eq!(
-        proc.wait_exit(Duration::from_secs(5)),
-        Some(0),
-        "{}",
-        proc.log_text()
-    );
+    exits_zero(&mut proc, Duration::from_secs(5));
     assert!(proc.log_text().contains("second stop signal"));
     // The connection was closed by the dataplane, not left hanging.
     held.set_read_timeout(Some(Duration::from_secs(5)))
@@ -585,6 +597,11 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     ));
 }
 
+/// The process exits with status 0 within `within` (its log otherwise).
+fn exits_zero(proc: &mut Proc, within: Duration) {
+    assert_eq!(proc.wait_exit(within), Some(0), "{}", proc.log_text());
+}
+
 /// Connects to `port` on loopback within `within`.
 fn try_connect(port: u16, within: Duration) -> std::io::Result<std::net::TcpStream> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -594,11 +611,13 @@ fn try_connect(port: u16, within: Duration) -> std::io::Result<std::net::TcpStre
 
 #[test]
 fn with_a_drain_delay_sigterm_drops_new_syns_while_the_api_is_gone_then_drains() {
-    let rt = siphon_testkit::runtime();
-    let b = Backend::start(&rt, "b0", "127.0.0.1");
-    let port = free_port();
-    let dir = TempDir::new("term-delay");
-    let (mut proc, socket) = running_with_api(&b, port, &dir, &["--drain-delay-ms", "2500"]);
+    let WithApi {
+        mut proc,
+        socket,
+        port,
+        _keep,
+        ..
+    } = WithApi::start("term-delay", &["--drain-delay-ms", "2500"]);
     let (mut held, _) = connect_greeting(addr(port)).expect("connect");
     let termed = Instant::now();
     proc.signal(Signal::SIGTERM);
@@ -624,36 +643,31 @@ fn with_a_drain_delay_sigterm_drops_new_syns_while_the_api_is_gone_then_drains()
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     roundtrip(&mut held, b"draining but alive").expect("echo while draining");
     drop(held);
-    assert_eq!(
-        proc.wait_exit(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        proc.log_text()
-    );
+    exits_zero(&mut proc, Duration::from_secs(10));
 
     // A second SIGTERM ends the delay (and the drain) at once.
-    let dir = TempDir::new("term-delay-cut");
-    let (mut proc, _socket) = running_with_api(&b, port, &dir, &["--drain-delay-ms", "60000"]);
+    let WithApi {
+        mut proc,
+        port,
+        _keep,
+        ..
+    } = WithApi::start("term-delay-cut", &["--drain-delay-ms", "60000"]);
     let (_held, _) = connect_greeting(addr(port)).expect("connect");
     proc.signal(Signal::SIGTERM);
     assert!(proc.wait_log("new connection attempts dropped", 1, Duration::from_secs(5)));
     proc.signal(Signal::SIGTERM);
-    assert_eq!(
-        proc.wait_exit(Duration::from_secs(5)),
-        Some(0),
-        "{}",
-        proc.log_text()
-    );
+    exits_zero(&mut proc, Duration::from_secs(5));
 }
 
 #[test]
 fn api_timeouts_are_set_from_the_command_line() {
     use std::io::Read;
-    let rt = siphon_testkit::runtime();
-    let b = Backend::start(&rt, "b0", "127.0.0.1");
-    let port = free_port();
-    let dir = TempDir::new("api-timeouts");
-    let (mut proc, socket) = running_with_api(&b, port, &dir, &["--api-idle-timeout", "1"]);
+    let WithApi {
+        mut proc,
+        socket,
+        _keep,
+        ..
+    } = WithApi::start("api-timeouts", &["--api-idle-timeout", "1"]);
     // A client that says nothing is closed after 1 s, not the default 5 s.
     let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(4)))

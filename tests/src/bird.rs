@@ -35,29 +35,46 @@ impl Bird {
         let dir = TempDir::new(&format!("bird-{name}"));
         let (socket, file) = (dir.path("bird.ctl"), dir.path("bird.conf"));
         std::fs::write(&file, config).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let mut cmd = ns.command("bird");
-        cmd.arg("-f")
-            .arg("-c")
-            .arg(&file)
-            .arg("-s")
-            .arg(&socket)
-            .arg("-P")
-            .arg(dir.path("bird.pid"));
-        let proc = Proc::spawn(cmd, &dir.path("bird.log"));
+        let proc = Bird::spawn(ns, &dir, "bird.log");
         let bird = Bird {
             socket,
             config: file,
             proc,
             _dir: dir,
         };
+        bird.wait_up();
+        Some(bird)
+    }
+
+    fn spawn(ns: &Netns, dir: &TempDir, log: &str) -> Proc {
+        let mut cmd = ns.command("bird");
+        cmd.arg("-f")
+            .arg("-c")
+            .arg(dir.path("bird.conf"))
+            .arg("-s")
+            .arg(dir.path("bird.ctl"))
+            .arg("-P")
+            .arg(dir.path("bird.pid"));
+        Proc::spawn(cmd, &dir.path(log))
+    }
+
+    fn wait_up(&self) {
         assert!(
-            eventually(Duration::from_secs(10), || bird
+            eventually(Duration::from_secs(10), || self
                 .try_birdc("show status")
                 .is_some_and(|s| s.contains("Daemon is up"))),
-            "BIRD {name} did not start: {}",
-            bird.proc.log_text()
+            "BIRD did not start: {}",
+            self.proc.log_text()
         );
-        Some(bird)
+    }
+
+    /// Kills BIRD (SIGKILL) and starts it again on the same config file
+    /// and socket, as its unit's `Restart=` would.
+    pub fn restart(&mut self, ns: &Netns) {
+        self.proc.kill();
+        let _ = std::fs::remove_file(&self.socket);
+        self.proc = Bird::spawn(ns, &self._dir, "bird-restarted.log");
+        self.wait_up();
     }
 
     fn try_birdc(&self, command: &str) -> Option<String> {
