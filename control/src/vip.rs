@@ -59,20 +59,10 @@ pub enum VipError {
 }
 
 /// Picks the subnet (by id, or the network's first that fits) and the
-/// address (the one asked for, or the first free host address).
+/// address (the one asked for, or the first free host address); an
+/// address held by a load balancer, or in `also_taken` (given to the same
+/// load balancer already), is not free.
 pub fn allocate(
-    subnets: &[VipSubnet],
-    s: &State,
-    subnet_id: Option<&str>,
-    network_id: Option<&str>,
-    address: Option<&str>,
-) -> Result<Vip, VipError> {
-    allocate_avoiding(subnets, s, subnet_id, network_id, address, &[])
-}
-
-/// [`allocate`], with `also_taken` (given to the same load balancer
-/// already) counted as held.
-pub fn allocate_avoiding(
     subnets: &[VipSubnet],
     s: &State,
     subnet_id: Option<&str>,
@@ -214,6 +204,7 @@ mod tests {
             Some("s"),
             None,
             Some(address),
+            &[],
         ) {
             Ok(v) => v.address.to_string() == address,
             Err(VipError::NotAHost { .. }) => false,
@@ -239,7 +230,7 @@ mod tests {
         let s = State::default();
         let subnets = [subnet("198.18.7.0/24")];
         let alloc = |id: Option<&str>, net: Option<&str>, a: Option<&str>| {
-            allocate(&subnets, &s, id, net, a).unwrap_err()
+            allocate(&subnets, &s, id, net, a, &[]).unwrap_err()
         };
         assert!(matches!(
             alloc(Some("s"), None, Some("x")),
@@ -276,16 +267,16 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         taken.load_balancers.insert(lb);
         assert!(matches!(
-            allocate(&tiny, &taken, Some("s"), None, Some("198.18.7.9")),
+            allocate(&tiny, &taken, Some("s"), None, Some("198.18.7.9"), &[]),
             Err(VipError::Taken { .. })
         ));
         assert!(matches!(
-            allocate(&tiny, &taken, Some("s"), None, None),
+            allocate(&tiny, &taken, Some("s"), None, None, &[]),
             Err(VipError::Exhausted(_))
         ));
-        assert!(allocate(&tiny, &State::default(), Some("s"), None, None).is_ok());
+        assert!(allocate(&tiny, &State::default(), Some("s"), None, None, &[]).is_ok());
         // Given back with its load balancer (the address index follows).
         taken.load_balancers.remove("lb");
-        assert!(allocate(&tiny, &taken, Some("s"), None, None).is_ok());
+        assert!(allocate(&tiny, &taken, Some("s"), None, None, &[]).is_ok());
     }
 }

@@ -47,6 +47,8 @@ const NETWORK: &str = "7e1a5b3f-4c2d-4f6e-8a9b-2c3d4e5f6a71";
 const TOKEN: &str = "active-active-token";
 /// Client source addresses: 198.18.0.10 and up.
 const SOURCES: usize = 24;
+/// How long a test connection waits to connect, and then for each answer.
+const WAIT: Duration = Duration::from_secs(2);
 /// The linux-ecmp test's resilient group idle timer: its listeners' 6 s
 /// data timeouts plus idle_margin_s.
 const IDLE_TIMER: Duration = Duration::from_secs(7);
@@ -76,6 +78,16 @@ struct Amp {
     procs: Vec<Proc>,
     bird: Option<Bird>,
     ns: Netns,
+}
+
+impl Amp {
+    /// As if the machine died: its processes killed, its link down.
+    fn kill(&mut self) {
+        for p in &mut self.procs {
+            p.kill();
+        }
+        self.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+    }
 }
 
 /// The whole topology. Processes are declared (and so dropped) before
@@ -383,13 +395,8 @@ failover_threshold = 3
         ));
     }
 
-    /// As if the machine died: its processes killed, its link down.
     fn kill_amphora(&mut self, i: usize) {
-        let a = &mut self.amps[i - 1];
-        for p in &mut a.procs {
-            p.kill();
-        }
-        a.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
+        self.amps[i - 1].kill();
     }
 
     fn try_siphon(&self, args: &[&str]) -> Result<Value, String> {
@@ -571,6 +578,11 @@ struct Held {
 impl Held {
     /// Opened in the client's namespace.
     fn open(src: IpAddr) -> std::io::Result<Held> {
+        Held::open_within(src, WAIT)
+    }
+
+    /// The same, given up after `within` (connect, then the greeting).
+    fn open_within(src: IpAddr, within: Duration) -> std::io::Result<Held> {
         let vip = SocketAddr::new(if src.is_ipv4() { VIP } else { VIP6 }.parse().unwrap(), 80);
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(vip),
@@ -578,9 +590,9 @@ impl Held {
             None,
         )?;
         sock.bind(&SocketAddr::new(src, 0).into())?;
-        sock.connect_timeout(&vip.into(), Duration::from_secs(2))?;
+        sock.connect_timeout(&vip.into(), within)?;
         let s: TcpStream = sock.into();
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_read_timeout(Some(within))?;
         let mut stream = BufReader::new(s);
         let mut line = String::new();
         stream.read_line(&mut line)?;
@@ -600,9 +612,10 @@ impl Held {
     }
 }
 
-/// One short connection from `src` (greeted, one echo): who answered.
-fn greeted(src: IpAddr) -> Result<Answer, String> {
-    let mut h = Held::open(src).map_err(|e| e.to_string())?;
+/// One short connection from `src` (greeted, one echo, each step within
+/// `within`): who answered.
+fn greeted(src: IpAddr, within: Duration) -> Result<Answer, String> {
+    let mut h = Held::open_within(src, within).map_err(|e| e.to_string())?;
     if h.alive() {
         Ok(h.seen.clone())
     } else {
@@ -621,8 +634,12 @@ fn connections_from(
     n: usize,
     source: fn(usize) -> IpAddr,
 ) -> Vec<(IpAddr, Result<Answer, String>)> {
-    cl.enter(|| (0..n).map(|i| (source(i), greeted(source(i)))).collect())
-        .unwrap()
+    cl.enter(|| {
+        (0..n)
+            .map(|i| (source(i), greeted(source(i), WAIT)))
+            .collect()
+    })
+    .unwrap()
 }
 
 /// One connection of a [`load`].
@@ -634,14 +651,14 @@ struct Attempt {
 }
 
 /// New connections one after another (10 ms apart) for `run`, from
-/// `source(first)`, `source(first + stride)`, ...: a steady load when
-/// several run at once.
+/// `source(first)`, `source(first + stride)`, ..., each given `within`: a
+/// steady load when several run at once.
 fn load(
     cl: &Netns,
     source: fn(usize) -> IpAddr,
-    first: usize,
-    stride: usize,
+    (first, stride): (usize, usize),
     run: Duration,
+    within: Duration,
 ) -> Vec<Attempt> {
     cl.enter(|| {
         let start = Instant::now();
@@ -649,7 +666,7 @@ fn load(
         let mut i = first;
         while start.elapsed() < run {
             let started = Instant::now();
-            let answer = greeted(source(i));
+            let answer = greeted(source(i), within);
             out.push(Attempt {
                 started,
                 took: started.elapsed(),
@@ -1335,7 +1352,7 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
             .chain((0..2).map(|k| (source6 as fn(usize) -> IpAddr, k, 2)))
             .map(|(from, k, stride)| {
                 let cl = &w.cl;
-                s.spawn(move || load(cl, from, k, stride, run))
+                s.spawn(move || load(cl, from, (k, stride), run, WAIT))
             })
             .collect();
         std::thread::sleep(Duration::from_millis(700));
@@ -1401,15 +1418,45 @@ fn over_bgp_the_routers_fail_an_amphora_over_with_every_controller_stopped() {
     let dead = w.amps[1].addr.clone();
     let on_dead = held.iter().filter(|h| h.seen.1 == dead).count();
     let udp_on_dead = udp.iter().filter(|f| f.seen.1 == dead).count();
-    let killed = Instant::now();
-    w.kill_amphora(2);
-    wait_bgp(&w, &w.addrs(&[1, 3]), Duration::from_secs(5));
-    let outage = killed.elapsed();
+    // New connections all along (each given 150 ms), to see the outage
+    // as the clients whose flows hashed to a2 see it.
+    let (killed, outage, attempts) = std::thread::scope(|s| {
+        let cl = &w.cl;
+        let loaders: Vec<_> = (0..4)
+            .map(|k| {
+                s.spawn(move || {
+                    let within = Duration::from_millis(150);
+                    load(cl, source, (k, 4), Duration::from_millis(1500), within)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let killed = Instant::now();
+        w.amps[1].kill();
+        wait_bgp(&w, &w.addrs(&[1, 3]), Duration::from_secs(5));
+        let outage = killed.elapsed();
+        let attempts: Vec<Attempt> = loaders
+            .into_iter()
+            .flat_map(|l| l.join().unwrap())
+            .collect();
+        (killed, outage, attempts)
+    });
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.answer.is_err()).collect();
+    let last_failed = failed
+        .iter()
+        .map(|a| a.started.saturating_duration_since(killed))
+        .max()
+        .unwrap_or_default();
     println!(
-        "a2 killed with no controller running: out of the router's routes to both VIPs {} ms later (BFD 100 ms x 3)",
-        outage.as_millis()
+        "a2 killed with no controller running: out of the router's routes to both VIPs {} ms later (BFD 100 ms x 3); \
+         clients: {} of {} new connections failed (those hashed to a2), the last one begun {} ms after the kill",
+        outage.as_millis(),
+        failed.len(),
+        attempts.len(),
+        last_failed.as_millis()
     );
     assert!(outage < Duration::from_secs(1), "{outage:?}");
+    assert!(last_failed < Duration::from_millis(500), "{last_failed:?}");
     all_avoid(&w.cl, &dead, source);
     all_avoid(&w.cl, &dead, source6);
     // UDP flows keep their backend (Maglev on every amphora); established

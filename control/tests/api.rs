@@ -523,6 +523,13 @@ fn additional_vips_are_checked_before_any_amphora_is_taken() {
             (
                 Method::POST,
                 path,
+                lb(Value::Array(vec![json!({"subnet_id": "vips6"}); 5])),
+                400,
+                "At most 4 additional VIPs",
+            ),
+            (
+                Method::POST,
+                path,
                 lb(json!([{"ip_address": "2001:db8:7::5"}])),
                 400,
                 "Mandatory field missing: additional_vips.subnet_id",

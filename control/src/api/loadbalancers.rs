@@ -117,6 +117,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
                 subnet_id.as_deref(),
                 network_id.as_deref(),
                 address.as_deref(),
+                &[],
             )?;
             let additional_vips = allocate_additional(&ctl, s, &vip, &additional)?;
             let spares = crate::decide::spares::take(s, &ctl.view(), amphora_count as usize)?;
@@ -211,7 +212,7 @@ fn allocate_additional(
     let mut taken = vec![first.address];
     let mut out = Vec::new();
     for (subnet, address) in wanted {
-        let v = crate::vip::allocate_avoiding(
+        let v = crate::vip::allocate(
             &ctl.config.vip_subnets,
             s,
             Some(subnet),
