@@ -1166,6 +1166,9 @@ fn the_database_stopped_mid_push_loses_nothing_and_all_settles_once_it_is_back()
     // Every generation the carrier runs, all along.
     let done = AtomicBool::new(false);
     let seen = std::thread::scope(|s| {
+        // Set however this scope ends: a failed assertion below must not
+        // leave the watcher looping (and the test hanging).
+        let _stop = StopOnDrop(&done);
         let watcher = s.spawn(|| {
             let mut seen = vec![first];
             while !done.load(Ordering::Relaxed) {
@@ -1234,4 +1237,13 @@ fn the_database_stopped_mid_push_loses_nothing_and_all_settles_once_it_is_back()
     assert_eq!(c.failovers(), 0.0);
     let members = c.get(0, &format!("/v2/lbaas/pools/{pool}/members")).body;
     assert_eq!(members["members"].as_array().unwrap().len(), 3, "{members}");
+}
+
+/// Sets its flag when dropped, unwinding included.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
