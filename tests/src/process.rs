@@ -48,11 +48,25 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Proc {
     child: Option<Child>,
     pub log: PathBuf,
+    /// Leads a process group of its own, killed whole.
+    group: bool,
 }
 
 impl Proc {
     /// Runs `cmd`, appending its output to `log`.
-    pub fn spawn(mut cmd: Command, log: &Path) -> Proc {
+    pub fn spawn(cmd: Command, log: &Path) -> Proc {
+        Proc::spawn_with(cmd, log, false)
+    }
+
+    /// Runs `cmd` as the leader of a new process group, so that what it
+    /// forks (a Python service's worker processes, say) is killed with it.
+    pub fn spawn_group(mut cmd: Command, log: &Path) -> Proc {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        Proc::spawn_with(cmd, log, true)
+    }
+
+    fn spawn_with(mut cmd: Command, log: &Path, group: bool) -> Proc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -68,6 +82,7 @@ impl Proc {
         Proc {
             child: Some(child),
             log: log.to_owned(),
+            group,
         }
     }
 
@@ -119,6 +134,10 @@ impl Proc {
     /// SIGKILL: no shutdown of any kind.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.group {
+                // Not reaped yet: the group id is still this process's.
+                let _ = nix::sys::signal::killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

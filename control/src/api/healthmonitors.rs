@@ -14,8 +14,8 @@ use super::fault::Fault;
 use super::pools::get_pool;
 use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl, SelfUrl,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, unused_id,
+    update_common, view, wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{
     By, HealthMonitor, HttpMethod, MonitorType, OperatingStatus, ProvisioningStatus, State,
@@ -153,6 +153,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     let v = ctl
         .db
         .write(|s, tx| -> Result<Value, Fault> {
+            unused_id(&s.health_monitors, "Health Monitor", &common.id)?;
             let pool = get_pool(s, &pool_id)?;
             lb_for_write(s, &pool.load_balancer_id)?;
             mutable(&pool.common, "Pool")?;

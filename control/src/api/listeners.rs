@@ -13,8 +13,8 @@ use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl, SelfUrl,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, unused_id,
+    update_common, view, wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::config::Distributor;
 use crate::model::{
@@ -195,6 +195,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
 
     let id = common.id.clone();
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
+        unused_id(&s.listeners, "Listener", &id)?;
         lb_for_write(s, &lb_id)?;
         if let Some(other) = s.listeners_of(&lb_id).find(|l| {
             l.protocol_port == port && l.protocol == protocol

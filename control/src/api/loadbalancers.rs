@@ -12,8 +12,8 @@ use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing_state, new_common, showing, update_common, view, wrapped, ApiResult, Ctl,
-    SelfUrl,
+    lb_for_write, listing_state, new_common, showing, unused_id, update_common, view, wrapped,
+    ApiResult, Ctl, SelfUrl,
 };
 use crate::config::Distributor;
 use crate::decide::spares::Scale;
@@ -111,6 +111,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
     let v = ctl
         .db
         .write(|s, tx| -> Result<Value, Fault> {
+            unused_id(&s.load_balancers, "Load Balancer", &id)?;
             let vip = crate::vip::allocate(
                 &ctl.config.vip_subnets,
                 s,

@@ -15,8 +15,8 @@ use super::fault::Fault;
 use super::pools::get_pool;
 use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl, SelfUrl,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, unused_id,
+    update_common, view, wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{Member, OperatingStatus, Pool, ProvisioningStatus, State};
 use crate::store::{Op, Tx};
@@ -175,6 +175,7 @@ async fn create(ctl: Ctl, Path(pool_id): Path<String>, bytes: axum::body::Bytes)
             mutable(&pool.common, "Pool")?;
             let m = new_member(&mut b, pool, s)?;
             b.finish()?;
+            unused_id(&s.members, "Member", &m.common.id)?;
             duplicate(s, &pool_id, &m)?;
             lock(tx, s, &pool.load_balancer_id);
             tx.put(m.clone());
@@ -257,10 +258,11 @@ async fn batch(
     ctl.db
         .write(|s, tx| -> Result<(), Fault> {
             let pool = get_pool(s, &pool_id)?;
-            lb_for_write(s, &pool.load_balancer_id)?;
+            let lb = lb_for_write(s, &pool.load_balancer_id)?;
             mutable(&pool.common, "Pool")?;
             let mut kept = std::collections::HashSet::new();
             let mut changes: Vec<Member> = Vec::new();
+            let mut unchanged: Vec<Member> = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
                 let mut b = Body::from_value(item, &format!("members[{i}]"))?;
                 let mut new = new_member(&mut b, pool, s)?;
@@ -289,9 +291,18 @@ async fn batch(
                             m.common.updated_at = Some(crate::now());
                             m.common.provisioning_status = ProvisioningStatus::PendingUpdate;
                             changes.push(m);
+                        } else {
+                            unchanged.push(m);
                         }
                     }
                     None => {
+                        unused_id(&s.members, "Member", &new.common.id)?;
+                        if changes.iter().any(|m| m.common.id == new.common.id) {
+                            return Err(Fault::bad_request(format!(
+                                "members[{i}]: id {} is listed twice",
+                                new.common.id
+                            )));
+                        }
                         new.common.provisioning_status = ProvisioningStatus::PendingCreate;
                         changes.push(new);
                     }
@@ -308,9 +319,20 @@ async fn batch(
                     }
                 }
             }
-            if !tx.is_empty() {
+            let moved = !tx.is_empty();
+            if moved {
                 lock(tx, s, &pool.load_balancer_id);
                 proposed(s, tx.ops(), &pool.load_balancer_id)?;
+            }
+            // Written as they are, so the changes feed reports them: Octavia
+            // marks every member a batch lists PENDING_UPDATE (and locks the
+            // load balancer) even when nothing about it changes, and waits
+            // to hear them back (api/changes.rs).
+            for m in unchanged {
+                tx.put(m);
+            }
+            if !moved {
+                tx.put(lb.clone());
             }
             Ok(())
         })

@@ -13,6 +13,7 @@
 pub mod absent;
 pub mod amphorae;
 pub mod body;
+pub mod changes;
 pub mod fault;
 pub mod healthmonitors;
 pub mod listeners;
@@ -53,6 +54,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .merge(healthmonitors::routes())
         .merge(amphorae::routes())
         .merge(network::routes())
+        .merge(changes::routes())
         .route("/lbaas/providers", get(providers))
         .merge(absent::routes());
     Router::new()
@@ -391,7 +393,7 @@ pub fn new_common(
     has_description: bool,
 ) -> Result<crate::model::Common, Fault> {
     Ok(crate::model::Common {
-        id: crate::new_id(),
+        id: chosen_id(b)?.unwrap_or_else(crate::new_id),
         name: b.string("name", 255)?.or_default(),
         description: if has_description {
             b.string("description", 255)?.or_default()
@@ -417,6 +419,28 @@ pub fn new_common(
         deployed: false,
         next_attempt_at: None,
     })
+}
+
+/// Siphon extension: a create may name the id of the new object (a
+/// UUID), so that a front end with ids of its own (Octavia, through the
+/// provider driver) keeps them, and a create it retries after a lost
+/// answer is refused as a duplicate ([`unused_id`]) instead of made twice.
+fn chosen_id(b: &mut body::Body) -> Result<Option<String>, Fault> {
+    let Some(id) = b.string("id", 36)?.set() else {
+        return Ok(None);
+    };
+    match uuid::Uuid::try_parse(&id) {
+        Ok(u) if id.len() == 36 => Ok(Some(u.hyphenated().to_string())),
+        _ => Err(Fault::invalid("id", &id, "Value should be a UUID")),
+    }
+}
+
+/// 409 when `id` is taken in `table`: a create naming an id twice.
+pub fn unused_id<T>(table: &crate::model::Table<T>, what: &str, id: &str) -> Result<(), Fault> {
+    if table.contains_key(id) {
+        return Err(Fault::conflict(format!("{what} {id} already exists.")));
+    }
+    Ok(())
 }
 
 /// Applies the shared updatable fields.

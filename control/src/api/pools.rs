@@ -13,8 +13,8 @@ use super::body::{self, Body, Field};
 use super::fault::Fault;
 use super::query::{list_rows, Rows};
 use super::{
-    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, update_common, view,
-    wrapped, ApiResult, Ctl, SelfUrl,
+    lb_for_write, listing_state, lock, mutable, new_common, proposed, showing, unused_id,
+    update_common, view, wrapped, ApiResult, Ctl, SelfUrl,
 };
 use crate::model::{
     By, OperatingStatus, PersistenceType, Pool, PoolProtocol, ProvisioningStatus,
@@ -128,6 +128,7 @@ async fn create(ctl: Ctl, bytes: axum::body::Bytes) -> ApiResult {
 
     let id = common.id.clone();
     let v = ctl.db.write(|s, tx| -> Result<Value, Fault> {
+        unused_id(&s.pools, "Pool", &id)?;
         let lb_id = match &listener_id {
             Some(lid) => {
                 let l = s

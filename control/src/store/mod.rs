@@ -27,7 +27,7 @@ use crate::model::{Amphora, Counters, HealthMonitor, Listener, LoadBalancer, Mem
 
 pub use copy::{copy, Copied};
 pub use location::Database;
-pub use sql::{Heard, Store};
+pub use sql::{Followed, Heard, Store};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -135,7 +135,7 @@ pub enum Object {
 }
 
 /// The tables objects live in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     LoadBalancer,
     Listener,
@@ -336,6 +336,9 @@ pub struct Db {
     lost: Mutex<Option<Instant>>,
     /// When an API read last tried the database while it was lost.
     probed: Mutex<Option<Instant>>,
+    /// Woken whenever the cache moves to a newer change (followers of
+    /// the changes wait on it).
+    moved: tokio::sync::Notify,
 }
 
 /// How long an API read waits for the database before it answers from
@@ -365,6 +368,7 @@ impl Db {
             seq: AtomicI64::new(seq),
             lost: Mutex::new(None),
             probed: Mutex::new(None),
+            moved: tokio::sync::Notify::new(),
         })
     }
 
@@ -472,6 +476,7 @@ impl Db {
             sql::Caught::Whole(head, s) => {
                 *state = *s;
                 self.seq.store(head, Ordering::Release);
+                self.moved.notify_waiters();
             }
             sql::Caught::Rows {
                 head,
@@ -487,6 +492,7 @@ impl Db {
                 apply(&mut state, ops);
                 replace_stats(&mut state, stats);
                 self.seq.store(head, Ordering::Release);
+                self.moved.notify_waiters();
             }
         }
         Ok(())
@@ -549,6 +555,7 @@ impl Db {
         apply(&mut state, tx.ops);
         replace_stats(&mut state, stats);
         self.seq.store(seq, Ordering::Release);
+        self.moved.notify_waiters();
         Ok(r)
     }
 
@@ -568,6 +575,42 @@ impl Db {
     /// reads served from the cache meanwhile say so.
     pub fn stale_for(&self) -> Option<Duration> {
         unpoisoned(self.lost.lock()).map(|t| t.elapsed())
+    }
+
+    /// The number of the change the cache holds.
+    pub fn seq(&self) -> i64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Waits until the cache moves past `since` or `within` passes. The
+    /// cache moves with this controller's writes at once, and with other
+    /// controllers' within a second (each second the database is asked).
+    pub async fn wait_past(&self, since: i64, within: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let moved = self.moved.notified();
+            self.refresh_read().await?;
+            let now = tokio::time::Instant::now();
+            if self.seq() != since || now >= deadline {
+                return Ok(());
+            }
+            let _ =
+                tokio::time::timeout_at(deadline.min(now + Duration::from_secs(1)), moved).await;
+        }
+    }
+
+    /// What changed after `since`, up to the change the cache holds (call
+    /// [`Db::refresh`] first): the rows to report and that number.
+    pub async fn changed_since(&self, since: i64) -> Result<(i64, Followed), StoreError> {
+        let upto = self.seq();
+        self.guarded(async {
+            let mut tx = self.store.begin_read().await?;
+            let f = sql::changed_since(&mut tx, since, upto).await?;
+            tx.commit().await?;
+            Ok(f)
+        })
+        .await
+        .map(|f| (upto, f))
     }
 
     pub async fn schema_version(&self) -> Result<i64, StoreError> {

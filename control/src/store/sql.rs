@@ -21,6 +21,7 @@ use crate::model::{Amphora, Counters, HealthMonitor, Listener, LoadBalancer, Mem
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_several_controllers.sql"),
+    include_str!("../../migrations/0003_tombstones.sql"),
 ];
 
 /// The advisory lock every writer takes on PostgreSQL ("SIPHON").
@@ -34,7 +35,10 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 const KEEP_CHANGES: i64 = 10_000;
 
 /// Stats rows are logged under this kind, per listener.
-const STATS: &str = "listener_stats";
+pub const STATS: &str = "listener_stats";
+
+/// How long deletes are remembered in `tombstone`.
+const KEEP_TOMBSTONES: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug)]
 pub struct Store {
@@ -455,6 +459,58 @@ pub async fn catch_up(conn: &mut AnyConnection, since: i64) -> Result<Caught, St
     })
 }
 
+/// Milliseconds since the epoch (0 before it).
+fn epoch_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What a follower of the changes is told (see [`changed_since`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Followed {
+    /// The rows changed in `(since, upto]`: `(kind, id)`, kind the table
+    /// or [`STATS`]. A row of an object table whose object is gone was
+    /// deleted.
+    Rows(Vec<(String, String)>),
+    /// `since` is further back than the change log reaches: everything
+    /// is to be read again, and these objects were deleted up to `upto`
+    /// (within [`KEEP_TOMBSTONES`]).
+    Everything { deleted: Vec<(String, String)> },
+}
+
+/// What changed after `since`, up to `upto` (the change a cache holds).
+pub async fn changed_since(
+    conn: &mut AnyConnection,
+    since: i64,
+    upto: i64,
+) -> Result<Followed, StoreError> {
+    let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM change_log")
+        .fetch_one(&mut *conn)
+        .await?;
+    let pairs = |rows: Vec<sqlx::any::AnyRow>| -> Result<Vec<(String, String)>, StoreError> {
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    };
+    if since <= 0 || since > upto || oldest.is_some_and(|o| since + 1 < o) {
+        let rows = sqlx::query("SELECT DISTINCT kind, id FROM tombstone WHERE seq <= $1")
+            .bind(upto)
+            .fetch_all(&mut *conn)
+            .await?;
+        return Ok(Followed::Everything {
+            deleted: pairs(rows)?,
+        });
+    }
+    let rows = sqlx::query(
+        "SELECT DISTINCT kind, id FROM change_log WHERE seq > $1 AND seq <= $2 ORDER BY kind, id",
+    )
+    .bind(since)
+    .bind(upto)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Followed::Rows(pairs(rows)?))
+}
+
 /// `(id, doc)` of a table: all rows, or those changed after `since`.
 async fn docs(
     conn: &mut AnyConnection,
@@ -568,6 +624,17 @@ pub async fn write_ops(
                     .execute(&mut *conn)
                     .await?;
                 logged.insert((kind.table(), id));
+                if *kind != Kind::Amphora {
+                    sqlx::query(
+                        "INSERT INTO tombstone (seq, kind, id, deleted_at) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(seq)
+                    .bind(kind.table())
+                    .bind(id)
+                    .bind(epoch_ms(std::time::SystemTime::now()))
+                    .execute(&mut *conn)
+                    .await?;
+                }
             }
             Op::Stats {
                 listener,
@@ -594,6 +661,13 @@ pub async fn write_ops(
     if seq % 100 == 0 {
         sqlx::query("DELETE FROM change_log WHERE seq <= $1")
             .bind(seq - KEEP_CHANGES)
+            .execute(&mut *conn)
+            .await?;
+        let horizon = std::time::SystemTime::now()
+            .checked_sub(KEEP_TOMBSTONES)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        sqlx::query("DELETE FROM tombstone WHERE deleted_at < $1")
+            .bind(epoch_ms(horizon))
             .execute(&mut *conn)
             .await?;
     }
