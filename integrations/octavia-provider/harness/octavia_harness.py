@@ -117,42 +117,34 @@ def mkdb(argv):
             for name in names:
                 session.add(cls(name=name))
         # Octavia's placeholders for the flavor and zone of deleted load
-        # balancers.
-        session.add(
+        # balancers (each profile before what names it).
+        nil, placeholder = constants.NIL_UUID, "DELETED-PLACEHOLDER"
+        for row in (
             models.FlavorProfile(
-                id=constants.NIL_UUID,
-                name="DELETED-PLACEHOLDER",
-                provider_name=constants.DELETED,
-                flavor_data="{}",
-            )
-        )
-        session.flush()
-        session.add(
+                id=nil, name=placeholder, provider_name=constants.DELETED, flavor_data="{}"
+            ),
             models.Flavor(
-                id=constants.NIL_UUID,
-                flavor_profile_id=constants.NIL_UUID,
-                name="DELETED-PLACEHOLDER",
+                id=nil,
+                flavor_profile_id=nil,
+                name=placeholder,
                 enabled=False,
                 description="Placeholder for DELETED LBs with DELETED flavors",
-            )
-        )
-        session.add(
+            ),
             models.AvailabilityZoneProfile(
-                id=constants.NIL_UUID,
-                name="DELETED-PLACEHOLDER",
+                id=nil,
+                name=placeholder,
                 provider_name=constants.DELETED,
                 availability_zone_data="{}",
-            )
-        )
-        session.flush()
-        session.add(
+            ),
             models.AvailabilityZone(
-                availability_zone_profile_id=constants.NIL_UUID,
-                name=constants.NIL_UUID,
+                availability_zone_profile_id=nil,
+                name=nil,
                 enabled=False,
                 description="Placeholder for DELETED LBs with DELETED availability zones",
-            )
-        )
+            ),
+        ):
+            session.add(row)
+            session.flush()
     print("octavia schema created", flush=True)
 
 

@@ -183,22 +183,22 @@ class SiphonProviderDriver(provider_base.ProviderDriver):
     # ---- L7: not an L4 balancer's business
 
     def l7policy_create(self, l7policy):
-        translate.refuse("L7 policies", "Siphon is an L4 (TCP and UDP) balancer")
+        _no_l7("policies")
 
     def l7policy_update(self, old_l7policy, new_l7policy):
-        translate.refuse("L7 policies", "Siphon is an L4 (TCP and UDP) balancer")
+        _no_l7("policies")
 
     def l7policy_delete(self, l7policy):
-        translate.refuse("L7 policies", "Siphon is an L4 (TCP and UDP) balancer")
+        _no_l7("policies")
 
     def l7rule_create(self, l7rule):
-        translate.refuse("L7 rules", "Siphon is an L4 (TCP and UDP) balancer")
+        _no_l7("rules")
 
     def l7rule_update(self, old_l7rule, new_l7rule):
-        translate.refuse("L7 rules", "Siphon is an L4 (TCP and UDP) balancer")
+        _no_l7("rules")
 
     def l7rule_delete(self, l7rule):
-        translate.refuse("L7 rules", "Siphon is an L4 (TCP and UDP) balancer")
+        _no_l7("rules")
 
     # ---- flavors and availability zones
 
@@ -225,6 +225,10 @@ class SiphonProviderDriver(provider_base.ProviderDriver):
                 return
             LOG.warning("siphon-control refused %s %s: %s", method, path, e.message)
             raise _driver_error(e.message, str(e)) from e
+
+
+def _no_l7(what):
+    translate.refuse(f"L7 {what}", "Siphon is an L4 (TCP and UDP) balancer")
 
 
 def _driver_error(user, operator=None):

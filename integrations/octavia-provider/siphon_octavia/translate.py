@@ -176,16 +176,20 @@ LISTENER_FIELDS = (
 )
 
 
-def _listener_refusals(f):
+def _protocol_and_tls(f, what, protocols, tls_keys, tls_why):
     proto = f.get("protocol")
-    if proto is not None and proto not in LISTENER_PROTOCOLS:
+    if proto is not None and proto not in protocols:
         refuse(
-            f"the listener protocol {proto}",
-            f"Siphon is an L4 balancer: {', '.join(LISTENER_PROTOCOLS)}",
+            f"the {what} protocol {proto}",
+            f"Siphon is an L4 balancer: {', '.join(protocols)}",
         )
-    for k in LISTENER_TLS:
+    for k in tls_keys:
         if _set(f, k):
-            refuse(f"the TLS option {k}", "Siphon does not terminate TLS")
+            refuse(f"the TLS option {k}", tls_why)
+
+
+def _listener_refusals(f):
+    _protocol_and_tls(f, "listener", LISTENER_PROTOCOLS, LISTENER_TLS, "Siphon does not terminate TLS")
     if f.get("client_authentication") not in (None, "NONE"):
         refuse("client_authentication", "Siphon does not terminate TLS")
     for k in ("hsts_max_age", "hsts_include_subdomains", "hsts_preload"):
@@ -238,15 +242,7 @@ POOL_TLS = (
 
 
 def _pool_refusals(f):
-    proto = f.get("protocol")
-    if proto is not None and proto not in POOL_PROTOCOLS:
-        refuse(
-            f"the pool protocol {proto}",
-            f"Siphon is an L4 balancer: {', '.join(POOL_PROTOCOLS)}",
-        )
-    for k in POOL_TLS:
-        if _set(f, k):
-            refuse(f"the TLS option {k}", "Siphon does not speak TLS to members")
+    _protocol_and_tls(f, "pool", POOL_PROTOCOLS, POOL_TLS, "Siphon does not speak TLS to members")
     sp = f.get("session_persistence")
     if sp:
         kind = sp.get("type")
