@@ -249,7 +249,7 @@ fn migrate_creates_the_schema_is_idempotent_and_refuses_a_newer_one() {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let first = migrate();
     assert!(first.status.success(), "{}", text(&first.stderr));
-    let want = format!("{}: schema version 2\n", db.display());
+    let want = format!("{}: schema version 3\n", db.display());
     assert_eq!(text(&first.stdout), want);
     let again = migrate();
     assert!(again.status.success(), "{}", text(&again.stderr));

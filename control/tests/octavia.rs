@@ -480,6 +480,53 @@ fn octavia_fronts_siphon_through_the_provider() {
     assert!(!lists(&members, "id", &m2), "{members}");
     let gone = rig.get(&format!("/v2/lbaas/pools/{pool_id}/members/{m2}"));
     assert_eq!(gone.status, 404, "{}", gone.body);
+
+    // ---- Batch member update: the pool becomes the list (m1 kept, b2
+    // back as a new member m3); the same list again changes nothing in
+    // Siphon, and Octavia's load balancer and members are released all
+    // the same.
+    let batch = format!(
+        "[{{'address': '127.0.0.1', 'protocol_port': {}, 'name': 'm1'}}, \
+         {{'address': '127.0.0.1', 'protocol_port': {}, 'name': 'm3'}}]",
+        b1.addr.port(),
+        b2_addr.port()
+    );
+    for round in ["a new member", "the same list again"] {
+        let put = format!(
+            "r = conn.load_balancer.put('/lbaas/pools/{pool_id}/members', json={{'members': {batch}}})"
+        );
+        let wait = format!(
+            "conn.load_balancer.wait_for_load_balancer('{lb_id}', status='ACTIVE', failures=['ERROR'], interval=0.5, wait=40)"
+        );
+        let active = o.sdk(&[
+            &put,
+            "assert r.status_code == 202, (r.status_code, r.text)",
+            &wait,
+            &format!(
+                "print(json.dumps(sorted(m.name for m in conn.load_balancer.members('{pool_id}') \
+                 if m.provisioning_status == 'ACTIVE')))"
+            ),
+        ]);
+        assert_eq!(active, json!(["m1", "m3"]), "batch, {round}");
+    }
+    let members = o.cli("loadbalancer member list tcp-pool -f json");
+    let m3 = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "m3")
+        .map(|m| s(m, "id"))
+        .unwrap();
+    let ours = rig.get(&format!("/v2/lbaas/pools/{pool_id}/members/{m3}"));
+    assert_eq!(ours.status, 200, "{}", ours.body);
+    let start = Instant::now();
+    while !greetings(vip_tcp, 4).iter().any(|g| g.contains("b2")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "b2 not served after the batch"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     o.cli("loadbalancer delete --cascade web --wait");
     let left = o.cli("loadbalancer list -f json");
     assert!(!lists(&left, "id", &lb_id), "{left}");

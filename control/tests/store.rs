@@ -122,7 +122,7 @@ fn description(s: &State, id: &str) -> Option<String> {
 /// Writes, reads back after a reopen, deletes; stats and their cascade.
 async fn round_trip(name: &Database) {
     let db = Db::open(name).await.unwrap();
-    assert_eq!(db.schema_version().await.unwrap(), 2);
+    assert_eq!(db.schema_version().await.unwrap(), 3);
     put_lb(&db, lb("lb1", "first")).await;
     db.write(|_, tx| -> Result<(), StoreError> {
         tx.put(pool("p1", "lb1"));
@@ -243,7 +243,7 @@ fn an_sqlite_store_from_before_is_migrated_in_place() {
             .unwrap();
         c.close().await.unwrap();
         let db = Db::open(&Database::Sqlite(path.clone())).await.unwrap();
-        assert_eq!(db.schema_version().await.unwrap(), 2);
+        assert_eq!(db.schema_version().await.unwrap(), 3);
         assert_eq!(db.read(|s| description(s, "old")).as_deref(), Some("kept"));
         put_lb(&db, lb("new", "")).await;
     });

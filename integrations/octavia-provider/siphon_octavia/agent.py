@@ -24,6 +24,14 @@ What is passed on:
   shows, are dropped after that minute.
 * Listener statistics as siphon-control counts them (absolute, summed
   over the amphorae).
+
+siphon-control reports an object with its load balancer and that one's
+listeners and pools (Octavia locks them all for a change of any child).
+A report read just before Octavia locks a load balancer for the next
+change, and written after, releases that lock early: the change itself
+still reaches siphon-control (the driver call comes first), and a second
+change sent meanwhile is refused by siphon-control (409, the load
+balancer is busy) rather than lost.
 """
 
 import time
