@@ -108,7 +108,7 @@ impl Report {
 
     /// The object `id` of `kind` as `s` has it, or `DELETED`.
     fn object(&mut self, s: &State, kind: Kind, id: &str) {
-        let entry = common_of(s, kind, id).map_or_else(
+        let entry = found(s, kind, id).map(|(c, _)| c).map_or_else(
             || json!({ "id": id, "provisioning_status": "DELETED" }),
             status,
         );
@@ -126,28 +126,21 @@ impl Report {
     }
 }
 
-fn common_of<'a>(s: &'a State, kind: Kind, id: &str) -> Option<&'a Common> {
+/// The object `id` of `kind`, if it is still there, and the load balancer
+/// it belongs to.
+fn found<'a>(s: &'a State, kind: Kind, id: &str) -> Option<(&'a Common, &'a str)> {
     match kind {
-        Kind::LoadBalancer => s.load_balancers.get(id).map(|v| &v.common),
-        Kind::Listener => s.listeners.get(id).map(|v| &v.common),
-        Kind::Pool => s.pools.get(id).map(|v| &v.common),
-        Kind::Member => s.members.get(id).map(|v| &v.common),
-        Kind::HealthMonitor => s.health_monitors.get(id).map(|v| &v.common),
-        Kind::Amphora => None,
-    }
-}
-
-/// The load balancer an object (still there) belongs to.
-fn load_balancer_of<'a>(s: &'a State, kind: Kind, id: &'a str) -> Option<&'a str> {
-    match kind {
-        Kind::LoadBalancer => s.load_balancers.get(id).map(|v| v.common.id.as_str()),
-        Kind::Listener => s.listeners.get(id).map(|v| v.load_balancer_id.as_str()),
-        Kind::Pool => s.pools.get(id).map(|v| v.load_balancer_id.as_str()),
-        Kind::Member => s.members.get(id).map(|v| v.load_balancer_id.as_str()),
+        Kind::LoadBalancer => s.load_balancers.get(id).map(|v| (&v.common, &*v.common.id)),
+        Kind::Listener => s
+            .listeners
+            .get(id)
+            .map(|v| (&v.common, &*v.load_balancer_id)),
+        Kind::Pool => s.pools.get(id).map(|v| (&v.common, &*v.load_balancer_id)),
+        Kind::Member => s.members.get(id).map(|v| (&v.common, &*v.load_balancer_id)),
         Kind::HealthMonitor => s
             .health_monitors
             .get(id)
-            .map(|v| v.load_balancer_id.as_str()),
+            .map(|v| (&v.common, &*v.load_balancer_id)),
         Kind::Amphora => None,
     }
 }
@@ -185,7 +178,7 @@ fn report(s: &State, head: i64, followed: &Followed) -> Value {
                 } else if let Some(kind) = kind_of(table) {
                     seen.insert((kind, id.as_str()));
                     r.object(s, kind, id);
-                    lbs.extend(load_balancer_of(s, kind, id));
+                    lbs.extend(found(s, kind, id).map(|(_, lb)| lb));
                 }
             }
             // Octavia locks a change's load balancer, its listeners and
@@ -226,7 +219,7 @@ fn report(s: &State, head: i64, followed: &Followed) -> Value {
             for (table, id) in deleted {
                 // Deleted, then made again under the same id: shown as it
                 // is now, above.
-                if let Some(kind) = kind_of(table).filter(|k| common_of(s, *k, id).is_none()) {
+                if let Some(kind) = kind_of(table).filter(|k| found(s, *k, id).is_none()) {
                     r.object(s, kind, id);
                 }
             }
